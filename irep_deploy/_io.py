@@ -1,0 +1,52 @@
+"""Atomic file output: a reader never sees a half-written file, a failure leaves nothing behind."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Union
+
+from .errors import IrepError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(directory))
+    except OSError as exc:
+        raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from None
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, str(path))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_writable(path: PathLike) -> None:
+    """Fail early, before any expensive work, when ``path`` cannot be created."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise IrepError("{}: cannot write: it is a directory".format(path))
+    if not directory.is_dir():
+        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    if not os.access(str(directory), os.W_OK):
+        raise IrepError("{}: cannot write: directory {} is not writable".format(path, directory))
+    if path.exists() and not os.access(str(path), os.W_OK):
+        raise IrepError("{}: cannot write: file is read-only".format(path))

@@ -1,0 +1,354 @@
+"""Architecture codes: the L x O binary matrix of kept branches, its file format and budgets.
+
+The file format is DESIGN.md section 5 (UTF-8 text, one row per searchable 3x3 conv in forward
+order). Backbones register their searchable layers here (:func:`register_backbone`) so that this
+module never imports the model code above it.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from ._io import atomic_write
+from .errors import ArchFormatError, ArchMismatchError
+from .ops import REGISTRY, SPACES, check_ops
+
+FORMAT_VERSION = 1
+HEADER = "# irep-deploy architecture code"
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Geometry of one searchable 3x3 conv: what decides which ops are available there."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    stride: int
+    groups: int = 1
+
+    def available(self, op: str) -> bool:
+        return REGISTRY[op].available(self.in_channels, self.out_channels, self.stride)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    space: str
+    _layers: Callable[[], Tuple[LayerSpec, ...]]
+
+    def layers(self) -> Tuple[LayerSpec, ...]:
+        return self._layers()
+
+
+BACKBONES: Dict[str, BackboneInfo] = {}
+
+
+def register_backbone(name: str, layers: Callable[[], Tuple[LayerSpec, ...]], space: str) -> None:
+    """Make a backbone known to architecture codes: its searchable layers and default op space."""
+    if space not in SPACES:
+        raise ValueError("unknown op space {!r}".format(space))
+    BACKBONES[name] = BackboneInfo(name, space, layers)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ArchMismatchError("unknown backbone {!r} (known: {})".format(
+            name, ", ".join(sorted(BACKBONES)))) from None
+
+
+def budget_count(capacity: int, ratio: float) -> int:
+    """The budget C: at most ``floor(ratio * capacity)`` branches (capacity = available slots)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("budget ratio must lie in [0, 1], got {}".format(ratio))
+    return int(math.floor(ratio * capacity + 1e-9))
+
+
+Bits = Tuple[Tuple[int, ...], ...]
+
+
+class ArchCode:
+    """Which branches each searchable layer keeps.
+
+    ``bits[l][o] == 1`` keeps op ``ops[o]`` beside layer ``layers[l]``. Codes are immutable and
+    hashable (the search deduplicates populations with them). Every constructor checks that no bit
+    is set where the backbone makes the op unavailable.
+    """
+
+    __slots__ = ("backbone", "ops", "layers", "bits")
+
+    def __init__(self, backbone: str, ops: Sequence[str], layers: Sequence[str],
+                 bits: Iterable[Iterable[int]]) -> None:
+        self.backbone = backbone
+        self.ops = check_ops(ops)
+        self.layers = tuple(layers)
+        self.bits: Bits = tuple(tuple(1 if b else 0 for b in row) for row in bits)
+        if len(self.bits) != len(self.layers):
+            raise ValueError("{} rows of bits for {} layers".format(len(self.bits), len(self.layers)))
+        for name, row in zip(self.layers, self.bits):
+            if len(row) != len(self.ops):
+                raise ValueError("layer {}: {} bits for {} ops".format(name, len(row), len(self.ops)))
+
+    # -- constructors ---------------------------------------------------------------------------
+    @classmethod
+    def _from_mask(cls, backbone: str, ops: Optional[Sequence[str]],
+                   keep: Callable[[LayerSpec, str], bool]) -> "ArchCode":
+        info = backbone_info(backbone)
+        ops = check_ops(ops if ops is not None else SPACES[info.space])
+        specs = info.layers()
+        bits = [[1 if spec.available(op) and keep(spec, op) else 0 for op in ops] for spec in specs]
+        return cls(backbone, ops, [s.name for s in specs], bits)
+
+    @classmethod
+    def full(cls, backbone: str, ops: Optional[Sequence[str]] = None) -> "ArchCode":
+        """Every available branch on (the "all branches" model)."""
+        return cls._from_mask(backbone, ops, lambda spec, op: True)
+
+    @classmethod
+    def empty(cls, backbone: str, ops: Optional[Sequence[str]] = None) -> "ArchCode":
+        """No branch: the plain backbone."""
+        return cls._from_mask(backbone, ops, lambda spec, op: False)
+
+    @classmethod
+    def random(cls, backbone: str, ratio: float = 2 / 3, seed: Optional[int] = 0,
+               ops: Optional[Sequence[str]] = None, count: Optional[int] = None) -> "ArchCode":
+        """A code with exactly C = floor(ratio * capacity) branches (or ``count``), uniform over slots."""
+        full = cls.full(backbone, ops)
+        slots = full.available_slots()
+        n = budget_count(len(slots), ratio) if count is None else count
+        if not 0 <= n <= len(slots):
+            raise ValueError("cannot place {} branches in {} available slots".format(n, len(slots)))
+        chosen = set(random.Random(seed).sample(slots, n))
+        return full.with_bits([[1 if (l, o) in chosen else 0 for o in range(len(full.ops))]
+                               for l in range(len(full.layers))])
+
+    def with_bits(self, bits: Iterable[Iterable[int]]) -> "ArchCode":
+        """Same backbone, ops and layers, other bits (checked for availability)."""
+        code = ArchCode(self.backbone, self.ops, self.layers, bits)
+        code.check_available()
+        return code
+
+    # -- queries ----------------------------------------------------------------------------------
+    def layer_specs(self) -> Tuple[LayerSpec, ...]:
+        specs = backbone_info(self.backbone).layers()
+        if tuple(s.name for s in specs) != self.layers:
+            raise ArchMismatchError("code rows do not match the layers of {}".format(self.backbone))
+        return specs
+
+    def available_slots(self) -> List[Tuple[int, int]]:
+        """(layer index, op index) of every slot where the op exists."""
+        return [(l, o) for l, spec in enumerate(self.layer_specs())
+                for o, op in enumerate(self.ops) if spec.available(op)]
+
+    def check_available(self) -> None:
+        for spec, row in zip(self.layer_specs(), self.bits):
+            for op, bit in zip(self.ops, row):
+                if bit and not spec.available(op):
+                    raise ArchMismatchError("op {} is unavailable at {} ({}->{} channels, stride {})".format(
+                        op, spec.name, spec.in_channels, spec.out_channels, spec.stride))
+
+    def active(self, layer: Union[int, str]) -> Tuple[str, ...]:
+        """Names of the kept ops of one layer (by index or name)."""
+        index = self.layers.index(layer) if isinstance(layer, str) else layer
+        return tuple(op for op, bit in zip(self.ops, self.bits[index]) if bit)
+
+    def count(self) -> int:
+        return sum(map(sum, self.bits))
+
+    def capacity(self) -> int:
+        return len(self.available_slots())
+
+    def ratio(self) -> float:
+        cap = self.capacity()
+        return self.count() / cap if cap else 0.0
+
+    def budget(self, ratio: float) -> int:
+        """The budget C for ``ratio`` of this code's backbone and ops."""
+        return budget_count(self.capacity(), ratio)
+
+    def op_counts(self) -> Dict[str, int]:
+        return {op: sum(row[o] for row in self.bits) for o, op in enumerate(self.ops)}
+
+    def layer_counts(self) -> Dict[str, int]:
+        return {name: sum(row) for name, row in zip(self.layers, self.bits)}
+
+    def first_difference(self, other: "ArchCode") -> Optional[str]:
+        """A sentence naming the first place where two codes differ, or None if they are equal."""
+        if self.backbone != other.backbone:
+            return "backbone {} vs {}".format(self.backbone, other.backbone)
+        if self.ops != other.ops:
+            for i, (a, b) in enumerate(zip(self.ops, other.ops)):
+                if a != b:
+                    return "op #{} is {} vs {}".format(i + 1, a, b)
+            return "{} ops vs {} ops".format(len(self.ops), len(other.ops))
+        for i, (a, b) in enumerate(zip(self.layers, other.layers)):
+            if a != b:
+                return "row {} is layer {} vs {}".format(i + 1, a, b)
+        if len(self.layers) != len(other.layers):
+            return "{} layers vs {} layers".format(len(self.layers), len(other.layers))
+        for name, ra, rb in zip(self.layers, self.bits, other.bits):
+            for op, a, b in zip(self.ops, ra, rb):
+                if a != b:
+                    return "{} {} is {} vs {}".format(name, op, a, b)
+        return None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArchCode) and (self.backbone, self.ops, self.layers, self.bits) == (
+            other.backbone, other.ops, other.layers, other.bits)
+
+    def __hash__(self) -> int:
+        return hash((self.backbone, self.ops, self.layers, self.bits))
+
+    def __repr__(self) -> str:
+        return "ArchCode({}, {} layers x {} ops, {} branches)".format(
+            self.backbone, len(self.layers), len(self.ops), self.count())
+
+    # -- text format ------------------------------------------------------------------------------
+    def dumps(self) -> str:
+        lines = [HEADER, "version: {}".format(FORMAT_VERSION), "backbone: {}".format(self.backbone),
+                 "ops: {}".format(" ".join(self.ops))]
+        width = max((len(n) for n in self.layers), default=0)
+        lines += ["{} {}".format(n.ljust(width), "".join(map(str, row))) for n, row in zip(self.layers, self.bits)]
+        return "\n".join(lines) + "\n"
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write the code atomically (a reader never sees half a file)."""
+        with atomic_write(path, "w") as handle:
+            handle.write(self.dumps())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ArchCode":
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ArchFormatError("{}: no such file".format(path)) from None
+        except IsADirectoryError:
+            raise ArchFormatError("{}: is a directory, not an architecture code".format(path)) from None
+        except OSError as exc:
+            raise ArchFormatError("{}: cannot read: {}".format(path, exc.strerror or exc)) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArchFormatError("{}: not an architecture code (not UTF-8 text; is it a checkpoint?)".format(
+                path)) from None
+        return cls.loads(text, source=str(path))
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<string>") -> "ArchCode":
+        """Parse the text format; every problem is reported as ``source:line: sentence``."""
+        return _Parser(source).parse(text)
+
+    def format_table(self) -> str:
+        """The matrix with per-op and per-layer counts and the budget (``irep-deploy show``)."""
+        specs = self.layer_specs()
+        name_w = max([len("layer"), len("total")] + [len(n) for n in self.layers])
+        col_w = [max(len(op), 3) for op in self.ops]
+        head = "layer".ljust(name_w) + "  " + "  ".join(op.rjust(w) for op, w in zip(self.ops, col_w)) + "  kept"
+        out = [head]
+        for spec, row in zip(specs, self.bits):
+            cells = [("1" if bit else ("." if spec.available(op) else "-")).rjust(w)
+                     for op, bit, w in zip(self.ops, row, col_w)]
+            out.append(spec.name.ljust(name_w) + "  " + "  ".join(cells) + "  " + str(sum(row)).rjust(4))
+        counts = self.op_counts()
+        out.append("total".ljust(name_w) + "  " + "  ".join(str(counts[op]).rjust(w)
+                                                            for op, w in zip(self.ops, col_w))
+                   + "  " + str(self.count()).rjust(4))
+        cap = self.capacity()
+        out.append("")
+        out.append("{}: {} layers x {} ops; {} of {} available branches kept (ratio {:.3f}); "
+                   "budget C at 2/3 = {}, at 1/2 = {}".format(
+                       self.backbone, len(self.layers), len(self.ops), self.count(), cap, self.ratio(),
+                       budget_count(cap, 2 / 3), budget_count(cap, 1 / 2)))
+        out.append("('1' kept, '.' not kept, '-' op unavailable at that layer)")
+        return "\n".join(out)
+
+
+class _Parser:
+    KEYS = ("version", "backbone", "ops")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, line: int, message: str) -> ArchFormatError:
+        return ArchFormatError("{}:{}: {}".format(self.source, line, message))
+
+    def parse(self, text: str) -> ArchCode:
+        header: Dict[str, str] = {}
+        rows: List[Tuple[int, str, str]] = []
+        lines = text.splitlines()
+        for lineno, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            if ":" in line:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key not in self.KEYS:
+                    raise self.fail(lineno, "unknown key {!r} (expected one of: {})".format(key, ", ".join(self.KEYS)))
+                if key in header:
+                    raise self.fail(lineno, "key {!r} given twice".format(key))
+                if rows:
+                    raise self.fail(lineno, "key {!r} after the first layer row; keys come first".format(key))
+                header[key] = value.strip()
+                self._check_key(lineno, key, header[key])
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise self.fail(lineno, "expected '<layer> <bits>' or 'key: value', got {!r}".format(line))
+            rows.append((lineno, parts[0], parts[1]))
+        end = len(lines) + 1
+        for key in self.KEYS:
+            if key not in header:
+                raise self.fail(end if not rows else rows[0][0], "missing {!r} line before the layer rows".format(key + ":"))
+        backbone, ops = header["backbone"], tuple(header["ops"].split())
+        specs = BACKBONES[backbone].layers()
+        bits: List[Tuple[int, ...]] = []
+        seen: Dict[str, int] = {}
+        for index, (lineno, name, row) in enumerate(rows):
+            if name in seen:
+                raise self.fail(lineno, "layer {} given twice (first on line {})".format(name, seen[name]))
+            seen[name] = lineno
+            if index >= len(specs):
+                raise self.fail(lineno, "extra row {!r}: {} has only {} searchable layers".format(
+                    name, backbone, len(specs)))
+            spec = specs[index]
+            if name != spec.name:
+                known = {s.name for s in specs}
+                what = "out of order" if name in known else "not a searchable layer of {}".format(backbone)
+                raise self.fail(lineno, "layer {} is {}; row {} must be {}".format(name, what, index + 1, spec.name))
+            bad = sorted(set(row) - {"0", "1"})
+            if bad:
+                raise self.fail(lineno, "bits may only be 0 or 1, found {!r}".format("".join(bad)))
+            if len(row) != len(ops):
+                raise self.fail(lineno, "{} bits for {} ops (ops: {})".format(len(row), len(ops), " ".join(ops)))
+            for op, bit in zip(ops, row):
+                if bit == "1" and not spec.available(op):
+                    raise self.fail(lineno, "op {} is unavailable at {} ({}->{} channels, stride {})".format(
+                        op, name, spec.in_channels, spec.out_channels, spec.stride))
+            bits.append(tuple(int(b) for b in row))
+        if len(rows) < len(specs):
+            raise self.fail(end, "missing rows: {} has {} searchable layers, the file gives {} (first missing: {})".format(
+                backbone, len(specs), len(rows), specs[len(rows)].name))
+        return ArchCode(backbone, ops, [s.name for s in specs], bits)
+
+    def _check_key(self, lineno: int, key: str, value: str) -> None:
+        if key == "version":
+            if value != str(FORMAT_VERSION):
+                raise self.fail(lineno, "unsupported version {!r} (this irep-deploy reads version {})".format(
+                    value, FORMAT_VERSION))
+        elif key == "backbone":
+            if value not in BACKBONES:
+                raise self.fail(lineno, "unknown backbone {!r} (known: {})".format(value, ", ".join(sorted(BACKBONES))))
+        elif key == "ops":
+            if not value:
+                raise self.fail(lineno, "empty op list")
+            try:
+                check_ops(value.split())
+            except ValueError as exc:
+                raise self.fail(lineno, str(exc)) from None

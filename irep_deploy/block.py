@@ -1,0 +1,117 @@
+"""IrepConv: a fixed 3x3 conv-BN with masked re-parameterization branches beside it."""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .fusion import KernelBias, add_branches, compute_dtype, scale_branch
+from .ops import REGISTRY, ConvBN, check_ops
+
+
+class IrepConv(nn.Module):
+    """Block output (paper, Eq. 6-7)::
+
+        B(x) = sigmoid(beta) * sum_{o active} sigmoid(alpha_o) * f_o(x) + F(x)
+
+    ``F`` is the fixed 3x3 conv-BN (``self.conv``). ``ops`` is the layer's search space: ``alpha``
+    holds one architecture parameter per op of it, ``beta`` one for the block, both starting at 0 so
+    every branch starts with the same weight. Branch modules exist only for the ops in
+    ``branches``; ``active`` (a subset of them, changeable between forwards) says which ones run, so
+    an inactive branch costs nothing. A block never holds a branch for an op that is unavailable at
+    its geometry (``identity`` at stride 2 or with in != out).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
+                 ops: Sequence[str] = (), branches: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+        self.groups = groups
+        self.ops: Tuple[str, ...] = check_ops(ops)
+        self.conv = ConvBN(in_channels, out_channels, 3, stride, 1, 1, groups)
+        self.branches = nn.ModuleDict()
+        self.alpha = nn.Parameter(torch.zeros(len(self.ops)))
+        self.beta = nn.Parameter(torch.zeros(()))
+        self._active: Tuple[Tuple[int, str], ...] = ()
+        self.add_branches(branches)
+        self.active = tuple(self.branches)
+
+    def available(self, op: str) -> bool:
+        return op in self.ops and REGISTRY[op].available(self.in_channels, self.out_channels, self.stride)
+
+    def add_branches(self, names: Iterable[str]) -> None:
+        """Create (freshly initialised) branches for ``names`` that the block does not hold yet."""
+        ref = self.conv.conv.weight
+        for name in names:
+            if name in self.branches:
+                continue
+            if not self.available(name):
+                raise ValueError("op {!r} is not available in this block (ops {}, {}->{} stride {})".format(
+                    name, self.ops, self.in_channels, self.out_channels, self.stride))
+            branch = REGISTRY[name].build(self.in_channels, self.out_channels, self.stride, self.groups)
+            self.branches[name] = branch.to(device=ref.device, dtype=ref.dtype)
+
+    @property
+    def active(self) -> Tuple[str, ...]:
+        return tuple(name for _, name in self._active)
+
+    @active.setter
+    def active(self, names: Iterable[str]) -> None:
+        wanted = set(names)
+        missing = wanted.difference(self.branches)
+        if missing:
+            raise ValueError("no branch for op(s) {} in this block (it holds {})".format(
+                sorted(missing), list(self.branches) or "none"))
+        # Keep the space's op order so the sum (and its rounding) does not depend on set order.
+        self._active = tuple((i, op) for i, op in enumerate(self.ops) if op in wanted)
+
+    def branch_scales(self) -> torch.Tensor:
+        """sigmoid(alpha_o) * sigmoid(beta) for every op of the space (Eq. 6-7)."""
+        return torch.sigmoid(self.alpha) * torch.sigmoid(self.beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if not self._active:
+            return out
+        scales = self.branch_scales().to(out.dtype)
+        for i, name in self._active:
+            out = torch.addcmul(out, scales[i], self.branches[name](x))
+        return out
+
+    def fused_kernel_bias(self, active: Optional[Iterable[str]] = None,
+                          dtype: Optional[torch.dtype] = None) -> KernelBias:
+        """The single 3x3 (kernel, bias) equal to this block in eval mode.
+
+        ``active`` overrides the block's own active set (the search fuses many codes from one
+        SuperNet without touching it); ``dtype`` defaults to float32 or wider.
+        """
+        dtype = dtype or compute_dtype(self.conv.conv.weight.dtype)
+        names = self.active if active is None else tuple(active)
+        missing = [n for n in names if n not in self.branches]
+        if missing:
+            raise ValueError("no branch for op(s) {} in this block".format(missing))
+        pairs = [self.conv.fold(dtype)]
+        if names:
+            scales = self.branch_scales().detach().to(dtype)
+            index = {op: i for i, op in enumerate(self.ops)}
+            for name in sorted(names, key=index.__getitem__):
+                pairs.append(scale_branch(self.branches[name].fused_3x3(dtype), scales[index[name]]))
+        return add_branches(pairs)
+
+    def to_conv(self, active: Optional[Iterable[str]] = None) -> nn.Conv2d:
+        """A plain 3x3 ``nn.Conv2d`` with bias, equal to this block in eval mode."""
+        ref = self.conv.conv.weight
+        fused = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride, 1, groups=self.groups,
+                          bias=True, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            kernel, bias = self.fused_kernel_bias(active)
+            fused.weight.copy_(kernel.detach())
+            fused.bias.copy_(bias.detach())
+        return fused
+
+    def extra_repr(self) -> str:
+        return "{}, {}, stride={}, groups={}, active={}".format(
+            self.in_channels, self.out_channels, self.stride, self.groups, list(self.active))

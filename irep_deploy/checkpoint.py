@@ -1,0 +1,175 @@
+"""Checkpoints: a versioned header plus tensors, written atomically, read without running pickled code.
+
+The file is an ordinary ``torch.save`` archive holding only plain data (str/int/float/bool/list/dict)
+and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anything else. Layout::
+
+    {"format": "irep-deploy-checkpoint", "format_version": 1,
+     "header": {kind, backbone, num_classes, width, in_channels, input_size, ops, arch, supernet,
+                package_version, torch_version, extra},
+     "state_dict": {name: tensor}}
+
+``kind`` is ``multi-branch`` (training form; ``supernet`` says whether every branch is held) or
+``deploy`` (fused); ``arch`` is the architecture code in its text format.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from ._io import atomic_write
+from .arch import ArchCode
+from .errors import ArchFormatError, CheckpointError
+from .models import build_model, current_arch, model_config
+from .reparam import fuse_model
+
+FORMAT = "irep-deploy-checkpoint"
+FORMAT_VERSION = 1
+KINDS = ("multi-branch", "deploy")
+_REQUIRED = ("kind", "backbone", "num_classes", "width", "in_channels", "input_size", "ops", "arch")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def checkpoint_header(model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The header describing ``model`` (taken from its own build configuration)."""
+    config = model_config(model)
+    deploy = bool(config.get("deploy"))
+    return {
+        "kind": "deploy" if deploy else "multi-branch",
+        "backbone": config["backbone"],
+        "num_classes": int(config["num_classes"]),
+        "width": float(config["width"]),
+        "in_channels": int(config["in_channels"]),
+        "input_size": int(config["input_size"]),
+        "ops": list(config["ops"]),
+        "arch": config["arch"] if deploy else current_arch(model).dumps(),
+        "supernet": bool(config.get("supernet", False)),
+        "package_version": __version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "extra": dict(extra or {}),
+    }
+
+
+def save_checkpoint(path: PathLike, model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``model`` (multi-branch or fused) with its header; atomic: all or nothing."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "header": checkpoint_header(model, extra),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    with atomic_write(path, "wb") as handle:
+        torch.save(payload, handle)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk: its header and tensors, and how to rebuild the model."""
+
+    path: str
+    header: Dict[str, Any]
+    state_dict: Dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return self.header["kind"]
+
+    @property
+    def supernet(self) -> bool:
+        return bool(self.header.get("supernet", False))
+
+    @property
+    def arch(self) -> ArchCode:
+        try:
+            return ArchCode.loads(self.header["arch"], source=self.path + " (embedded architecture code)")
+        except ArchFormatError as exc:
+            raise CheckpointError(str(exc)) from None
+
+    def build(self) -> nn.Module:
+        """The model this checkpoint was saved from, with its tensors loaded (strictly)."""
+        h = self.header
+        kwargs = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"],
+                      ops=h["ops"])
+        if self.kind == "deploy":
+            model = fuse_model(build_model(h["backbone"], **kwargs), inplace=True)
+            model.irep_config["arch"] = h["arch"]
+        else:
+            model = build_model(h["backbone"], arch=self.arch, supernet=self.supernet, **kwargs)
+        load_state(model, self.state_dict, self.path)
+        return model
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with the first missing/extra/mis-shaped tensor named."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError("{}: missing tensor {!r}{} (the checkpoint does not fit a {})".format(
+            source, missing[0], " and {} more".format(len(missing) - 1) if len(missing) > 1 else "",
+            model_config(model)["backbone"]))
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise CheckpointError("{}: unexpected tensor {!r}{}".format(
+            source, extra[0], " and {} more".format(len(extra) - 1) if len(extra) > 1 else ""))
+    for key, want in expected.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(want.shape):
+            raise CheckpointError("{}: tensor {!r} has shape {}, the model expects {}".format(
+                source, key, tuple(got.shape), tuple(want.shape)))
+    model.load_state_dict(state, strict=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
+    """Read a checkpoint safely (``weights_only=True``); every problem is one :class:`CheckpointError`."""
+    name = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError("{}: no such file".format(name))
+    if p.is_dir():
+        raise CheckpointError("{}: is a directory, not a checkpoint".format(name))
+    try:
+        obj = torch.load(name, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
+                              "could run code when unpickled ({})".format(name, _first_line(exc)[:120])) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError("{}: not a readable checkpoint (truncated or not a torch file: {})".format(
+            name, _first_line(exc)[:120])) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        hint = " (it looks like a bare state dict)" if isinstance(obj, dict) and obj and all(
+            isinstance(v, torch.Tensor) for v in obj.values()) else ""
+        raise CheckpointError("{}: not an irep-deploy checkpoint{}".format(name, hint))
+    version = obj.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError("{}: checkpoint format version {!r} is newer than this irep-deploy reads ({})".format(
+            name, version, FORMAT_VERSION))
+    header, state = obj.get("header"), obj.get("state_dict")
+    if not isinstance(header, dict) or not isinstance(state, dict):
+        raise CheckpointError("{}: checkpoint has no header or no state_dict".format(name))
+    for key in _REQUIRED:
+        if key not in header:
+            raise CheckpointError("{}: checkpoint header lacks {!r}".format(name, key))
+    if header["kind"] not in KINDS:
+        raise CheckpointError("{}: unknown checkpoint kind {!r}".format(name, header["kind"]))
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError("{}: state_dict entry {!r} is not a tensor".format(name, bad[0]))
+    return Checkpoint(name, header, state)
+
+
+def load_model(path: PathLike) -> nn.Module:
+    """Shorthand: read a checkpoint and rebuild its model (multi-branch or fused)."""
+    return load_checkpoint(path).build()

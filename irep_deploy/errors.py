@@ -1,0 +1,31 @@
+"""Errors a user can act on.
+
+Every failure caused by input (a file, an argument, a mismatch between two files) is raised as an
+:class:`IrepError` whose message is one plain sentence that names the file or object at fault. The
+CLI prints that sentence and exits non-zero; anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class IrepError(Exception):
+    """Base class: a problem with the user's input, reported in one line."""
+
+    exit_code = 1
+
+
+class ArchFormatError(IrepError):
+    """An architecture-code file is malformed (message carries file:line)."""
+
+
+class ArchMismatchError(IrepError):
+    """An architecture code does not fit the model or checkpoint it is applied to."""
+
+
+class CheckpointError(IrepError):
+    """A checkpoint is missing, unsafe, corrupt, or does not fit its model."""
+
+
+class VerificationError(IrepError):
+    """Two computations that must agree (fused vs multi-branch, ONNX vs torch) do not."""
+
+    exit_code = 3

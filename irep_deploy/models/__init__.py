@@ -1,0 +1,174 @@
+"""The model zoo: ``build_model(name, arch=...)`` and the link between models and architecture codes."""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..arch import ArchCode, LayerSpec, register_backbone
+from ..block import IrepConv
+from ..errors import ArchMismatchError
+from ..ops import SPACES, check_ops
+from .resnet import BasicBlock, Bottleneck, ConvFactory, ResNet
+from .vgg import VGG
+
+__all__ = ["MODELS", "ModelEntry", "build_model", "apply_arch", "current_arch", "searchable_layers",
+           "model_config", "plan_arch", "ResNet", "VGG"]
+
+Factory = Callable[..., nn.Module]  # (conv3x3, num_classes, width, in_channels) -> nn.Module
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    factory: Factory
+    space: str
+    num_classes: int
+    input_size: int
+    torchvision: Optional[str] = None  # torchvision.models builder with the same fused layout
+
+
+def _resnet(block, layers: List[int], cifar: bool) -> Factory:
+    return functools.partial(ResNet, block, layers, cifar=cifar)
+
+
+MODELS: Dict[str, ModelEntry] = {e.name: e for e in (
+    ModelEntry("resnet18", _resnet(BasicBlock, [2, 2, 2, 2], False), "resnet_imagenet", 1000, 224, "resnet18"),
+    ModelEntry("resnet34", _resnet(BasicBlock, [3, 4, 6, 3], False), "resnet_imagenet", 1000, 224, "resnet34"),
+    ModelEntry("resnet50", _resnet(Bottleneck, [3, 4, 6, 3], False), "resnet_imagenet", 1000, 224, "resnet50"),
+    ModelEntry("vgg16", functools.partial(VGG, cifar=False), "vgg", 1000, 224, "vgg16"),
+    ModelEntry("resnet18_cifar", _resnet(BasicBlock, [2, 2, 2, 2], True), "resnet_cifar", 10, 32),
+    ModelEntry("vgg16_cifar", functools.partial(VGG, cifar=True), "vgg", 10, 32),
+)}
+
+
+def _irep_factory(ops: Sequence[str]) -> ConvFactory:
+    def conv3x3(cin: int, cout: int, stride: int) -> nn.Module:
+        return IrepConv(cin, cout, stride, 1, ops)
+    return conv3x3
+
+
+def searchable_layers(model: nn.Module) -> List[Tuple[str, IrepConv]]:
+    """(module path, block) of every searchable 3x3 conv, in forward (registration) order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, IrepConv)]
+
+
+def _layer_table(name: str) -> Callable[[], Tuple[LayerSpec, ...]]:
+    @functools.lru_cache(maxsize=None)
+    def layers() -> Tuple[LayerSpec, ...]:
+        entry = MODELS[name]
+        with torch.device("meta"):  # geometry only: no memory, no initialisation cost
+            model = entry.factory(_irep_factory(SPACES[entry.space]), num_classes=entry.num_classes)
+        return tuple(LayerSpec(n, b.in_channels, b.out_channels, b.stride, b.groups)
+                     for n, b in searchable_layers(model))
+    return layers
+
+
+for _entry in MODELS.values():
+    register_backbone(_entry.name, _layer_table(_entry.name), _entry.space)
+
+
+def model_config(model: nn.Module) -> Dict[str, Any]:
+    """The construction arguments recorded on a model by :func:`build_model`."""
+    config = getattr(model, "irep_config", None)
+    if config is None:
+        raise ValueError("this model was not made by irep_deploy.build_model (it has no irep_config)")
+    return config
+
+
+def _as_code(arch: Union[ArchCode, str, "os.PathLike[str]", None]) -> Optional[ArchCode]:
+    if arch is None or isinstance(arch, ArchCode):
+        return arch
+    return ArchCode.load(arch)
+
+
+def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] = None,
+                num_classes: Optional[int] = None, width: float = 1.0, in_channels: int = 3,
+                ops: Optional[Sequence[str]] = None, supernet: bool = False) -> nn.Module:
+    """Build a multi-branch network.
+
+    ``arch`` (an :class:`ArchCode` or a path to one) says which branches each searchable 3x3 conv
+    keeps; None means none (the plain backbone, with BN). ``supernet=True`` builds every available
+    branch of the op space and makes ``arch`` (default: all) the active set, so that the search can
+    switch codes between forwards. ``ops`` overrides the backbone's default space (an ``arch``
+    brings its own). ``width`` scales every channel count (CPU-scale runs).
+    """
+    try:
+        entry = MODELS[name]
+    except KeyError:
+        raise ArchMismatchError("unknown model {!r} (known: {})".format(name, ", ".join(MODELS))) from None
+    code = _as_code(arch)
+    if code is not None and ops is not None and tuple(ops) != code.ops:
+        raise ArchMismatchError("ops {} differ from the architecture code's ops {}".format(list(ops), list(code.ops)))
+    space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES[entry.space])
+    if width <= 0:
+        raise ValueError("width must be positive, got {}".format(width))
+    num_classes = entry.num_classes if num_classes is None else num_classes
+    model = entry.factory(_irep_factory(space), num_classes=num_classes, width=width, in_channels=in_channels)
+    model.irep_config = {
+        "backbone": name, "num_classes": num_classes, "width": width, "in_channels": in_channels,
+        "ops": list(space), "input_size": entry.input_size, "supernet": bool(supernet),
+    }
+    if supernet:
+        for _, block in searchable_layers(model):
+            block.add_branches(op for op in block.ops if block.available(op))
+        apply_arch(model, code if code is not None else ArchCode.full(name, space))
+    elif code is not None:
+        apply_arch(model, code, create=True)
+    return model
+
+
+def plan_arch(model: nn.Module, code: ArchCode, create: bool = False) -> List[Tuple[IrepConv, Tuple[str, ...]]]:
+    """Check that ``code`` fits ``model`` and return (block, active ops) per searchable layer.
+
+    Refuses, naming the first mismatch, a code for another backbone, with other ops or layers, or
+    one that needs a branch the model does not hold (unless ``create``). Changes nothing.
+    """
+    config = model_config(model)
+    if code.backbone != config["backbone"]:
+        raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
+    blocks = searchable_layers(model)
+    names = tuple(n for n, _ in blocks)
+    if names != code.layers:
+        for i, (a, b) in enumerate(zip(code.layers, names)):
+            if a != b:
+                raise ArchMismatchError("row {} of the code is layer {}, the model's is {}".format(i + 1, a, b))
+        raise ArchMismatchError("the code has {} layers, the model {}".format(len(code.layers), len(names)))
+    plans = []
+    for (name, block), row in zip(blocks, code.bits):
+        if block.ops != code.ops:
+            raise ArchMismatchError("the code's ops ({}) differ from the model's op space at {} ({})".format(
+                " ".join(code.ops), name, " ".join(block.ops)))
+        wanted = tuple(op for op, bit in zip(code.ops, row) if bit)
+        for op in wanted:
+            if not block.available(op):
+                raise ArchMismatchError("op {} is unavailable at {} (stride {}, {}->{} channels)".format(
+                    op, name, block.stride, block.in_channels, block.out_channels))
+            if op not in block.branches and not create:
+                raise ArchMismatchError("{} has no {} branch (the model holds: {})".format(
+                    name, op, " ".join(block.branches) or "none"))
+        plans.append((block, wanted))
+    return plans
+
+
+def apply_arch(model: nn.Module, code: ArchCode, create: bool = False) -> None:
+    """Make ``code`` the active branch set of every searchable layer (checked first by
+    :func:`plan_arch`, so a refused code leaves the model as it was); ``create`` adds missing
+    branches freshly initialised."""
+    for block, wanted in plan_arch(model, code, create):
+        if create:
+            block.add_branches(wanted)
+        block.active = wanted
+
+
+def current_arch(model: nn.Module) -> ArchCode:
+    """The code of the branches ``model`` currently runs."""
+    config = model_config(model)
+    blocks = searchable_layers(model)
+    ops = tuple(config["ops"])
+    return ArchCode(config["backbone"], ops, [n for n, _ in blocks],
+                    [[1 if op in block.active else 0 for op in ops] for _, block in blocks])

@@ -1,0 +1,97 @@
+"""The user's steps as library functions (the CLI parses arguments, calls these, prints)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ._io import atomic_write, check_writable
+from .arch import ArchCode
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import ArchMismatchError, IrepError, VerificationError
+from .models import MODELS, apply_arch
+from .reparam import fuse_model, to_torchvision
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class FuseReport:
+    out: str
+    torchvision_out: Optional[str]
+    batch_shape: tuple
+    max_abs_error: float
+    rel_error: float
+    params_multi_branch: int
+    params_fused: int
+    branches: int
+
+
+def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """max |a - b| / max |a|: the error measure used for every equivalence check."""
+    scale = reference.abs().max().item() or 1.0
+    return (reference - other).abs().max().item() / scale
+
+
+def default_deploy_path(ckpt: PathLike) -> Path:
+    p = Path(ckpt)
+    return p.with_name(p.stem + ".deploy" + (p.suffix or ".pt"))
+
+
+def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
+         torchvision_out: Optional[PathLike] = None, batch: int = 2, input_size: Optional[int] = None,
+         tolerance: float = 1e-5, seed: int = 0) -> FuseReport:
+    """Fuse a multi-branch checkpoint under an architecture code into a deploy checkpoint.
+
+    The code must be the one the checkpoint was trained with, or (for a SuperNet checkpoint) any
+    code of its space. The fused network is checked against the multi-branch one (eval mode) on a
+    seeded random batch; beyond ``tolerance`` (relative error) nothing is written.
+    """
+    out = Path(out) if out is not None else default_deploy_path(ckpt)
+    for target in (out, torchvision_out):
+        if target is not None:
+            check_writable(target)
+    checkpoint = load_checkpoint(ckpt)
+    if checkpoint.kind == "deploy":
+        raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))
+    code = ArchCode.load(arch)
+    if torchvision_out is not None and MODELS[checkpoint.header["backbone"]].torchvision is None:
+        raise IrepError("{}: {} has no torchvision layout; drop --torchvision".format(
+            ckpt, checkpoint.header["backbone"]))
+    trained = checkpoint.arch
+    if not checkpoint.supernet:
+        diff = trained.first_difference(code)
+        if diff is not None:
+            raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(arch, ckpt, diff))
+    model = checkpoint.build()
+    try:
+        apply_arch(model, code)
+    except ArchMismatchError as exc:
+        raise ArchMismatchError("{}: does not fit {}: {}".format(arch, ckpt, exc)) from None
+    model.eval()
+    plain = fuse_model(model)
+    size = input_size or checkpoint.header["input_size"]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, checkpoint.header["in_channels"], size, size, generator=gen)
+    with torch.no_grad():
+        reference, fused_out = model(x), plain(x)
+    err = relative_error(reference, fused_out)
+    if not err <= tolerance:
+        raise VerificationError("fused output differs from the multi-branch output: relative error {:.3g} "
+                                "> tolerance {:.3g}; nothing written".format(err, tolerance))
+    save_checkpoint(out, plain, extra={"fused_from": str(ckpt), "fuse_rel_error": err})
+    if torchvision_out is not None:
+        state = to_torchvision(plain)
+        with atomic_write(torchvision_out, "wb") as handle:
+            torch.save(state, handle)
+    return FuseReport(str(out), str(torchvision_out) if torchvision_out else None, tuple(x.shape),
+                      (reference - fused_out).abs().max().item(), err, _params(model), _params(plain),
+                      code.count())
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

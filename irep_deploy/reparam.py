@@ -1,0 +1,114 @@
+"""Whole-network fusion: multi-branch model -> plain deploy network; torchvision state dicts."""
+from __future__ import annotations
+
+import copy
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .arch import ArchCode
+from .block import IrepConv
+from .errors import IrepError
+from .models import MODELS, current_arch, model_config, plan_arch
+from .ops import ConvBN
+
+
+def _fusable(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
+    """IrepConv and ConvBN modules, outermost only (a block's inner conv-BN and branches are skipped)."""
+    for name, child in module.named_children():
+        path = prefix + name
+        if isinstance(child, (IrepConv, ConvBN)):
+            yield path, child
+        else:
+            yield from _fusable(child, path + ".")
+
+
+def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool = False) -> nn.Module:
+    """Return a plain network equal to ``model`` in eval mode.
+
+    Every :class:`IrepConv` becomes one 3x3 ``nn.Conv2d`` with bias (its active branches scaled by
+    sigmoid(alpha) * sigmoid(beta) and added to the fixed conv, every BN folded), and every other
+    conv-BN pair one conv with bias. ``arch`` fuses that code instead of the blocks' current active
+    sets (the search scores many codes of one SuperNet this way). The input model is not touched
+    unless ``inplace``; branches that are not fused are never copied.
+    """
+    config = model_config(model)
+    if config.get("deploy"):
+        raise IrepError("this model is already fused")
+    actives: Dict[int, Tuple[str, ...]] = {}
+    if arch is not None:
+        actives = {id(block): ops for block, ops in plan_arch(model, arch)}
+    code = arch if arch is not None else current_arch(model)
+    fused: Dict[int, nn.Module] = {}
+    places: List[Tuple[str, nn.Module]] = list(_fusable(model))
+    with torch.no_grad():
+        for _, module in places:
+            if isinstance(module, IrepConv):
+                fused[id(module)] = module.to_conv(actives.get(id(module)))
+            else:
+                fused[id(module)] = module.to_conv()
+    if inplace:
+        plain = model
+        for path, module in places:
+            parent_path, _, attr = path.rpartition(".")
+            setattr(plain.get_submodule(parent_path) if parent_path else plain, attr, fused[id(module)])
+    else:
+        memo = dict(fused)  # deepcopy substitutes the fused modules for the originals
+        plain = copy.deepcopy(model, memo)
+    plain.irep_config = dict(config, deploy=True, supernet=False, arch=code.dumps())
+    return plain
+
+
+# -- torchvision -------------------------------------------------------------------------------------
+_RESNET_BN = [
+    (re.compile(r"^conv1$"), "conv1", "bn1"),
+    (re.compile(r"^(layer\d+\.\d+)\.conv(\d)$"), r"\1.conv\2", r"\1.bn\2"),
+    (re.compile(r"^(layer\d+\.\d+)\.downsample$"), r"\1.downsample.0", r"\1.downsample.1"),
+]
+
+
+def _torchvision_names(backbone: str, name: str) -> Tuple[str, Optional[str]]:
+    """torchvision's name for a fused conv and for the BN that followed it there (None: conv keeps its bias)."""
+    if backbone.startswith("vgg"):
+        return name, None
+    for pattern, conv, bn in _RESNET_BN:
+        if pattern.match(name):
+            return pattern.sub(conv, name), pattern.sub(bn, name)
+    raise IrepError("no torchvision name for module {} of {}".format(name, backbone))
+
+
+def to_torchvision(plain: nn.Module) -> Dict[str, torch.Tensor]:
+    """A state dict that ``torchvision.models.<backbone>()`` loads with ``strict=True``.
+
+    torchvision's ResNets keep a BN after every conv; each gets identity statistics
+    (mean 0, var 1 - eps, weight 1) and the fused bias, so the loaded network computes the fused
+    one up to float rounding.
+    """
+    config = model_config(plain)
+    backbone = config["backbone"]
+    if MODELS[backbone].torchvision is None:
+        raise IrepError("{} has no torchvision counterpart (only {} do)".format(
+            backbone, ", ".join(n for n, e in MODELS.items() if e.torchvision)))
+    if not config.get("deploy"):
+        raise IrepError("to_torchvision needs a fused model: call fuse_model first")
+    state: Dict[str, torch.Tensor] = {}
+    for name, module in plain.named_modules():
+        if isinstance(module, nn.Conv2d):
+            conv, bn = _torchvision_names(backbone, name)
+            state[conv + ".weight"] = module.weight.detach().clone()
+            if bn is None:
+                state[conv + ".bias"] = module.bias.detach().clone()
+                continue
+            bias = module.bias.detach()
+            eps = nn.BatchNorm2d(1).eps
+            state[bn + ".weight"] = torch.ones_like(bias)
+            state[bn + ".bias"] = bias.clone()
+            state[bn + ".running_mean"] = torch.zeros_like(bias)
+            state[bn + ".running_var"] = torch.full_like(bias, 1.0 - eps)
+            state[bn + ".num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+        elif isinstance(module, nn.Linear):
+            state[name + ".weight"] = module.weight.detach().clone()
+            state[name + ".bias"] = module.bias.detach().clone()
+    return state
