@@ -140,12 +140,14 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointError("{}: no such file".format(name))
     if p.is_dir():
         raise CheckpointError("{}: is a directory, not a checkpoint".format(name))
+    if not zipfile.is_zipfile(name):  # torch.save writes zip archives; anything else is damaged or foreign
+        raise CheckpointError("{}: not a readable checkpoint (not a torch archive, or truncated)".format(name))
     try:
         obj = torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
                               "could run code when unpickled ({})".format(name, _first_line(exc)[:120])) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... for damaged archives
         raise CheckpointError("{}: not a readable checkpoint (truncated or not a torch file: {})".format(
             name, _first_line(exc)[:120])) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -1,0 +1,47 @@
+# irep-deploy: `make demo` runs the main job on CPU with real data, `make test` runs the test suite.
+# Both set up everything they need on a fresh machine (a venv in .venv, the Fashion-MNIST package).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+PY38 ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.8*/bin/python 2>/dev/null | head -n 1)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: venv data test check-py38 demo bench clean
+
+$(STAMP): requirements-dev.txt setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Fashion-MNIST comes from Debian's package (IDX files, MIT licence); nothing is downloaded at run time.
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
+	fi
+
+# The deploy path must run on Python 3.8 (JetPack 5 on Jetson AGX Xavier).
+check-py38: venv
+	$(BIN)/vermin -t=3.8- --no-tips --violations --eval-annotations irep_deploy
+	@if [ -n "$(PY38)" ]; then \
+		echo "byte-compiling irep_deploy with $(PY38)"; \
+		$(PY38) -c "import compileall, sys; sys.exit(not compileall.compile_dir('irep_deploy', quiet=1, legacy=False, workers=1, ddir='irep_deploy', force=True, optimize=0))" ; \
+		find irep_deploy -name '*.cpython-38*.pyc' -delete; \
+	else echo "no Python 3.8 interpreter found (pyenv); skipped byte-compiling"; fi
+
+test: venv data check-py38
+	$(BIN)/python -m pytest -q
+
+demo: venv data
+	$(BIN)/python -m irep_deploy.demo --out demo-out
+
+bench: venv
+	$(BIN)/python benchmarks/bench_fusion.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .hypothesis

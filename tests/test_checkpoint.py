@@ -1,0 +1,151 @@
+"""Checkpoints: round trips, atomic writes, and refusal of tampered or unsafe files."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from irep_deploy import ArchCode, build_model, current_arch, fuse_model, load_checkpoint, save_checkpoint
+from irep_deploy.checkpoint import FORMAT
+from irep_deploy.errors import CheckpointError, IrepError
+
+from conftest import randomize_arch_params, randomize_bn, rel_err
+
+NAME = "resnet18_cifar"
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = build_model(NAME, arch=ArchCode.random(NAME, seed=2), width=0.125, num_classes=5, in_channels=1)
+    return randomize_arch_params(randomize_bn(m)).eval()
+
+
+def test_multi_branch_round_trip(tmp_path, model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, extra={"epoch": 3})
+    ck = load_checkpoint(path)
+    assert ck.kind == "multi-branch" and not ck.supernet
+    assert ck.header["num_classes"] == 5 and ck.header["in_channels"] == 1 and ck.header["extra"] == {"epoch": 3}
+    assert ck.arch == current_arch(model)
+    again = ck.build().eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+
+
+def test_supernet_and_deploy_round_trips(tmp_path, model):
+    supernet = build_model(NAME, supernet=True, width=0.125)
+    save_checkpoint(tmp_path / "super.pt", supernet)
+    ck = load_checkpoint(tmp_path / "super.pt")
+    assert ck.supernet and ck.arch == ArchCode.full(NAME)
+    assert set(ck.build().state_dict()) == set(supernet.state_dict())
+
+    plain = fuse_model(model)
+    save_checkpoint(tmp_path / "deploy.pt", plain)
+    ck = load_checkpoint(tmp_path / "deploy.pt")
+    assert ck.kind == "deploy" and ck.arch == current_arch(model)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert rel_err(plain(x), ck.build().eval()(x)) == 0.0
+
+
+def tampered(tmp_path, model, edit):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    payload = torch.load(str(path), weights_only=True)
+    edit(payload)
+    torch.save(payload, str(path))
+    return path
+
+
+def test_wrong_shape_missing_and_extra_tensors_are_named(tmp_path, model):
+    def reshape(p):
+        p["state_dict"]["layer1.0.conv1.conv.conv.weight"] = torch.zeros(3, 3, 3, 3)
+    with pytest.raises(CheckpointError, match=r"tensor 'layer1.0.conv1.conv.conv.weight' has shape \(3, 3, 3, 3\)"):
+        load_checkpoint(tampered(tmp_path, model, reshape)).build()
+
+    def drop(p):
+        del p["state_dict"]["fc.bias"]
+    with pytest.raises(CheckpointError, match="missing tensor 'fc.bias'"):
+        load_checkpoint(tampered(tmp_path, model, drop)).build()
+
+    def add(p):
+        p["state_dict"]["layer9.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'layer9.weight'"):
+        load_checkpoint(tampered(tmp_path, model, add)).build()
+
+    def newer(p):
+        p["format_version"] = 99
+    with pytest.raises(CheckpointError, match="newer than this irep-deploy reads"):
+        load_checkpoint(tampered(tmp_path, model, newer))
+
+    def headless(p):
+        del p["header"]["backbone"]
+    with pytest.raises(CheckpointError, match="header lacks 'backbone'"):
+        load_checkpoint(tampered(tmp_path, model, headless))
+
+
+def test_truncated_file_is_refused(tmp_path, model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+
+
+class _RunsCode:
+    """Unpickling this object would create a marker file: a stand-in for malicious code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, model):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    payload = {"format": FORMAT, "format_version": 1, "header": {}, "state_dict": {}, "x": _RunsCode(str(marker))}
+    torch.save(payload, str(path))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_files_that_are_not_checkpoints(tmp_path, model):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), str(bare))
+    with pytest.raises(CheckpointError, match="bare state dict"):
+        load_checkpoint(bare)
+    text = tmp_path / "arch.bin"
+    ArchCode.full(NAME).save(text)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(text)
+
+
+def test_save_is_atomic(tmp_path, model):
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model)
+    before = path.read_bytes()
+
+    class Boom(Exception):
+        pass
+
+    def failing_state_dict(*args, **kwargs):
+        raise Boom()
+
+    model.state_dict = failing_state_dict  # a failure in the middle of saving
+    with pytest.raises(Boom):
+        save_checkpoint(path, model)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    with pytest.raises(IrepError, match="does not exist"):
+        save_checkpoint(tmp_path / "no" / "dir" / "x.pt", build_model(NAME, width=0.125))
