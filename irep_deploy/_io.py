@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Callable, Dict, Iterator, Union
 
 from .errors import IrepError
 
@@ -50,3 +51,33 @@ def check_writable(path: PathLike) -> None:
         raise IrepError("{}: cannot write: directory {} is not writable".format(path, directory))
     if path.exists() and not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: file is read-only".format(path))
+
+
+def write_json(path: PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    with atomic_write(path, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def append_jsonl(path: PathLike, record: Dict[str, Any]) -> None:
+    """Append one JSON record as a line (run logs)."""
+    with open(str(path), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
+    """Keep only the records ``keep`` accepts, dropping lines a kill cut short (resumed runs)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if keep(record):
+            lines.append(line)
+    with atomic_write(path, "w") as handle:
+        handle.write("".join(line + "\n" for line in lines))

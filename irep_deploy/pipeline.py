@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from ._io import atomic_write, check_writable
 from .arch import ArchCode
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .errors import ArchMismatchError, IrepError, VerificationError
-from .models import MODELS, apply_arch
+from .models import MODELS, apply_arch, current_arch
 from .reparam import fuse_model, to_torchvision
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -58,21 +58,11 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     checkpoint = load_checkpoint(ckpt)
     if checkpoint.kind == "deploy":
         raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))
-    code = ArchCode.load(arch)
     if torchvision_out is not None and MODELS[checkpoint.header["backbone"]].torchvision is None:
         raise IrepError("{}: {} has no torchvision layout; drop --torchvision".format(
             ckpt, checkpoint.header["backbone"]))
-    trained = checkpoint.arch
-    if not checkpoint.supernet:
-        diff = trained.first_difference(code)
-        if diff is not None:
-            raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(arch, ckpt, diff))
-    model = checkpoint.build()
-    try:
-        apply_arch(model, code)
-    except ArchMismatchError as exc:
-        raise ArchMismatchError("{}: does not fit {}: {}".format(arch, ckpt, exc)) from None
-    model.eval()
+    model = multi_branch_model(checkpoint, arch).eval()
+    code = current_arch(model)
     plain = fuse_model(model)
     size = input_size or checkpoint.header["input_size"]
     gen = torch.Generator().manual_seed(seed)
@@ -91,6 +81,30 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     return FuseReport(str(out), str(torchvision_out) if torchvision_out else None, tuple(x.shape),
                       (reference - fused_out).abs().max().item(), err, _params(model), _params(plain),
                       code.count())
+
+
+def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None) -> nn.Module:
+    """A multi-branch checkpoint's model with the code at ``arch`` active (default: its own code).
+
+    The code must be the one the checkpoint was trained with; a SuperNet checkpoint takes any code
+    of its space (and needs one). Mismatches name the first difference.
+    """
+    if arch is None:
+        if checkpoint.supernet:
+            raise IrepError("{}: is a SuperNet checkpoint; give the architecture code to use".format(checkpoint.path))
+        return checkpoint.build()
+    code = ArchCode.load(arch)
+    if not checkpoint.supernet:
+        diff = checkpoint.arch.first_difference(code)
+        if diff is not None:
+            raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(
+                arch, checkpoint.path, diff))
+    model = checkpoint.build()
+    try:
+        apply_arch(model, code)
+    except ArchMismatchError as exc:
+        raise ArchMismatchError("{}: does not fit {}: {}".format(arch, checkpoint.path, exc)) from None
+    return model
 
 
 def _params(model: nn.Module) -> int:

@@ -22,6 +22,20 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
+def torchvision_init(model: nn.Module, linear_std: Optional[float] = None) -> None:
+    """torchvision's initialisation: Kaiming-normal convs (fan out), unit BN; linear layers N(0, std)
+    when ``linear_std`` is given (VGG), else PyTorch's default (ResNet)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.constant_(m.bias, 0)
+
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -74,7 +88,7 @@ class ResNet(nn.Module):
         self.inplanes = scale_channels(64, width)
         if cifar:
             self.conv1 = conv3x3(in_channels, self.inplanes, 1)
-            self.maxpool: nn.Module = nn.Identity()
+            self.maxpool: Optional[nn.Module] = None  # not nn.Identity: no Identity node in ONNX
         else:
             self.conv1 = ConvBN(in_channels, self.inplanes, 7, 2, 3)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -85,12 +99,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, scale_channels(512, width), layers[3], 2, conv3x3)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.inplanes, num_classes)
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        torchvision_init(self)
 
     def _make_layer(self, block: Block, planes: int, blocks: int, stride: int,
                     conv3x3: ConvFactory) -> nn.Sequential:
@@ -103,6 +112,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.conv1(x)))
+        x = self.relu(self.conv1(x))
+        if self.maxpool is not None:
+            x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -10,7 +10,7 @@ from typing import List, Union
 import torch
 import torch.nn as nn
 
-from .resnet import ConvFactory, scale_channels
+from .resnet import ConvFactory, scale_channels, torchvision_init
 
 CFG_VGG16: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512, "M"]
@@ -45,15 +45,7 @@ class VGG(nn.Module):
                 nn.Linear(channels * 7 * 7, hidden), nn.ReLU(True), nn.Dropout(p=0.5),
                 nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(p=0.5),
                 nn.Linear(hidden, num_classes))
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
+        torchvision_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.avgpool(self.features(x))
