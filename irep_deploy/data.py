@@ -1,0 +1,357 @@
+"""Datasets and loaders. Everything is read from local files: nothing is downloaded at run time.
+
+Sources (DESIGN.md section 8):
+
+- ``fashion-mnist``: the gzipped IDX files of the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``), or the same four files under ``--data-root``.
+- ``cifar10``: a directory in torchvision's layout (``ROOT/cifar-10-batches-py``).
+- ``imagefolder`` (alias ``imagenet``): any ImageFolder tree with ``ROOT/train/<class>/...`` and ``ROOT/val/<class>/...``
+  (ImageNet); ``val`` plays the role of the test set.
+- ``digits``: scikit-learn's bundled 8x8 digits (1797 images; for tiny tests). It has no test split,
+  so a fixed 20 % of it (seed 0, independent of every run seed) is the test set.
+
+A validation split (for the search) is carved out of the training set with its own seed; it uses
+the evaluation transforms. The test set is only for the final evaluation of trained models.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
+
+from .errors import IrepError
+
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+SPLITS = ("train", "val", "test")
+Transform = Callable[[Any], torch.Tensor]
+
+
+class DataError(IrepError):
+    """A dataset is missing, incomplete or unreadable, or a split/option does not make sense."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    in_channels: int
+    input_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    default_root: Optional[str]
+    how_to_get: str
+
+
+# mean/std: the usual per-channel statistics of each training set.
+SPECS: Dict[str, DatasetSpec] = {s.name: s for s in (
+    DatasetSpec("fashion-mnist", 1, 28, (0.2860,), (0.3530,), FASHION_MNIST_ROOT,
+                "install the Debian package (apt-get install dataset-fashion-mnist) or give --data-root "
+                "a directory with train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"),
+    DatasetSpec("cifar10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), None,
+                "give --data-root a directory holding cifar-10-batches-py (torchvision's layout, e.g. "
+                "fetched once elsewhere with torchvision.datasets.CIFAR10(root, download=True))"),
+    DatasetSpec("imagefolder", 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None,
+                "give --data-root a directory with train/<class>/<image> and val/<class>/<image> "
+                "(the ImageNet layout)"),
+    DatasetSpec("digits", 1, 8, (0.30,), (0.38,), None,
+                "install scikit-learn (pip install scikit-learn); its digits ship inside the package"),
+)}
+ALIASES = {"imagenet": "imagefolder"}  # ImageNet is read as an ImageFolder tree
+DATASETS = tuple(SPECS) + tuple(ALIASES)
+
+
+def canonical(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    try:
+        return SPECS[canonical(name)]
+    except KeyError:
+        raise DataError("unknown dataset {!r} (known: {})".format(name, ", ".join(DATASETS))) from None
+
+
+# -- transforms -------------------------------------------------------------------------------------
+def transforms_for(name: str, train: bool) -> Transform:
+    """Standard augmentation (``train``) or evaluation transform of a dataset.
+
+    - cifar10: ACNet/ResNet CIFAR augmentation: random crop 32 with 4-pixel zero padding, horizontal
+      flip, normalise.
+    - fashion-mnist: random crop 28 with 2-pixel padding and horizontal flip (garments are roughly
+      mirror-symmetric), normalise.
+    - imagefolder: RandomResizedCrop 224 + flip; evaluation Resize 256 + CenterCrop 224.
+    - digits: random crop 8 with 1-pixel padding (no flip: digits are not symmetric).
+    """
+    from torchvision import transforms as T
+
+    spec = dataset_spec(name)
+    name = spec.name
+    norm = T.Normalize(spec.mean, spec.std)
+    if name == "imagefolder":
+        if train:
+            return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+        return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
+    # cifar10 yields PIL images; fashion-mnist and digits yield uint8/float CxHxW tensors.
+    to_float = T.ToTensor() if name == "cifar10" else T.ConvertImageDtype(torch.float32)
+    if not train:
+        return T.Compose([to_float, norm])
+    aug: List[Any] = {
+        "cifar10": [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()],
+        "fashion-mnist": [T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()],
+        "digits": [T.RandomCrop(8, padding=1)],
+    }[name]
+    return T.Compose(aug + [to_float, norm])
+
+
+class Transformed(Dataset):
+    """``(transform(x), y)`` over a dataset of ``(x, y)``: one raw dataset, several transforms."""
+
+    def __init__(self, base: Dataset, transform: Transform) -> None:
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        x, y = self.base[index]
+        return self.transform(x), int(y)
+
+
+class TensorImages(Dataset):
+    """Images held in memory as an N x C x H x W tensor with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+# -- raw sources ------------------------------------------------------------------------------------
+_IDX_DTYPES = {0x08: torch.uint8}
+
+
+def read_idx_gz(path: Path) -> torch.Tensor:
+    """One gzipped IDX file (the MNIST format: big-endian magic, dims, then uint8 data)."""
+    try:
+        with gzip.open(str(path), "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as exc:
+        raise DataError("{}: unreadable ({}); reinstall it".format(path, exc)) from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError("{}: not an IDX file of unsigned bytes".format(path))
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    count = 1
+    for d in dims:
+        count *= d
+    if len(data) - offset != count:
+        raise DataError("{}: truncated (header says {} values, file holds {})".format(
+            path, count, len(data) - offset))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=offset).view(*dims)
+
+
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def _fashion_mnist(root: Path, part: str) -> Dataset:
+    spec = SPECS["fashion-mnist"]
+    images_name, labels_name = _FASHION_FILES[part]
+    for name in (images_name, labels_name):
+        if not (root / name).is_file():
+            raise DataError("{}: Fashion-MNIST file missing; {}".format(root / name, spec.how_to_get))
+    images, labels = read_idx_gz(root / images_name), read_idx_gz(root / labels_name)
+    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
+        raise DataError("{}: images {} and labels {} do not match".format(
+            root, tuple(images.shape), tuple(labels.shape)))
+    return TensorImages(images.unsqueeze(1), labels.long())
+
+
+def _cifar10(root: Path, part: str) -> Dataset:
+    from torchvision.datasets import CIFAR10
+
+    if not (root / "cifar-10-batches-py").is_dir():
+        raise DataError("{}: no cifar-10-batches-py directory; {}".format(root, SPECS["cifar10"].how_to_get))
+    try:
+        return CIFAR10(str(root), train=(part == "train"), download=False)
+    except (RuntimeError, OSError) as exc:
+        raise DataError("{}: CIFAR-10 files incomplete or corrupt ({})".format(
+            root / "cifar-10-batches-py", str(exc).splitlines()[0])) from None
+
+
+def _imagefolder(root: Path, part: str) -> Dataset:
+    from torchvision.datasets import ImageFolder
+
+    folder = root / ("train" if part == "train" else "val")
+    if not folder.is_dir():
+        raise DataError("{}: no such directory; {}".format(folder, SPECS["imagefolder"].how_to_get))
+    try:
+        return ImageFolder(str(folder))
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError("{}: {}".format(folder, str(exc).splitlines()[0])) from None
+
+
+_DIGITS_TEST_FRACTION = 0.2
+
+
+def _digits(part: str) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.as_tensor(bunch.target, dtype=torch.long)
+    # Fixed test split (seed 0): the same for every run, whatever its seeds.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = int(round(_DIGITS_TEST_FRACTION * len(labels)))
+    idx = order[:n_test] if part == "test" else order[n_test:]
+    return TensorImages(images[idx], labels[idx])
+
+
+def raw_dataset(name: str, part: str, root: Optional[str] = None) -> Dataset:
+    """The untransformed ``train`` or ``test`` part of a dataset, read from local files."""
+    spec = dataset_spec(name)
+    name = spec.name
+    if name == "digits":
+        return _digits(part)
+    where = root or spec.default_root
+    if where is None:
+        raise DataError("{} needs --data-root: {}".format(name, spec.how_to_get))
+    path = Path(where)
+    if not path.is_dir():
+        raise DataError("{}: no such directory; {}".format(path, spec.how_to_get))
+    return {"fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "imagefolder": _imagefolder}[name](path, part)
+
+
+def _targets(dataset: Dataset) -> Sequence[int]:
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return [int(t) for t in getattr(dataset, attr)]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+# -- splits -----------------------------------------------------------------------------------------
+@dataclass
+class DataSplits:
+    """Transformed ``train`` / ``val`` (None without a val fraction) / ``test`` datasets."""
+
+    name: str
+    train: Dataset
+    val: Optional[Dataset]
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    input_size: int
+
+    def split(self, name: str) -> Dataset:
+        if name not in SPLITS:
+            raise DataError("unknown split {!r} (known: {})".format(name, ", ".join(SPLITS)))
+        ds = getattr(self, name)
+        if ds is None:
+            raise DataError("there is no val split: give a validation fraction (--val-fraction) > 0")
+        return ds
+
+
+def _limited(indices: torch.Tensor, limit: Optional[int]) -> List[int]:
+    return indices.tolist() if limit is None else indices[:limit].tolist()
+
+
+def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, split_seed: int = 0,
+              augment: bool = True, limit: Optional[int] = None, parts: Sequence[str] = SPLITS) -> DataSplits:
+    """Read a dataset and build its splits.
+
+    ``val_fraction`` of the training set (a permutation drawn with ``split_seed``) becomes ``val``
+    and is removed from ``train``. ``limit`` keeps at most that many examples of each split (a
+    seeded random subset; for CPU-scale runs). ``parts`` skips reading what is not needed
+    (``("test",)`` reads only the test files); splits not read are empty.
+    """
+    spec = dataset_spec(name)
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError("validation fraction must lie in [0, 1), got {}".format(val_fraction))
+    if limit is not None and limit < 1:
+        raise DataError("limit must be at least 1, got {}".format(limit))
+    gen = torch.Generator().manual_seed(split_seed)
+    eval_tf = transforms_for(name, train=False)
+    train_ds: Dataset = TensorImages(torch.empty(0), torch.empty(0))
+    val_ds: Optional[Dataset] = None
+    test_ds: Dataset = TensorImages(torch.empty(0), torch.empty(0))
+    classes: List[int] = []
+    if "train" in parts or "val" in parts:
+        base = raw_dataset(name, "train", root)
+        targets = _targets(base)
+        classes = targets
+        order = torch.randperm(len(targets), generator=gen)
+        n_val = int(round(val_fraction * len(targets)))
+        if val_fraction > 0 and (n_val < 1 or n_val >= len(targets)):
+            raise DataError("validation fraction {} leaves an empty split of {} training examples".format(
+                val_fraction, len(targets)))
+        train_tf = transforms_for(name, train=True) if augment else eval_tf
+        train_ds = Transformed(Subset(base, _limited(order[n_val:], limit)), train_tf)
+        if n_val:
+            val_ds = Transformed(Subset(base, _limited(order[:n_val], limit)), eval_tf)
+    if "test" in parts:
+        base = raw_dataset(name, "test", root)
+        test_order = torch.randperm(len(base), generator=torch.Generator().manual_seed(split_seed))  # type: ignore[arg-type]
+        test_ds = Transformed(Subset(base, sorted(_limited(test_order, limit))) if limit else base, eval_tf)
+        if not classes:
+            classes = list(_targets(base))
+    num_classes = len(getattr(base, "classes", ())) or (max(classes) + 1 if classes else 0)
+    return DataSplits(name, train_ds, val_ds, test_ds, num_classes, spec.in_channels, spec.input_size)
+
+
+# -- loaders ----------------------------------------------------------------------------------------
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A seed that depends only on (seed, epoch, rank): each epoch's randomness (shuffle order,
+    augmentation, worker seeds) is then independent of how the run got there, so a resumed run
+    repeats exactly what an uninterrupted one does."""
+    return (seed * 1000003 + epoch * 7919 + rank * 104729) % (2 ** 63)
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0,
+                 distributed: bool = False, pin_memory: bool = False) -> DataLoader:
+    """Shuffled, drop-last loader; call :func:`set_epoch` before each epoch.
+
+    ``batch_size`` is per process. Distributed: a :class:`DistributedSampler` (seeded with
+    ``seed``) gives every rank its own shard of each epoch's permutation.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True) if distributed \
+        else RandomSampler(dataset, generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=workers, generator=generator, pin_memory=pin_memory,
+                      persistent_workers=False)
+
+
+def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Make the shuffle order and worker seeds of ``epoch`` a function of (seed, epoch) alone."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    if loader.generator is not None:
+        loader.generator.manual_seed(epoch_seed(seed, epoch))
+
+
+def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, rank: int = 0, world_size: int = 1,
+                pin_memory: bool = False) -> DataLoader:
+    """In-order loader over this rank's shard (every ``world_size``-th example from ``rank``);
+    shards are disjoint and cover the set exactly once, so summed counts are exact."""
+    shard = dataset if world_size == 1 else Subset(dataset, list(range(rank, len(dataset), world_size)))  # type: ignore[arg-type]
+    return DataLoader(shard, batch_size=batch_size, sampler=SequentialSampler(shard), num_workers=workers,
+                      pin_memory=pin_memory)
+
+
+def default_workers() -> int:
+    """Loader worker processes: none on small machines (the main process is faster there)."""
+    return 0 if (os.cpu_count() or 1) <= 2 else min(8, (os.cpu_count() or 1) // 2)
