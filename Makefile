@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 PY38 ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.8*/bin/python 2>/dev/null | head -n 1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test check-py38 demo bench clean
+.PHONY: venv data test check-py38 lint-docker demo bench clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,11 @@ check-py38: venv
 		find irep_deploy -name '*.cpython-38*.pyc' -delete; \
 	else echo "no Python 3.8 interpreter found (pyenv); skipped byte-compiling"; fi
 
-test: venv data check-py38
+# No Docker engine runs here: the Jetson image is linted, not built.
+lint-docker: venv
+	$(BIN)/hadolint Dockerfile.jetson
+
+test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
 
 demo: venv data

@@ -1,0 +1,283 @@
+"""ONNX export of fused (or multi-branch) networks: legacy exporter, simplification, checks, verification.
+
+``export`` is the library side of ``irep-deploy export``. The model is exported with the TorchScript
+(legacy) exporter at an explicit opset, because TensorRT 8.5 on JetPack 5 reads opsets up to 17 and
+torch 2.0 has no ``dynamo=`` switch; the file is written only after ``onnx.checker`` and an
+onnxruntime-vs-torch comparison have passed, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import inspect
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .._io import atomic_write, check_writable
+from ..checkpoint import Checkpoint, load_checkpoint
+from ..errors import IrepError, VerificationError
+from ..pipeline import multi_branch_model, relative_error
+from ..reparam import fuse_model
+from . import ort as ort_helpers
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+DEFAULT_OPSET = 17  # the highest TensorRT 8.5 (JetPack 5, Xavier) parses
+MIN_OPSET = 11
+SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
+# What a fused ResNet/VGG may contain once exported; BatchNormalization or a second conv per
+# position would mean the re-parameterization did not happen.
+FUSED_OP_TYPES = frozenset({"Conv", "Relu", "Add", "MaxPool", "GlobalAveragePool", "Flatten", "Gemm"})
+_MAX_PROTO_BYTES = 2 ** 31 - 1  # protobuf's limit for a single-file model
+
+
+def require_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise IrepError("onnx is not installed (pip install 'irep-deploy[onnx]')") from None
+    return onnx
+
+
+@dataclass
+class Check:
+    batch: int
+    max_abs_error: float
+    rel_error: float
+
+
+@dataclass
+class ExportReport:
+    out: str
+    opset: int
+    simplifier: str
+    dynamic_batch: bool
+    input_shape: Tuple[int, ...]  # batch dimension is the export batch (1 when dynamic)
+    input_name: str
+    output_name: str
+    tolerance: float
+    checks: List[Check] = field(default_factory=list)
+    op_types: Dict[str, int] = field(default_factory=dict)
+    fused_here: bool = False  # the input was a multi-branch checkpoint fused by this export
+    size_bytes: int = 0
+
+
+# -- model loading -----------------------------------------------------------------------------------
+def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None,
+                      tolerance: float = 1e-4) -> Tuple[nn.Module, Checkpoint, bool]:
+    """The fused network of a checkpoint, in eval mode: a deploy checkpoint as it is, a multi-branch one
+    fused under ``arch`` (default: the code it was trained with) and checked against itself.
+
+    Returns (model, checkpoint, fused_here)."""
+    checkpoint = load_checkpoint(ckpt)
+    if checkpoint.kind == "deploy":
+        if arch is not None:
+            raise IrepError("{}: is already fused (a deploy checkpoint); drop the architecture code {}".format(
+                ckpt, arch))
+        return checkpoint.build().eval(), checkpoint, False
+    model = multi_branch_model(checkpoint, arch).eval()
+    plain = fuse_model(model)
+    x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
+                    checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = relative_error(model(x), plain(x))
+    if not err <= tolerance:
+        raise VerificationError("{}: fused output differs from the multi-branch output: relative error {:.3g} "
+                                "> {:.3g}".format(ckpt, err, tolerance))
+    return plain, checkpoint, True
+
+
+# -- export pieces -----------------------------------------------------------------------------------
+def _legacy_export_kwargs() -> Dict[str, Any]:
+    """torch >= 2.5 grew ``dynamo=`` (default True from 2.9); torch 2.0 has no such parameter."""
+    params = inspect.signature(torch.onnx.export).parameters
+    return {"dynamo": False} if "dynamo" in params else {}
+
+
+def max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+        return int(ONNX_MAX_OPSET)
+    except ImportError:  # pragma: no cover - private module moved; stay conservative
+        return DEFAULT_OPSET
+
+
+def export_module(model: nn.Module, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
+                  dynamic_batch: bool = True, input_name: str = "input", output_name: str = "logits") -> Any:
+    """Export ``model`` (eval mode, on CPU) with the legacy exporter; returns the ``onnx.ModelProto``."""
+    onnx = require_onnx()
+    x = torch.zeros(*input_shape)
+    buffer = io.BytesIO()
+    axes = {input_name: {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        # the legacy exporter announces its own deprecation on new torch; it is chosen on purpose
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            torch.onnx.export(model.eval(), (x,), buffer, opset_version=opset, input_names=[input_name],
+                              output_names=[output_name], dynamic_axes=axes, do_constant_folding=True,
+                              **_legacy_export_kwargs())
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def simplify_model(model: Any, method: str = "auto") -> Tuple[Any, str]:
+    """Simplify with onnxslim or onnxsim; ``auto`` takes the first installed. Returns (model, used)."""
+    if method not in SIMPLIFIERS:
+        raise IrepError("unknown simplifier {!r} (choose from {})".format(method, ", ".join(SIMPLIFIERS)))
+    if method == "none":
+        return model, "none"
+    for name in (("onnxslim", "onnxsim") if method == "auto" else (method,)):
+        try:
+            module = __import__(name)
+        except ImportError:
+            if method != "auto":
+                raise IrepError("--simplify {} was asked for but {} is not installed (pip install {})".format(
+                    name, name, name)) from None
+            continue
+        if name == "onnxslim":
+            return module.slim(model), name
+        simplified, ok = module.simplify(model)
+        if not ok:
+            raise VerificationError("onnxsim could not validate its simplified model")
+        return simplified, name
+    return model, "none"
+
+
+def check_model(model: Any, source: str) -> None:
+    """``onnx.checker`` with full shape inference; a failure means the exported file would be invalid."""
+    onnx = require_onnx()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:  # ValidationError, InferenceError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise VerificationError("{}: onnx.checker rejects the exported model: {}".format(source, first[:200])) from None
+
+
+def op_types(model: Any) -> Dict[str, int]:
+    """Node count per op type of a ModelProto or an .onnx path (main graph)."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_onnx(model)
+    counts: Dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def load_onnx(path: PathLike) -> Any:
+    """Read an .onnx file; a missing or unparsable file is an IrepError naming it."""
+    onnx = require_onnx()
+    p = Path(path)
+    if not p.is_file():
+        raise IrepError("{}: no such file".format(path))
+    try:
+        return onnx.load(str(p))
+    except Exception as exc:  # DecodeError and friends
+        raise IrepError("{}: not a readable ONNX model ({})".format(path, type(exc).__name__)) from None
+
+
+def io_spec(model: Any) -> Tuple[str, str, List[Union[int, str]]]:
+    """(input name, output name, input dims with symbolic names as strings) of a single-I/O model."""
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise IrepError("expected one input and one output, the model has {} and {}".format(
+            len(inputs), len(graph.output)))
+    dims = [d.dim_param if d.dim_param else int(d.dim_value)
+            for d in inputs[0].type.tensor_type.shape.dim]
+    return inputs[0].name, graph.output[0].name, dims
+
+
+def verify(model: nn.Module, onnx_bytes: bytes, input_shape: Sequence[int], batches: Sequence[int],
+           tolerance: float, seed: int = 0, source: str = "<onnx model>") -> List[Check]:
+    """Compare onnxruntime (CPU) with torch on seeded random batches; beyond ``tolerance`` is an error."""
+    session = ort_helpers.make_session(onnx_bytes, source=source)
+    gen = torch.Generator().manual_seed(seed)
+    checks = []
+    for b in batches:
+        x = torch.randn(b, *input_shape[1:], generator=gen)
+        with torch.no_grad():
+            reference = model(x)
+        got = torch.from_numpy(np.asarray(ort_helpers.run(session, x.numpy())))
+        err = relative_error(reference, got)
+        checks.append(Check(b, (reference - got).abs().max().item(), err))
+        if not err <= tolerance:
+            raise VerificationError("{}: onnxruntime output differs from torch at batch {}: relative error "
+                                    "{:.3g} > tolerance {:.3g}; nothing written".format(source, b, err, tolerance))
+    return checks
+
+
+# -- the step ----------------------------------------------------------------------------------------
+def default_onnx_path(ckpt: PathLike) -> Path:
+    return Path(ckpt).with_suffix(".onnx")
+
+
+def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLike] = None,
+           opset: int = DEFAULT_OPSET, input_size: Optional[int] = None, batch: Optional[int] = None,
+           simplify: str = "auto", verify_batch: int = 4, tolerance: float = 1e-4, seed: int = 0,
+           input_name: str = "input", output_name: str = "logits") -> ExportReport:
+    """Export a deploy checkpoint (or a multi-branch one, fused first under ``arch``) to ONNX.
+
+    ``batch=None`` makes the batch axis dynamic and checks batch 1 and ``verify_batch``; a fixed
+    ``batch`` exports and checks that size only. Nothing is written unless every check passes.
+    """
+    out = Path(out) if out is not None else default_onnx_path(ckpt)
+    check_writable(out)
+    if simplify not in SIMPLIFIERS:
+        raise IrepError("unknown simplifier {!r} (choose from {})".format(simplify, ", ".join(SIMPLIFIERS)))
+    top = max_opset()
+    if not MIN_OPSET <= opset <= top:
+        raise IrepError("opset {} is outside what this torch exports ({}-{}; TensorRT 8.5 reads up to {})".format(
+            opset, MIN_OPSET, top, DEFAULT_OPSET))
+    if batch is not None and batch < 1:
+        raise IrepError("batch must be at least 1, got {}".format(batch))
+    if input_size is not None and input_size < 1:
+        raise IrepError("input size must be at least 1, got {}".format(input_size))
+    if verify_batch < 2:
+        raise IrepError("verify batch must be at least 2 (batch 1 is always checked), got {}".format(verify_batch))
+    if input_name == output_name:
+        raise IrepError("input and output names must differ (both {!r})".format(input_name))
+    require_onnx()
+    ort_helpers.require_onnxruntime()
+    model, checkpoint, fused_here = load_deploy_model(ckpt, arch)
+    size = input_size or checkpoint.header["input_size"]
+    shape = (batch or 1, checkpoint.header["in_channels"], size, size)
+    _check_runs(model, shape, ckpt)
+    proto = export_module(model, shape, opset, batch is None, input_name, output_name)
+    proto, used = simplify_model(proto, simplify)
+    check_model(proto, str(out))
+    if proto.ByteSize() > _MAX_PROTO_BYTES:
+        raise IrepError("{}: the model is larger than 2 GiB, which a single ONNX file cannot hold".format(ckpt))
+    data = proto.SerializeToString()
+    batches = [batch] if batch is not None else [1, verify_batch]
+    checks = verify(model, data, shape, batches, tolerance, seed, source=str(out))
+    with atomic_write(out, "wb") as handle:
+        handle.write(data)
+    return ExportReport(str(out), opset, used, batch is None, shape, input_name, output_name, tolerance,
+                        checks, op_types(proto), fused_here, len(data))
+
+
+def _check_runs(model: nn.Module, shape: Sequence[int], source: PathLike) -> None:
+    """A too-small input fails deep inside a pool or conv; say so in one line instead."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(*shape))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["error"])[0]
+        raise IrepError("{}: the model does not run on input {}: {}".format(
+            source, "x".join(map(str, shape)), first[:160])) from None
+
+
+def convert_fp16(model: Any) -> Any:
+    """An FP16 copy of an FP32 ONNX graph with FP32 I/O (casts at the edges), for strongly typed
+    TensorRT 11, which runs exactly the types the graph declares (no FP16 builder flag any more)."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise IrepError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from None
+    return float16.convert_float_to_float16(model, keep_io_types=True)

@@ -1,0 +1,69 @@
+"""onnxruntime sessions: creation with a clear error, provider choice, running on numpy arrays."""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import IrepError
+
+# Preferred order when "all installed" providers are asked for; unknown ones keep their own order.
+_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def require_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise IrepError("onnxruntime is not installed (pip install 'irep-deploy[onnx]')") from None
+    return onnxruntime
+
+
+def available_providers() -> List[str]:
+    """Execution providers of the installed onnxruntime that run models (Azure is a remote one)."""
+    ort = require_onnxruntime()
+    return [p for p in ort.get_available_providers() if p != "AzureExecutionProvider"]
+
+
+def resolve_providers(providers: Optional[Sequence[str]] = None) -> List[str]:
+    """``None`` or ``["cpu"]``: CPU only; ``["all"]``: every installed one, fastest first;
+    short names (cpu, cuda, tensorrt) or full provider names otherwise."""
+    installed = available_providers()
+    if not providers:
+        return ["CPUExecutionProvider"]
+    if list(providers) == ["all"]:
+        return sorted(installed, key=lambda p: _PREFERENCE.index(p) if p in _PREFERENCE else len(_PREFERENCE))
+    out = []
+    for name in providers:
+        full = name if name.endswith("ExecutionProvider") else {
+            "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+            "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}.get(name.lower(), name)
+        if full not in installed:
+            raise IrepError("onnxruntime provider {} is not available here (installed: {})".format(
+                name, ", ".join(installed)))
+        out.append(full)
+    return out
+
+
+def make_session(model: Union[str, bytes], providers: Optional[Sequence[str]] = None,
+                 threads: Optional[int] = None, source: Optional[str] = None) -> Any:
+    """An InferenceSession on a path or serialized model; a model onnxruntime rejects is an IrepError."""
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    name = source or (model if isinstance(model, str) else "<onnx model>")
+    try:
+        return ort.InferenceSession(model, sess_options=options, providers=resolve_providers(providers))
+    except IrepError:
+        raise
+    except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise IrepError("{}: onnxruntime cannot load it: {}".format(name, first[:200])) from None
+
+
+def run(session: Any, x: np.ndarray) -> np.ndarray:
+    """Run a single-input single-output session."""
+    inp = session.get_inputs()[0].name
+    return session.run(None, {inp: x})[0]

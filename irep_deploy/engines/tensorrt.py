@@ -1,0 +1,448 @@
+"""TensorRT engines from ONNX, for TensorRT 8.5 (JetPack 5, Xavier) through 10.x and 11.x.
+
+Only the named-tensor API is used (num_io_tensors, get_tensor_name, set_input_shape,
+set_tensor_address, execute_async_v3), which every version from 8.5 on has. Where versions differ
+the code asks the module what it has rather than trusting version numbers alone:
+
+- ``EXPLICIT_BATCH``: required on 8.x, ignored (deprecated) on 10.x, removed on 11.x -> set on < 10.
+- FP16: ``BuilderFlag.FP16`` on 8.5/10.x; removed on 11.x (strongly typed only) -> the ONNX graph is
+  converted to FP16 before parsing.
+- FP32: ``BuilderFlag.TF32`` is cleared where it exists, so FP32 means FP32.
+
+Every engine gets a JSON sidecar (``model.engine.json``); :class:`TrtRunner` refuses an engine whose
+sidecar names another TensorRT version or GPU, since serialized engines are not portable.
+Device buffers are torch CUDA tensors (torch ships in every Jetson image; pycuda does not).
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .._io import atomic_write, check_writable
+from ..errors import IrepError, VerificationError
+
+PathLike = Union[str, "os.PathLike[str]"]
+META_FORMAT = "irep-deploy-engine"
+META_VERSION = 1
+
+
+class EngineMismatchError(IrepError):
+    """An engine was built by another TensorRT version or on another GPU."""
+
+
+def require_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError:
+        raise IrepError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
+                        "on Jetson use a JetPack image, see Dockerfile.jetson)") from None
+    return tensorrt
+
+
+def require_cuda() -> Tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of the current CUDA device, or an IrepError."""
+    if not torch.cuda.is_available():
+        raise IrepError("no CUDA GPU is visible to torch; TensorRT engines can only be built and run on a GPU")
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), "{}.{}".format(major, minor)
+
+
+def trt_major(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+# -- metadata sidecar --------------------------------------------------------------------------------
+@dataclass
+class EngineMeta:
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str  # "fp32" | "fp16"
+    input_name: str
+    output_name: str
+    min_shape: List[int]
+    opt_shape: List[int]
+    max_shape: List[int]
+    onnx_sha256: str
+    onnx_path: str = ""
+    strongly_typed: bool = False  # FP16 came from an FP16 ONNX graph (TensorRT 11)
+    dla_core: Optional[int] = None
+    workspace_mb: int = 0
+    irep_deploy_version: str = __version__
+    created: str = ""
+    format: str = META_FORMAT
+    format_version: int = META_VERSION
+
+
+def meta_path(engine: PathLike) -> Path:
+    return Path(str(engine) + ".json")
+
+
+def meta_json(meta: EngineMeta) -> str:
+    return json.dumps(asdict(meta), indent=2, sort_keys=True) + "\n"
+
+
+def write_meta(engine: PathLike, meta: EngineMeta) -> Path:
+    path = meta_path(engine)
+    with atomic_write(path, "w") as handle:
+        handle.write(meta_json(meta))
+    return path
+
+
+def read_meta(engine: PathLike) -> EngineMeta:
+    """The sidecar of ``engine``; a missing, unreadable or incomplete one is an IrepError naming it."""
+    path = meta_path(engine)
+    if not path.is_file():
+        raise IrepError("{}: no metadata file {} next to the engine; rebuild it with `irep-deploy build-trt`".format(
+            engine, path.name))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IrepError("{}: not valid JSON ({})".format(path, str(exc).splitlines()[0][:100])) from None
+    if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
+        raise IrepError("{}: not irep-deploy engine metadata".format(path))
+    if not isinstance(raw.get("format_version"), int) or raw["format_version"] > META_VERSION:
+        raise IrepError("{}: metadata format version {!r} is newer than this irep-deploy reads ({})".format(
+            path, raw.get("format_version"), META_VERSION))
+    known = {f.name for f in fields(EngineMeta)}
+    required = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "input_name", "output_name",
+                "min_shape", "opt_shape", "max_shape", "onnx_sha256")
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise IrepError("{}: metadata lacks {!r}".format(path, missing[0]))
+    return EngineMeta(**{k: v for k, v in raw.items() if k in known})
+
+
+def check_compatible(meta: EngineMeta, engine: PathLike, tensorrt_version: str, gpu_name: str,
+                     compute_capability: str) -> None:
+    """Refuse an engine from another TensorRT version or GPU, saying how to rebuild it here."""
+    here = "TensorRT {} on {} (compute {})".format(tensorrt_version, gpu_name, compute_capability)
+    built = "TensorRT {} on {} (compute {})".format(meta.tensorrt_version, meta.gpu_name, meta.compute_capability)
+    if meta.tensorrt_version != tensorrt_version or meta.gpu_name != gpu_name or \
+            meta.compute_capability != compute_capability:
+        rebuild = "irep-deploy build-trt {} -o {}{}".format(meta.onnx_path or "MODEL.onnx", engine,
+                                                           " --fp16" if meta.precision == "fp16" else "")
+        raise EngineMismatchError("{}: built with {}, this machine has {}; engines are not portable, rebuild "
+                                  "here with `{}`".format(engine, built, here, rebuild))
+
+
+def sha256_file(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(str(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- building ----------------------------------------------------------------------------------------
+@dataclass
+class BuildOptions:
+    fp16: bool = False
+    workspace_mb: int = 1024
+    min_shape: Tuple[int, ...] = ()
+    opt_shape: Tuple[int, ...] = ()
+    max_shape: Tuple[int, ...] = ()
+    dla_core: Optional[int] = None
+    timing_cache: bytes = b""
+
+
+@dataclass
+class BuildResult:
+    plan: bytes
+    timing_cache: bytes
+    strongly_typed: bool
+    calls: List[str] = field(default_factory=list)  # which version-dependent paths were taken
+
+
+def network_flags(trt: Any) -> int:
+    """EXPLICIT_BATCH where it still means something (TensorRT < 10); 0 elsewhere."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+    if flag is not None and trt_major(trt) < 10:
+        return 1 << int(flag)
+    return 0
+
+
+def needs_fp16_graph(trt: Any) -> bool:
+    """True where FP16 can only come from the graph's own types (no BuilderFlag.FP16: TensorRT 11)."""
+    return not hasattr(trt.BuilderFlag, "FP16")
+
+
+def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: BuildOptions,
+                     source: str = "<onnx>") -> BuildResult:
+    """Parse ``onnx_bytes`` and build a serialized engine; the version branching lives here.
+
+    ``onnx_bytes`` must already be an FP16 graph when ``options.fp16`` and :func:`needs_fp16_graph`.
+    """
+    calls: List[str] = []
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = network_flags(trt)
+    calls.append("create_network({})".format("EXPLICIT_BATCH" if flags else "0"))
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise IrepError("{}: TensorRT's ONNX parser rejects it: {}".format(
+            source, (errors[0].splitlines() or ["unknown error"])[0][:200] if errors else "unknown error"))
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
+    strongly_typed = False
+    if options.fp16:
+        if needs_fp16_graph(trt):
+            strongly_typed = True
+            calls.append("fp16:graph")
+        else:
+            config.set_flag(trt.BuilderFlag.FP16)
+            calls.append("fp16:flag")
+    elif hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # TF32 is on by default; FP32 should mean FP32
+        calls.append("clear_tf32")
+    if options.dla_core is not None:
+        _use_dla(trt, builder, config, options)
+        calls.append("dla:{}".format(options.dla_core))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, tuple(options.min_shape), tuple(options.opt_shape), tuple(options.max_shape))
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(bytes(options.timing_cache))
+    if not config.set_timing_cache(cache, False):  # a cache from another GPU/version is not used
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, False)
+        calls.append("timing_cache:discarded")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise IrepError("{}: TensorRT failed to build an engine (see the TensorRT log above)".format(source))
+    new_cache = config.get_timing_cache().serialize()
+    return BuildResult(bytes(plan), bytes(new_cache), strongly_typed, calls)
+
+
+def _use_dla(trt: Any, builder: Any, config: Any, options: BuildOptions) -> None:
+    cores = getattr(builder, "num_DLA_cores", 0)
+    if not cores:
+        raise IrepError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
+    if not 0 <= options.dla_core < cores:
+        raise IrepError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
+    if not options.fp16:
+        raise IrepError("--dla-core needs --fp16: DLA runs FP16 and INT8 only")
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = int(options.dla_core)
+    config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run stay on the GPU
+
+
+@dataclass
+class BuildReport:
+    out: str
+    meta_out: str
+    meta: EngineMeta
+    timing_cache: Optional[str]
+    calls: List[str]
+    verify: Optional[Dict[str, float]] = None
+
+
+def default_engine_path(onnx_path: PathLike) -> Path:
+    return Path(onnx_path).with_suffix(".engine")
+
+
+def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool = False,
+                 workspace_mb: int = 1024, min_batch: Optional[int] = None, opt_batch: Optional[int] = None,
+                 max_batch: Optional[int] = None, timing_cache: Optional[PathLike] = None, dla_core: Optional[int] = None,
+                 verify: bool = False, tolerance: float = 1e-3, min_cosine: float = 0.999,
+                 seed: int = 0) -> BuildReport:
+    """Build ``out`` (+ ``out.json`` metadata) from an ONNX file; see the module docstring.
+
+    ``verify`` compares the engine with onnxruntime (CPU) on the same random batch before anything is
+    written: FP32 by relative error against ``tolerance``, FP16 by cosine similarity against
+    ``min_cosine`` (max abs error reported too).
+    """
+    from . import onnx as onnx_engine
+
+    out = Path(out) if out is not None else default_engine_path(onnx_path)
+    check_writable(out)
+    check_writable(meta_path(out))
+    if timing_cache is not None:
+        check_writable(timing_cache)
+    model = onnx_engine.load_onnx(onnx_path)
+    input_name, output_name, dims = onnx_engine.io_spec(model)
+    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
+        raise IrepError("{}: expected an NCHW input with fixed C, H, W, got {}".format(onnx_path, dims))
+    if isinstance(dims[0], int) and dims[0] > 0:  # exported with a fixed batch: that is the only size
+        asked = {b for b in (min_batch, opt_batch, max_batch) if b is not None}
+        if asked - {dims[0]}:
+            raise IrepError("{}: has a fixed batch of {}; re-export with a dynamic batch for another range".format(
+                onnx_path, dims[0]))
+        min_batch = opt_batch = max_batch = dims[0]
+    else:
+        min_batch = 1 if min_batch is None else min_batch
+        opt_batch = min_batch if opt_batch is None else opt_batch
+        max_batch = max(32, opt_batch) if max_batch is None else max_batch
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise IrepError("batch range must satisfy 1 <= min ({}) <= opt ({}) <= max ({})".format(
+            min_batch, opt_batch, max_batch))
+    trt = require_tensorrt()
+    gpu_name, capability = require_cuda()
+    chw = tuple(int(d) for d in dims[1:])
+    graph = model
+    if fp16 and needs_fp16_graph(trt):
+        graph = onnx_engine.convert_fp16(model)
+    cache_in = Path(timing_cache).read_bytes() if timing_cache is not None and Path(timing_cache).is_file() else b""
+    options = BuildOptions(fp16, workspace_mb, (min_batch,) + chw, (opt_batch,) + chw, (max_batch,) + chw,
+                           dla_core, cache_in)
+    result = build_serialized(trt, graph.SerializeToString(), input_name, options, source=str(onnx_path))
+    meta = EngineMeta(str(trt.__version__), gpu_name, capability, "fp16" if fp16 else "fp32", input_name,
+                      output_name, list(options.min_shape), list(options.opt_shape), list(options.max_shape),
+                      sha256_file(onnx_path), str(onnx_path), result.strongly_typed, dla_core, workspace_mb,
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    stats = None
+    if verify:
+        stats = verify_engine(TrtRunner.from_bytes(result.plan, meta, str(out)), onnx_path, opt_batch,
+                              tolerance, min_cosine, seed)
+    with atomic_write(out, "wb") as handle:
+        handle.write(result.plan)
+    write_meta(out, meta)
+    if timing_cache is not None:
+        with atomic_write(timing_cache, "wb") as handle:
+            handle.write(result.timing_cache)
+    return BuildReport(str(out), str(meta_path(out)), meta, str(timing_cache) if timing_cache else None,
+                       result.calls, stats)
+
+
+def compare_outputs(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
+    ref = reference.astype(np.float64).ravel()
+    other = got.astype(np.float64).ravel()
+    scale = float(np.abs(ref).max()) or 1.0
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(other)) or 1.0
+    return {"max_abs_error": float(np.abs(ref - other).max()),
+            "rel_error": float(np.abs(ref - other).max()) / scale,
+            "cosine": float(np.dot(ref, other)) / denom}
+
+
+def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, tolerance: float, min_cosine: float,
+                  seed: int = 0) -> Dict[str, float]:
+    from . import ort as ort_helpers
+
+    shape = [batch] + list(runner.meta.opt_shape[1:])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    reference = ort_helpers.run(ort_helpers.make_session(str(onnx_path)), x.numpy())
+    got = runner(x).float().cpu().numpy()
+    stats = compare_outputs(reference, got)
+    if runner.meta.precision == "fp32" and not stats["rel_error"] <= tolerance:
+        raise VerificationError("engine output differs from onnxruntime: relative error {:.3g} > {:.3g}; "
+                                "nothing written".format(stats["rel_error"], tolerance))
+    if runner.meta.precision == "fp16" and not stats["cosine"] >= min_cosine:
+        raise VerificationError("FP16 engine output differs from onnxruntime: cosine similarity {:.6f} < {} "
+                                "(max abs error {:.3g}); nothing written".format(
+                                    stats["cosine"], min_cosine, stats["max_abs_error"]))
+    return stats
+
+
+# -- running -----------------------------------------------------------------------------------------
+_DTYPES = (("FLOAT", torch.float32), ("HALF", torch.float16), ("INT32", torch.int32), ("INT8", torch.int8),
+           ("BOOL", torch.bool), ("INT64", torch.int64), ("BF16", torch.bfloat16))
+
+
+def torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
+    for name, torch_type in _DTYPES:
+        if hasattr(trt.DataType, name) and dtype == getattr(trt.DataType, name):
+            return torch_type
+    raise IrepError("unsupported TensorRT tensor type {}".format(dtype))
+
+
+def io_names(trt: Any, engine: Any) -> Tuple[List[str], List[str]]:
+    """(inputs, outputs) by the named-tensor API (8.5+); no binding indices."""
+    inputs, outputs = [], []
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs).append(name)
+    return inputs, outputs
+
+
+def execute(trt: Any, engine: Any, context: Any, inputs: Dict[str, torch.Tensor], outputs: Sequence[str],
+            stream_handle: int, empty: Callable[..., torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Bind ``inputs`` (contiguous tensors on the engine's device), allocate outputs with ``empty``
+    (shape, dtype) for the current input shapes, and enqueue with execute_async_v3."""
+    for name, tensor in inputs.items():
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    result = {}
+    for name in outputs:
+        shape = tuple(int(d) for d in context.get_tensor_shape(name))
+        tensor = empty(shape, torch_dtype(trt, engine.get_tensor_dtype(name)))
+        context.set_tensor_address(name, tensor.data_ptr())
+        result[name] = tensor
+    if not context.execute_async_v3(stream_handle):
+        raise IrepError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+    return result
+
+
+class TrtRunner:
+    """Runs a serialized engine on torch CUDA tensors, any batch inside the engine's profile.
+
+    ``TrtRunner("model.engine")`` reads ``model.engine.json`` first and refuses an engine from another
+    TensorRT version or GPU (``check=False`` skips that, at the user's risk).
+    """
+
+    def __init__(self, engine: PathLike, check: bool = True) -> None:
+        path = Path(engine)
+        if not path.is_file():
+            raise IrepError("{}: no such file".format(engine))
+        meta = read_meta(engine)
+        trt = require_tensorrt()
+        gpu_name, capability = require_cuda()
+        if check:
+            check_compatible(meta, engine, str(trt.__version__), gpu_name, capability)
+        self._load(trt, path.read_bytes(), meta, str(engine))
+
+    @classmethod
+    def from_bytes(cls, plan: bytes, meta: EngineMeta, source: str = "<engine>") -> "TrtRunner":
+        runner = cls.__new__(cls)
+        require_cuda()
+        runner._load(require_tensorrt(), plan, meta, source)
+        return runner
+
+    def _load(self, trt: Any, plan: bytes, meta: EngineMeta, source: str) -> None:
+        self.trt, self.meta, self.source = trt, meta, source
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise IrepError("{}: TensorRT cannot deserialize it (corrupt, or built by another version)".format(source))
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs = io_names(trt, self.engine)
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            raise IrepError("{}: expected one input and one output tensor".format(source))
+        self.input_dtype = torch_dtype(trt, self.engine.get_tensor_dtype(self.inputs[0]))
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.stream = torch.cuda.Stream(self.device)
+
+    def batch_range(self) -> Tuple[int, int]:
+        return int(self.meta.min_shape[0]), int(self.meta.max_shape[0])
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Enqueue on the runner's stream and return the output without synchronising the host."""
+        low, high = self.batch_range()
+        if not low <= x.shape[0] <= high:
+            raise IrepError("{}: batch {} is outside the engine's profile {}-{}; rebuild with --min-batch/"
+                            "--max-batch".format(self.source, x.shape[0], low, high))
+        x = x.to(self.device, self.input_dtype).contiguous()
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out = execute(self.trt, self.engine, self.context, {self.inputs[0]: x}, self.outputs,
+                          self.stream.cuda_stream,
+                          lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device))
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        x.record_stream(self.stream)
+        return out[self.outputs[0]]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.infer(x)
+        self.stream.synchronize()
+        return out

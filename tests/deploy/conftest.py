@@ -1,0 +1,73 @@
+"""Tiny checkpoints shared by the deploy tests (CIFAR layouts, width 0.125: fast on 2 CPU cores)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.nn as nn
+
+from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint
+from irep_deploy.block import IrepConv
+from irep_deploy.cli import main
+
+
+def _trained_look(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and alpha/beta, as after training, so fusion errors would show."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
+            elif isinstance(m, IrepConv):
+                m.alpha.copy_(torch.randn(m.alpha.shape, generator=gen))
+                m.beta.copy_(torch.randn((), generator=gen))
+    return model
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> Dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpts")
+    torch.manual_seed(0)
+    code = ArchCode.random("resnet18_cifar", ratio=2 / 3, seed=3)
+    code.save(d / "arch.bin")
+    other = ArchCode.random("resnet18_cifar", ratio=1 / 3, seed=9)
+    other.save(d / "other.bin")
+    ArchCode.full("vgg16_cifar").save(d / "vgg.bin")
+    multi = _trained_look(build_model("resnet18_cifar", arch=code, width=0.125, num_classes=10)).eval()
+    save_checkpoint(d / "multi.pt", multi)
+    save_checkpoint(d / "deploy.pt", fuse_model(multi))
+    supernet = _trained_look(build_model("resnet18_cifar", width=0.125, num_classes=10, supernet=True)).eval()
+    save_checkpoint(d / "supernet.pt", supernet)
+    (d / "junk.pt").write_bytes(b"not a checkpoint")
+    return dict({p.name.split(".")[0]: p for p in d.iterdir()}, dir=d)
+
+
+@pytest.fixture(scope="session")
+def fused_onnx(ckpts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("onnx") / "deploy.onnx"
+    assert main(["export", str(ckpts["deploy"]), "-o", str(out)]) == 0
+    return out
+
+
+def cli(capsys, *argv) -> "tuple[int, str, str]":
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def leftovers(directory: Path, names: List[str]) -> List[str]:
+    """Output files (and temp files of atomic writes) that a failed command must not leave."""
+    return sorted(p.name for p in directory.iterdir() if p.name in names or p.name.endswith(".tmp"))

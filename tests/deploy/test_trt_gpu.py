@@ -1,0 +1,39 @@
+"""Real TensorRT build and run: only where TensorRT and a CUDA GPU are present."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+tensorrt = pytest.importorskip("tensorrt", reason="TensorRT is not installed here")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU: TensorRT engines cannot be built or run", allow_module_level=True)
+
+from irep_deploy.engines import ort as ort_helpers  # noqa: E402
+from irep_deploy.engines.tensorrt import EngineMismatchError, TrtRunner, build_engine, read_meta, write_meta  # noqa: E402
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_build_verify_run_dynamic_batch(fused_onnx, tmp_path, fp16):
+    engine = tmp_path / "m.engine"
+    report = build_engine(fused_onnx, engine, fp16=fp16, max_batch=8, timing_cache=tmp_path / "cache",
+                          verify=True)
+    assert report.meta.precision == ("fp16" if fp16 else "fp32") and (tmp_path / "cache").is_file()
+    runner = TrtRunner(engine)
+    session = ort_helpers.make_session(str(fused_onnx))
+    for batch in (1, 5):
+        x = torch.randn(batch, 3, 32, 32)
+        got = runner(x).float().cpu().numpy()
+        ref = ort_helpers.run(session, x.numpy())
+        cos = float((ref * got).sum() / (np.linalg.norm(ref) * np.linalg.norm(got)))
+        assert got.shape == ref.shape and cos > 0.999
+
+
+def test_runner_refuses_other_version(fused_onnx, tmp_path):
+    engine = tmp_path / "m.engine"
+    build_engine(fused_onnx, engine, max_batch=2)
+    meta = read_meta(engine)
+    meta.tensorrt_version = "8.5.2.2" if not tensorrt.__version__.startswith("8.5.2.2") else "10.0.0"
+    write_meta(engine, meta)
+    with pytest.raises(EngineMismatchError, match="rebuild"):
+        TrtRunner(engine)

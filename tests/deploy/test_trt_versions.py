@@ -1,0 +1,96 @@
+"""TensorRT version branching against stand-in modules (see trt_standins.py: these are not TensorRT)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from irep_deploy.engines import tensorrt as trt_engine
+from irep_deploy.engines.tensorrt import BuildOptions, build_serialized, execute, io_names
+from irep_deploy.errors import IrepError
+
+from . import trt_standins
+from .trt_standins import args_of, called
+
+VERSIONS = ["8.5.2.2", "10.3.0", "11.0.0"]
+SHAPES = dict(min_shape=(1, 3, 32, 32), opt_shape=(4, 3, 32, 32), max_shape=(32, 3, 32, 32))
+
+
+def _build(version, **kw):
+    trt, log = trt_standins.make(version, dla_cores=kw.pop("dla_cores", 0))
+    result = build_serialized(trt, b"onnx", "input", BuildOptions(**dict(SHAPES, **kw)))
+    return trt, log, result
+
+
+@pytest.mark.parametrize("version, flags", [("8.5.2.2", 1), ("10.3.0", 0), ("11.0.0", 0)])
+def test_explicit_batch_only_before_10(version, flags):
+    _, log, result = _build(version)
+    assert args_of(log, "Builder.create_network") == [(flags,)]
+    assert result.plan == b"plan" and result.timing_cache == b"cache"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_fp32_uses_pool_limit_profile_cache_and_no_removed_api(version):
+    trt, log, result = _build(version, workspace_mb=256, timing_cache=b"old")
+    names = called(log)
+    assert not set(names) & trt_standins.DEPRECATED_85
+    assert args_of(log, "IBuilderConfig.set_memory_pool_limit") == [(trt.MemoryPoolType.WORKSPACE, 256 << 20)]
+    assert args_of(log, "IOptimizationProfile.set_shape") == [("input",) + tuple(SHAPES.values())]
+    assert args_of(log, "IBuilderConfig.create_timing_cache") == [(b"old",)]
+    assert args_of(log, "IBuilderConfig.clear_flag") == [(trt.BuilderFlag.TF32,)]
+    assert "Builder.build_serialized_network" in names and not result.strongly_typed
+
+
+@pytest.mark.parametrize("version, path", [("8.5.2.2", "flag"), ("10.3.0", "flag"), ("11.0.0", "graph")])
+def test_fp16_flag_where_it_exists_else_fp16_graph(version, path):
+    trt, log, result = _build(version, fp16=True)
+    assert trt_engine.needs_fp16_graph(trt) == (path == "graph")
+    assert result.strongly_typed == (path == "graph")
+    flags = args_of(log, "IBuilderConfig.set_flag")
+    assert flags == ([(trt.BuilderFlag.FP16,)] if path == "flag" else [])
+
+
+def test_dla_on_xavier_standin():
+    trt, log, _ = _build("8.5.2.2", fp16=True, dla_core=1, dla_cores=2)
+    assert ("IBuilderConfig.default_device_type=", (trt.DeviceType.DLA,)) in log
+    assert ("IBuilderConfig.DLA_core=", (1,)) in log
+    assert (trt.BuilderFlag.GPU_FALLBACK,) in args_of(log, "IBuilderConfig.set_flag")
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(fp16=True, dla_core=0, dla_cores=0), "no DLA"),
+    (dict(fp16=True, dla_core=2, dla_cores=2), "cores 0-1"),
+    (dict(fp16=False, dla_core=0, dla_cores=2), "needs --fp16"),
+])
+def test_dla_refusals(kw, msg):
+    with pytest.raises(IrepError, match=msg):
+        _build("8.5.2.2", **kw)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_runtime_uses_named_tensors_and_v3_only(version):
+    trt, log = trt_standins.make(version)
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"plan")
+    context = engine.create_execution_context()
+    inputs, outputs = io_names(trt, engine)
+    assert (inputs, outputs) == (["input"], ["logits"])
+    x = torch.randn(3, 3, 32, 32)  # CPU tensors stand in for CUDA buffers: only addresses are passed
+    out = execute(trt, engine, context, {"input": x}, outputs, 0, lambda s, d: torch.empty(s, dtype=d))
+    assert out["logits"].shape == (3, 10) and out["logits"].dtype == torch.float32
+    assert args_of(log, "IExecutionContext.set_input_shape") == [("input", (3, 3, 32, 32))]
+    assert args_of(log, "IExecutionContext.execute_async_v3") == [(0,)]
+    assert ("IExecutionContext.set_tensor_address", ("input", x.data_ptr())) in log
+    assert not set(called(log)) & trt_standins.DEPRECATED_85
+
+
+def test_standins_really_lack_removed_apis():
+    """Guard for the guard: the stand-ins must fail on what each version removed."""
+    trt10, _ = trt_standins.make("10.3.0")
+    trt11, _ = trt_standins.make("11.0.0")
+    with pytest.raises(AttributeError):
+        trt10.Builder(None).build_engine
+    with pytest.raises(AttributeError):
+        trt11.BuilderFlag.FP16
+    with pytest.raises(AttributeError):
+        trt11.NetworkDefinitionCreationFlag.EXPLICIT_BATCH
+    with pytest.raises(AttributeError):
+        trt11.Builder(None).platform_has_fast_fp16
