@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 from . import __version__
 from .errors import IrepError
@@ -55,8 +55,291 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_show)
 
 
+_TRAIN_SETTINGS = ("backbone", "dataset", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay",
+                   "nesterov", "label_smoothing", "val_fraction", "split_seed", "limit", "seed", "init_from", "arch", "amp")
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from .search.des import make_config, search
+    config = None
+    if not args.resume:
+        config = make_config(args.preset, backbone=args.backbone, dataset=args.dataset, width=args.width,
+                             population=args.population, subnets=args.subnets, budget=args.budget,
+                             warmup_epochs=args.warmup_epochs, rounds=args.rounds, round_epochs=args.round_epochs,
+                             batch_size=args.batch_size, lr=args.lr, limit=args.limit, seed=args.seed)
+    run_dir = args.resume or args.run_dir
+    report = search(run_dir, config, resume=bool(args.resume), data_root=args.data_root, device=args.device,
+                    progress=not args.quiet)
+    if report.main_process:
+        print("best code: {} branches, fitness {:.2f}% (validation top-1, fused)".format(
+            report.best.count(), report.best_fitness))
+        print("wrote {}/arch.bin, population.json, alpha_beta.jsonl, supernet.pt, log.jsonl".format(report.run_dir))
+    return 0
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="run the DES search for an architecture code (resumable, torchrun-ready)",
+                       description="Directional evolutionary search (Algorithm 1) over the IREPS space. Writes "
+                                   "arch.bin (best code), population.json, alpha_beta.jsonl, supernet.pt, log.jsonl "
+                                   "and TensorBoard scalars into the run directory; state.pt after every epoch.")
+    p.add_argument("--run-dir", default="runs/search", help="output directory (default runs/search)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the search saved in RUN_DIR (its settings are used)")
+    p.add_argument("--preset", choices=["paper-cifar", "paper-imagenet", "cpu"],
+                   help="named settings; `cpu` is a real Fashion-MNIST search that takes minutes on 2 cores "
+                        "(default: paper-cifar); options below override it")
+    p.add_argument("--backbone", help="resnet18_cifar, vgg16_cifar, resnet18, ...")
+    p.add_argument("--dataset", help="fashion-mnist, cifar10, imagenet, digits")
+    p.add_argument("--data-root", help="dataset directory (Fashion-MNIST defaults to the Debian package's)")
+    p.add_argument("--width", type=float, help="channel width multiplier")
+    p.add_argument("--population", type=int, help="population size (paper: 128)")
+    p.add_argument("--subnets", type=int, help="B, codes trained per mini-batch (paper: 5 CIFAR, 1 ImageNet)")
+    p.add_argument("--budget", type=float, help="C as a ratio of all available branches (paper: 2/3 or 1/2)")
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--rounds", type=int, help="evolution rounds")
+    p.add_argument("--round-epochs", type=int, help="E_p, epochs per round")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="SGD learning rate of the weights (paper: 0.1)")
+    p.add_argument("--limit", type=int, help="use at most this many examples per split (CPU-scale runs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(handler=_cmd_search)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+    given = {k: getattr(args, k) for k in _TRAIN_SETTINGS if getattr(args, k) is not None}
+    if args.resume:
+        if given:
+            raise IrepError("--resume continues with the run's saved settings; drop --{}".format(
+                next(iter(given)).replace("_", "-")))
+        run, config = args.resume, None
+    else:
+        if args.output is None:
+            raise IrepError("give a run directory (-o RUN_DIR) or --resume RUN_DIR")
+        if "arch" in given:
+            from .arch import ArchCode
+            given["arch"] = ArchCode.load(given["arch"]).dumps()
+        run, config = args.output, TrainConfig(**given)
+    report = train(run, config, resume=bool(args.resume), data_root=args.data_root, device=args.device,
+                   workers=args.workers, progress=not args.no_progress, channels_last=args.channels_last)
+    if not report.main_process:  # ranks > 0 under torchrun: rank 0 reports
+        return 0
+    print("test top-1 {:.2f}% top-5 {:.2f}% (multi-branch); fused {:.2f}% / {:.2f}% on {} examples "
+          "(relative logit error {:.2g}, {} predictions differ)".format(
+              report.multi_branch.top1, report.multi_branch.top5, report.fused.top1, report.fused.top5,
+              report.multi_branch.examples, report.fused_rel_error, report.disagreements))
+    print("wrote {}".format(report.ckpt))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .train import evaluate
+    res = evaluate(args.ckpt, dataset=args.dataset, split=args.split, data_root=args.data_root,
+                   batch_size=args.batch_size, val_fraction=args.val_fraction, split_seed=args.split_seed,
+                   limit=args.limit, device=args.device, workers=args.workers)
+    print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples".format(
+        res.dataset, args.split, res.top1, res.top5, res.loss, res.examples))
+    return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser, settings: bool) -> None:
+    from .data import DATASETS
+    p.add_argument("--dataset", choices=DATASETS,
+                   help="dataset (default: fashion-mnist for train, the checkpoint's own for eval)")
+    p.add_argument("--data-root", help="dataset directory (default: the Debian package's for fashion-mnist)")
+    p.add_argument("--val-fraction", type=float, default=None if settings else 0.0,
+                   help="fraction of the training set held out as the val split (default 0)")
+    p.add_argument("--split-seed", type=int, default=None if settings else 0,
+                   help="seed of the train/val split (default 0)")
+    p.add_argument("--limit", type=int,
+                   help="use at most N examples of each split (CPU-scale runs)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a multi-branch network from an architecture code (resumable)",
+                       description="Train the multi-branch network of an architecture code (or a plain backbone), "
+                                   "write RUN_DIR/ckpt.pt for `irep-deploy fuse`, and report the test accuracy of "
+                                   "the multi-branch and the fused model. Runs under torchrun with DDP.")
+    p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
+    p.add_argument("--arch", help="architecture code file (arch.bin)")
+    p.add_argument("--backbone", help="backbone without branches (or to check against --arch)")
+    _add_data_args(p, settings=True)
+    p.add_argument("--width", type=float, help="channel width multiplier (default 1.0)")
+    p.add_argument("--epochs", type=int, help="epochs (default 10)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--lr", type=float, help="SGD learning rate, cosine-annealed per step (default 0.1)")
+    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
+    p.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation (default 0)")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="torchvision-layout state dict for the fixed convs (ImageNet layouts)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"),
+                   help="mixed precision of the training forward (default none; fp16 needs CUDA)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (GPU speed)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(handler=_cmd_train)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a dataset split",
+                       description="Evaluate a multi-branch or deploy checkpoint on a split of a dataset.")
+    p.add_argument("ckpt", help="checkpoint (ckpt.pt from train, or a deploy checkpoint from fuse)")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default test)")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    _add_data_args(p, settings=False)
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .engines.onnx import export
+    report = export(args.ckpt, out=args.output, arch=args.arch, opset=args.opset, input_size=args.input_size,
+                    batch=args.batch, simplify=args.simplify, verify_batch=args.verify_batch,
+                    tolerance=args.tolerance, seed=args.seed, input_name=args.input_name,
+                    output_name=args.output_name)
+    if report.fused_here:
+        print("fused the multi-branch checkpoint before export")
+    print("exported opset {}, input {} {} ({} batch), output {}, simplifier: {}".format(
+        report.opset, report.input_name, "x".join(map(str, report.input_shape[1:])),
+        "dynamic" if report.dynamic_batch else "fixed {}".format(report.input_shape[0]), report.output_name,
+        report.simplifier))
+    print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))
+    for check in report.checks:
+        print("onnxruntime vs torch at batch {}: max abs error {:.3g}, relative error {:.3g} (tolerance {:.0e})".format(
+            check.batch, check.max_abs_error, check.rel_error, report.tolerance))
+    print("wrote {} ({:,} bytes)".format(report.out, report.size_bytes))
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .engines.onnx import DEFAULT_OPSET, SIMPLIFIERS
+    p = sub.add_parser("export", help="export a deploy checkpoint to ONNX, verified with onnxruntime",
+                       description="Export a fused (deploy) checkpoint, or a multi-branch checkpoint which is fused "
+                                   "first, to ONNX with the legacy exporter; simplify, run onnx.checker, and compare "
+                                   "onnxruntime with torch at batch 1 and >1 before writing.")
+    p.add_argument("ckpt", help="deploy checkpoint (from fuse) or multi-branch checkpoint")
+    p.add_argument("--arch", help="architecture code for a multi-branch checkpoint (default: the one it was "
+                                  "trained with; required for a SuperNet)")
+    p.add_argument("-o", "--output", help="ONNX file to write (default: CKPT with suffix .onnx)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help="ONNX opset (default {}, the highest TensorRT 8.5 reads)".format(DEFAULT_OPSET))
+    p.add_argument("--input-size", type=int, help="spatial input size (default: the model's)")
+    p.add_argument("--batch", type=int, help="fix the batch size (default: dynamic batch axis)")
+    p.add_argument("--simplify", choices=SIMPLIFIERS, default="auto",
+                   help="graph simplifier (auto: onnxslim, else onnxsim, else none)")
+    p.add_argument("--verify-batch", type=int, default=4, help="batch >1 of the onnxruntime check (default 4)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest relative error onnxruntime vs torch, max|a-b|/max|a| (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check batches")
+    p.add_argument("--input-name", default="input", help="name of the graph input (default input)")
+    p.add_argument("--output-name", default="logits", help="name of the graph output (default logits)")
+    p.set_defaults(handler=_cmd_export)
+
+
+def _cmd_build_trt(args: argparse.Namespace) -> int:
+    from .engines.tensorrt import build_engine
+    report = build_engine(args.onnx, out=args.output, fp16=args.fp16, workspace_mb=args.workspace,
+                          min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
+                          timing_cache=args.timing_cache, dla_core=args.dla_core, verify=args.verify,
+                          tolerance=args.tolerance, min_cosine=args.min_cosine)
+    meta = report.meta
+    print("built {} engine with TensorRT {} on {} (compute {}); batch {}-{} (opt {}){}".format(
+        meta.precision.upper(), meta.tensorrt_version, meta.gpu_name, meta.compute_capability,
+        meta.min_shape[0], meta.max_shape[0], meta.opt_shape[0], "; FP16 ONNX graph (strongly typed)"
+        if meta.strongly_typed else ""))
+    if report.verify:
+        print("engine vs onnxruntime: max abs error {:.3g}, relative error {:.3g}, cosine {:.6f}".format(
+            report.verify["max_abs_error"], report.verify["rel_error"], report.verify["cosine"]))
+    print("wrote {} and {}".format(report.out, report.meta_out))
+    if report.timing_cache:
+        print("wrote {} (timing cache)".format(report.timing_cache))
+    return 0
+
+
+def _add_build_trt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build-trt", help="build a TensorRT engine (+ JSON metadata) from an ONNX file",
+                       description="Build a TensorRT engine (TensorRT 8.5 to 11) with a batch optimisation "
+                                   "profile; writes ENGINE and ENGINE.json. Needs TensorRT and a CUDA GPU.")
+    p.add_argument("onnx", help="ONNX file (from export)")
+    p.add_argument("-o", "--output", help="engine to write (default: ONNX with suffix .engine)")
+    p.add_argument("--fp16", action="store_true", help="FP16 engine (builder flag; on TensorRT 11 an FP16 graph)")
+    p.add_argument("--workspace", type=int, default=1024, help="workspace memory pool limit in MiB (default 1024)")
+    p.add_argument("--min-batch", type=int, help="smallest batch of the profile (default 1)")
+    p.add_argument("--opt-batch", type=int, help="batch TensorRT tunes for (default: min batch)")
+    p.add_argument("--max-batch", type=int, help="largest batch of the profile (default 32)")
+    p.add_argument("--timing-cache", metavar="PATH", help="timing cache file, read if present and written back")
+    p.add_argument("--dla-core", type=int, help="run on this DLA core with GPU fallback (Jetson; needs --fp16)")
+    p.add_argument("--verify", action="store_true", help="compare the engine with onnxruntime before writing")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="FP32 relative error limit of --verify (1e-3)")
+    p.add_argument("--min-cosine", type=float, default=0.999,
+                   help="FP16 cosine-similarity limit of --verify (default 0.999)")
+    p.set_defaults(handler=_cmd_build_trt)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.latency import bench, format_table
+    report = bench(args.model, device=args.device, backends=args.backend, batches=args.batch,
+                   warmup_ms=args.warmup, duration_s=args.duration, min_iters=args.iterations,
+                   input_size=args.input_size, arch=args.arch, compare=args.compare, force=args.force,
+                   providers=args.providers, threads=args.threads, rounds=args.rounds, json_out=args.json)
+    print("device: {} ({}); torch {}, onnxruntime {}, TensorRT {}".format(
+        report.device["name"], report.device["kind"], report.environment["torch"],
+        report.environment["onnxruntime"], report.environment["tensorrt"]))
+    print(format_table(report))
+    print("harness overhead per iteration: {:.4f} ms".format(report.harness_overhead_ms))
+    for warning in report.warnings:
+        print("warning: " + warning)
+    if args.json:
+        print("wrote {}".format(args.json))
+    return 0
+
+
+def _csv(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, got {!r}".format(text)) from None
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency/throughput of a checkpoint, ONNX file or TensorRT engine",
+                       description="trtexec-like benchmark: warm-up, timed run with a minimum iteration count, "
+                                   "min/mean/median/p90/p95/p99 latency, throughput, GPU compute time apart "
+                                   "from host latency on a GPU.")
+    p.add_argument("model", help="deploy or multi-branch checkpoint, .onnx file, or .engine")
+    p.add_argument("--device", choices=("auto", "cpu", "xavier", "orin", "a100", "h100"), default="auto",
+                   help="device profile; refuses when the machine is another one unless --force (default auto)")
+    p.add_argument("--force", action="store_true", help="bench even when the machine is not --device")
+    p.add_argument("--backend", type=_csv, help="comma-separated: torch, cudagraph, ort, trt "
+                                               "(default: what fits the model and device)")
+    p.add_argument("--providers", type=_csv, help="onnxruntime providers: cpu, cuda, tensorrt, or all")
+    p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes (default 1)")
+    p.add_argument("--input-size", type=int, help="spatial input size (default: the model's)")
+    p.add_argument("--arch", help="architecture code for a multi-branch checkpoint")
+    p.add_argument("--compare", action="store_true",
+                   help="bench multi-branch, fused and plain backbone of the same shape and print the ratios")
+    p.add_argument("--warmup", type=float, default=200.0, help="warm-up time in ms (default 200)")
+    p.add_argument("--duration", type=float, default=3.0, help="timed run in seconds (default 3)")
+    p.add_argument("--iterations", type=int, default=10, help="minimum timed iterations (default 10)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="split the run into rounds that interleave the models (fairer on a busy machine)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: theirs)")
+    p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    p.set_defaults(handler=_cmd_bench)
+
+
 # One entry per subcommand; later subcommands (search, train, export, build-trt, bench) add theirs here.
-COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_fuse, _add_show]
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_fuse, _add_show, _add_search, _add_train, _add_eval]
+COMMANDS += [_add_export, _add_build_trt, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,386 @@
+"""Algorithm 1: the directional evolutionary strategy, resumable, one process or torchrun.
+
+Warm-up epochs train the SuperNet on codes drawn from the initial population; then every round runs
+``round_epochs`` epochs in which each mini-batch trains B codes of the population with one averaged
+step (Eq. 3-5), scores every code *fused* on a validation split carved out of the training set,
+and forms the next population (kept parents, SuperNet samples by Eq. 8-10, crossover/mutation).
+
+All randomness of an epoch (data order, augmentation, which codes each batch trains) and of a
+round's evolution is seeded from (seed, epoch) or (seed, round) alone, so a run resumed from its
+last saved state (written atomically after every epoch) ends exactly where an uninterrupted run
+with the same seed ends.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from .._io import append_jsonl, atomic_write, trim_jsonl, write_json
+from ..arch import ArchCode
+from ..checkpoint import save_checkpoint
+from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
+from ..errors import CheckpointError, IrepError
+from ..models import MODELS, build_model
+from ..ops import SPACES
+from ..reparam import fuse_model
+from ..train import (Dist, TrainingDiverged, close_distributed, evaluate_models, init_distributed,
+                     resolve_device)
+from .population import EvolutionConfig, initial_population, next_population
+from .supernet import SuperNet, averaged_loss
+
+PathLike = Union[str, "os.PathLike[str]"]
+STATE_FORMAT = "irep-deploy-search-state"
+STATE_VERSION = 1
+
+
+@dataclass
+class SearchConfig:
+    """Everything that decides what a search computes (saved in the run; a resume uses it as saved).
+
+    Defaults are the paper's CIFAR settings (population 128, B = 5, C = 2/3; weights SGD lr 0.1,
+    alpha/beta Adam lr 1e-4, betas (0.5, 0.999); p_mut = p_cross = 0.5). ``budget`` is the ratio
+    C / (available branches). ``batch_size`` is global.
+    """
+
+    backbone: str = "resnet18_cifar"
+    dataset: str = "fashion-mnist"
+    width: float = 1.0
+    ops: Optional[List[str]] = None
+    population: int = 128
+    subnets: int = 5
+    budget: float = 2 / 3
+    warmup_epochs: int = 10
+    rounds: int = 20
+    round_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    arch_lr: float = 1e-4
+    arch_betas: Tuple[float, float] = (0.5, 0.999)
+    p_cross: float = 0.5
+    p_mut: float = 0.5
+    keep: float = 0.25
+    sampled: float = 0.25
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    limit: Optional[int] = None
+    eval_batch_size: int = 256
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.backbone not in MODELS:
+            raise IrepError("unknown backbone {!r} (known: {})".format(self.backbone, ", ".join(MODELS)))
+        for name, ok in (("population", self.population >= 2), ("subnets (B)", self.subnets >= 1),
+                         ("budget", 0.0 < self.budget <= 1.0), ("rounds", self.rounds >= 1),
+                         ("round epochs", self.round_epochs >= 1), ("warm-up epochs", self.warmup_epochs >= 0),
+                         ("batch size", self.batch_size >= 1), ("width", self.width > 0),
+                         ("validation fraction", 0.0 < self.val_fraction < 1.0)):
+            if not ok:
+                raise IrepError("invalid {}: {}".format(name, getattr(self, name.split(" ")[0], "")))
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.rounds * self.round_epochs
+
+    def evolution(self) -> EvolutionConfig:
+        return EvolutionConfig(population=self.population, keep=self.keep, sampled=self.sampled,
+                               p_cross=self.p_cross, p_mut=self.p_mut)
+
+
+#: Named settings. ``cpu`` finishes a real Fashion-MNIST search on 2 cores in a few minutes.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper-cifar": {},
+    "paper-imagenet": dict(backbone="resnet18", dataset="imagenet", subnets=1, budget=0.5, batch_size=256),
+    "cpu": dict(backbone="resnet18_cifar", dataset="fashion-mnist", width=0.125, population=16, subnets=2,
+                warmup_epochs=1, rounds=4, round_epochs=1, batch_size=64, limit=6000, eval_batch_size=500),
+}
+
+
+def make_config(preset: Optional[str] = None, **overrides: Any) -> SearchConfig:
+    if preset is not None and preset not in PRESETS:
+        raise IrepError("unknown preset {!r} (known: {})".format(preset, ", ".join(PRESETS)))
+    values = dict(PRESETS.get(preset or "paper-cifar", {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = SearchConfig(**values)
+    config.check()
+    return config
+
+
+@dataclass
+class SearchReport:
+    run_dir: str
+    best: ArchCode
+    best_fitness: float
+    rounds: List[Dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    main_process: bool = True
+
+
+# -- state ------------------------------------------------------------------------------------------
+def _codes_to_data(codes: Sequence[ArchCode]) -> List[List[str]]:
+    return [["".join(map(str, row)) for row in c.bits] for c in codes]
+
+
+def _codes_from_data(template: ArchCode, data: Sequence[Sequence[str]]) -> List[ArchCode]:
+    return [template.with_bits([[int(ch) for ch in row] for row in rows]) for rows in data]
+
+
+def load_search_state(run_dir: PathLike) -> Dict[str, Any]:
+    path = Path(run_dir) / "state.pt"
+    if not path.is_file():
+        raise CheckpointError("{}: no search state to resume (state.pt is written after the first epoch)".format(run_dir))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated archive, foreign file, refused pickle: all one message
+        raise CheckpointError("{}: cannot read the search state ({})".format(path, str(exc).splitlines()[0][:120])) from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+        raise CheckpointError("{}: not an irep-deploy search state".format(path))
+    return state
+
+
+# -- the driver -------------------------------------------------------------------------------------
+class _Search:
+    def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
+                 progress: bool) -> None:
+        self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
+        self.data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
+                              split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
+        ops = config.ops or list(SPACES[MODELS[config.backbone].space])
+        torch.manual_seed(config.seed)  # identical SuperNet initialisation on every rank
+        model = build_model(config.backbone, num_classes=self.data.num_classes, width=config.width,
+                            in_channels=self.data.in_channels, ops=ops, supernet=True).to(dev)
+        self.supernet = SuperNet(model)
+        self.template = ArchCode.full(config.backbone, ops)
+        self.budget = self.template.budget(config.budget)
+        self.net: nn.Module = self.supernet
+        if dist.enabled:
+            self.net = nn.parallel.DistributedDataParallel(
+                self.supernet, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=True)  # branches no sampled code uses get no gradient
+        per_rank = max(1, config.batch_size // dist.world_size)
+        self.loader = train_loader(self.data.train, per_rank, config.seed, distributed=dist.enabled)
+        self.val_loader = eval_loader(self.data.val, config.eval_batch_size)
+        self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=config.lr, momentum=config.momentum,
+                                     weight_decay=config.weight_decay)
+        self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=config.arch_lr,
+                                      betas=tuple(config.arch_betas))
+        steps = max(1, len(self.loader)) * config.total_epochs
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.w_opt, T_max=steps)
+        self.criterion = nn.CrossEntropyLoss()
+        self.epoch = 0
+        self.population = initial_population(self.template, config.population, self.budget,
+                                             random.Random(epoch_seed(config.seed, -1)))
+        self.fitness: Optional[List[float]] = None
+        self.rounds: List[Dict[str, Any]] = []
+        self.history: Dict[str, List[List[float]]] = {}  # code key -> [[round, fitness], ...]
+        self.writer = self._tensorboard() if dist.main else None
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional extra
+            return None
+        return SummaryWriter(str(self.run / "tensorboard"))
+
+    # state
+    def state(self) -> Dict[str, Any]:
+        return {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "config": dataclasses.asdict(self.config),
+            "epoch": self.epoch, "model": self.supernet.model.state_dict(), "w_opt": self.w_opt.state_dict(),
+            "a_opt": self.a_opt.state_dict(), "sched": self.sched.state_dict(),
+            "population": _codes_to_data(self.population), "fitness": self.fitness, "rounds": self.rounds,
+            "history": self.history,
+        }
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        self.supernet.model.load_state_dict(state["model"])
+        self.w_opt.load_state_dict(state["w_opt"])
+        self.a_opt.load_state_dict(state["a_opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.epoch = int(state["epoch"])
+        self.population = _codes_from_data(self.template, state["population"])
+        self.fitness = state["fitness"]
+        self.rounds = list(state["rounds"])
+        self.history = {k: [list(v) for v in vs] for k, vs in state["history"].items()}
+        trim_jsonl(self.run / "log.jsonl", lambda r: r.get("epoch", 0) <= self.epoch)
+        trim_jsonl(self.run / "alpha_beta.jsonl", lambda r: r.get("round", 0) <= len(self.rounds))
+
+    def save(self) -> None:
+        if not self.dist.main:
+            return
+        with atomic_write(self.run / "state.pt", "wb") as handle:
+            torch.save(self.state(), handle)
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if self.dist.main:
+            append_jsonl(self.run / "log.jsonl", record)
+
+    # training
+    def train_epoch(self) -> Dict[str, Any]:
+        config, epoch = self.config, self.epoch
+        torch.manual_seed(epoch_seed(config.seed, epoch, self.dist.rank))  # augmentation of this epoch
+        set_epoch(self.loader, config.seed, epoch)
+        picker = random.Random(epoch_seed(config.seed, epoch))  # same codes on every rank
+        phase = "warmup" if epoch < config.warmup_epochs else "round {}".format(self._round_of(epoch))
+        self.net.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(self.loader, desc="epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase),
+                   disable=not (self.progress and self.dist.main), leave=False, dynamic_ncols=True)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+            codes = [self.population[picker.randrange(len(self.population))] for _ in range(config.subnets)]
+            outputs = self.net(x, codes)
+            loss = averaged_loss(outputs, y, self.criterion)
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
+                                       "{} (resume with a lower --lr)".format(loss.item(), epoch + 1, step + 1,
+                                                                             self.run / "state.pt"))
+            self.w_opt.zero_grad(set_to_none=True)
+            self.a_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.w_opt.step()
+            self.a_opt.step()
+            self.sched.step()
+            loss_sum += loss.item() * y.numel()
+            correct += int((outputs[-1].argmax(1) == y).sum())
+            seen += y.numel()
+            bar.set_postfix(loss="{:.3f}".format(loss_sum / seen))
+        return {"event": "epoch", "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
+                "train_acc": 100.0 * correct / max(seen, 1), "lr": self.sched.get_last_lr()[0]}
+
+    def _round_of(self, epoch: int) -> int:
+        return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1
+
+    # population
+    def evaluate_population(self) -> List[float]:
+        """Top-1 (percent) of every code, fused; codes split across ranks, results gathered."""
+        fitness = torch.zeros(len(self.population), dtype=torch.float64)
+        for i in range(self.dist.rank, len(self.population), self.dist.world_size):
+            fused = fuse_model(self.supernet.model, arch=self.population[i])
+            results, _, _ = evaluate_models([fused], self.val_loader, self.dev)
+            fitness[i] = results[0].top1
+        if self.dist.enabled:
+            import torch.distributed as tdist
+            fitness = fitness.to(self.dev)
+            tdist.all_reduce(fitness)
+            fitness = fitness.cpu()
+        return fitness.tolist()
+
+    def finish_round(self, round_no: int) -> Dict[str, Any]:
+        fitness = self.evaluate_population()
+        self.fitness = fitness
+        for code, f in zip(self.population, fitness):
+            self.history.setdefault(_key(code), []).append([round_no, f])
+        alpha, beta = self.supernet.alpha(), self.supernet.beta()
+        best = max(range(len(fitness)), key=fitness.__getitem__)
+        counts = {op: sum(c.op_counts()[op] for c in self.population) for op in self.template.ops}
+        record = {"event": "round", "round": round_no, "epoch": self.epoch, "best_fitness": fitness[best],
+                  "mean_fitness": sum(fitness) / len(fitness), "best_branches": self.population[best].count(),
+                  "population_op_counts": counts, "alpha": alpha.tolist(), "beta": beta.tolist()}
+        self.rounds.append({k: v for k, v in record.items() if k not in ("alpha", "beta")})
+        if self.dist.main:
+            self.write_outputs(round_no, best, alpha, beta)
+            self.tensorboard_round(record)
+        if round_no < self.config.rounds:
+            self.population = next_population(
+                self.population, fitness, self.budget, self.config.evolution(),
+                random.Random(epoch_seed(self.config.seed, round_no, 1)),
+                torch.Generator().manual_seed(epoch_seed(self.config.seed, round_no, 2)), alpha, beta)
+            self.fitness = None
+        return record
+
+    def write_outputs(self, round_no: int, best: int, alpha: torch.Tensor, beta: torch.Tensor) -> None:
+        self.population[best].save(self.run / "arch.bin")
+        order = sorted(range(len(self.population)), key=lambda i: -self.fitness[i])
+        write_json(self.run / "population.json", {
+            "round": round_no, "budget": self.budget, "ops": list(self.template.ops),
+            "layers": list(self.template.layers),
+            "codes": [{"rank": r + 1, "fitness": self.fitness[i], "branches": self.population[i].count(),
+                       "bits": _codes_to_data([self.population[i]])[0],
+                       "history": self.history[_key(self.population[i])]} for r, i in enumerate(order)]})
+        append_jsonl(self.run / "alpha_beta.jsonl", {"round": round_no, "ops": list(self.template.ops),
+                                                     "layers": list(self.template.layers),
+                                                     "alpha": alpha.tolist(), "beta": beta.tolist()})
+        self.supernet.activate(self.template)  # the SuperNet checkpoint records every branch active
+        save_checkpoint(self.run / "supernet.pt", self.supernet.model,
+                        extra={"round": round_no, "search_config": dataclasses.asdict(self.config)})
+
+    def tensorboard_round(self, record: Dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        r = record["round"]
+        self.writer.add_scalar("fitness/best", record["best_fitness"], r)
+        self.writer.add_scalar("fitness/mean", record["mean_fitness"], r)
+        for op, n in record["population_op_counts"].items():
+            self.writer.add_scalar("branches/" + op, n, r)
+        self.writer.flush()
+
+    def run_all(self) -> None:
+        config = self.config
+        while self.epoch < config.total_epochs:
+            record = self.train_epoch()
+            self.epoch += 1
+            self.log(record)
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", record["train_loss"], self.epoch)
+                self.writer.add_scalar("train/acc", record["train_acc"], self.epoch)
+            line = "epoch {}/{} ({}): loss {:.4f}, train acc {:.2f}%".format(
+                self.epoch, config.total_epochs, record["phase"], record["train_loss"], record["train_acc"])
+            after_warmup = self.epoch - config.warmup_epochs
+            if after_warmup > 0 and after_warmup % config.round_epochs == 0:
+                round_no = after_warmup // config.round_epochs
+                rec = self.finish_round(round_no)
+                self.log({k: v for k, v in rec.items() if k not in ("alpha", "beta")})
+                line = "round {}/{}: best fitness {:.2f}% ({} branches), mean {:.2f}%; {}".format(
+                    round_no, config.rounds, rec["best_fitness"], rec["best_branches"], rec["mean_fitness"], line)
+            if self.dist.main and self.progress:
+                tqdm.write(line)
+            self.save()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _key(code: ArchCode) -> str:
+    return "|".join("".join(map(str, row)) for row in code.bits)
+
+
+def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
+           data_root: Optional[str] = None, device: str = "auto", progress: bool = True) -> SearchReport:
+    """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round."""
+    run = Path(run_dir)
+    state = load_search_state(run) if resume else None
+    if state is not None:
+        config = SearchConfig(**{**state["config"], "arch_betas": tuple(state["config"]["arch_betas"])})
+    elif config is None:
+        config = make_config()
+    if not resume:
+        if (run / "state.pt").exists():
+            raise IrepError("{}: holds a search already; resume it with --resume or choose another directory".format(run))
+    dev = resolve_device(device)
+    dist = init_distributed(dev)
+    try:
+        if dist.main:
+            run.mkdir(parents=True, exist_ok=True)
+        job = _Search(run, config, dev, dist, data_root, progress)
+        if state is not None:
+            job.restore(state)
+        elif dist.main:
+            write_json(run / "config.json", dataclasses.asdict(config))
+            (run / "log.jsonl").write_text("")
+        start = job.epoch
+        job.run_all()
+        fitness = job.fitness or []
+        best = max(range(len(fitness)), key=fitness.__getitem__)
+        return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)
+    finally:
+        close_distributed(dist)

@@ -1,0 +1,132 @@
+"""Algorithm 1 end to end on real data (sklearn digits): outputs, resume after SIGKILL, torchrun, NaN."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from irep_deploy import ArchCode, load_checkpoint
+from irep_deploy.cli import main
+
+TINY = ["--dataset", "digits", "--backbone", "resnet18_cifar", "--width", "0.125", "--population", "6",
+        "--subnets", "2", "--warmup-epochs", "1", "--rounds", "2", "--round-epochs", "2", "--batch-size", "64",
+        "--limit", "640", "--device", "cpu", "--quiet", "--seed", "3"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def search_cmd(*args: str):
+    return [sys.executable, "-m", "irep_deploy", "search", *args]
+
+
+def read_log(run: Path):
+    path = run / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run = tmp_path_factory.mktemp("search") / "ref"
+    proc = subprocess.run(search_cmd("--run-dir", str(run), *TINY), env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return run, proc.stdout
+
+
+def test_search_writes_every_output(reference):
+    run, stdout = reference
+    assert "best code:" in stdout
+    for name in ("arch.bin", "population.json", "alpha_beta.jsonl", "supernet.pt", "log.jsonl", "state.pt",
+                 "config.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").iterdir())
+    pop = json.loads((run / "population.json").read_text())
+    best = ArchCode.load(run / "arch.bin")
+    budget = best.budget(2 / 3)
+    assert pop["round"] == 2 and pop["budget"] == budget and len(pop["codes"]) == 6
+    assert all(c["branches"] <= budget for c in pop["codes"])
+    fitness = [c["fitness"] for c in pop["codes"]]
+    assert fitness == sorted(fitness, reverse=True) and 0 < fitness[0] <= 100
+    top = best.with_bits([[int(ch) for ch in row] for row in pop["codes"][0]["bits"]])
+    assert top == best and pop["codes"][0]["history"][-1] == [2, fitness[0]]
+    rounds = [json.loads(line) for line in (run / "alpha_beta.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert torch.tensor(rounds[1]["alpha"]).shape == (len(best.layers), len(best.ops))
+    assert rounds[0]["alpha"] != rounds[1]["alpha"]  # Adam moved the architecture parameters
+    log = read_log(run)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3, 4, 5]
+    assert [r["round"] for r in log if r["event"] == "round"] == [1, 2]
+    ck = load_checkpoint(run / "supernet.pt")
+    assert ck.supernet and ck.header["in_channels"] == 1 and ck.header["num_classes"] == 10
+    # the SuperNet checkpoint fuses under the found code through the ordinary CLI
+    assert main(["fuse", str(run / "supernet.pt"), str(run / "arch.bin"), "-o", str(run / "d.pt")]) == 0
+
+
+def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
+    ref, _ = reference
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(search_cmd("--run-dir", str(run), *TINY), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    # epoch 4 is the first epoch of round 2: kill while epoch 5 (the rest of round 2) runs
+    while time.time() < deadline and proc.poll() is None:
+        if any(r.get("epoch") == 4 for r in read_log(run)):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
+    state = torch.load(str(run / "state.pt"), weights_only=True)
+    # killed during epoch 4 or 5: either way round 1 is scored and round 2 is under way
+    assert state["epoch"] in (3, 4) and len(state["rounds"]) == 1
+    # same thread count as the reference: float reductions differ between thread counts
+    resumed = subprocess.run(search_cmd("--resume", str(run), "--quiet", "--device", "cpu"), env=ENV,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (run / "arch.bin").read_text() == (ref / "arch.bin").read_text()
+    assert (run / "population.json").read_text() == (ref / "population.json").read_text()
+    assert (run / "alpha_beta.jsonl").read_text() == (ref / "alpha_beta.jsonl").read_text()
+    a = torch.load(str(run / "state.pt"), weights_only=True)["model"]
+    b = torch.load(str(ref / "state.pt"), weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in read_log(run) if r["event"] == "epoch"] == [1, 2, 3, 4, 5]
+
+
+def test_two_gloo_processes_under_torchrun(tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "irep_deploy", "search", "--run-dir", str(run), *TINY]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("best code:") == 1  # only rank 0 reports
+    pop = json.loads((run / "population.json").read_text())
+    best = ArchCode.load(run / "arch.bin")
+    assert len(pop["codes"]) == 6 and all(c["branches"] <= best.budget(2 / 3) for c in pop["codes"])
+    assert all(0 < c["fitness"] <= 100 for c in pop["codes"])  # every rank's share was gathered
+    log = read_log(run)
+    assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3, 4, 5]  # written once
+    assert len((run / "alpha_beta.jsonl").read_text().splitlines()) == 2
+
+
+def test_nan_loss_stops_with_a_message(tmp_path, capsys):
+    run = tmp_path / "nan"
+    args = ["search", "--run-dir", str(run)] + [a for a in TINY] + ["--lr", "1e12"]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc != 0 and "loss became" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "arch.bin").exists()
+
+
+def test_resume_and_reuse_errors(reference, tmp_path, capsys):
+    ref, _ = reference
+    assert main(["search", "--resume", str(tmp_path / "none")]) == 1
+    assert "no search state to resume" in capsys.readouterr().err
+    assert main(["search", "--run-dir", str(ref)] + TINY) == 1
+    assert "holds a search already" in capsys.readouterr().err
