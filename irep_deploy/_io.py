@@ -28,6 +28,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     except OSError as exc:
         raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from None
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -37,6 +38,12 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_writable(path: PathLike) -> None:

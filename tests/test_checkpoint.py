@@ -149,3 +149,14 @@ def test_save_is_atomic(tmp_path, model):
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
     with pytest.raises(IrepError, match="does not exist"):
         save_checkpoint(tmp_path / "no" / "dir" / "x.pt", build_model(NAME, width=0.125))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path, model):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ckpt.pt", model)
+        ArchCode.full(NAME).save(tmp_path / "arch.bin")
+    finally:
+        os.umask(old)
+    for name in ("ckpt.pt", "arch.bin"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
