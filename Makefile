@@ -41,11 +41,13 @@ lint-docker: venv
 test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
 
+# Removes an earlier report first (the demo refuses to overwrite a run).
 demo: venv data
-	$(BIN)/python -m irep_deploy.demo --out demo-out
+	rm -rf demo-out
+	$(BIN)/irep-deploy demo --out demo-out
 
 bench: venv
 	$(BIN)/python benchmarks/bench_fusion.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -10,6 +10,8 @@ so that load from other processes hits them alike. Writes ``results/fusion_cpu.{
 from __future__ import annotations
 
 import argparse
+import copy
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,9 +28,9 @@ from machine import describe_machine, write_results  # noqa: E402
 from irep_deploy import ArchCode, build_model, fuse_model  # noqa: E402
 
 
-def interleaved_medians(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int,
-                        min_time: float) -> Dict[str, float]:
-    """Median seconds per forward of each model, timed round-robin ``rounds`` times."""
+def interleaved_samples(models: Dict[str, nn.Module], x: torch.Tensor, rounds: int,
+                        min_time: float) -> Dict[str, List[float]]:
+    """Seconds per forward of each model in each of ``rounds`` round-robin passes."""
     samples: Dict[str, List[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():  # warm-up (allocator, oneDNN primitive caches)
@@ -37,7 +39,17 @@ def interleaved_medians(models: Dict[str, nn.Module], x: torch.Tensor, rounds: i
             for name, m in models.items():
                 t = Timer("m(x)", globals={"m": m, "x": x}, num_threads=torch.get_num_threads())
                 samples[name].append(t.blocked_autorange(min_run_time=min_time).median)
-    return {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+    return samples
+
+
+def median(values: List[float]) -> float:
+    return statistics.median(values)
+
+
+def ratio_stats(num: List[float], den: List[float]) -> Dict[str, float]:
+    """Median and range of per-round ratios: adjacent measurements share the machine's state."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def latency_section(name: str, size: int, batches: List[int], rounds: int, min_time: float) -> List[dict]:
@@ -45,21 +57,23 @@ def latency_section(name: str, size: int, batches: List[int], rounds: int, min_t
     multi = build_model(name, arch=ArchCode.full(name)).eval()
     fused = fuse_model(build_model(name, arch=code).eval())
     plain = fuse_model(build_model(name).eval())  # plain backbone, BN folded the same way
+    plain_again = copy.deepcopy(plain)  # A/A control: the same network timed twice shows the noise
     tv = getattr(torchvision.models, name)(weights=None).eval()  # torchvision eager, BN not folded
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, size, size)
-        t = interleaved_medians({"multi_branch_all": multi, "fused": fused, "plain_folded": plain,
-                                 "torchvision": tv}, x, rounds, min_time)
+        t = interleaved_samples({"multi_branch_all": multi, "fused": fused, "plain_folded": plain,
+                                 "plain_folded_again": plain_again, "torchvision": tv}, x, rounds, min_time)
         rows.append({
-            "model": name, "input": size, "batch": batch,
-            "ms": {k: v * 1e3 for k, v in t.items()},
-            "fused_over_plain_folded": t["fused"] / t["plain_folded"],
-            "fused_over_torchvision": t["fused"] / t["torchvision"],
-            "multi_branch_speedup": t["multi_branch_all"] / t["fused"],
+            "model": name, "input": size, "batch": batch, "rounds": rounds,
+            "ms": {k: median(v) * 1e3 for k, v in t.items()},
+            "fused_over_plain_folded": ratio_stats(t["fused"], t["plain_folded"]),
+            "aa_control_plain_over_plain": ratio_stats(t["plain_folded_again"], t["plain_folded"]),
+            "fused_over_torchvision": ratio_stats(t["fused"], t["torchvision"]),
+            "multi_branch_speedup": ratio_stats(t["multi_branch_all"], t["fused"]),
         })
-        print("{} b{}: ".format(name, batch) + ", ".join("{} {:.2f} ms".format(k, v * 1e3) for k, v in t.items()),
-              flush=True)
+        print("{} b{}: ".format(name, batch) + ", ".join("{} {:.2f} ms".format(k, median(v) * 1e3)
+                                                        for k, v in t.items()), flush=True)
     return rows
 
 
@@ -97,32 +111,43 @@ def markdown(result: dict) -> str:
     lines = ["# Fusion benchmark (CPU, torch eager)", "",
              "Command: `{}`".format(result["command"]), "", "Machine: {}".format(result["machine"]["summary"]), "",
              "| model | input | batch | multi-branch (all) ms | fused ms | plain folded ms | torchvision ms "
-             "| fused / plain | fused / torchvision | multi-branch / fused |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| fused / plain | A/A plain / plain | fused / torchvision | multi-branch / fused |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(r: Dict[str, float], fmt: str = "{:.3f}") -> str:
+        return (fmt + " [" + fmt + ", " + fmt + "]").format(r["median"], r["min"], r["max"])
+
     for r in result["latency"]:
         ms = r["ms"]
-        lines.append("| {model} | {input} | {batch} | {a:.2f} | {b:.2f} | {c:.2f} | {d:.2f} | {e:.3f} | {f:.3f} | {g:.2f}x |".format(
-            a=ms["multi_branch_all"], b=ms["fused"], c=ms["plain_folded"], d=ms["torchvision"],
-            e=r["fused_over_plain_folded"], f=r["fused_over_torchvision"], g=r["multi_branch_speedup"], **r))
+        lines.append("| {} | {} | {} | {:.2f} | {:.2f} | {:.2f} | {:.2f} | {} | {} | {} | {} |".format(
+            r["model"], r["input"], r["batch"], ms["multi_branch_all"], ms["fused"], ms["plain_folded"],
+            ms["torchvision"], cell(r["fused_over_plain_folded"]), cell(r["aa_control_plain_over_plain"]),
+            cell(r["fused_over_torchvision"]), cell(r["multi_branch_speedup"], "{:.2f}")))
     fc = result["fuse_cost"]
     lines += ["", "Fusing one {code_branches}-branch code of a {model} SuperNet: {fuse_s:.3f} s; evaluating the fused "
               "network on {images} images: {evaluate_s:.3f} s; ratio {ratio:.2%}.".format(ratio=fc["fuse_over_evaluate"], **fc),
               "", "\"plain folded\" is the backbone with no branches, BN folded like the fused model; \"torchvision\" is "
-              "`torchvision.models.<name>()` in eager mode with separate BN. Medians of interleaved rounds."]
+              "`torchvision.models.<name>()` in eager mode with separate BN. Latencies are medians over interleaved "
+              "rounds; ratios are the median [min, max] of per-round ratios. \"A/A\" times the plain network against "
+              "an identical copy of itself: its spread is the noise floor of this machine, against which the "
+              "fused / plain ratio is to be read."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fusion_cpu"))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.quick:
-        latency = latency_section("resnet18", 64, [1, 4], rounds=2, min_time=0.05)
+        latency = latency_section("resnet18", 64, [1, 4], rounds=3, min_time=0.05)
         cost = fuse_cost_section(100, 1)
     else:
-        latency = latency_section("resnet18", 224, [1, 32], rounds=5, min_time=0.5)
+        latency = latency_section("resnet18", 224, [1, 32], rounds=11, min_time=0.2)
         cost = fuse_cost_section(1000, 3)
     result = {"command": "python " + " ".join(sys.argv), "machine": describe_machine(),
               "latency": latency, "fuse_cost": cost}

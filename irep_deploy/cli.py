@@ -59,6 +59,26 @@ _TRAIN_SETTINGS = ("backbone", "dataset", "width", "epochs", "batch_size", "lr",
                    "nesterov", "label_smoothing", "val_fraction", "split_seed", "limit", "seed", "init_from", "arch", "amp")
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoSettings, run_demo
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    run_demo(args.out, settings, device=args.device, data_root=args.data_root, progress=not args.quiet)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST on CPU, with a report (make demo)",
+                       description="search -> train -> fuse -> export -> build-trt (when TensorRT and a GPU are "
+                                   "present) -> bench, then report.md, report.json and figures in --out. "
+                                   "About 15 minutes on 2 CPU cores.")
+    p.add_argument("--out", default="demo-out", help="report directory (default demo-out)")
+    p.add_argument("--quick", action="store_true", help="a smoke run on sklearn digits (about a minute)")
+    p.add_argument("--data-root", help="dataset directory (default: the Debian package's Fashion-MNIST)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_demo)
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search.des import make_config, search
     config = None
@@ -66,7 +86,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
         config = make_config(args.preset, backbone=args.backbone, dataset=args.dataset, width=args.width,
                              population=args.population, subnets=args.subnets, budget=args.budget,
                              warmup_epochs=args.warmup_epochs, rounds=args.rounds, round_epochs=args.round_epochs,
-                             batch_size=args.batch_size, lr=args.lr, limit=args.limit, seed=args.seed)
+                             batch_size=args.batch_size, lr=args.lr, limit=args.limit, seed=args.seed,
+                             amp=args.amp, channels_last=args.channels_last or None)
     run_dir = args.resume or args.run_dir
     report = search(run_dir, config, resume=bool(args.resume), data_root=args.data_root, device=args.device,
                     progress=not args.quiet)
@@ -102,6 +123,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="use at most this many examples per split (CPU-scale runs)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast the SuperNet forward (fp16: CUDA only)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=_cmd_search)
 
@@ -337,9 +360,35 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_bench)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .viz import plot
+    report = plot(args.source, out_dir=args.output, points=args.points)
+    for path in report.written:
+        print("wrote {}".format(path))
+    for reason in report.skipped:
+        print("skipped {}".format(reason))
+    return 0
+
+
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="figures (PNG + data) of a search run, an arch.bin, accuracy vs latency",
+                       description="Make every figure the inputs allow, each a PNG plus its data as JSON: from a "
+                                   "search run directory the architecture code matrix, the alpha/beta heatmaps with "
+                                   "the asymmetric-minus-dilated map and the fitness over rounds; from an arch.bin "
+                                   "the matrix; with --points accuracy vs latency. Needs matplotlib ([viz] extra).")
+    p.add_argument("source", nargs="?", metavar="RUN_DIR",
+                   help="search run directory, or an architecture code file (arch.bin)")
+    p.add_argument("-o", "--output", metavar="OUT_DIR", help="directory for the figures (default: RUN_DIR/figures, "
+                                                               "or figures/ beside the file)")
+    p.add_argument("--points", metavar="POINTS_JSON",
+                   help='accuracy/latency points: [{"label", "latency_ms", "accuracy"}, ...] (docs/figures.md)')
+    p.set_defaults(handler=_cmd_plot)
+
+
 # One entry per subcommand; later subcommands (search, train, export, build-trt, bench) add theirs here.
-COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_fuse, _add_show, _add_search, _add_train, _add_eval]
+COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_fuse, _add_show, _add_search, _add_train, _add_eval]
 COMMANDS += [_add_export, _add_build_trt, _add_bench]
+COMMANDS += [_add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,8 +32,8 @@ from ..errors import CheckpointError, IrepError
 from ..models import MODELS, build_model
 from ..ops import SPACES
 from ..reparam import fuse_model
-from ..train import (Dist, TrainingDiverged, close_distributed, evaluate_models, init_distributed,
-                     resolve_device)
+from ..train import (AMP_MODES, Dist, TrainingDiverged, autocast, close_distributed, evaluate_models,
+                     init_distributed, make_scaler, resolve_device)
 from .population import EvolutionConfig, initial_population, next_population
 from .supernet import SuperNet, averaged_loss
 
@@ -76,6 +76,8 @@ class SearchConfig:
     limit: Optional[int] = None
     eval_batch_size: int = 256
     seed: int = 0
+    amp: str = "none"  # autocast of the SuperNet forward: none, bf16, fp16 (CUDA, with a gradient scaler)
+    channels_last: bool = False  # NHWC activations and weights (faster convolutions on recent GPUs)
 
     def check(self) -> None:
         if self.backbone not in MODELS:
@@ -84,7 +86,8 @@ class SearchConfig:
                          ("budget", 0.0 < self.budget <= 1.0), ("rounds", self.rounds >= 1),
                          ("round epochs", self.round_epochs >= 1), ("warm-up epochs", self.warmup_epochs >= 0),
                          ("batch size", self.batch_size >= 1), ("width", self.width > 0),
-                         ("validation fraction", 0.0 < self.val_fraction < 1.0)):
+                         ("validation fraction", 0.0 < self.val_fraction < 1.0),
+                         ("amp", self.amp in AMP_MODES)):
             if not ok:
                 raise IrepError("invalid {}: {}".format(name, getattr(self, name.split(" ")[0], "")))
 
@@ -159,6 +162,9 @@ class _Search:
         torch.manual_seed(config.seed)  # identical SuperNet initialisation on every rank
         model = build_model(config.backbone, num_classes=self.data.num_classes, width=config.width,
                             in_channels=self.data.in_channels, ops=ops, supernet=True).to(dev)
+        self.layout = torch.channels_last if config.channels_last else torch.contiguous_format
+        model = model.to(memory_format=self.layout)
+        self.scaler = make_scaler(config.amp, dev)
         self.supernet = SuperNet(model)
         self.template = ArchCode.full(config.backbone, ops)
         self.budget = self.template.budget(config.budget)
@@ -198,6 +204,7 @@ class _Search:
             "format": STATE_FORMAT, "version": STATE_VERSION, "config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "model": self.supernet.model.state_dict(), "w_opt": self.w_opt.state_dict(),
             "a_opt": self.a_opt.state_dict(), "sched": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "population": _codes_to_data(self.population), "fitness": self.fitness, "rounds": self.rounds,
             "history": self.history,
         }
@@ -207,6 +214,8 @@ class _Search:
         self.w_opt.load_state_dict(state["w_opt"])
         self.a_opt.load_state_dict(state["a_opt"])
         self.sched.load_state_dict(state["sched"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.epoch = int(state["epoch"])
         self.population = _codes_from_data(self.template, state["population"])
         self.fitness = state["fitness"]
@@ -237,19 +246,27 @@ class _Search:
         bar = tqdm(self.loader, desc="epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase),
                    disable=not (self.progress and self.dist.main), leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)
+            x = x.to(self.dev, non_blocking=True, memory_format=self.layout)
+            y = y.to(self.dev, non_blocking=True)
             codes = [self.population[picker.randrange(len(self.population))] for _ in range(config.subnets)]
-            outputs = self.net(x, codes)
-            loss = averaged_loss(outputs, y, self.criterion)
+            with autocast(config.amp, self.dev):
+                outputs = self.net(x, codes)
+                loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
             if not math.isfinite(loss.item()):
                 raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
                                        "{} (resume with a lower --lr)".format(loss.item(), epoch + 1, step + 1,
                                                                              self.run / "state.pt"))
             self.w_opt.zero_grad(set_to_none=True)
             self.a_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.w_opt.step()
-            self.a_opt.step()
+            if self.scaler is None:
+                loss.backward()
+                self.w_opt.step()
+                self.a_opt.step()
+            else:  # fp16: scaled loss, both optimizers stepped through the scaler
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.w_opt)
+                self.scaler.step(self.a_opt)
+                self.scaler.update()
             self.sched.step()
             loss_sum += loss.item() * y.numel()
             correct += int((outputs[-1].argmax(1) == y).sum())

@@ -130,3 +130,14 @@ def test_resume_and_reuse_errors(reference, tmp_path, capsys):
     assert "no search state to resume" in capsys.readouterr().err
     assert main(["search", "--run-dir", str(ref)] + TINY) == 1
     assert "holds a search already" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_channels_last_search_runs(tmp_path, capsys):
+    run = tmp_path / "bf16"
+    args = ["search", "--run-dir", str(run)] + TINY + ["--amp", "bf16", "--channels-last", "--rounds", "1",
+                                                      "--round-epochs", "1", "--warmup-epochs", "0"]
+    assert main(args) == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert config["amp"] == "bf16" and config["channels_last"] is True
+    pop = json.loads((run / "population.json").read_text())
+    assert all(0 < c["fitness"] <= 100 for c in pop["codes"])
