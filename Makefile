@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 PY38 ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.8*/bin/python 2>/dev/null | head -n 1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test check-py38 lint-docker demo bench clean
+.PHONY: venv data test check-py38 lint-docker demo benchmarks clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,17 @@ demo: venv data
 	rm -rf demo-out
 	$(BIN)/irep-deploy demo --out demo-out
 
-bench: venv
+# Regenerates every file under benchmarks/results with the commands recorded in them (about an hour
+# on 2 cores; run it on an otherwise idle machine, the timings are compared within each script's run).
+benchmarks: venv data
 	$(BIN)/python benchmarks/bench_fusion.py
+	$(BIN)/python benchmarks/bench_deploy.py --duration 10 --rounds 5
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_search.py --step-rounds 5 --preset-rounds 1 --preset-threads 2
+	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_search.py --skip-step --skip-population --preset-threads 2 \
+		--out benchmarks/results/search_cpu_preset
+	rm -rf runs/evidence_fmnist
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/evidence_fmnist.py --search-limit 3000 --search-rounds 3 \
+		--limit 3000 --epochs 3 --seeds 0 1 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
