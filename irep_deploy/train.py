@@ -587,10 +587,11 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
             scaler.update()
         scheduler.step()
         seen += y.numel()
-        loss_sum += loss.item() * y.numel()
+        value = loss.item()
+        loss_sum += value * y.numel()
         correct += int((out.argmax(1) == y).sum())
         if step % 10 == 0:
-            bar.set_postfix(loss="{:.3f}".format(loss.item()), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
+            bar.set_postfix(loss="{:.3f}".format(value), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
     n, loss_sum, correct = _all_sum([float(seen), loss_sum, float(correct)], dist, dev)
     return {"event": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
             "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3), "examples": int(n)}

@@ -202,7 +202,6 @@ def _kind(path: str) -> str:
 
 def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
     """Models to bench, the input description (channels, size) and notes."""
-    from ..engines.onnx import load_deploy_model
     from ..pipeline import multi_branch_model
 
     notes: List[str] = []
@@ -233,7 +232,7 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[
         notes.append("multi-branch variant rebuilt from the deploy checkpoint's code with fresh weights")
     else:
         multi = multi_branch_model(checkpoint, arch).eval()
-        fused, _, _ = load_deploy_model(path, arch)
+        fused = fuse_model(multi)  # the model just built, not a second load of the checkpoint
     plain = fuse_model(build_model(h["backbone"], arch=None, **build_kw).eval())
     return [Variant("multi-branch", multi), Variant("fused", fused), Variant("plain", plain)], shape, notes
 

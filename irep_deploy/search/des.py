@@ -82,14 +82,19 @@ class SearchConfig:
     def check(self) -> None:
         if self.backbone not in MODELS:
             raise IrepError("unknown backbone {!r} (known: {})".format(self.backbone, ", ".join(MODELS)))
-        for name, ok in (("population", self.population >= 2), ("subnets (B)", self.subnets >= 1),
-                         ("budget", 0.0 < self.budget <= 1.0), ("rounds", self.rounds >= 1),
-                         ("round epochs", self.round_epochs >= 1), ("warm-up epochs", self.warmup_epochs >= 0),
-                         ("batch size", self.batch_size >= 1), ("width", self.width > 0),
-                         ("validation fraction", 0.0 < self.val_fraction < 1.0),
-                         ("amp", self.amp in AMP_MODES)):
+        for name, value, ok in (
+                ("population", self.population, self.population >= 2),
+                ("subnets (B)", self.subnets, self.subnets >= 1),
+                ("budget", self.budget, 0.0 < self.budget <= 1.0),
+                ("rounds", self.rounds, self.rounds >= 1),
+                ("round epochs", self.round_epochs, self.round_epochs >= 1),
+                ("warm-up epochs", self.warmup_epochs, self.warmup_epochs >= 0),
+                ("batch size", self.batch_size, self.batch_size >= 1),
+                ("width", self.width, self.width > 0),
+                ("validation fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0),
+                ("amp", self.amp, self.amp in AMP_MODES)):
             if not ok:
-                raise IrepError("invalid {}: {}".format(name, getattr(self, name.split(" ")[0], "")))
+                raise IrepError("invalid {}: {}".format(name, value))
 
     @property
     def total_epochs(self) -> int:
@@ -252,9 +257,10 @@ class _Search:
             with autocast(config.amp, self.dev):
                 outputs = self.net(x, codes)
                 loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
-            if not math.isfinite(loss.item()):
+            value = loss.item()  # the step's one host sync
+            if self._diverged(value):
                 raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
-                                       "{} (resume with a lower --lr)".format(loss.item(), epoch + 1, step + 1,
+                                       "{} (resume with a lower --lr)".format(value, epoch + 1, step + 1,
                                                                              self.run / "state.pt"))
             self.w_opt.zero_grad(set_to_none=True)
             self.a_opt.zero_grad(set_to_none=True)
@@ -268,12 +274,22 @@ class _Search:
                 self.scaler.step(self.a_opt)
                 self.scaler.update()
             self.sched.step()
-            loss_sum += loss.item() * y.numel()
+            loss_sum += value * y.numel()
             correct += int((outputs[-1].argmax(1) == y).sum())
             seen += y.numel()
             bar.set_postfix(loss="{:.3f}".format(loss_sum / seen))
         return {"event": "epoch", "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
                 "train_acc": 100.0 * correct / max(seen, 1), "lr": self.sched.get_last_lr()[0]}
+
+    def _diverged(self, value: float) -> bool:
+        """Whether any rank's loss is NaN/inf: all ranks must stop together or the rest would hang."""
+        bad = not math.isfinite(value)
+        if self.dist.enabled:
+            import torch.distributed as tdist
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.dev)
+            tdist.all_reduce(flag)
+            bad = flag.item() > 0
+        return bad
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1

@@ -141,3 +141,12 @@ def test_bf16_autocast_and_channels_last_search_runs(tmp_path, capsys):
     assert config["amp"] == "bf16" and config["channels_last"] is True
     pop = json.loads((run / "population.json").read_text())
     assert all(0 < c["fitness"] <= 100 for c in pop["codes"])
+
+
+@pytest.mark.parametrize("field, value, label", [("round_epochs", 0, "round epochs"), ("batch_size", 0, "batch size"),
+                                                 ("val_fraction", 1.5, "validation fraction")])
+def test_invalid_settings_name_the_setting_and_its_value(field, value, label):
+    from irep_deploy.errors import IrepError
+    from irep_deploy.search.des import make_config
+    with pytest.raises(IrepError, match="invalid {}: {}$".format(label, value)):
+        make_config("cpu", **{field: value})
