@@ -22,7 +22,6 @@ Writes ``results/evidence_fmnist.{json,md}``. No timed assertions: numbers only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -34,33 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, write_results  # noqa: E402
+from runs import fmt, rounds_text, run_search, run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
-from irep_deploy.search.des import make_config, search  # noqa: E402
-from irep_deploy.train import TrainConfig, train  # noqa: E402
+from irep_deploy.search.des import make_config  # noqa: E402
 
 VARIANTS = ("plain", "full", "random", "des")
 LABELS = {"plain": "(a) plain backbone (empty code)", "full": "(b) all branches (full code)",
           "random": "(c) random code at C", "des": "(d) DES code at C"}
-
-
-def run_search(work: Path, preset: str, overrides: Dict[str, Any], log: Dict[str, Any]) -> Dict[str, Any]:
-    run = work / "search"
-    done = run / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    config = make_config(preset, **overrides)
-    start = time.time()
-    resume = (run / "state.pt").is_file()
-    print("search: {} ({})".format("resuming " + str(run) if resume else "starting in " + str(run),
-                                   json.dumps(dataclasses.asdict(config))), flush=True)
-    report = search(run, None if resume else config, resume=resume, device="cpu", progress=False)
-    info = {"run_dir": str(run), "preset": preset, "overrides": overrides, "config": dataclasses.asdict(config),
-            "resumed": resume, "wall_s": round(time.time() - start, 1), "best_fitness_val_top1": report.best_fitness,
-            "best_branches": report.best.count(), "budget": report.best.budget(config.budget),
-            "capacity": report.best.capacity(), "rounds": report.rounds, "code": report.best.dumps()}
-    done.write_text(json.dumps(info, indent=2) + "\n")
-    return info
 
 
 def code_for(variant: str, backbone: str, seed: int, budget_ratio: float, des_code: Optional[str]) -> Optional[str]:
@@ -72,29 +52,6 @@ def code_for(variant: str, backbone: str, seed: int, budget_ratio: float, des_co
         return ArchCode.random(backbone, ratio=budget_ratio, seed=10_000 + seed).dumps()
     assert des_code is not None
     return des_code
-
-
-def run_training(work: Path, variant: str, seed: int, arch: Optional[str], recipe: Dict[str, Any]) -> Dict[str, Any]:
-    run = work / "train" / "{}-seed{}".format(variant, seed)
-    done = run / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    run.parent.mkdir(parents=True, exist_ok=True)
-    resume = (run / "state.pt").is_file()
-    start = time.time()
-    config = TrainConfig(arch=arch, seed=seed, **recipe)
-    print("train {} seed {}: {}".format(variant, seed, "resuming" if resume else "starting"), flush=True)
-    report = train(run, None if resume else config, resume=resume, device="cpu", progress=False)
-    code = ArchCode.loads(arch) if arch is not None else ArchCode.empty(recipe["backbone"])
-    info = {"variant": variant, "seed": seed, "run_dir": str(run), "branches": code.count(),
-            "test_top1": report.multi_branch.top1, "fused_test_top1": report.fused.top1,
-            "test_examples": report.multi_branch.examples, "fused_rel_error": report.fused_rel_error,
-            "train_top1_last_epoch": report.history[-1]["train_top1"] if report.history else None,
-            "wall_s": round(time.time() - start, 1), "resumed": resume}
-    done.write_text(json.dumps(info, indent=2) + "\n")
-    print("  -> test top-1 {:.2f}% (fused {:.2f}%), {} branches, {:.0f} s".format(
-        info["test_top1"], info["fused_test_top1"], info["branches"], info["wall_s"]), flush=True)
-    return info
 
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -117,16 +74,11 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"variants": table, "paired": paired}
 
 
-def fmt(mean: Optional[float], std: Optional[float]) -> str:
-    if mean is None:
-        return "-"
-    return "{:.2f}".format(mean) + (" +- {:.2f}".format(std) if std is not None else "")
-
-
 def markdown(result: Dict[str, Any]) -> str:
     s, summary = result["search"], result["summary"]
     seeds = result["seeds"]
-    lines = ["# Evidence that the search works: Fashion-MNIST, CPU scale", "",
+    lines = ["# Evidence that the search works: Fashion-MNIST, CPU scale ({} width {})".format(
+                 result["recipe"]["backbone"], result["recipe"]["width"]), "",
              "Command: `{}`".format(result["command"]), "",
              "Machine: {}".format(result["machine"]["summary"]), "",
              "Status: {}".format(result["status"]), "",
@@ -151,8 +103,7 @@ def markdown(result: Dict[str, Any]) -> str:
                       s["preset"], json.dumps(s["overrides"]) if s["overrides"] else "none", s["wall_s"],
                       s["best_fitness_val_top1"], s["best_branches"], s["capacity"], s["budget"]),
                   "- Search config: `{}`".format(json.dumps(s["config"])),
-                  "- Search rounds (best / mean validation fitness): " + "; ".join(
-                      "r{}: {:.2f} / {:.2f}".format(r["round"], r["best_fitness"], r["mean_fitness"]) for r in s["rounds"])]
+                  "- Search rounds (best / mean validation fitness): " + rounds_text(s["rounds"])]
     lines += ["- Retraining recipe (identical for all four variants): `{}`; the test set is limited by the "
               "same `limit` (a seeded subset of the 10 000 test images; `irep_deploy.data.load_data`).".format(
                   json.dumps(result["recipe"])),
@@ -160,12 +111,14 @@ def markdown(result: Dict[str, Any]) -> str:
               "- Wall times (s) of the retraining runs: " + "; ".join(
                   "{} {}".format(v, "/".join(str(x) for x in summary["variants"][v]["train_wall_s"].values()))
                   for v in VARIANTS),
-              "- Total wall time so far: {:.0f} s.".format(result["wall_s"]), "",
+              "- Compute so far (the search and every retraining run, summed over resumed invocations): {:.0f} s; "
+              "this invocation: {:.0f} s.".format((s["wall_s"] if s else 0) + sum(r["wall_s"] for r in result["runs"]),
+                                                   result["wall_s"]), "",
               "## Reading", "",
               "Seeds vary the retraining (initial weights, data order, augmentation) and the random code; the "
               "DES code comes from a single search, so its spread does not include search-to-search variation. "
-              "At this scale (a few epochs on a few thousand images, width 0.125) differences of about one "
-              "standard deviation are not evidence either way."]
+              "At this scale (a few epochs on a few thousand images, width {}) differences of about one "
+              "standard deviation are not evidence either way.".format(result["recipe"]["width"])]
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +129,7 @@ def main() -> None:
     parser.add_argument("--search-rounds", type=int, help="override the preset's rounds")
     parser.add_argument("--search-limit", type=int, help="override the preset's limit")
     parser.add_argument("--search-seed", type=int, default=0)
+    parser.add_argument("--backbone", help="override the preset's backbone (e.g. vgg16_cifar)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--limit", type=int, default=5000, help="examples per split for retraining")
     parser.add_argument("--width", type=float, default=0.125)
@@ -187,6 +141,8 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides: Dict[str, Any] = {"seed": args.search_seed}
+    if args.backbone:
+        overrides["backbone"] = args.backbone
     if args.search_rounds:
         overrides["rounds"] = args.search_rounds
     if args.search_limit:
@@ -212,12 +168,13 @@ def main() -> None:
         result["summary"] = summarise(result["runs"])
         write_results(args.out, result, markdown(result))
 
-    result["search"] = run_search(work, args.preset, overrides, result)
+    result["search"] = run_search(work / "search", args.preset, overrides)
     flush("search done; retraining")
     for seed in args.seeds:
         for variant in VARIANTS:
             arch = code_for(variant, backbone, seed, search_config.budget, result["search"]["code"])
-            result["runs"].append(run_training(work, variant, seed, arch, recipe))
+            run = work / "train" / "{}-seed{}".format(variant, seed)
+            result["runs"].append(run_training(run, variant, seed, arch, recipe))
             done = len(result["runs"])
             flush("partial: {} of {} retraining runs done".format(done, len(args.seeds) * len(VARIANTS))
                   if done < len(args.seeds) * len(VARIANTS) else "complete")

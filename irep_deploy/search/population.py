@@ -108,16 +108,23 @@ class EvolutionConfig:
 
 
 def initial_population(template: ArchCode, size: int, budget: int, rng: random.Random) -> List[ArchCode]:
-    """``size`` distinct random codes with exactly ``budget`` branches (fewer distinct if impossible)."""
+    """``size`` distinct random codes with exactly ``budget`` branches.
+
+    Near the capacity there are too few such codes (at budget = capacity only the full code), so
+    the rest are drawn with one branch fewer, then two, and so on: "at most C" stays the rule and
+    the population stays as large as asked (fewer only if the whole space is smaller).
+    """
     codes: List[ArchCode] = []
     seen: Set[ArchCode] = set()
-    for _ in range(size * 20):
-        if len(codes) == size:
-            break
-        code = ArchCode.random(template.backbone, ops=template.ops, count=budget, seed=rng.getrandbits(64))
-        if code not in seen:
-            seen.add(code)
-            codes.append(code)
+    for count in range(budget, -1, -1):
+        # a count with fewer than 20 * size distinct codes is mostly exhausted by these tries
+        for _ in range(size * 20):
+            if len(codes) == size:
+                return codes
+            code = ArchCode.random(template.backbone, ops=template.ops, count=count, seed=rng.getrandbits(64))
+            if code not in seen:
+                seen.add(code)
+                codes.append(code)
     return codes
 
 

@@ -83,3 +83,15 @@ def test_initial_and_next_population():
     assert len(nxt) == 16 and len(set(nxt)) == 16
     assert all(c.count() <= BUDGET and unavailable_clear(c) for c in nxt)
     assert set(pop[-4:]) <= set(nxt)  # the four fittest parents survive
+
+
+def test_initial_population_at_full_budget_is_as_large_as_asked():
+    # budget = capacity: the full code is the only one with exactly C branches, so the rest carry
+    # one branch fewer (there are `capacity` of those), all distinct and available.
+    capacity = FULL.capacity()
+    pop = initial_population(FULL, 16, capacity, random.Random(0))
+    assert len(set(pop)) == 16 and FULL in pop
+    assert sorted(c.count() for c in pop) == [capacity - 1] * 15 + [capacity]
+    assert all(unavailable_clear(c) for c in pop)
+    # a space smaller than the population (budget 0: only the empty code) is returned once
+    assert initial_population(FULL, 16, 0, random.Random(0)) == [ArchCode.empty(NAME)]
