@@ -1,0 +1,86 @@
+"""The accuracy benchmark scripts at smoke size, on real Fashion-MNIST: they run, and their tables
+agree with the runs behind them (the recorded results come from the same code at full size)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from irep_deploy import ArchCode
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / script)] + list(args), cwd=str(ROOT), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def evidence(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evidence")
+    run("evidence_fmnist.py", "--quick", "--seeds", "0", "--work-dir", str(tmp / "work"), "--out", str(tmp / "ev"))
+    return tmp
+
+
+def test_budget_sweep_rows_follow_their_runs(tmp_path):
+    out = tmp_path / "res" / "budget_sweep"
+    run("budget_sweep.py", "--quick", "--ratios", "0", "1/2", "1", "--jobs", "2", "--work-dir",
+        str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["status"] == "complete"
+    rows = {r["ratio"]: r for r in result["rows"]}
+    assert set(rows) == {"0", "1/2", "1"}
+    capacity = ArchCode.full("resnet18_cifar").capacity()
+    assert rows["0"]["search"] is None and rows["0"]["des"][0]["branches"] == 0
+    for ratio, value in (("1/2", 0.5), ("1", 1.0)):
+        search = rows[ratio]["search"]
+        code = ArchCode.loads(search["code"])
+        assert search["budget"] == int(value * capacity) and code.count() <= search["budget"]
+        assert rows[ratio]["des"][0]["branches"] == code.count()
+        # the retrained code is the searched one: its checkpoint says so
+        saved = ArchCode.load(Path(rows[ratio]["des"][0]["run_dir"]) / "arch.bin")
+        assert saved == code
+    # one deployed size for every budget; more branches cost more parameters in training only
+    assert len({r["deploy_params"] for r in rows.values()}) == 1
+    assert rows["0"]["train_params"] < rows["1/2"]["train_params"] < rows["1"]["train_params"]
+    md = out.with_suffix(".md").read_text()
+    for r in rows.values():
+        assert "| {} | ".format(r["ratio"]) in md
+    assert (out.parent / "figures" / "budget_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_sweep_refuses_a_work_dir_with_other_settings(tmp_path):
+    args = ["--quick", "--ratios", "1/2", "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "r")]
+    run("budget_sweep.py", *args)
+    proc = subprocess.run([sys.executable, str(BENCH / "budget_sweep.py")] + args + ["--search-seed", "7"],
+                          cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    assert proc.returncode != 0 and "holds a search with other settings" in proc.stdout
+
+
+def test_table_models_combines_params_latency_and_accuracy(evidence, tmp_path):
+    out = tmp_path / "table_models"
+    run("table_models.py", "--quick", "--accuracy", str(evidence / "ev.json"), "--imagenet-backbones",
+        "--backends", "ort", "--batches", "1", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    ev = json.loads((evidence / "ev.json").read_text())
+    rows = {r["variant"]: r for r in result["fmnist"]}
+    assert set(rows) == {"plain", "full", "random", "des"}
+    for variant, row in rows.items():
+        assert row["top1_mean"] == ev["summary"]["variants"][variant]["mean"]
+        assert {k.split("|")[0] for k in row["latency"]["median_ms"]} == {"multi-branch", "fused", "plain"}
+    assert len({r["params_deployed"] for r in rows.values()}) == 1
+    assert rows["full"]["params_trained"] > rows["des"]["params_trained"] > rows["plain"]["params_trained"]
+    assert rows["des"]["branches"] == ArchCode.loads(ev["search"]["code"]).count()
+    points = json.loads((out.parent / "figures" / "table_models" / "points.json").read_text())["points"]
+    assert {p["label"] for p in points} == {"plain backbone", "all branches", "random at C", "DES at C",
+                                            "all branches, unfused"}
+    assert (out.parent / "figures" / "table_models" / "accuracy_latency.png").stat().st_size > 1000
