@@ -46,7 +46,7 @@ demo: venv data
 	rm -rf demo-out
 	$(BIN)/irep-deploy demo --out demo-out
 
-# Regenerates every file under benchmarks/results with the commands recorded in them (about an hour
+# Regenerates every file under benchmarks/results with the commands recorded in them (about two hours
 # on 2 cores; run it on an otherwise idle machine, the timings are compared within each script's run).
 benchmarks: venv data
 	$(BIN)/python benchmarks/bench_fusion.py
@@ -57,6 +57,13 @@ benchmarks: venv data
 	rm -rf runs/evidence_fmnist
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/evidence_fmnist.py --search-limit 3000 --search-rounds 3 \
 		--limit 3000 --epochs 3 --seeds 0 1 2
+	rm -rf runs/evidence_fmnist_vgg16
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/evidence_fmnist.py --backbone vgg16_cifar --search-limit 3000 \
+		--search-rounds 3 --limit 3000 --epochs 3 --seeds 0 1 --work-dir runs/evidence_fmnist_vgg16 \
+		--out benchmarks/results/evidence_fmnist_vgg16
+	rm -rf runs/budget_sweep
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/budget_sweep.py --jobs 2 --random
+	$(BIN)/python benchmarks/table_models.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
