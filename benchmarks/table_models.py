@@ -183,8 +183,8 @@ def markdown(result: Dict[str, Any]) -> str:
                              cell(ms(r, "fused", label, 1), "{:.1f}"), cell(ms(r, "plain", label, 1), "{:.1f}"),
                              cell(ratio(r, "fused_over_plain", label, 1)),
                              cell(ratio(r, "multi_branch_over_fused", label, 1), "{:.2f}x")))
-        lines += ["", "Deployed parameters are torchvision's minus one per BN channel: BN weight and bias fold "
-                  "into one conv bias.", ""]
+        lines += ["", "Deployed parameters are torchvision's minus one per BN channel for the ResNets (BN weight "
+                  "and bias fold into one conv bias); torchvision's VGG16 has no BN, so they are equal.", ""]
     cvs = [v for r in fm + im for v in r["latency"]["cv"].values()]
     noisy = [v for v in cvs if v > 0.10]
     if noisy:

@@ -651,6 +651,7 @@ def render_points(points: Dict[str, Any]) -> Outputs:
     for p in points["points"]:
         if p["group"] not in groups:
             groups.append(p["group"])
+    labelled = []
     for g, group in enumerate(groups):
         members = [p for p in points["points"] if p["group"] == group]
         members.sort(key=lambda p: p["latency_ms"])
@@ -658,16 +659,15 @@ def render_points(points: Dict[str, Any]) -> Outputs:
         color = "C{}".format(g % 10)
         ax.plot(xs, ys, linestyle="none", marker=_GROUP_STYLE[g % len(_GROUP_STYLE)], color=color, markersize=8,
                 label=group)
-        for p in members:
-            if p["label"] != group or len(members) > 1:
-                ax.annotate(p["label"], (p["latency_ms"], p["accuracy"]), textcoords="offset points",
-                            xytext=(6, 4), fontsize=7, color=color)
+        labelled += [(p, color) for p in members if p["label"] != group or len(members) > 1]
     xs = [p["latency_ms"] for p in points["points"]]
     ys = [p["accuracy"] for p in points["points"]]
     dx = (max(xs) - min(xs)) or max(xs) * 0.1
     dy = (max(ys) - min(ys)) or 1.0
     ax.set_xlim(min(xs) - 0.15 * dx, max(xs) + 0.3 * dx)
     ax.set_ylim(min(ys) - 0.15 * dy, max(ys) + 0.2 * dy)
+    # a 7-pt label is about 5 % of the axes high and spans about a quarter of the x range
+    _place_labels(ax, labelled, x_near=0.25 * dx, gap=0.05 * 1.35 * dy, x_offset=0.03 * dx)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, color="#e0e0e0")
@@ -675,6 +675,23 @@ def render_points(points: Dict[str, Any]) -> Outputs:
     ax.set_title(points["title"] or "Accuracy vs latency (upper left is better)", fontsize=10)
     data = {"figure": "accuracy vs latency", "title": points["title"], "points": points["points"]}
     return [(POINTS_FILES[0], _png(fig)), (POINTS_FILES[1], _json_bytes(data))]
+
+
+def _place_labels(ax, labelled: List[Tuple[Dict[str, Any], str]], x_near: float, gap: float,
+                  x_offset: float) -> None:
+    """Label points top-down; a label that would overlap one placed nearby moves below it, with a
+    leader line (points of equal latency, e.g. codes that fuse to the same network, pile up)."""
+    placed: List[Tuple[float, float]] = []
+    for p, color in sorted(labelled, key=lambda item: -item[0]["accuracy"]):
+        x, y = p["latency_ms"], p["accuracy"]
+        for px, py in sorted(placed, key=lambda q: -q[1]):
+            if abs(px - x) < x_near and abs(py - y) < gap:
+                y = py - gap
+        placed.append((x, y))
+        moved = y != p["accuracy"]
+        ax.annotate(p["label"], (x, p["accuracy"]), xytext=(x + x_offset, y), textcoords="data",
+                    fontsize=7, color=color, va="center",
+                    arrowprops=dict(arrowstyle="-", color=color, lw=0.5) if moved else None)
 
 
 def plot_points(source: Union[Dict[str, Any], PathLike], out_dir: PathLike) -> List[Path]:
