@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, write_results  # noqa: E402
-from runs import fmt, rounds_text, run_search, run_training  # noqa: E402
+from runs import fmt, mean_std, rounds_text, run_search, run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
 from irep_deploy.search.des import make_config  # noqa: E402
@@ -59,8 +58,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     for v in VARIANTS:
         vals = [r["test_top1"] for r in runs if r["variant"] == v]
         table[v] = {"n": len(vals), "per_seed": {str(r["seed"]): r["test_top1"] for r in runs if r["variant"] == v},
-                    "mean": statistics.mean(vals) if vals else None,
-                    "std": statistics.stdev(vals) if len(vals) > 1 else None,
+                    **mean_std(vals),
                     "branches": {str(r["seed"]): r["branches"] for r in runs if r["variant"] == v},
                     "train_wall_s": {str(r["seed"]): r["wall_s"] for r in runs if r["variant"] == v}}
     # paired differences (same training seed): DES minus each other variant
@@ -69,8 +67,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     seeds = sorted({r["seed"] for r in runs})
     for other in ("plain", "full", "random"):
         diffs = [by[("des", s)] - by[(other, s)] for s in seeds if ("des", s) in by and (other, s) in by]
-        paired["des_minus_" + other] = {"per_seed": diffs, "mean": statistics.mean(diffs) if diffs else None,
-                                        "std": statistics.stdev(diffs) if len(diffs) > 1 else None}
+        paired["des_minus_" + other] = {"per_seed": diffs, **mean_std(diffs)}
     return {"variants": table, "paired": paired}
 
 
