@@ -56,7 +56,8 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
 
 
 _TRAIN_SETTINGS = ("backbone", "dataset", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay",
-                   "nesterov", "label_smoothing", "val_fraction", "split_seed", "limit", "seed", "init_from", "arch", "amp")
+                   "nesterov", "label_smoothing", "val_fraction", "split_seed", "limit", "seed", "init_from", "arch", "amp",
+                   "deterministic")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -87,10 +88,11 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              population=args.population, subnets=args.subnets, budget=args.budget,
                              warmup_epochs=args.warmup_epochs, rounds=args.rounds, round_epochs=args.round_epochs,
                              batch_size=args.batch_size, lr=args.lr, limit=args.limit, seed=args.seed,
-                             amp=args.amp, channels_last=args.channels_last or None)
+                             amp=args.amp, channels_last=args.channels_last or None,
+                             deterministic=args.deterministic or None)
     run_dir = args.resume or args.run_dir
     report = search(run_dir, config, resume=bool(args.resume), data_root=args.data_root, device=args.device,
-                    progress=not args.quiet)
+                    progress=not args.quiet, workers=args.workers)
     if report.main_process:
         print("best code: {} branches, fitness {:.2f}% (validation top-1, fused)".format(
             report.best.count(), report.best_fitness))
@@ -125,6 +127,9 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast the SuperNet forward (fp16: CUDA only)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic cuDNN/cuBLAS kernels (slower on GPUs): a resumed CUDA search ends bit-identical")
+    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(handler=_cmd_search)
 
@@ -205,6 +210,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("none", "bf16", "fp16"),
                    help="mixed precision of the training forward (default none; fp16 needs CUDA)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (GPU speed)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic cuDNN/cuBLAS kernels (slower on GPUs): a resumed CUDA run ends bit-identical; "
+                        "a setting of the run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(handler=_cmd_train)
 

@@ -13,18 +13,20 @@ A run directory holds::
 Reproducibility: every epoch reseeds its randomness from (seed, epoch) (see data.epoch_seed), and
 the state is saved only at epoch boundaries, so resuming after a kill at any moment redoes the
 interrupted epoch and ends with exactly the weights of an uninterrupted run (on the same machine
-and thread count).
+and thread count; on CUDA only with ``deterministic``, since cuDNN's convolution backward is not).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -37,13 +39,15 @@ from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, 
 from .errors import CheckpointError, IrepError, VerificationError
 from .models import MODELS, build_model, searchable_layers
 from .pipeline import relative_error
+from .precision import exact_fp32
 from .reparam import fuse_model
 
 PathLike = Union[str, "os.PathLike[str]"]
 STATE_FORMAT = "irep-deploy-train-state"
 STATE_VERSION = 1
 AMP_MODES = ("none", "bf16", "fp16")
-FUSED_TOLERANCE = 1e-4  # relative logit error accepted between the fused and multi-branch model
+FUSED_TOLERANCE = 1e-4  # relative logit error accepted between the fused and multi-branch model (true FP32)
+LOG_EVERY = 10  # training steps between host reads of the running metrics and the non-finite-loss flag
 
 
 class TrainingDiverged(IrepError):
@@ -78,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     init_from: Optional[str] = None
     amp: str = "none"  # autocast dtype of the training forward: none, bf16, or fp16 (CUDA, gradient scaler)
+    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
 
     def code(self) -> Optional[ArchCode]:
         if self.arch is None:
@@ -192,17 +197,73 @@ def _barrier(dist: Dist) -> None:
         tdist.barrier()
 
 
+def broadcast_buffers(module: nn.Module, dist: Dist) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics) before an evaluation.
+
+    DDP broadcasts them only at the start of a training forward, and each rank's forward then updates
+    its own copy, so after the last step the ranks hold different statistics; metrics and fitness
+    must come from one model. The next training forward would overwrite them the same way, so
+    training is unchanged.
+    """
+    if not dist.enabled:
+        return
+    import torch.distributed as tdist
+    for buf in module.buffers():
+        tdist.broadcast(buf, 0)
+
+
+def cuda_index(dev: torch.device) -> int:
+    """The GPU this process uses. Under torchrun (LOCAL_RANK set) the local rank decides, so N
+    processes use N GPUs; an explicit index naming another GPU is refused here rather than left to
+    NCCL ("Duplicate GPU detected")."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None:
+        return 0 if dev.index is None else dev.index
+    if dev.index is not None and dev.index != int(local):
+        raise IrepError("--device {} conflicts with LOCAL_RANK={} under torchrun: each process uses the GPU of its "
+                        "local rank (give --device cuda; choose GPUs with CUDA_VISIBLE_DEVICES)".format(dev, local))
+    return int(local)
+
+
 def resolve_device(device: str, dist: Optional[Dist] = None) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
+        index = cuda_index(dev)
         if not torch.cuda.is_available():
             raise IrepError("device {} asked for, but CUDA is not available".format(device))
-        if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     return dev
+
+
+#: cuBLAS needs this workspace setting for deterministic matmuls; it is read when cuBLAS starts.
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels inside the block (``enabled``), the caller's settings restored after.
+
+    cuDNN's default convolution backward and algorithm autotuning (``benchmark``) are not
+    deterministic, so without this a resumed CUDA run continues the run but is not bit-identical.
+    ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS starts: enter this before anything touches
+    the GPU. It stays set (a process-wide environment variable that costs a little workspace memory).
+    """
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def autocast(amp: str, device: torch.device) -> Any:
@@ -222,6 +283,89 @@ def make_scaler(amp: str, device: torch.device) -> Any:
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         return torch.amp.GradScaler("cuda")
     return torch.cuda.amp.GradScaler()
+
+
+_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
+
+
+def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
+                   scaler: Any = None) -> None:
+    """Backward of ``loss``, a step of every optimizer (through the fp16 gradient scaler when given),
+    then one step of the per-iteration schedule. Reads nothing on the host except what the scaler does.
+    """
+    if scaler is None:
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        scheduler.step()
+        return
+    scaler.scale(loss).backward()
+    for opt in optimizers:
+        # An optimizer none of whose parameters got a gradient (DES: alpha/beta when every sampled code
+        # has no branch) has nothing to step, and scaler.step would raise "No inf checks were recorded".
+        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
+            scaler.step(opt)
+    scaler.update()
+    # The schedule follows the iteration count, whether or not the scaler skipped this step (inf/nan
+    # gradients, typical of the first steps while the scale settles). A skipped first step makes the
+    # scheduler warn that optimizer.step() was not called: expected here, so that one warning is muted.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING, category=UserWarning)
+        scheduler.step()
+
+
+class StepMonitor:
+    """The running loss sum, correct count and first non-finite loss of an epoch, kept on the device.
+
+    Per step nothing is read on the host (which would wait for the GPU to finish the step); every
+    ``every`` steps and at the end of the epoch :meth:`check` reads them in one transfer, with the
+    non-finite flag reduced over ranks first, so every rank stops after the same step.
+    """
+
+    def __init__(self, dev: torch.device, dist: Dist, every: Optional[int] = None) -> None:
+        self.dev, self.dist = dev, dist
+        self.every = every or LOG_EVERY
+        self.seen = 0
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.loss_sum, self.correct = zero.clone(), zero.clone()
+        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=dev)  # step of the first bad loss
+        self.bad_value = zero.clone()
+        self.mean_loss = math.nan  # as of the last check, for progress bars
+
+    def update(self, step: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> Optional[Tuple[int, float]]:
+        """Add one step; at the end of an interval, return (step, loss) of the first non-finite loss if any."""
+        loss = loss.detach().double()
+        first = torch.isinf(self.first_bad) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(first, torch.full_like(self.first_bad, step), self.first_bad)
+        self.bad_value = torch.where(first, loss, self.bad_value)
+        self.loss_sum += loss * target.numel()
+        self.correct += (logits.detach().argmax(1) == target).sum()
+        self.seen += target.numel()
+        return self.check() if (step + 1) % self.every == 0 else None
+
+    def check(self) -> Optional[Tuple[int, float]]:
+        """Read the flag (all ranks agree) and the running loss; (step, loss) of a non-finite loss or None."""
+        first = self.first_bad.clone()
+        if self.dist.enabled:
+            import torch.distributed as tdist
+            tdist.all_reduce(first, op=tdist.ReduceOp.MIN)
+        step, local_step, value, loss_sum = torch.stack([first, self.first_bad, self.bad_value,
+                                                         self.loss_sum]).tolist()
+        self.mean_loss = loss_sum / max(self.seen, 1)
+        if math.isinf(step):
+            return None
+        # The rank whose loss went bad reports its value; the others report nan.
+        return int(step), value if local_step == step else math.nan
+
+    def totals(self) -> Tuple[float, float, float]:
+        """Examples, loss sum and correct predictions, summed over ranks (one host read)."""
+        seen = torch.full((), float(self.seen), dtype=torch.float64, device=self.dev)
+        total = torch.stack([seen, self.loss_sum, self.correct])
+        if self.dist.enabled:
+            import torch.distributed as tdist
+            tdist.all_reduce(total)
+        n, loss_sum, correct = total.tolist()
+        return n, loss_sum, correct
 
 
 # -- RNG state as plain data (weights_only-loadable) ------------------------------------------------
@@ -254,11 +398,16 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 # -- evaluation -------------------------------------------------------------------------------------
-def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> Tuple[int, int]:
+def topk_hits(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-example top-1 and top-5 hits, as boolean tensors on the logits' device."""
     k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
-    hit = top.eq(target.unsqueeze(1))
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+    hit = logits.topk(k, dim=1).indices.eq(target.unsqueeze(1))
+    return hit[:, 0], hit.any(dim=1)
+
+
+def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> Tuple[int, int]:
+    top1, top5 = topk_hits(logits, target)
+    return int(top1.sum()), int(top5.sum())
 
 
 @torch.no_grad()
@@ -437,21 +586,24 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     Under torchrun (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
     """
     run = Path(run_dir)
-    dev = resolve_device(device)
-    dist = init_distributed(dev)
-    try:
-        return _train(run, config, resume, data_root, dev, dist, workers, progress, on_epoch_end, channels_last)
-    finally:
-        close_distributed(dist)
+    state = load_state(run) if resume else None
+    saved = TrainConfig.from_dict(dict(state["config"]), str(_state_path(run))) if state is not None else None
+    # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
+    settings = saved or config
+    with deterministic_mode(settings is not None and settings.deterministic):
+        dev = resolve_device(device)
+        dist = init_distributed(dev)
+        try:
+            return _train(run, config, state, saved, data_root, dev, dist, workers, progress, on_epoch_end,
+                          channels_last)
+        finally:
+            close_distributed(dist)
 
 
-def _train(run: Path, config: Optional[TrainConfig], resume: bool, data_root: Optional[str], dev: torch.device,
-           dist: Dist, workers: int, progress: bool,
+def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, Any]], saved: Optional[TrainConfig],
+           data_root: Optional[str], dev: torch.device, dist: Dist, workers: int, progress: bool,
            on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]], channels_last: bool) -> TrainReport:
-    state: Optional[Dict[str, Any]] = None
-    if resume:
-        state = load_state(run)
-        saved = TrainConfig.from_dict(dict(state["config"]), str(_state_path(run)))
+    if saved is not None:
         if config is not None and dataclasses.asdict(config) != dataclasses.asdict(saved):
             diff = [k for k, v in dataclasses.asdict(config).items() if dataclasses.asdict(saved)[k] != v]
             raise IrepError("{}: resume uses the run's own settings; {} differs ({!r} saved, {!r} given)".format(
@@ -537,6 +689,7 @@ def _train(run: Path, config: Optional[TrainConfig], resume: bool, data_root: Op
         record = _train_epoch(net, loader, optimizer, scheduler, criterion, dev, dist, epoch, config, progress, run,
                               scaler, layout)
         if val_loader is not None:
+            broadcast_buffers(model, dist)
             (val,), _, _ = evaluate_models([model], val_loader, dev, dist)
             record.update(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss)
         history.append(record)
@@ -560,39 +713,31 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
 
     net.train()
     t0 = time.time()
-    seen, loss_sum, correct = 0, 0.0, 0
+    monitor = StepMonitor(dev, dist)
     bar = tqdm(loader, desc="epoch {}/{}".format(epoch + 1, config.epochs), leave=False, dynamic_ncols=True,
                disable=not (progress and dist.main))
+    bad: Optional[Tuple[int, float]] = None
     for step, (x, y) in enumerate(bar):
         x, y = x.to(dev, non_blocking=True).contiguous(memory_format=layout), y.to(dev, non_blocking=True)
         with autocast(config.amp, dev):
             out = net(x)
             loss = criterion(out.float(), y)
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
-        if dist.enabled:
-            import torch.distributed as tdist
-            tdist.all_reduce(bad)  # every rank stops together
-        if bad.item():
-            bar.close()
-            raise TrainingDiverged("loss became {} at epoch {} step {}; stopped, the last good state (after epoch {}) "
-                                   "is kept in {} (try a lower --lr)".format(
-                                       loss.item(), epoch + 1, step + 1, epoch, _state_path(run)))
         optimizer.zero_grad(set_to_none=True)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:  # fp16: scale the loss so small gradients survive; steps with inf/nan gradients are skipped
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        scheduler.step()
-        seen += y.numel()
-        value = loss.item()
-        loss_sum += value * y.numel()
-        correct += int((out.argmax(1) == y).sum())
-        if step % 10 == 0:
-            bar.set_postfix(loss="{:.3f}".format(value), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
-    n, loss_sum, correct = _all_sum([float(seen), loss_sum, float(correct)], dist, dev)
+        # fp16: the scaler scales the loss so small gradients survive and skips steps with inf/nan gradients
+        optimizer_step(loss, [optimizer], scheduler, scaler)
+        bad = monitor.update(step, loss, out, y)  # reads the host only every LOG_EVERY steps
+        if bad is None and (step + 1) % monitor.every == 0:
+            bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
+        if bad is not None:
+            break
+    bad = bad or monitor.check()
+    if bad is not None:
+        # The weights in memory may have taken a few bad steps since; state.pt holds the last finished epoch.
+        bar.close()
+        raise TrainingDiverged("loss became {} at epoch {} step {}; stopped, the last good state (after epoch {}) "
+                               "is kept in {} (try a lower --lr)".format(
+                                   bad[1], epoch + 1, bad[0] + 1, epoch, _state_path(run)))
+    n, loss_sum, correct = monitor.totals()
     return {"event": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
             "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3), "examples": int(n)}
 
@@ -609,8 +754,10 @@ def _finish(run: Path, config: TrainConfig, model: nn.Module, test_loader: Any, 
             start: int, history: List[Dict[str, Any]], data: DataSplits) -> TrainReport:
     """Test accuracy of the multi-branch model and of its fusion; write ckpt.pt and metrics.json."""
     model.eval()
+    broadcast_buffers(model, dist)  # every rank evaluates rank 0's model, the one ckpt.pt holds
     fused = fuse_model(model)
-    (multi, plain), err, disagree = evaluate_models([model, fused], test_loader, dev, dist)
+    with exact_fp32():  # FUSED_TOLERANCE assumes float32 arithmetic, not TF32 (on by default for cuDNN)
+        (multi, plain), err, disagree = evaluate_models([model, fused], test_loader, dev, dist)
     ckpt = run / "ckpt.pt"
     summary = {"dataset": config.dataset, "epochs": config.epochs, "seed": config.seed,
                "test_top1": multi.top1, "test_top5": multi.top5, "fused_test_top1": plain.top1,

@@ -8,17 +8,16 @@ and forms the next population (kept parents, SuperNet samples by Eq. 8-10, cross
 All randomness of an epoch (data order, augmentation, which codes each batch trains) and of a
 round's evolution is seeded from (seed, epoch) or (seed, round) alone, so a run resumed from its
 last saved state (written atomically after every epoch) ends exactly where an uninterrupted run
-with the same seed ends.
+with the same seed ends (on CUDA only with ``deterministic``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,8 +31,8 @@ from ..errors import CheckpointError, IrepError
 from ..models import MODELS, build_model
 from ..ops import SPACES
 from ..reparam import fuse_model
-from ..train import (AMP_MODES, Dist, TrainingDiverged, autocast, close_distributed, evaluate_models,
-                     init_distributed, make_scaler, resolve_device)
+from ..train import (AMP_MODES, Dist, StepMonitor, TrainingDiverged, autocast, broadcast_buffers, close_distributed,
+                     deterministic_mode, init_distributed, make_scaler, optimizer_step, resolve_device, topk_hits)
 from .population import EvolutionConfig, initial_population, next_population
 from .supernet import SuperNet, averaged_loss
 
@@ -78,6 +77,7 @@ class SearchConfig:
     seed: int = 0
     amp: str = "none"  # autocast of the SuperNet forward: none, bf16, fp16 (CUDA, with a gradient scaler)
     channels_last: bool = False  # NHWC activations and weights (faster convolutions on recent GPUs)
+    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
 
     def check(self) -> None:
         if self.backbone not in MODELS:
@@ -157,9 +157,17 @@ def load_search_state(run_dir: PathLike) -> Dict[str, Any]:
 
 
 # -- the driver -------------------------------------------------------------------------------------
+#: Host memory the decoded validation split may take when it stays in memory for the whole search (CPU).
+VAL_CACHE_HOST_BYTES = 2 << 30
+#: Share of the GPU's free memory it may take on the device.
+VAL_CACHE_GPU_SHARE = 0.25
+
+Batches = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
-                 progress: bool) -> None:
+                 progress: bool, workers: int = 0) -> None:
         self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
         self.data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
                               split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
@@ -179,8 +187,10 @@ class _Search:
                 self.supernet, device_ids=[dev.index] if dev.type == "cuda" else None,
                 find_unused_parameters=True)  # branches no sampled code uses get no gradient
         per_rank = max(1, config.batch_size // dist.world_size)
-        self.loader = train_loader(self.data.train, per_rank, config.seed, distributed=dist.enabled)
-        self.val_loader = eval_loader(self.data.val, config.eval_batch_size)
+        pin = dev.type == "cuda"
+        self.loader = train_loader(self.data.train, per_rank, config.seed, workers, dist.enabled, pin)
+        self.val_loader = eval_loader(self.data.val, config.eval_batch_size, workers, pin_memory=pin)
+        self._val_cache: Optional[Batches] = None  # the decoded validation split, when it fits
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=config.lr, momentum=config.momentum,
                                      weight_decay=config.weight_decay)
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=config.arch_lr,
@@ -247,7 +257,8 @@ class _Search:
         picker = random.Random(epoch_seed(config.seed, epoch))  # same codes on every rank
         phase = "warmup" if epoch < config.warmup_epochs else "round {}".format(self._round_of(epoch))
         self.net.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        monitor = StepMonitor(self.dev, self.dist)  # no host read per step; all ranks stop at the same step
+        bad: Optional[Tuple[int, float]] = None
         bar = tqdm(self.loader, desc="epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase),
                    disable=not (self.progress and self.dist.main), leave=False, dynamic_ncols=True)
         for step, (x, y) in enumerate(bar):
@@ -257,51 +268,73 @@ class _Search:
             with autocast(config.amp, self.dev):
                 outputs = self.net(x, codes)
                 loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
-            value = loss.item()  # the step's one host sync
-            if self._diverged(value):
-                raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
-                                       "{} (resume with a lower --lr)".format(value, epoch + 1, step + 1,
-                                                                             self.run / "state.pt"))
             self.w_opt.zero_grad(set_to_none=True)
             self.a_opt.zero_grad(set_to_none=True)
-            if self.scaler is None:
-                loss.backward()
-                self.w_opt.step()
-                self.a_opt.step()
-            else:  # fp16: scaled loss, both optimizers stepped through the scaler
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.w_opt)
-                self.scaler.step(self.a_opt)
-                self.scaler.update()
-            self.sched.step()
-            loss_sum += value * y.numel()
-            correct += int((outputs[-1].argmax(1) == y).sum())
-            seen += y.numel()
-            bar.set_postfix(loss="{:.3f}".format(loss_sum / seen))
+            optimizer_step(loss, [self.w_opt, self.a_opt], self.sched, self.scaler)
+            bad = monitor.update(step, loss, outputs[-1], y)
+            if bad is not None:
+                break
+            if (step + 1) % monitor.every == 0:
+                bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss))
+        bad = bad or monitor.check()
+        if bad is not None:
+            bar.close()
+            raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
+                                   "{} (resume with a lower --lr)".format(bad[1], epoch + 1, bad[0] + 1,
+                                                                         self.run / "state.pt"))
+        seen, loss_sum, correct = monitor.totals()
         return {"event": "epoch", "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
                 "train_acc": 100.0 * correct / max(seen, 1), "lr": self.sched.get_last_lr()[0]}
-
-    def _diverged(self, value: float) -> bool:
-        """Whether any rank's loss is NaN/inf: all ranks must stop together or the rest would hang."""
-        bad = not math.isfinite(value)
-        if self.dist.enabled:
-            import torch.distributed as tdist
-            flag = torch.tensor([1.0 if bad else 0.0], device=self.dev)
-            tdist.all_reduce(flag)
-            bad = flag.item() > 0
-        return bad
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1
 
     # population
+    def _val_chunks(self) -> Iterator[Batches]:
+        """The validation split as decoded, transformed batches on the device, in chunks that fit.
+
+        The split uses the evaluation transforms, so it is the same every round: when it fits (all of
+        CIFAR's or Fashion-MNIST's) it is decoded once per search and kept; otherwise (ImageNet) it is
+        read once per round in chunks, and every code is scored on each chunk before the next is read.
+        """
+        if self._val_cache is not None:
+            yield self._val_cache
+            return
+        if self.dev.type == "cuda":
+            limit = int(torch.cuda.mem_get_info(self.dev)[0] * VAL_CACHE_GPU_SHARE)
+        else:
+            limit = VAL_CACHE_HOST_BYTES
+        chunk: Batches = []
+        size, whole = 0, True
+        for x, y in self.val_loader:
+            chunk.append((x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)))
+            size += x.numel() * x.element_size()
+            if size >= limit:
+                whole = False
+                yield chunk
+                chunk, size = [], 0
+        if whole:
+            self._val_cache = chunk
+        if chunk:
+            yield chunk
+
+    @torch.no_grad()
     def evaluate_population(self) -> List[float]:
-        """Top-1 (percent) of every code, fused; codes split across ranks, results gathered."""
-        fitness = torch.zeros(len(self.population), dtype=torch.float64)
-        for i in range(self.dist.rank, len(self.population), self.dist.world_size):
-            fused = fuse_model(self.supernet.model, arch=self.population[i])
-            results, _, _ = evaluate_models([fused], self.val_loader, self.dev)
-            fitness[i] = results[0].top1
+        """Top-1 (percent) of every code, fused, on the validation split; codes split across ranks,
+        results gathered. Every rank scores with rank 0's BatchNorm statistics."""
+        broadcast_buffers(self.supernet.model, self.dist)
+        mine = range(self.dist.rank, len(self.population), self.dist.world_size)
+        correct = torch.zeros(len(self.population), dtype=torch.int64, device=self.dev)
+        seen = 0
+        for chunk in self._val_chunks():
+            seen += sum(int(y.numel()) for _, y in chunk)
+            for i in mine:
+                fused = fuse_model(self.supernet.model, arch=self.population[i]).eval()
+                for x, y in chunk:
+                    correct[i] += topk_hits(fused(x).float(), y)[0].sum()
+        # The same arithmetic as evaluate_models' top-1, so fitness values do not depend on the path.
+        fitness = torch.tensor([100.0 * float(c) / max(seen, 1) if i in mine else 0.0
+                                for i, c in enumerate(correct.tolist())], dtype=torch.float64)
         if self.dist.enabled:
             import torch.distributed as tdist
             fitness = fitness.to(self.dev)
@@ -388,8 +421,10 @@ def _key(code: ArchCode) -> str:
 
 
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
-           data_root: Optional[str] = None, device: str = "auto", progress: bool = True) -> SearchReport:
-    """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round."""
+           data_root: Optional[str] = None, device: str = "auto", progress: bool = True,
+           workers: int = 0) -> SearchReport:
+    """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
+    ``workers`` loader processes (where/how, not what: it may change on resume)."""
     run = Path(run_dir)
     state = load_search_state(run) if resume else None
     if state is not None:
@@ -399,21 +434,22 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
     if not resume:
         if (run / "state.pt").exists():
             raise IrepError("{}: holds a search already; resume it with --resume or choose another directory".format(run))
-    dev = resolve_device(device)
-    dist = init_distributed(dev)
-    try:
-        if dist.main:
-            run.mkdir(parents=True, exist_ok=True)
-        job = _Search(run, config, dev, dist, data_root, progress)
-        if state is not None:
-            job.restore(state)
-        elif dist.main:
-            write_json(run / "config.json", dataclasses.asdict(config))
-            (run / "log.jsonl").write_text("")
-        start = job.epoch
-        job.run_all()
-        fitness = job.fitness or []
-        best = max(range(len(fitness)), key=fitness.__getitem__)
-        return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)
-    finally:
-        close_distributed(dist)
+    with deterministic_mode(config.deterministic):  # before the device is touched
+        dev = resolve_device(device)
+        dist = init_distributed(dev)
+        try:
+            if dist.main:
+                run.mkdir(parents=True, exist_ok=True)
+            job = _Search(run, config, dev, dist, data_root, progress, workers)
+            if state is not None:
+                job.restore(state)
+            elif dist.main:
+                write_json(run / "config.json", dataclasses.asdict(config))
+                (run / "log.jsonl").write_text("")
+            start = job.epoch
+            job.run_all()
+            fitness = job.fitness or []
+            best = max(range(len(fitness)), key=fitness.__getitem__)
+            return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)
+        finally:
+            close_distributed(dist)

@@ -17,7 +17,7 @@ from irep_deploy.cli import main
 
 TINY = ["--dataset", "digits", "--backbone", "resnet18_cifar", "--width", "0.125", "--population", "6",
         "--subnets", "2", "--warmup-epochs", "1", "--rounds", "2", "--round-epochs", "2", "--batch-size", "64",
-        "--limit", "640", "--device", "cpu", "--quiet", "--seed", "3"]
+        "--limit", "640", "--device", "cpu", "--quiet", "--seed", "3", "--deterministic"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -51,6 +51,7 @@ def test_search_writes_every_output(reference):
     best = ArchCode.load(run / "arch.bin")
     budget = best.budget(2 / 3)
     assert pop["round"] == 2 and pop["budget"] == budget and len(pop["codes"]) == 6
+    assert json.loads((run / "config.json").read_text())["deterministic"] is True
     assert all(c["branches"] <= budget for c in pop["codes"])
     fitness = [c["fitness"] for c in pop["codes"]]
     assert fitness == sorted(fitness, reverse=True) and 0 < fitness[0] <= 100
@@ -110,6 +111,17 @@ def test_two_gloo_processes_under_torchrun(tmp_path):
     best = ArchCode.load(run / "arch.bin")
     assert len(pop["codes"]) == 6 and all(c["branches"] <= best.budget(2 / 3) for c in pop["codes"])
     assert all(0 < c["fitness"] <= 100 for c in pop["codes"])  # every rank's share was gathered
+    # Every rank scored its codes with rank 0's BatchNorm statistics: the SuperNet rank 0 saved gives
+    # each code the fitness recorded, whichever rank scored it.
+    from irep_deploy.data import eval_loader, load_data
+    from irep_deploy.reparam import fuse_model
+    from irep_deploy.train import evaluate_models
+    supernet = load_checkpoint(run / "supernet.pt").build()
+    val = load_data("digits", val_fraction=0.1, limit=640, parts=("val",)).val
+    for c in pop["codes"]:
+        code = best.with_bits([[int(ch) for ch in row] for row in c["bits"]])
+        (res,), _, _ = evaluate_models([fuse_model(supernet, arch=code)], eval_loader(val, 256), torch.device("cpu"))
+        assert res.top1 == c["fitness"], c["bits"]
     log = read_log(run)
     assert [r["epoch"] for r in log if r["event"] == "epoch"] == [1, 2, 3, 4, 5]  # written once
     assert len((run / "alpha_beta.jsonl").read_text().splitlines()) == 2

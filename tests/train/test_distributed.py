@@ -40,6 +40,15 @@ def test_torchrun_two_gloo_processes(tmp_path):
     assert final["test_examples"] == len(data.test)  # sharded evaluation counts every example once
     assert final["disagreements"] == 0 and final["fused_rel_error"] < 1e-4
     assert "val_top1" in log[0]
+    # Every rank evaluated rank 0's model (BatchNorm statistics included), the one ckpt.pt holds: the
+    # sharded val and test results are those of that checkpoint evaluated in one process.
+    from irep_deploy.precision import exact_fp32
+    from irep_deploy.train import evaluate
+    val = evaluate(run / "ckpt.pt", split="val", val_fraction=0.1, device="cpu")
+    assert val.loss == pytest.approx(log[-2]["val_loss"], rel=1e-6) and val.top1 == log[-2]["val_top1"]
+    with exact_fp32():
+        test = evaluate(run / "ckpt.pt", device="cpu")
+    assert test.top1 == final["test_top1"] and test.top5 == final["test_top5"]
     ck = load_checkpoint(run / "ckpt.pt")
     assert ck.arch == code and not any(k.startswith("module.") for k in ck.state_dict)
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".")]

@@ -12,14 +12,19 @@ from irep_deploy import ArchCode, load_checkpoint
 from irep_deploy.cli import main
 from irep_deploy.data import load_data
 from irep_deploy.pipeline import fuse
+from irep_deploy.precision import exact_fp32
 from irep_deploy.train import TrainConfig, TrainingDiverged, evaluate, load_state, train
 
 pytest.importorskip("sklearn")  # the digits data of every test here ships with scikit-learn
 
 BACKBONE = "resnet18_cifar"
 CODE = ArchCode.random(BACKBONE, ratio=0.25, seed=1)
+# Device-aware: the GPU where there is one. Runs whose weights are compared bit for bit are
+# deterministic (on CUDA, cuDNN's convolution backward is not otherwise); accuracies are compared on
+# the device they were measured on, in true FP32 (the final check's arithmetic), never GPU vs CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = TrainConfig(backbone=BACKBONE, arch=CODE.dumps(), dataset="digits", width=0.125, epochs=2,
-                   batch_size=64, seed=5)
+                   batch_size=64, seed=5, deterministic=True)
 
 
 class Stop(Exception):
@@ -42,7 +47,7 @@ def trained(tmp_path_factory):
     """One uninterrupted 2-epoch run, shared by the tests that only read it."""
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("runs") / "full"
-    report = train(run, TINY, progress=False)
+    report = train(run, TINY, progress=False, device=DEVICE)
     return run, report
 
 
@@ -64,9 +69,11 @@ def test_run_writes_a_fusable_checkpoint_and_fused_accuracy_agrees(trained, tmp_
     assert ck.header["extra"]["test_top1"] == report.multi_branch.top1
     deploy = tmp_path / "deploy.pt"
     fuse(run / "ckpt.pt", run / "arch.bin", out=deploy, input_size=8)
-    # `eval` on the multi-branch and on the deploy checkpoint: the accuracy train reported.
+    # `eval` on the multi-branch and on the deploy checkpoint: the accuracy train reported, measured
+    # on the same device in the same arithmetic.
     for path in (run / "ckpt.pt", deploy):
-        res = evaluate(path, dataset="digits", device="cpu")
+        with exact_fp32():
+            res = evaluate(path, dataset="digits", device=DEVICE)
         assert res.top1 == pytest.approx(report.multi_branch.top1)
         assert res.top5 == pytest.approx(report.multi_branch.top5)
 
@@ -75,9 +82,9 @@ def test_resume_ends_identical_to_an_uninterrupted_run(trained, tmp_path):
     full_run, full = trained
     run = tmp_path / "resumed"
     with pytest.raises(Stop):
-        train(run, TINY, progress=False, on_epoch_end=_stop_after(1))
+        train(run, TINY, progress=False, on_epoch_end=_stop_after(1), device=DEVICE)
     assert load_state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
-    report = train(run, resume=True, progress=False)
+    report = train(run, resume=True, progress=False, device=DEVICE)  # deterministic, as saved
     assert report.resumed_from_epoch == 1
     a, b = _weights(full_run / "ckpt.pt"), _weights(run / "ckpt.pt")
     assert a.keys() == b.keys()
@@ -94,7 +101,7 @@ def test_a_different_seed_gives_different_weights(trained, tmp_path):
     """The resume test above could pass trivially if training ignored its randomness."""
     full_run, _ = trained
     other = dataclasses.replace(TINY, seed=6, epochs=1)
-    train(tmp_path / "other", other, progress=False)
+    train(tmp_path / "other", other, progress=False, device=DEVICE)
     a, b = _weights(full_run / "ckpt.pt"), _weights(tmp_path / "other" / "ckpt.pt")
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
@@ -110,8 +117,8 @@ def test_resume_refuses_other_settings_and_new_runs_refuse_an_existing_run(train
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
     run = tmp_path / "nan"
     cfg = dataclasses.replace(TINY, arch=None, lr=1e30, epochs=2)
-    with pytest.raises(TrainingDiverged, match="loss became (nan|inf)"):
-        train(run, cfg, progress=False)
+    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1 step \d+; stopped"):
+        train(run, cfg, progress=False, device=DEVICE)
     state = load_state(run)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (run / "ckpt.pt").exists()
@@ -119,13 +126,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
 
 def test_cli_train_then_eval(trained, tmp_path, capsys):
     run, report = trained
-    assert main(["eval", str(run / "ckpt.pt")]) == 0  # the dataset recorded by train
+    with exact_fp32():  # the arithmetic train measured in, on its device
+        assert main(["eval", str(run / "ckpt.pt"), "--device", DEVICE]) == 0  # the dataset recorded by train
     out = capsys.readouterr().out
     assert "digits test split" in out and "top-1 {:.2f}%".format(report.multi_branch.top1) in out
     arch = tmp_path / "arch.bin"
     ArchCode.empty(BACKBONE).save(arch)
     rc = main(["train", "-o", str(tmp_path / "cli"), "--arch", str(arch), "--dataset", "digits", "--width",
-               "0.125", "--epochs", "1", "--batch-size", "64", "--limit", "128", "--no-progress"])
+               "0.125", "--epochs", "1", "--batch-size", "64", "--limit", "128", "--no-progress", "--device", DEVICE])
     assert rc == 0
     out = capsys.readouterr().out
     assert "wrote" in out and (tmp_path / "cli" / "ckpt.pt").is_file()
@@ -212,7 +220,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
     CODE.save(arch)
     run = tmp_path / "killed"
     args = ["--arch", str(arch), "--dataset", "digits", "--width", "0.125", "--epochs", "2", "--batch-size", "64",
-            "--seed", "7", "--no-progress"]
+            "--seed", "7", "--no-progress", "--deterministic", "--device", DEVICE]
     proc = subprocess.Popen([sys.executable, "-m", "irep_deploy", "train", "-o", str(run)] + args,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -225,10 +233,10 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
     assert load_state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert main(["train", "--resume", str(run), "--no-progress", "--device", DEVICE]) == 0
     reference = tmp_path / "reference"
     train(reference, TrainConfig(backbone=BACKBONE, arch=CODE.dumps(), dataset="digits", width=0.125, epochs=2,
-                                 batch_size=64, seed=7), progress=False)
+                                 batch_size=64, seed=7, deterministic=True), progress=False, device=DEVICE)
     a, b = _weights(reference / "ckpt.pt"), _weights(run / "ckpt.pt")
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -238,7 +246,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
 
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     cfg = dataclasses.replace(TINY, epochs=1, limit=256, amp="bf16")
-    report = train(tmp_path / "bf16", cfg, progress=False, channels_last=True)
+    report = train(tmp_path / "bf16", cfg, progress=False, channels_last=True, device="cpu")
     assert load_state(tmp_path / "bf16")["config"]["amp"] == "bf16"
     assert math.isfinite(report.history[0]["train_loss"])
     assert report.fused_rel_error < 1e-4 and report.disagreements == 0  # evaluation stays float32
