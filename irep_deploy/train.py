@@ -258,7 +258,10 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
              torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    torch.use_deterministic_algorithms(True)
+    # warn_only: the backward of AdaptiveAvgPool2d (every backbone's head) has no deterministic CUDA
+    # kernel by PyTorch's list and would stop every run; at the output sizes used here (1x1, 7x7 on 7x7)
+    # each input gradient gets exactly one addition, so its result does not depend on the order.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
