@@ -97,7 +97,7 @@ class Checkpoint:
         """The model this checkpoint was saved from, with its tensors loaded (strictly)."""
         h = self.header
         kwargs = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"],
-                      ops=h["ops"])
+                      ops=h["ops"], input_size=h["input_size"])
         if self.kind == "deploy":
             model = fuse_model(build_model(h["backbone"], **kwargs), inplace=True)
             model.irep_config["arch"] = h["arch"]
