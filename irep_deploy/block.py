@@ -72,8 +72,8 @@ class IrepConv(nn.Module):
         """sigmoid(alpha_o) * sigmoid(beta) for every op of the space (Eq. 6-7), in ``dtype``
         (default float32 or wider).
 
-        Half parameters are upcast first: torch 2.0 has no float16 sigmoid on the CPU, and a bf16
-        product is off by ~5e-3, which would land in a "float32" fused kernel.
+        Half parameters are upcast first: torch 2.0 has no float16 sigmoid on the CPU, and a product
+        taken in bf16 is off by up to ~5e-3, which would land in a "float32" fused kernel.
         """
         dtype = dtype or compute_dtype(self.alpha.dtype)
         return torch.sigmoid(self.alpha.to(dtype)) * torch.sigmoid(self.beta.to(dtype))

@@ -336,7 +336,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                "name": info.name if cuda else devices.cpu_model(), "jetson": info.jetson},
         devices.environment(info),
         {"backends": chosen, "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
-         "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare, "threads": threads,
+         "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare,
+         "threads": threads,
          "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds},
         results, ratios(results), harness_overhead_ms(), warnings_ + [w for r in results for w in r.warnings])
     if json_out is not None:
