@@ -216,7 +216,8 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[
     checkpoint = load_checkpoint(path)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
-    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"])
+    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"],
+                    input_size=h["input_size"])
     if not compare:
         if checkpoint.kind == "deploy":
             if arch is not None:
@@ -335,7 +336,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                "name": info.name if cuda else devices.cpu_model(), "jetson": info.jetson},
         devices.environment(info),
         {"backends": chosen, "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
-         "min_iters": min_iters, "input_size": input_size, "compare": compare, "threads": threads,
+         "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare,
+         "threads": threads,
          "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds},
         results, ratios(results), harness_overhead_ms(), warnings_ + [w for r in results for w in r.warnings])
     if json_out is not None:
