@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 PY38 ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.8*/bin/python 2>/dev/null | head -n 1)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test check-py38 lint-docker demo benchmarks clean
+.PHONY: venv data test test-gpu check-py38 lint-docker demo benchmarks clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,11 @@ lint-docker: venv
 
 test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
+
+# The CUDA suite (tests marked `cuda`, all of tests/cuda): on a machine without a GPU every test skips
+# with the reason, so this target is meant for a GPU host.
+test-gpu: venv data
+	$(BIN)/python -m pytest -q -rs -m cuda
 
 # Removes an earlier report first (the demo refuses to overwrite a run).
 demo: venv data
