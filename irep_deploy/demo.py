@@ -7,6 +7,7 @@ Every step is the same library function the CLI step calls.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -44,7 +45,7 @@ class DemoSettings:
     train_limit: Optional[int] = 8000
     bench_batches: List[int] = field(default_factory=lambda: [1, 32])
     bench_duration_s: float = 2.0
-    bench_rounds: int = 3
+    bench_rounds: int = 5
     seed: int = 0
 
     @classmethod
@@ -128,11 +129,14 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
     say(steps[-1].note)
 
     # 6. bench
+    from .bench.devices import bench_profile
     from .bench.latency import bench, format_table
     t = step(6, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
-    report = bench(trained.ckpt, device=device, backends=["torch", "ort"], batches=settings.bench_batches,
-                   duration_s=settings.bench_duration_s, compare=True, rounds=settings.bench_rounds,
-                   json_out=out / "bench.json")
+    # bench takes device profiles and runs on the current CUDA device: cuda:N selects that device
+    with torch.cuda.device(torch.device(device)) if device.startswith("cuda:") else contextlib.nullcontext():
+        report = bench(trained.ckpt, device=bench_profile(device), backends=["torch", "ort"],
+                       batches=settings.bench_batches, duration_s=settings.bench_duration_s, compare=True,
+                       rounds=settings.bench_rounds, json_out=out / "bench.json")
     table = format_table(report)
     say(table)
     steps.append(Step("bench", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
