@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, check_writable
 from ..errors import IrepError, VerificationError
+from ..precision import exact_fp32
 
 PathLike = Union[str, "os.PathLike[str]"]
 META_FORMAT = "irep-deploy-engine"
@@ -332,7 +333,10 @@ def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, toleranc
     shape = [batch] + list(runner.meta.opt_shape[1:])
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     reference = ort_helpers.run(ort_helpers.make_session(str(onnx_path)), x.numpy())
-    got = runner(x).float().cpu().numpy()
+    # The engine's own TF32 is a builder flag (cleared for FP32 builds); torch's is off as well, so that
+    # nothing torch does around the engine rounds to TF32 while the FP32 tolerance is checked.
+    with exact_fp32():
+        got = runner(x).float().cpu().numpy()
     stats = compare_outputs(reference, got)
     if runner.meta.precision == "fp32" and not stats["rel_error"] <= tolerance:
         raise VerificationError("engine output differs from onnxruntime: relative error {:.3g} > {:.3g}; "
