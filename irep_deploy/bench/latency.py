@@ -6,6 +6,12 @@ synchronisation) and, on a GPU, with CUDA events on the stream (GPU compute time
 overhead). Statistics: min/mean/median/p90/p95/p99, coefficient of variation (a warning above
 ``cv_warn``), throughput = batch / mean host latency. ``--compare`` benches the multi-branch, the
 fused and the plain backbone of the same shape in one run and reports latency ratios of medians.
+
+The run is split into rounds (default 5) that each run every job, so drift of a shared machine lands
+on all of them alike; with 2+ rounds every ratio is also taken per round and its spread, (max - min) /
+median of the per-round ratios, flags it as untrustworthy above ``spread_warn`` (default 10 %).
+Every backend gets its own placement of the model (torch/cudagraph run a copy on the GPU); the
+onnxruntime label names the providers the session really runs (``session.get_providers()``).
 """
 from __future__ import annotations
 
@@ -416,6 +422,10 @@ def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: flo
     """
     samples: List[List[Samples]] = [[] for _ in jobs]
     per_round = duration_s / rounds
+    failures: Tuple[type, ...] = (RuntimeError,)
+    if any(job.backend.startswith("ort:") for job in jobs):
+        from ..engines import ort as ort_helpers
+        failures += ort_helpers.run_errors()
     for r in range(rounds):
         if on_round is not None:
             on_round(r)
@@ -424,7 +434,7 @@ def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: flo
             try:
                 samples[i].append(measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
                                                   per_round, max(1, -(-min_iters // rounds)), events))
-            except RuntimeError as exc:  # e.g. an input size the network cannot take
+            except failures as exc:  # e.g. an input size the network cannot take, out of memory
                 raise _failed(source, job.backend, job.batch, exc) from None
     return samples
 

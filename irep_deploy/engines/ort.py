@@ -75,3 +75,11 @@ def providers_in_use(session: Any, requested: Sequence[str]) -> Tuple[List[str],
     ``session.get_providers()`` says what runs."""
     running = list(session.get_providers())
     return running, [p for p in requested if p not in running]
+
+
+def run_errors() -> Tuple[type, ...]:
+    """onnxruntime's own exception types (Fail, InvalidArgument, RuntimeException, EPFail, ...): they
+    derive from Exception, not RuntimeError, so callers that turn failures into one line name them."""
+    require_onnxruntime()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return tuple(t for t in vars(state).values() if isinstance(t, type) and issubclass(t, Exception))

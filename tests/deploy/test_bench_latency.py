@@ -9,8 +9,8 @@ import torch.nn as nn
 
 from irep_deploy import load_checkpoint
 from irep_deploy.bench import devices
-from irep_deploy.bench.latency import (Result, Stats, Variant, _resolve_backends, bench, build_jobs, format_table,
-                                       ratios, session_runner)
+from irep_deploy.bench.latency import (Job, Result, Stats, Variant, _resolve_backends, bench, build_jobs, format_table,
+                                       ratios, run_rounds, session_runner)
 from irep_deploy.engines import ort as ort_helpers
 from irep_deploy.engines.onnx import export_module
 from irep_deploy.errors import IrepError
@@ -189,3 +189,15 @@ def test_torch_device_names_map_to_bench_profiles(ckpts):
     else:
         with pytest.raises(devices.DeviceMismatchError, match="--device gpu was asked for"):
             bench(ckpts["deploy"], device="cuda", backends=["torch"], warmup_ms=0, duration_s=0, min_iters=2)
+
+
+def test_onnxruntime_failure_while_timing_is_one_line(ckpts):
+    """onnxruntime's errors are not RuntimeErrors: a fixed-batch model fed another batch must still end
+    in one line naming model, backend and batch."""
+    module = load_checkpoint(ckpts["deploy"]).build().eval()
+    data = export_module(module, (1, 3, 32, 32), dynamic_batch=False).SerializeToString()
+    runner, label, _ = session_runner(ort_helpers.make_session(data), (2, 3, 32, 32), ["CPUExecutionProvider"], "m")
+    with pytest.raises(IrepError) as info:
+        run_rounds([Job("onnx", label, 2, runner)], rounds=1, warmup_ms=0, duration_s=0, min_iters=1,
+                   source="m.onnx")
+    assert str(info.value).startswith("m.onnx: ort:CPU failed at batch 2: ") and "\n" not in str(info.value)
