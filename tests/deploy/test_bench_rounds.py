@@ -25,7 +25,7 @@ SHAPE = {"in_channels": 3, "input_size": 8}
 class Conv(nn.Module):
     """A small conv net that logs its calls and sleeps (really) in the rounds listed in ``slow``."""
 
-    def __init__(self, name: str, log: List[str], slow: Set[int] = frozenset(), sleep_s: float = 0.02) -> None:
+    def __init__(self, name: str, log: List[str], slow: Set[int] = frozenset(), sleep_s: float = 0.05) -> None:
         super().__init__()
         self.name, self.log, self.slow, self.sleep_s = name, log, set(slow), sleep_s
         self.round = 0
@@ -38,7 +38,17 @@ class Conv(nn.Module):
         return self.conv(x)
 
 
-def _run(models, rounds: int, iters: int = 3):
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine a thread pool waits out whole time slices (~30 ms)
+    on its barrier, which would swamp a 0.05 ms convolution in any round."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _run(models, rounds: int, iters: int = 5):
     variants = [Variant(m.name, m.eval()) for m in models]
     jobs, _ = build_jobs(variants, ["torch"], [1], SHAPE, None, torch.device("cpu"), [])
 
