@@ -49,7 +49,7 @@ def sizes(smoke: bool) -> Dict[str, Any]:
     if smoke:
         return dict(width=0.125, populations=[1, 2], batch=8, images=12, latency_width=0.125,
                     layouts=[("resnet18_cifar", 32), ("resnet18", 32)], duration=0.0, rounds=2, min_iters=4,
-                    suite="tests/cuda")
+                    suite="tests/cuda/test_suite_skips.py")  # the suite step, not the whole suite again
     return dict(width=1.0, populations=[64, 128, 256], batch=512, images=5000, latency_width=1.0,
                 layouts=[("resnet18_cifar", 32), ("resnet18", 224)], duration=10.0, rounds=5, min_iters=100,
                 suite="tests")
