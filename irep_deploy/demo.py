@@ -220,11 +220,15 @@ def _markdown(s: Dict[str, Any], table: str, code: ArchCode) -> str:
                   acc["test_examples"], acc["disagreements"], acc["fused_rel_error"]), "",
               "## Latency", "", "```", table, "```", ""]
     if s["latency"]["ratios"]:
-        lines += ["| backend | batch | ratio | value |", "|---|---|---|---|"]
+        from .bench.latency import RATIOS
+        lines += ["| backend | batch | ratio | value | spread over rounds |", "|---|---|---|---|---|"]
         for r in s["latency"]["ratios"]:
-            for key, value in r.items():
-                if key not in ("backend", "batch") and isinstance(value, (int, float)):
-                    lines.append("| {} | {} | {} | {:.3f} |".format(r.get("backend"), r.get("batch"), key, value))
+            for key, _, _, shown in RATIOS:
+                if key in r:
+                    spread = "-" if key + "_spread" not in r else "{:.1%}{}".format(
+                        r[key + "_spread"], " (too wide to trust)" if key in r.get("untrusted", []) else "")
+                    lines.append("| {} | {} | {} | {:.3f} | {} |".format(r["backend"], r["batch"], shown, r[key],
+                                                                        spread))
         lines.append("")
     lines += ["## Steps", "", "| step | seconds | status | note |", "|---|---|---|---|"]
     lines += ["| {} | {:.1f} | {} | {} |".format(st["name"], st["seconds"], st["status"], st["note"]) for st in s["steps"]]
