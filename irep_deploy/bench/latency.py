@@ -381,6 +381,7 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
     jobs: List[Job] = []
     notes: List[str] = []
     for variant in variants:
+        on_device: Optional[nn.Module] = None  # one copy per variant, shared by its torch/cudagraph jobs
         for backend in backends:
             onnx_bytes: Optional[bytes] = None
             for batch in batches:
@@ -388,7 +389,9 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
                 label = backend
                 try:
                     if backend in ("torch", "cudagraph"):
-                        runner = torch_runner(variant.module, shape, device, graphs=backend == "cudagraph")
+                        if on_device is None:
+                            on_device = placed(variant.module, device)
+                        runner = torch_runner(on_device, shape, device, graphs=backend == "cudagraph")
                     elif backend == "ort":
                         if variant.module is not None and onnx_bytes is None:
                             onnx_bytes = _to_onnx(variant, shape, opset, simplify)
