@@ -75,6 +75,12 @@ def test_force_runs_on_the_wrong_device_and_says_so(fused_onnx, capsys):
     assert ("--device h100 was asked for" in out) == (devices.detect().kind != "h100"), out
 
 
+def test_gpu_profile_takes_any_cuda_gpu(fused_onnx, capsys):
+    rc, out, err = cli(capsys, "bench", fused_onnx, "--device", "gpu", "--force", *FAST)
+    assert rc == 0, err
+    assert ("--device gpu was asked for" in out) == (not torch.cuda.is_available()), out
+
+
 def _not_here(profile: str) -> bool:
     return devices.detect().kind != profile
 
