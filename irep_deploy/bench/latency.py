@@ -259,7 +259,8 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[
     checkpoint = load_checkpoint(path)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
-    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"])
+    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"],
+                    input_size=h["input_size"])
     if not compare:
         if checkpoint.kind == "deploy":
             if arch is not None:
@@ -346,8 +347,9 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                "name": info.name if cuda else devices.cpu_model(), "jetson": info.jetson},
         devices.environment(info),
         {"backends": chosen, "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
-         "min_iters": min_iters, "input_size": input_size, "compare": compare, "threads": threads,
-         "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds, "spread_warn": spread_warn},
+         "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare,
+         "threads": threads, "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds,
+         "spread_warn": spread_warn},
         results, table, harness_overhead_ms(),
         list(info.notes) + notes + job_notes + [w for r in results for w in r.warnings] + ratio_warnings(table))
     if json_out is not None:
