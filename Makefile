@@ -18,7 +18,7 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_cli_fuse.py tests/test_precision.py tests/deploy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-py38 check-py38 lint-docker demo benchmarks clean
+.PHONY: venv venv38 data test test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,11 @@ lint-docker: venv
 test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-py38
+
+# The CUDA suite (tests marked `cuda`, all of tests/cuda): on a machine without a GPU every test skips
+# with the reason, so this target is meant for a GPU host.
+test-gpu: venv data
+	$(BIN)/python -m pytest -q -rs -m cuda
 
 # Removes an earlier report first (the demo refuses to overwrite a run).
 demo: venv data

@@ -26,6 +26,7 @@ from .._io import atomic_write, check_writable
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..errors import IrepError, VerificationError
 from ..pipeline import multi_branch_model, relative_error
+from ..precision import exact_fp32
 from ..reparam import fuse_model
 from . import ort as ort_helpers
 
@@ -91,7 +92,7 @@ def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None,
     plain = fuse_model(model)
     x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
                     checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), exact_fp32():  # the tolerance assumes float32 rounding, not TF32
         err = relative_error(model(x), plain(x))
     if not err <= tolerance:
         raise VerificationError("{}: fused output differs from the multi-branch output: relative error {:.3g} "
@@ -221,13 +222,15 @@ def io_spec(model: Any) -> Tuple[str, str, List[Union[int, str]]]:
 
 def verify(model: nn.Module, onnx_bytes: bytes, input_shape: Sequence[int], batches: Sequence[int],
            tolerance: float, seed: int = 0, source: str = "<onnx model>") -> List[Check]:
-    """Compare onnxruntime (CPU) with torch on seeded random batches; beyond ``tolerance`` is an error."""
+    """Compare onnxruntime (CPU) with torch on seeded random batches; beyond ``tolerance`` is an error.
+
+    torch runs in true float32 (TF32 off, should the model be on a GPU): the tolerance assumes it."""
     session = ort_helpers.make_session(onnx_bytes, source=source)
     gen = torch.Generator().manual_seed(seed)
     checks = []
     for b in batches:
         x = torch.randn(b, *input_shape[1:], generator=gen)
-        with torch.no_grad():
+        with torch.no_grad(), exact_fp32():
             reference = model(x)
         got = torch.from_numpy(np.asarray(ort_helpers.run(session, x.numpy())))
         err = relative_error(reference, got)

@@ -1,6 +1,6 @@
 """The training and search CUDA path on a real GPU (issue 15): an fp16 + channels-last epoch, a
 deterministic resume, a search round, torchrun with NCCL, population evaluation on the device.
-Real data (digits). Skipped without CUDA; `make test-gpu` runs them."""
+Real data (digits). Skipped without CUDA (tests/conftest.py); `make test-gpu` runs them."""
 from __future__ import annotations
 
 import json
@@ -16,8 +16,7 @@ import torch
 from irep_deploy import ArchCode, load_checkpoint
 from irep_deploy.cli import main
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available())")]
+# tests/conftest.py marks every test under tests/cuda `cuda` and skips it, with the reason, without CUDA.
 pytest.importorskip("sklearn")  # digits
 
 BACKBONE = "resnet18_cifar"
