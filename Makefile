@@ -75,7 +75,7 @@ test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-py38
 
-# The CUDA suite (tests marked `cuda`, all of tests/cuda): on a machine without a GPU every test skips
+# The CUDA suite (tests marked `cuda`, all of tests/gpu): on a machine without a GPU every test skips
 # with the reason, so this target is meant for a GPU host.
 test-gpu: venv data
 	$(BIN)/python -m pytest -q -rs -m cuda

@@ -1,7 +1,7 @@
 """The GPU record (issue 9): the CUDA suite's result, the paper's Table 1 at its own scale, and batch-1
 latency of fused vs plain vs multi-branch ResNet-18 in eager mode and with CUDA graphs.
 
-1. Suite: ``pytest -m cuda`` (tests/cuda and every test marked ``cuda``), its summary line recorded.
+1. Suite: ``pytest -m cuda`` (tests/gpu and every test marked ``cuda``), its summary line recorded.
 2. Table 1 (population evaluation): full-width resnet18_cifar SuperNet, a population of codes at 2/3 of
    the branches, each scored on the same validation tensors (batch 512) by the library's search code:
    fused (``fuse_model(supernet, arch=code)``, fusion time included) against the multi-branch SuperNet
@@ -49,7 +49,7 @@ def sizes(smoke: bool) -> Dict[str, Any]:
     if smoke:
         return dict(width=0.125, populations=[1, 2], batch=8, images=12, latency_width=0.125,
                     layouts=[("resnet18_cifar", 32), ("resnet18", 32)], duration=0.0, rounds=2, min_iters=4,
-                    suite="tests/cuda/test_suite_skips.py")  # the suite step, not the whole suite again
+                    suite="tests/gpu/test_suite_skips.py")  # the suite step, not the whole suite again
     return dict(width=1.0, populations=[64, 128, 256], batch=512, images=5000, latency_width=1.0,
                 layouts=[("resnet18_cifar", 32), ("resnet18", 224)], duration=10.0, rounds=5, min_iters=100,
                 suite="tests")

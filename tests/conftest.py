@@ -40,8 +40,8 @@ NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests under tests/cuda are the CUDA suite: mark them `cuda`; skip every `cuda` test without a GPU."""
-    suite = config.rootpath / "tests" / "cuda"
+    """Tests under tests/gpu are the CUDA suite: mark them `cuda`; skip every `cuda` test without a GPU."""
+    suite = config.rootpath / "tests" / "gpu"
     have_cuda = torch.cuda.is_available()
     for item in items:
         if suite in item.path.parents:

@@ -16,7 +16,7 @@ import torch
 from irep_deploy import ArchCode, load_checkpoint
 from irep_deploy.cli import main
 
-# tests/conftest.py marks every test under tests/cuda `cuda` and skips it, with the reason, without CUDA.
+# tests/conftest.py marks every test under tests/gpu `cuda` and skips it, with the reason, without CUDA.
 pytest.importorskip("sklearn")  # digits
 
 BACKBONE = "resnet18_cifar"

@@ -1,6 +1,6 @@
 """The CUDA suite (`pytest -m cuda`, `make test-gpu`): every test here needs a CUDA GPU.
 
-tests/conftest.py gives each test collected under tests/cuda the ``cuda`` marker and, where torch
+tests/conftest.py gives each test collected under tests/gpu the ``cuda`` marker and, where torch
 sees no CUDA device, skips it with that reason (as it does for a ``cuda``-marked test anywhere), so
 the suite runs everywhere and says plainly what it could not run.
 """
