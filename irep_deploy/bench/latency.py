@@ -267,7 +267,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring."""
     path = str(model)
     if json_out is not None:
-        check_writable(json_out)
+        check_writable(json_out, inputs=(model, arch))
     if not Path(path).exists():
         raise IrepError("{}: no such file".format(path))
     if not batches or min(batches) < 1:
