@@ -123,6 +123,7 @@ CASES: List[Case] = [
     C("numeric flag", "bench {deploy} --input-size 0", 2, "--input-size"),
     C("numeric flag", "bench {deploy} --batch 1000000000", 2, "--batch"),
     C("numeric flag", "bench {deploy} --batch 1,x", 2, "--batch"),
+    C("numeric flag", "bench {onnx} --batch 0", 2, "--batch"),
     C("numeric flag", "bench {deploy} --duration nan", 2, "--duration"),
     C("numeric flag", "bench {deploy} --duration -1", 2, "--duration"),
     C("numeric flag", "bench {deploy} --warmup inf", 2, "--warmup"),

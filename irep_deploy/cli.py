@@ -413,7 +413,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="bench multi-branch, fused and plain backbone of the same shape and print the ratios")
     p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
-    p.add_argument("--duration", type=_float_in(0.0, 86400.0, lo_open=True), default=3.0, help="timed run in seconds (default 3)")
+    p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
     p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")
     p.add_argument("--rounds", type=_int_in(1, 1000), default=1,
                    help="split the run into rounds that interleave the models (fairer on a busy machine)")
@@ -487,7 +487,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     previous = _set_sigint(on_sigint)
     try:
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
+            return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
         command += " " + args.command
         return args.handler(args)
     except IrepError as exc:

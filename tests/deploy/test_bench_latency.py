@@ -71,7 +71,6 @@ def test_force_runs_on_the_wrong_device_and_says_so(fused_onnx, capsys):
     (["{deploy}", "--arch", "{arch}"], "already fused"),
     (["{dir}/nothing.pt"], "no such file"),
     (["{junk}"], "not a readable checkpoint"),
-    (["{onnx}", "--batch", "0"], "at least 1"),
     (["{onnx}", "--providers", "cuda"], "not available"),
     (["{supernet}"], "SuperNet"),
 ])
