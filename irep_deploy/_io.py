@@ -62,6 +62,16 @@ def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] =
     return data
 
 
+MAX_ARCH_BYTES = 1 << 20  # the largest real architecture code (resnet50, 16 ops) is about 2 KB
+
+
+def read_arch_bytes(path: PathLike) -> bytes:
+    """The bytes of an architecture-code file, bounded; here (no torch import) so that `show` of a
+    huge file or /dev/zero answers before torch is loaded."""
+    from .errors import ArchFormatError
+    return read_bounded(path, MAX_ARCH_BYTES, "an architecture code", ArchFormatError)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(str(a), str(b))  # hard links, symlinks

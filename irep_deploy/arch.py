@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ._io import atomic_write, clip, quote, read_bounded
+from ._io import atomic_write, clip, quote, read_arch_bytes
 from .errors import ArchFormatError, ArchMismatchError
 from .ops import REGISTRY, SPACES, check_ops
 
@@ -240,8 +240,12 @@ class ArchCode:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ArchCode":
-        path = Path(path)
-        raw = read_bounded(path, MAX_FILE_BYTES, "an architecture code", ArchFormatError)
+        return cls.from_bytes(read_arch_bytes(path), str(path))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str) -> "ArchCode":
+        """Parse the file contents ``raw`` (read with :func:`read_arch_bytes`); errors name ``source``."""
+        path = source
         try:
             text = raw.decode("utf-8")
             if "\x00" in text:
@@ -281,7 +285,6 @@ class ArchCode:
         return "\n".join(out)
 
 
-MAX_FILE_BYTES = 1 << 20  # the largest real code (resnet50, 16 ops) is about 2 KB
 MAX_LINE = 400
 
 

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import re
 import signal
 import sys
 import threading
-from typing import Any, Callable, List, NoReturn, Optional
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from ._io import quote
+from ._io import quote, read_arch_bytes
 from .errors import IrepError, Terminated
 
 Handler = Callable[[argparse.Namespace], int]
@@ -66,6 +67,25 @@ _COUNT = _int_in(1, 10 ** 9)
 _TOLERANCE = _float_in(0.0, 1e6)
 
 
+class _LazyChoices(Sequence):
+    """``choices`` read from a library module on first use: building the parser imports no torch."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def _values(self) -> Sequence[str]:
+        return getattr(importlib.import_module(self.module, __package__), self.name)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._values()[index]
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with usage errors as one line (no usage block): ``irep-deploy fuse: error: ...``."""
 
@@ -88,8 +108,9 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    raw = read_arch_bytes(args.arch)  # bounded, before torch loads: a huge file is refused at once
     from .arch import ArchCode
-    print(ArchCode.load(args.arch).format_table())
+    print(ArchCode.from_bytes(raw, args.arch).format_table())
     return 0
 
 
@@ -229,9 +250,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser, settings: bool) -> None:
-    from .data import DATASETS
-    p.add_argument("--dataset", choices=DATASETS,
-                   help="dataset (default: fashion-mnist for train, the checkpoint's own for eval)")
+    p.add_argument("--dataset", choices=_LazyChoices(".data", "DATASETS"), metavar="NAME",
+                   help="%(choices)s (default: fashion-mnist for train, the checkpoint's own for eval)")
     p.add_argument("--data-root", help="dataset directory (default: the Debian package's for fashion-mnist)")
     p.add_argument("--val-fraction", type=_float_in(0.0, 1.0, hi_open=True), default=None if settings else 0.0,
                    help="fraction of the training set held out as the val split (default 0)")
@@ -283,7 +303,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .engines.onnx import export
-    report = export(args.ckpt, out=args.output, arch=args.arch, opset=args.opset, input_size=args.input_size,
+    opset = {"opset": args.opset} if args.opset is not None else {}  # else the library's default
+    report = export(args.ckpt, out=args.output, arch=args.arch, input_size=args.input_size, **opset,
                     batch=args.batch, simplify=args.simplify, verify_batch=args.verify_batch,
                     tolerance=args.tolerance, seed=args.seed, input_name=args.input_name,
                     output_name=args.output_name)
@@ -302,7 +323,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .engines.onnx import DEFAULT_OPSET, SIMPLIFIERS
     p = sub.add_parser("export", help="export a deploy checkpoint to ONNX, verified with onnxruntime",
                        description="Export a fused (deploy) checkpoint, or a multi-branch checkpoint which is fused "
                                    "first, to ONNX with the legacy exporter; simplify, run onnx.checker, and compare "
@@ -311,12 +331,12 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="architecture code for a multi-branch checkpoint (default: the one it was "
                                   "trained with; required for a SuperNet)")
     p.add_argument("-o", "--output", help="ONNX file to write (default: CKPT with suffix .onnx)")
-    p.add_argument("--opset", type=_int_in(1, 1000), default=DEFAULT_OPSET,
-                   help="ONNX opset (default {}, the highest TensorRT 8.5 reads)".format(DEFAULT_OPSET))
+    p.add_argument("--opset", type=_int_in(1, 1000),
+                   help="ONNX opset (default: the highest TensorRT 8.5 reads, irep_deploy.engines.onnx.DEFAULT_OPSET)")
     p.add_argument("--input-size", type=_SIZE, help="spatial input size (default: the model's)")
     p.add_argument("--batch", type=_BATCH, help="fix the batch size (default: dynamic batch axis)")
-    p.add_argument("--simplify", choices=SIMPLIFIERS, default="auto",
-                   help="graph simplifier (auto: onnxslim, else onnxsim, else none)")
+    p.add_argument("--simplify", choices=_LazyChoices(".engines.onnx", "SIMPLIFIERS"), default="auto", metavar="NAME",
+                   help="%(choices)s: graph simplifier (auto: onnxslim, else onnxsim, else none)")
     p.add_argument("--verify-batch", type=_int_in(2, MAX_BATCH), default=4, help="batch >1 of the onnxruntime check (default 4)")
     p.add_argument("--tolerance", type=_TOLERANCE, default=1e-4,
                    help="largest relative error onnxruntime vs torch, max|a-b|/max|a| (default 1e-4)")
