@@ -64,6 +64,7 @@ benchmarks: venv data
 	rm -rf runs/budget_sweep
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/budget_sweep.py --jobs 2 --random
 	$(BIN)/python benchmarks/table_models.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bad_input.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -39,6 +39,9 @@ def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError("must be a finite number, got {}".format(text))
         if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            if hi == sys.float_info.max:
+                raise argparse.ArgumentTypeError("must be a finite number {} {:g}, got {:g}".format(
+                    ">" if lo_open else ">=", lo, value))
             raise argparse.ArgumentTypeError("must be in {}{:g}, {:g}{}, got {:g}".format(
                 "(" if lo_open else "[", lo, hi, ")" if hi_open else "]", value))
         return value
@@ -65,6 +68,7 @@ _BATCH = _int_in(1, MAX_BATCH)
 _SIZE = _int_in(1, MAX_SIZE)
 _COUNT = _int_in(1, 10 ** 9)
 _TOLERANCE = _float_in(0.0, 1e6)
+_POSITIVE = _float_in(0.0, sys.float_info.max, lo_open=True)  # any finite value > 0 (a huge lr diverges, by design)
 
 
 class _LazyChoices(Sequence):
@@ -202,7 +206,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=_int_in(1, 100000), help="evolution rounds")
     p.add_argument("--round-epochs", type=_int_in(1, 100000), help="E_p, epochs per round")
     p.add_argument("--batch-size", type=_int_in(1, 1 << 20), help="global batch size")
-    p.add_argument("--lr", type=_float_in(0.0, 1e3, lo_open=True), help="SGD learning rate of the weights (paper: 0.1)")
+    p.add_argument("--lr", type=_POSITIVE, help="SGD learning rate of the weights (paper: 0.1)")
     p.add_argument("--limit", type=_COUNT, help="use at most this many examples per split (CPU-scale runs)")
     p.add_argument("--seed", type=_SEED)
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
@@ -276,9 +280,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True), help="channel width multiplier (default 1.0)")
     p.add_argument("--epochs", type=_int_in(1, 100000), help="epochs (default 10)")
     p.add_argument("--batch-size", type=_int_in(1, 1 << 20), help="global batch size (default 128)")
-    p.add_argument("--lr", type=_float_in(0.0, 1e3, lo_open=True), help="SGD learning rate, cosine-annealed per step (default 0.1)")
+    p.add_argument("--lr", type=_POSITIVE, help="SGD learning rate, cosine-annealed per step (default 0.1)")
     p.add_argument("--momentum", type=_float_in(0.0, 1.0, hi_open=True), help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=_float_in(0.0, 1.0), help="weight decay (default 5e-4)")
+    p.add_argument("--weight-decay", type=_float_in(0.0, sys.float_info.max), help="weight decay (default 5e-4)")
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     p.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, hi_open=True), help="label smoothing (default 0)")
     p.add_argument("--seed", type=_SEED, help="seed of initialisation, order and augmentation (default 0)")
