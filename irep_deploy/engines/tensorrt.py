@@ -111,9 +111,11 @@ def read_meta(engine: PathLike) -> EngineMeta:
         raise IrepError("{}: not valid JSON ({})".format(path, clip(str(exc).splitlines()[0], 100))) from None
     if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
         raise IrepError("{}: not irep-deploy engine metadata".format(path))
-    if not isinstance(raw.get("format_version"), int) or raw["format_version"] > META_VERSION:
-        raise IrepError("{}: metadata format version {!r} is newer than this irep-deploy reads ({})".format(
-            path, raw.get("format_version"), META_VERSION))
+    if not _is_int(raw.get("format_version")):
+        raise IrepError("{}: metadata format version {} is not an integer".format(path, quote(raw.get("format_version"))))
+    if raw["format_version"] > META_VERSION:
+        raise IrepError("{}: metadata format version {} is newer than this irep-deploy reads ({})".format(
+            path, quote(raw.get("format_version")), META_VERSION))
     known = {f.name for f in fields(EngineMeta)}
     required = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "input_name", "output_name",
                 "min_shape", "opt_shape", "max_shape", "onnx_sha256")
