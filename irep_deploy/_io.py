@@ -17,6 +17,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Type, Union
 
@@ -248,3 +249,12 @@ def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
             lines.append(line)
     with atomic_write(path, "w") as handle:
         handle.write("".join(line + "\n" for line in lines))
+
+
+@contextlib.contextmanager
+def no_typed_storage_warning() -> Iterator[None]:
+    """Hide the one warning torch 2.0's ``torch.load(weights_only=True)`` raises about its own
+    internals ("TypedStorage is deprecated"); every other warning still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated", UserWarning)
+        yield

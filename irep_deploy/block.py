@@ -68,9 +68,15 @@ class IrepConv(nn.Module):
         # Keep the space's op order so the sum (and its rounding) does not depend on set order.
         self._active = tuple((i, op) for i, op in enumerate(self.ops) if op in wanted)
 
-    def branch_scales(self) -> torch.Tensor:
-        """sigmoid(alpha_o) * sigmoid(beta) for every op of the space (Eq. 6-7)."""
-        return torch.sigmoid(self.alpha) * torch.sigmoid(self.beta)
+    def branch_scales(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """sigmoid(alpha_o) * sigmoid(beta) for every op of the space (Eq. 6-7), in ``dtype``
+        (default float32 or wider).
+
+        Half parameters are upcast first: torch 2.0 has no float16 sigmoid on the CPU, and a product
+        taken in bf16 is off by up to ~5e-3, which would land in a "float32" fused kernel.
+        """
+        dtype = dtype or compute_dtype(self.alpha.dtype)
+        return torch.sigmoid(self.alpha.to(dtype)) * torch.sigmoid(self.beta.to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
@@ -95,7 +101,7 @@ class IrepConv(nn.Module):
             raise ValueError("no branch for op(s) {} in this block".format(missing))
         pairs = [self.conv.fold(dtype)]
         if names:
-            scales = self.branch_scales().detach().to(dtype)
+            scales = self.branch_scales(dtype).detach()
             index = {op: i for i, op in enumerate(self.ops)}
             for name in sorted(names, key=index.__getitem__):
                 pairs.append(scale_branch(self.branches[name].fused_3x3(dtype), scales[index[name]]))

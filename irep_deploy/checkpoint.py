@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._io import atomic_write, clip, quote
+from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .arch import ArchCode
 from .errors import ArchFormatError, CheckpointError
 from .models import MODELS, build_model, current_arch, model_config
@@ -98,7 +98,7 @@ class Checkpoint:
         """The model this checkpoint was saved from, with its tensors loaded (strictly)."""
         h = self.header
         kwargs = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"],
-                      ops=h["ops"])
+                      ops=h["ops"], input_size=h["input_size"])
         if self.kind == "deploy":
             model = fuse_model(build_model(h["backbone"], **kwargs), inplace=True)
             model.irep_config["arch"] = h["arch"]
@@ -154,7 +154,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if not zipfile.is_zipfile(name):  # torch.save writes zip archives; anything else is damaged or foreign
         raise CheckpointError("{}: not a readable checkpoint (not a torch archive, or truncated)".format(name))
     try:
-        obj = torch.load(name, map_location=map_location, weights_only=True)
+        with no_typed_storage_warning():
+            obj = torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
                               "could run code when unpickled ({})".format(name, clip(_first_line(exc)))) from None

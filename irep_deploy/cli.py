@@ -395,7 +395,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     report = bench(args.model, device=args.device, backends=args.backend, batches=args.batch,
                    warmup_ms=args.warmup, duration_s=args.duration, min_iters=args.iterations,
                    input_size=args.input_size, arch=args.arch, compare=args.compare, force=args.force,
-                   providers=args.providers, threads=args.threads, rounds=args.rounds, json_out=args.json)
+                   providers=args.providers, threads=args.threads, rounds=args.rounds,
+                   spread_warn=args.spread_warn, json_out=args.json)
     print("device: {} ({}); torch {}, onnxruntime {}, TensorRT {}".format(
         report.device["name"], report.device["kind"], report.environment["torch"],
         report.environment["onnxruntime"], report.environment["tensorrt"]))
@@ -425,8 +426,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                                    "min/mean/median/p90/p95/p99 latency, throughput, GPU compute time apart "
                                    "from host latency on a GPU.")
     p.add_argument("model", help="deploy or multi-branch checkpoint, .onnx file, or .engine")
-    p.add_argument("--device", choices=("auto", "cpu", "xavier", "orin", "a100", "h100"), default="auto",
-                   help="device profile; refuses when the machine is another one unless --force (default auto)")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu", "xavier", "orin", "a100", "h100"), default="auto",
+                   help="device profile (gpu: any CUDA GPU); refuses when the machine is another one unless "
+                        "--force (default auto)")
     p.add_argument("--force", action="store_true", help="bench even when the machine is not --device")
     p.add_argument("--backend", type=_csv, help="comma-separated: torch, cudagraph, ort, trt "
                                                "(default: what fits the model and device)")
@@ -439,8 +441,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
     p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
     p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")
-    p.add_argument("--rounds", type=_int_in(1, 1000), default=1,
-                   help="split the run into rounds that interleave the models (fairer on a busy machine)")
+    p.add_argument("--rounds", type=_int_in(1, 1000), default=5,
+                   help="split the run into rounds that interleave the models (fairer on a busy machine); "
+                        "ratios report their per-round spread (default 5)")
+    p.add_argument("--spread-warn", type=_float_in(0.0, 1e6), default=0.10,
+                   help="flag a ratio whose per-round values spread wider than this, as (max - min) / median "
+                        "(default 0.10)")
     p.add_argument("--threads", type=_int_in(1, 1024), help="CPU threads for torch and onnxruntime (default: theirs)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
     p.set_defaults(handler=_cmd_bench)

@@ -7,6 +7,7 @@ Every step is the same library function the CLI step calls.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -44,7 +45,7 @@ class DemoSettings:
     train_limit: Optional[int] = 8000
     bench_batches: List[int] = field(default_factory=lambda: [1, 32])
     bench_duration_s: float = 2.0
-    bench_rounds: int = 3
+    bench_rounds: int = 5
     seed: int = 0
 
     @classmethod
@@ -134,11 +135,14 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     say(steps[-1].note)
 
     # 6. bench
+    from .bench.devices import bench_profile
     from .bench.latency import bench, format_table
     t = step(6, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
-    report = bench(trained.ckpt, device=device, backends=["torch", "ort"], batches=settings.bench_batches,
-                   duration_s=settings.bench_duration_s, compare=True, rounds=settings.bench_rounds,
-                   json_out=out / "bench.json")
+    # bench takes device profiles and runs on the current CUDA device: cuda:N selects that device
+    with torch.cuda.device(torch.device(device)) if device.startswith("cuda:") else contextlib.nullcontext():
+        report = bench(trained.ckpt, device=bench_profile(device), backends=["torch", "ort"],
+                       batches=settings.bench_batches, duration_s=settings.bench_duration_s, compare=True,
+                       rounds=settings.bench_rounds, json_out=out / "bench.json")
     table = format_table(report)
     say(table)
     steps.append(Step("bench", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
@@ -222,11 +226,15 @@ def _markdown(s: Dict[str, Any], table: str, code: ArchCode) -> str:
                   acc["test_examples"], acc["disagreements"], acc["fused_rel_error"]), "",
               "## Latency", "", "```", table, "```", ""]
     if s["latency"]["ratios"]:
-        lines += ["| backend | batch | ratio | value |", "|---|---|---|---|"]
+        from .bench.latency import RATIOS
+        lines += ["| backend | batch | ratio | value | spread over rounds |", "|---|---|---|---|---|"]
         for r in s["latency"]["ratios"]:
-            for key, value in r.items():
-                if key not in ("backend", "batch") and isinstance(value, (int, float)):
-                    lines.append("| {} | {} | {} | {:.3f} |".format(r.get("backend"), r.get("batch"), key, value))
+            for key, _, _, shown in RATIOS:
+                if key in r:
+                    spread = "-" if key + "_spread" not in r else "{:.1%}{}".format(
+                        r[key + "_spread"], " (too wide to trust)" if key in r.get("untrusted", []) else "")
+                    lines.append("| {} | {} | {} | {:.3f} | {} |".format(r["backend"], r["batch"], shown, r[key],
+                                                                        spread))
         lines.append("")
     lines += ["## Steps", "", "| step | seconds | status | note |", "|---|---|---|---|"]
     lines += ["| {} | {:.1f} | {} | {} |".format(st["name"], st["seconds"], st["status"], st["note"]) for st in s["steps"]]

@@ -492,7 +492,7 @@ def _train(run: Path, config: Optional[TrainConfig], resume: bool, data_root: Op
 
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of this seed
     model = build_model(config.backbone, arch=config.code(), num_classes=data.num_classes, width=config.width,
-                        in_channels=data.in_channels)
+                        in_channels=data.in_channels, input_size=data.input_size)
     if config.init_from and state is None:
         init_from_torchvision(model, config.init_from)
     model.to(dev)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -32,3 +33,18 @@ def randomize_arch_params(module: nn.Module, seed: int = 0) -> nn.Module:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max()).item()
+
+
+NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests under tests/cuda are the CUDA suite: mark them `cuda`; skip every `cuda` test without a GPU."""
+    suite = config.rootpath / "tests" / "cuda"
+    have_cuda = torch.cuda.is_available()
+    for item in items:
+        if suite in item.path.parents:
+            item.add_marker(pytest.mark.cuda)
+        if item.get_closest_marker("cuda") and not have_cuda:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))

@@ -51,6 +51,28 @@ def test_supernet_and_deploy_round_trips(tmp_path, model):
         assert rel_err(plain(x), ck.build().eval()(x)) == 0.0
 
 
+def test_header_keeps_the_trained_resolution_through_load_fuse_and_save(tmp_path):
+    assert build_model(NAME).irep_config["input_size"] == 32  # the backbone's default
+    model = build_model(NAME, width=0.125, in_channels=1, input_size=28)
+    save_checkpoint(tmp_path / "ckpt.pt", model)
+    ck = load_checkpoint(tmp_path / "ckpt.pt")
+    assert ck.header["input_size"] == 28
+    save_checkpoint(tmp_path / "deploy.pt", fuse_model(ck.build()))
+    assert load_checkpoint(tmp_path / "deploy.pt").header["input_size"] == 28
+    with pytest.raises(ValueError, match="input size"):
+        build_model(NAME, input_size=0)
+
+
+def test_an_old_checkpoint_with_the_backbone_size_still_loads(tmp_path, model):
+    # Checkpoints written before the header took the dataset's size say 32 for 28x28 models.
+    path = tampered(tmp_path, model, lambda p: p["header"].__setitem__("input_size", 32))
+    ck = load_checkpoint(path)
+    assert ck.header["input_size"] == 32
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), ck.build().eval()(x))
+
+
 def tampered(tmp_path, model, edit):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model)

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import IrepError
 
-PROFILES = ("auto", "cpu", "xavier", "orin", "a100", "h100")
+PROFILES = ("auto", "cpu", "gpu", "xavier", "orin", "a100", "h100")
 # Which GPU names / board models a profile accepts (lower-case substrings).
 _MATCH = {"xavier": ("xavier",), "orin": ("orin",), "a100": ("a100",), "h100": ("h100",)}
 
@@ -169,7 +169,7 @@ def resolve(requested: str = "auto", force: bool = False, info: Optional[DeviceI
     if requested not in PROFILES:
         raise IrepError("unknown device {!r} (choose from {})".format(requested, ", ".join(PROFILES)))
     info = info or detect()
-    if requested in ("auto", "cpu") or requested == info.kind:
+    if requested in ("auto", "cpu") or requested == info.kind or (requested == "gpu" and info.cuda):
         if requested == "cpu":
             return DeviceInfo("cpu", cpu_model(), False, info.jetson, list(info.notes))
         return info
@@ -178,6 +178,17 @@ def resolve(requested: str = "auto", force: bool = False, info: Optional[DeviceI
         raise DeviceMismatchError(message + "; run on that device, or pass --force to benchmark here anyway")
     info.notes.append(message + " (--force: numbers are for this machine, not a {})".format(requested))
     return info
+
+
+def bench_profile(device: str) -> str:
+    """The bench profile for a torch device string, so that callers holding one (``demo --device cuda``)
+    can pass it on: ``cuda``/``cuda:N`` -> ``gpu`` (any CUDA GPU; refused on a machine without one),
+    ``cpu`` -> ``cpu``; profile names pass through unchanged. ``bench`` runs on the current CUDA device."""
+    if device in PROFILES:
+        return device
+    if device == "cuda" or re.fullmatch(r"cuda:\d+", device):
+        return "gpu"
+    raise IrepError("unknown device {!r} (choose from {}, or cuda / cuda:N)".format(device, ", ".join(PROFILES)))
 
 
 def _version(module: str) -> Optional[str]:

@@ -6,9 +6,16 @@ synchronisation) and, on a GPU, with CUDA events on the stream (GPU compute time
 overhead). Statistics: min/mean/median/p90/p95/p99, coefficient of variation (a warning above
 ``cv_warn``), throughput = batch / mean host latency. ``--compare`` benches the multi-branch, the
 fused and the plain backbone of the same shape in one run and reports latency ratios of medians.
+
+The run is split into rounds (default 5) that each run every job, so drift of a shared machine lands
+on all of them alike; with 2+ rounds every ratio is also taken per round and its spread, (max - min) /
+median of the per-round ratios, flags it as untrustworthy above ``spread_warn`` (default 10 %).
+Every backend gets its own placement of the model (torch/cudagraph run a copy on the GPU); the
+onnxruntime label names the providers the session really runs (``session.get_providers()``).
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -30,6 +37,11 @@ from . import devices
 PathLike = Union[str, "os.PathLike[str]"]
 BACKENDS = ("torch", "cudagraph", "ort", "trt")
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+# Rounds by default: one window per model is at the mercy of a shared machine (a single 3-second
+# window once gave fused/plain 0.548 for two networks of identical shape).
+DEFAULT_ROUNDS = 5
+# A ratio whose per-round values spread wider than this (max - min over the median) is flagged.
+SPREAD_WARN = 0.10
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -66,6 +78,7 @@ class Result:
     gpu: Optional[Stats]
     throughput: float  # samples per second (batch / mean host latency)
     warnings: List[str] = field(default_factory=list)
+    round_medians: List[float] = field(default_factory=list)  # host median of each round, in run order
 
 
 def measure_samples(step: Callable[[], Any], sync: Callable[[], None], warmup_ms: float = 200.0,
@@ -120,9 +133,22 @@ def _noop() -> None:
     return None
 
 
-def torch_runner(model: nn.Module, shape: Sequence[int], cuda: bool, graphs: bool = False) -> Runner:
-    device = torch.device("cuda" if cuda else "cpu")
-    model = model.to(device).eval()
+def placed(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device`` in eval mode without touching the caller's module: ``nn.Module.to``
+    moves in place, and the variant's module is shared by every backend (``ort`` exports it on the
+    CPU after ``torch`` ran it on the GPU). On its own device and already in eval mode it is shared."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    here = tensors[0].device if tensors else torch.device("cpu")
+    if here == device and not model.training:
+        return model
+    return copy.deepcopy(model).to(device).eval()
+
+
+def torch_runner(model: nn.Module, shape: Sequence[int], device: Union[str, torch.device],
+                 graphs: bool = False) -> Runner:
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    model = placed(model, device)
     x = torch.randn(*shape, device=device)
     if not cuda:
         def step() -> Any:
@@ -148,13 +174,30 @@ def torch_runner(model: nn.Module, shape: Sequence[int], cuda: bool, graphs: boo
 
 
 def ort_runner(onnx_model: Union[str, bytes], shape: Sequence[int], providers: Optional[Sequence[str]],
-               threads: Optional[int], source: str) -> Runner:
+               threads: Optional[int], source: str) -> Tuple[Runner, str, List[str]]:
+    """(runner, label naming the providers that really run, warnings) for an onnxruntime session."""
     from ..engines import ort as ort_helpers
 
     session = ort_helpers.make_session(onnx_model, providers=providers, threads=threads, source=source)
+    return session_runner(session, shape, ort_helpers.resolve_providers(providers), source)
+
+
+def session_runner(session: Any, shape: Sequence[int], requested: Sequence[str],
+                   source: str) -> Tuple[Runner, str, List[str]]:
+    """Time an existing session; the label and warnings come from ``session.get_providers()``, since
+    onnxruntime falls back to the CPU silently when a GPU provider cannot load (CUDA/cuDNN libraries)."""
+    from ..engines import ort as ort_helpers
+
+    running, missing = ort_helpers.providers_in_use(session, requested)
+    warnings_ = ["{}: onnxruntime was asked for {} but runs on {}: the provider failed to load (check the CUDA/"
+                 "cuDNN libraries onnxruntime needs); these are {} timings".format(
+                     source, ", ".join(missing), ", ".join(running), running[0].replace("ExecutionProvider", ""))
+                 ] if missing else []
+    shown = [p for p in running if p in requested] or running
     name = session.get_inputs()[0].name
     x = np.random.default_rng(0).standard_normal(tuple(shape)).astype(np.float32)
-    return (lambda: session.run(None, {name: x})), _noop, False
+    label = "ort:" + ",".join(p.replace("ExecutionProvider", "") for p in shown)
+    return ((lambda: session.run(None, {name: x})), _noop, False), label, warnings_
 
 
 def trt_runner(engine: PathLike, shape: Sequence[int]) -> Runner:
@@ -216,7 +259,8 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[
     checkpoint = load_checkpoint(path)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
-    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"])
+    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"],
+                    input_size=h["input_size"])
     if not compare:
         if checkpoint.kind == "deploy":
             if arch is not None:
@@ -262,9 +306,12 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
           batches: Sequence[int] = (1,), warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
           input_size: Optional[int] = None, arch: Optional[PathLike] = None, compare: bool = False,
           force: bool = False, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-          cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = 1,
-          json_out: Optional[PathLike] = None) -> BenchReport:
-    """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring."""
+          cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = DEFAULT_ROUNDS,
+          spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None) -> BenchReport:
+    """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring.
+
+    ``device`` is a profile name (:data:`devices.PROFILES`); a torch device string (``cuda``,
+    ``cuda:0``) is mapped by :func:`devices.bench_profile` first."""
     path = str(model)
     if json_out is not None:
         check_writable(json_out, inputs=(model, arch))
@@ -274,10 +321,12 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
         raise IrepError("batch sizes must be at least 1, got {}".format(list(batches)))
     if warmup_ms < 0 or duration_s < 0 or min_iters < 1 or rounds < 1:
         raise IrepError("warm-up and duration must be >= 0, min iterations and rounds >= 1")
+    device = devices.bench_profile(device)
     info = devices.resolve(device, force)
     cuda = info.cuda and device != "cpu"
     kind = _kind(path)
     chosen = _resolve_backends(backends, kind, cuda)
+    ort_providers: List[str] = []
     if "ort" in chosen:
         from ..engines import ort as ort_helpers
         ort_helpers.require_onnxruntime()
@@ -287,61 +336,129 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     if threads:
         torch.set_num_threads(int(threads))
     variants, shape_info, notes = _variants(path, arch, compare)
-    warnings_: List[str] = list(info.notes) + notes
-    jobs: List[Tuple[str, str, int, Runner]] = []
-    for variant in variants:
-        for backend in chosen:
-            onnx_bytes: Optional[bytes] = None
-            for batch in batches:
-                shape = _input_shape(variant, shape_info, input_size, batch)
-                if backend in ("torch", "cudagraph"):
-                    runner = torch_runner(variant.module, shape, cuda, graphs=backend == "cudagraph")
-                    label = backend
-                elif backend == "ort":
-                    if variant.module is not None and onnx_bytes is None:
-                        onnx_bytes = _to_onnx(variant, shape, opset, simplify)
-                    runner = ort_runner(onnx_bytes if onnx_bytes is not None else variant.path, shape,
-                                        ort_providers, threads, variant.path or variant.name)
-                    label = "ort:" + ",".join(p.replace("ExecutionProvider", "") for p in ort_providers)
-                else:
-                    runner = trt_runner(variant.path, shape)
-                    label = "trt"
-                jobs.append((variant.name, label, batch, runner))
-    # Rounds interleave the variants, so that slow drift of a shared machine (other processes,
-    # thermal state) lands on all of them alike instead of on whichever ran last.
-    samples: Dict[int, Tuple[List[float], List[float]]] = {i: ([], []) for i in range(len(jobs))}
-    per_round = duration_s / rounds
-    for r in range(rounds):
-        for i, (name, label, batch, (step, sync, events)) in enumerate(jobs):
-            try:
-                host, gpu = measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
-                                            per_round, max(1, -(-min_iters // rounds)), events)
-            except RuntimeError as exc:  # e.g. an input size the network cannot take
-                raise IrepError("{}: {} failed at batch {}: {}".format(
-                    path, label, batch, (str(exc).splitlines() or ["error"])[0][:160])) from None
-            samples[i][0].extend(host)
-            samples[i][1].extend(gpu)
-    results: List[Result] = []
-    for i, (name, label, batch, _) in enumerate(jobs):
-        host_stats = Stats.of(samples[i][0])
-        res = Result(name, label, batch, host_stats, Stats.of(samples[i][1]) if samples[i][1] else None,
-                     batch * 1000.0 / host_stats.mean)
-        if host_stats.cv > cv_warn:
-            res.warnings.append("high variation: CV {:.1%} > {:.0%} ({} {} batch {}); close other work, lock "
-                                "clocks, or run longer".format(host_stats.cv, cv_warn, name, label, batch))
-        results.append(res)
+    jobs, job_notes = build_jobs(variants, chosen, batches, shape_info, input_size,
+                                 torch.device("cuda" if cuda else "cpu"), ort_providers, threads, opset, simplify,
+                                 source=path)
+    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=path)
+    results = summarise(jobs, samples, cv_warn)
+    table = ratios(results, spread_warn)
     report = BenchReport(
         path, {"requested": device, "kind": info.kind if cuda else "cpu",
                "name": info.name if cuda else devices.cpu_model(), "jetson": info.jetson},
         devices.environment(info),
         {"backends": chosen, "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
-         "min_iters": min_iters, "input_size": input_size, "compare": compare, "threads": threads,
-         "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds},
-        results, ratios(results), harness_overhead_ms(), warnings_ + [w for r in results for w in r.warnings])
+         "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare,
+         "threads": threads, "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds,
+         "spread_warn": spread_warn},
+        results, table, harness_overhead_ms(),
+        list(info.notes) + notes + job_notes + [w for r in results for w in r.warnings] + ratio_warnings(table))
     if json_out is not None:
         with atomic_write(json_out, "w") as handle:
             handle.write(report.to_json())
     return report
+
+
+@dataclass
+class Job:
+    variant: str
+    backend: str  # the label results carry: torch | cudagraph | ort:<providers that run> | trt
+    batch: int
+    runner: Runner
+
+
+def _failed(source: str, label: str, batch: int, exc: Exception) -> IrepError:
+    """A backend's RuntimeError (a size the network cannot take, CUDA out of memory, a capture that
+    fails) as one line naming the model, backend and batch."""
+    return IrepError("{}: {} failed at batch {}: {}".format(
+        source, label, batch, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]))
+
+
+def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Sequence[int],
+               shape_info: Dict[str, Any], input_size: Optional[int], device: torch.device,
+               ort_providers: Sequence[str], threads: Optional[int] = None, opset: int = 17,
+               simplify: str = "auto", source: str = "<model>") -> Tuple[List[Job], List[str]]:
+    """One job per (variant, backend, batch), each with its own placement of the model: ``torch`` and
+    ``cudagraph`` run a copy on ``device``; ``ort`` exports the variant's module as it is (CPU).
+    Returns (jobs, notes)."""
+    jobs: List[Job] = []
+    notes: List[str] = []
+    for variant in variants:
+        on_device: Optional[nn.Module] = None  # one copy per variant, shared by its torch/cudagraph jobs
+        for backend in backends:
+            onnx_bytes: Optional[bytes] = None
+            for batch in batches:
+                shape = _input_shape(variant, shape_info, input_size, batch)
+                label = backend
+                try:
+                    if backend in ("torch", "cudagraph"):
+                        if on_device is None:
+                            on_device = placed(variant.module, device)
+                        runner = torch_runner(on_device, shape, device, graphs=backend == "cudagraph")
+                    elif backend == "ort":
+                        if variant.module is not None and onnx_bytes is None:
+                            onnx_bytes = _to_onnx(variant, shape, opset, simplify)
+                        runner, label, warned = ort_runner(
+                            onnx_bytes if onnx_bytes is not None else variant.path, shape, ort_providers,
+                            threads, variant.path or variant.name)
+                        notes.extend(w for w in warned if w not in notes)
+                    else:
+                        runner = trt_runner(variant.path, shape)
+                except RuntimeError as exc:
+                    raise _failed(source, label, batch, exc) from None
+                jobs.append(Job(variant.name, label, batch, runner))
+    gpu_ort = sorted({j.backend for j in jobs if j.backend.startswith("ort:") and j.backend != "ort:CPU"})
+    if gpu_ort:
+        notes.append("{} timings include the host<->device copies of input and output (numpy in and out); "
+                     "torch, cudagraph and trt timings keep the data on the GPU".format(", ".join(gpu_ort)))
+    return jobs, notes
+
+
+Samples = Tuple[List[float], List[float]]  # (host ms, GPU ms) of one job in one round
+
+
+def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: float = 200.0,
+               duration_s: float = 3.0, min_iters: int = 10, source: str = "<model>",
+               on_round: Optional[Callable[[int], None]] = None) -> List[List[Samples]]:
+    """Run every job once per round, all jobs inside each round (samples[job][round]).
+
+    Rounds interleave the jobs, so that slow drift of a shared machine (other processes, thermal
+    state) lands on all of them alike instead of on whichever ran last; the per-round numbers let
+    :func:`ratios` say how much a ratio moved between rounds. ``on_round(r)`` is called before round r.
+    """
+    samples: List[List[Samples]] = [[] for _ in jobs]
+    per_round = duration_s / rounds
+    failures: Tuple[type, ...] = (RuntimeError,)
+    if any(job.backend.startswith("ort:") for job in jobs):
+        from ..engines import ort as ort_helpers
+        failures += ort_helpers.run_errors()
+    for r in range(rounds):
+        if on_round is not None:
+            on_round(r)
+        for i, job in enumerate(jobs):
+            step, sync, events = job.runner
+            try:
+                samples[i].append(measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
+                                                  per_round, max(1, -(-min_iters // rounds)), events))
+            except failures as exc:  # e.g. an input size the network cannot take, out of memory
+                raise _failed(source, job.backend, job.batch, exc) from None
+    return samples
+
+
+def summarise(jobs: Sequence[Job], samples: Sequence[Sequence[Samples]], cv_warn: float = 0.10) -> List[Result]:
+    """Statistics over all rounds of each job, plus its per-round host medians."""
+    results: List[Result] = []
+    for job, per_round in zip(jobs, samples):
+        host = [v for h, _ in per_round for v in h]
+        gpu = [v for _, g in per_round for v in g]
+        host_stats = Stats.of(host)
+        res = Result(job.variant, job.backend, job.batch, host_stats, Stats.of(gpu) if gpu else None,
+                     job.batch * 1000.0 / host_stats.mean, round_medians=[float(np.median(h)) for h, _ in per_round])
+        if host_stats.cv > cv_warn:
+            res.warnings.append("high variation: CV {:.1%} > {:.0%} ({} {} batch {}); close other work, lock "
+                                "clocks, or run longer".format(host_stats.cv, cv_warn, job.variant, job.backend,
+                                                               job.batch))
+        results.append(res)
+    return results
 
 
 def _input_shape(variant: Variant, shape_info: Dict[str, Any], input_size: Optional[int], batch: int) -> Tuple[int, ...]:
@@ -374,20 +491,55 @@ def _to_onnx(variant: Variant, shape: Sequence[int], opset: int, simplify: str) 
     return data
 
 
-def ratios(results: Sequence[Result]) -> List[Dict[str, Any]]:
-    """Median-latency ratios fused/plain and multi-branch/fused per backend and batch (same run)."""
+RATIOS = (("fused_over_plain", "fused", "plain", "fused/plain"),
+          ("multi_branch_over_fused", "multi-branch", "fused", "multi-branch/fused"))
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median: how far apart the per-round values of a ratio are, relative to its size."""
+    a = np.asarray(values, dtype=np.float64)
+    return float((a.max() - a.min()) / np.median(a))
+
+
+def ratios(results: Sequence[Result], spread_warn: float = SPREAD_WARN) -> List[Dict[str, Any]]:
+    """Median-latency ratios fused/plain and multi-branch/fused per backend and batch (same run).
+
+    The ratio is that of the medians over all rounds; with two or more rounds each row also has the
+    ratio of every round (``<name>_rounds``, from the per-round medians), their :func:`spread`
+    (``<name>_spread``) and ``untrusted``: the names whose spread exceeds ``spread_warn``.
+    """
     table: Dict[Tuple[str, int], Dict[str, Result]] = {}
     for r in results:
         table.setdefault((r.backend, r.batch), {})[r.variant] = r
     out = []
     for (backend, batch), by in table.items():
         row: Dict[str, Any] = {"backend": backend, "batch": batch}
-        if "fused" in by and "plain" in by:
-            row["fused_over_plain"] = by["fused"].host.median / by["plain"].host.median
-        if "multi-branch" in by and "fused" in by:
-            row["multi_branch_over_fused"] = by["multi-branch"].host.median / by["fused"].host.median
+        untrusted = []
+        for name, top, bottom, _ in RATIOS:
+            if top not in by or bottom not in by:
+                continue
+            row[name] = by[top].host.median / by[bottom].host.median
+            per_round = [a / b for a, b in zip(by[top].round_medians, by[bottom].round_medians)]
+            if len(per_round) >= 2:
+                row[name + "_rounds"] = per_round
+                row[name + "_spread"] = spread(per_round)
+                if row[name + "_spread"] > spread_warn:
+                    untrusted.append(name)
         if len(row) > 2:
+            row["untrusted"] = untrusted
             out.append(row)
+    return out
+
+
+def ratio_warnings(table: Sequence[Dict[str, Any]]) -> List[str]:
+    out = []
+    for q in table:
+        for name, _, _, shown in RATIOS:
+            if name in q.get("untrusted", []):
+                rounds = q[name + "_rounds"]
+                out.append("{} ({} batch {}) moved between rounds: {:.3f}-{:.3f}, spread {:.0%} of the median is "
+                           "too wide to trust; rerun on an idle machine, longer or with more --rounds".format(
+                               shown, q["backend"], q["batch"], min(rounds), max(rounds), q[name + "_spread"]))
     return out
 
 
@@ -407,9 +559,13 @@ def format_table(report: BenchReport) -> str:
              for row in rows]
     for q in report.ratios:
         parts = []
-        if "fused_over_plain" in q:
-            parts.append("fused/plain {:.3f}".format(q["fused_over_plain"]))
-        if "multi_branch_over_fused" in q:
-            parts.append("multi-branch/fused {:.3f}".format(q["multi_branch_over_fused"]))
+        for name, _, _, shown in RATIOS:
+            if name in q:
+                text = "{} {:.3f}".format(shown, q[name])
+                if name + "_rounds" in q:
+                    text += " (rounds {:.3f}-{:.3f}, spread {:.1%}{})".format(
+                        min(q[name + "_rounds"]), max(q[name + "_rounds"]), q[name + "_spread"],
+                        ": UNTRUSTED" if name in q["untrusted"] else "")
+                parts.append(text)
         lines.append("ratio ({} batch {}): {}".format(q["backend"], q["batch"], ", ".join(parts)))
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """onnxruntime sessions: creation with a clear error, provider choice, running on numpy arrays."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -67,3 +67,19 @@ def run(session: Any, x: np.ndarray) -> np.ndarray:
     """Run a single-input single-output session."""
     inp = session.get_inputs()[0].name
     return session.run(None, {inp: x})[0]
+
+
+def providers_in_use(session: Any, requested: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(providers the session really runs, requested ones it does not): onnxruntime drops a provider
+    that fails to load (e.g. CUDA without matching cuDNN) with at most a log line, so only
+    ``session.get_providers()`` says what runs."""
+    running = list(session.get_providers())
+    return running, [p for p in requested if p not in running]
+
+
+def run_errors() -> Tuple[type, ...]:
+    """onnxruntime's own exception types (Fail, InvalidArgument, RuntimeException, EPFail, ...): they
+    derive from Exception, not RuntimeError, so callers that turn failures into one line name them."""
+    require_onnxruntime()
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return tuple(t for t in vars(state).values() if isinstance(t, type) and issubclass(t, Exception))

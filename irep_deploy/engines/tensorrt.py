@@ -29,6 +29,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, check_writable, clip, quote, read_bounded
 from ..errors import IrepError, VerificationError
+from ..precision import exact_fp32
 
 PathLike = Union[str, "os.PathLike[str]"]
 META_FORMAT = "irep-deploy-engine"
@@ -360,7 +361,10 @@ def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, toleranc
     shape = [batch] + list(runner.meta.opt_shape[1:])
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     reference = ort_helpers.run(ort_helpers.make_session(str(onnx_path)), x.numpy())
-    got = runner(x).float().cpu().numpy()
+    # The engine's own TF32 is a builder flag (cleared for FP32 builds); torch's is off as well, so that
+    # nothing torch does around the engine rounds to TF32 while the FP32 tolerance is checked.
+    with exact_fp32():
+        got = runner(x).float().cpu().numpy()
     stats = compare_outputs(reference, got)
     if runner.meta.precision == "fp32" and not stats["rel_error"] <= tolerance:
         raise VerificationError("engine output differs from onnxruntime: relative error {:.3g} > {:.3g}; "
@@ -394,11 +398,18 @@ def io_names(trt: Any, engine: Any) -> Tuple[List[str], List[str]]:
 
 
 def execute(trt: Any, engine: Any, context: Any, inputs: Dict[str, torch.Tensor], outputs: Sequence[str],
-            stream_handle: int, empty: Callable[..., torch.Tensor]) -> Dict[str, torch.Tensor]:
+            stream: Any, empty: Callable[..., torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Bind ``inputs`` (contiguous tensors on the engine's device), allocate outputs with ``empty``
-    (shape, dtype) for the current input shapes, and enqueue with execute_async_v3."""
+    (shape, dtype) for the current input shapes, and enqueue on ``stream`` (a torch CUDA stream; its
+    ``cuda_stream`` handle goes to execute_async_v3).
+
+    The engine reads and writes the tensors on ``stream``, which the caching allocator does not know:
+    each is ``record_stream``-ed on it, so its memory is not reused before the engine is done with it.
+    """
     for name, tensor in inputs.items():
-        context.set_input_shape(name, tuple(tensor.shape))
+        if not context.set_input_shape(name, tuple(tensor.shape)):  # False: no profile admits the shape
+            raise IrepError("TensorRT rejects input {!r} of shape {} (outside the engine's optimization "
+                            "profile?)".format(name, "x".join(str(d) for d in tensor.shape)))
         context.set_tensor_address(name, tensor.data_ptr())
     result = {}
     for name in outputs:
@@ -406,8 +417,10 @@ def execute(trt: Any, engine: Any, context: Any, inputs: Dict[str, torch.Tensor]
         tensor = empty(shape, torch_dtype(trt, engine.get_tensor_dtype(name)))
         context.set_tensor_address(name, tensor.data_ptr())
         result[name] = tensor
-    if not context.execute_async_v3(stream_handle):
+    if not context.execute_async_v3(stream.cuda_stream):
         raise IrepError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+    for tensor in list(inputs.values()) + list(result.values()):
+        tensor.record_stream(stream)
     return result
 
 
@@ -461,13 +474,12 @@ class TrtRunner:
             raise IrepError("{}: batch {} is outside the engine's profile {}-{}; rebuild with --min-batch/"
                             "--max-batch".format(self.source, x.shape[0], low, high))
         x = x.to(self.device, self.input_dtype).contiguous()
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            out = execute(self.trt, self.engine, self.context, {self.inputs[0]: x}, self.outputs,
-                          self.stream.cuda_stream,
-                          lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device))
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        x.record_stream(self.stream)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the input is ready on the caller's stream
+        # Input and output live in the caller's stream pool; execute records them on the runner's stream.
+        out = execute(self.trt, self.engine, self.context, {self.inputs[0]: x}, self.outputs, self.stream,
+                      lambda shape, dtype: torch.empty(shape, dtype=dtype, device=self.device))
+        caller.wait_stream(self.stream)  # the caller sees the output only after the engine wrote it
         return out[self.outputs[0]]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

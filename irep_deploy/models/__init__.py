@@ -88,14 +88,17 @@ def _as_code(arch: Union[ArchCode, str, "os.PathLike[str]", None]) -> Optional[A
 
 def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] = None,
                 num_classes: Optional[int] = None, width: float = 1.0, in_channels: int = 3,
-                ops: Optional[Sequence[str]] = None, supernet: bool = False) -> nn.Module:
+                ops: Optional[Sequence[str]] = None, supernet: bool = False,
+                input_size: Optional[int] = None) -> nn.Module:
     """Build a multi-branch network.
 
     ``arch`` (an :class:`ArchCode` or a path to one) says which branches each searchable 3x3 conv
     keeps; None means none (the plain backbone, with BN). ``supernet=True`` builds every available
     branch of the op space and makes ``arch`` (default: all) the active set, so that the search can
     switch codes between forwards. ``ops`` overrides the backbone's default space (an ``arch``
-    brings its own). ``width`` scales every channel count (CPU-scale runs).
+    brings its own). ``width`` scales every channel count (CPU-scale runs). ``input_size`` is the
+    resolution the model is trained and deployed at (default: the backbone's, e.g. 32 for the CIFAR
+    layouts); it changes no layer, it is recorded for the checkpoint header, export and bench.
     """
     try:
         entry = MODELS[name]
@@ -107,11 +110,13 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES[entry.space])
     if width <= 0:
         raise ValueError("width must be positive, got {}".format(width))
+    if input_size is not None and input_size < 1:
+        raise ValueError("input size must be at least 1, got {}".format(input_size))
     num_classes = entry.num_classes if num_classes is None else num_classes
     model = entry.factory(_irep_factory(space), num_classes=num_classes, width=width, in_channels=in_channels)
     model.irep_config = {
         "backbone": name, "num_classes": num_classes, "width": width, "in_channels": in_channels,
-        "ops": list(space), "input_size": entry.input_size, "supernet": bool(supernet),
+        "ops": list(space), "input_size": input_size or entry.input_size, "supernet": bool(supernet),
     }
     if supernet:
         for _, block in searchable_layers(model):

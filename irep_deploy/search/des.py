@@ -167,7 +167,8 @@ class _Search:
         ops = config.ops or list(SPACES[MODELS[config.backbone].space])
         torch.manual_seed(config.seed)  # identical SuperNet initialisation on every rank
         model = build_model(config.backbone, num_classes=self.data.num_classes, width=config.width,
-                            in_channels=self.data.in_channels, ops=ops, supernet=True).to(dev)
+                            in_channels=self.data.in_channels, ops=ops, supernet=True,
+                            input_size=self.data.input_size).to(dev)
         self.layout = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.layout)
         self.scaler = make_scaler(config.amp, dev)

@@ -4,8 +4,16 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+import torch.nn as nn
 
-from irep_deploy.bench.latency import Result, Stats, bench, format_table, ratios
+from irep_deploy import load_checkpoint
+from irep_deploy.bench import devices
+from irep_deploy.bench.latency import (Job, Result, Stats, Variant, _resolve_backends, bench, build_jobs, format_table,
+                                       ratios, run_rounds, session_runner)
+from irep_deploy.engines import ort as ort_helpers
+from irep_deploy.engines.onnx import export_module
+from irep_deploy.errors import IrepError
 
 from .conftest import cli, leftovers, one_line_error
 
@@ -35,11 +43,16 @@ def test_compare_on_multi_branch_checkpoint_writes_json(ckpts, tmp_path, capsys)
                         "--json", out, *FAST)
     assert rc == 0, err
     data = json.loads(out.read_text())
+    # the default backends of the machine: on a GPU also cudagraph, with CUDA-event (GPU) times
+    gpu = torch.cuda.is_available()
+    backends = ("torch", "cudagraph", "ort") if gpu else ("torch", "ort")
     got = {(r["variant"], r["backend"].split(":")[0], r["batch"]) for r in data["results"]}
-    assert got == {(v, b, n) for v in ("multi-branch", "fused", "plain") for b in ("torch", "ort") for n in (1, 2)}
-    assert all(r["host"]["iterations"] >= 3 and r["gpu"] is None for r in data["results"])
+    assert got == {(v, b, n) for v in ("multi-branch", "fused", "plain") for b in backends for n in (1, 2)}
+    for r in data["results"]:
+        assert r["host"]["iterations"] >= 3
+        assert (r["gpu"] is not None) == (gpu and not r["backend"].startswith("ort")), r
     assert {(q["backend"].split(":")[0], q["batch"]) for q in data["ratios"]} == {
-        (b, n) for b in ("torch", "ort") for n in (1, 2)}
+        (b, n) for b in backends for n in (1, 2)}
     env = data["environment"]
     assert env["onnxruntime"] and env["torch"] and "gpu" in env and "tensorrt" in env
     assert "fused/plain" in text and "multi-branch/fused" in text
@@ -58,11 +71,27 @@ def test_bench_onnx_file_and_deploy_checkpoint(ckpts, fused_onnx):
 def test_force_runs_on_the_wrong_device_and_says_so(fused_onnx, capsys):
     rc, out, err = cli(capsys, "bench", fused_onnx, "--device", "h100", "--force", *FAST)
     assert rc == 0, err
-    assert "--device h100 was asked for" in out
+    # the note depends on what this machine is: none on an H100, where nothing was forced
+    assert ("--device h100 was asked for" in out) == (devices.detect().kind != "h100"), out
+
+
+def test_gpu_profile_takes_any_cuda_gpu(fused_onnx, capsys):
+    rc, out, err = cli(capsys, "bench", fused_onnx, "--device", "gpu", "--force", *FAST)
+    assert rc == 0, err
+    assert ("--device gpu was asked for" in out) == (not torch.cuda.is_available()), out
+
+
+def _not_here(profile: str) -> bool:
+    return devices.detect().kind != profile
+
+
+def _ort_has(provider: str) -> bool:
+    return provider in ort_helpers.available_providers()
 
 
 @pytest.mark.parametrize("argv, expect", [
-    (["{onnx}", "--device", "xavier"], "--device xavier was asked for"),
+    pytest.param(["{onnx}", "--device", "xavier"], "--device xavier was asked for",
+                 marks=pytest.mark.skipif(not _not_here("xavier"), reason="this machine is a Xavier")),
     (["{onnx}", "--compare"], "--compare needs a checkpoint"),
     (["{onnx}", "--backend", "torch"], "cannot run"),
     (["{deploy}", "--backend", "trt"], "build-trt"),
@@ -71,7 +100,8 @@ def test_force_runs_on_the_wrong_device_and_says_so(fused_onnx, capsys):
     (["{deploy}", "--arch", "{arch}"], "already fused"),
     (["{dir}/nothing.pt"], "no such file"),
     (["{junk}"], "not a readable checkpoint"),
-    (["{onnx}", "--providers", "cuda"], "not available"),
+    pytest.param(["{onnx}", "--providers", "cuda"], "not available",
+                 marks=pytest.mark.skipif(_ort_has("CUDAExecutionProvider"), reason="onnxruntime has CUDA here")),
     (["{supernet}"], "SuperNet"),
 ])
 def test_bench_errors_are_one_line_and_write_nothing(ckpts, fused_onnx, tmp_path, capsys, argv, expect):
@@ -93,3 +123,86 @@ def test_bench_engine_without_tensorrt(tmp_path, capsys):
     engine.write_bytes(b"\0" * 16)
     rc, _, err = cli(capsys, "bench", engine, *FAST)
     assert rc == 1 and "m.engine" in one_line_error(err)
+
+
+def test_torch_jobs_leave_the_shared_module_where_it_is(ckpts):
+    """The torch job runs its own copy on the device (meta stands in for CUDA here: any device other than
+    the module's), so the ort job after it still exports the CPU module (issue 15, item 1)."""
+    assert _resolve_backends(None, "checkpoint", cuda=True) == ["torch", "cudagraph", "ort"]
+    module = load_checkpoint(ckpts["deploy"]).build().eval()
+    before = [(p.device, p.data_ptr()) for p in module.parameters()]
+    jobs, _ = build_jobs([Variant("fused", module)], ["torch", "ort"], [1], {"in_channels": 3, "input_size": 32},
+                         None, torch.device("meta"), ["CPUExecutionProvider"])
+    assert [(p.device, p.data_ptr()) for p in module.parameters()] == before
+    assert [(j.variant, j.backend) for j in jobs] == [("fused", "torch"), ("fused", "ort:CPU")]
+    assert jobs[0].runner[0]().device.type == "meta"  # the torch job really runs on the other device
+
+
+def test_backend_failure_while_preparing_is_one_line():
+    class WrongWidth(nn.Module):  # a real network that cannot take the bench input (4-D into a 5-wide Linear)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x)
+
+    with pytest.raises(IrepError) as info:
+        build_jobs([Variant("fused", WrongWidth().eval())], ["ort"], [1], {"in_channels": 3, "input_size": 4},
+                   None, torch.device("cpu"), ["CPUExecutionProvider"], source="m.pt")
+    assert str(info.value).startswith("m.pt: ort failed at batch 1: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(_ort_has("CUDAExecutionProvider"), reason="onnxruntime has the CUDA provider here")
+def test_ort_label_and_warning_say_what_really_runs(ckpts):
+    """onnxruntime given the CUDA provider where it cannot load it runs on the CPU (a real fallback, with a
+    UserWarning at most): the result must say ort:CPU and warn, not claim ort:CUDA (issue 15, item 8)."""
+    import onnxruntime
+
+    module = load_checkpoint(ckpts["deploy"]).build().eval()
+    data = export_module(module, (1, 3, 32, 32)).SerializeToString()
+    with pytest.warns(UserWarning):
+        session = onnxruntime.InferenceSession(data, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    (step, _, events), label, warned = session_runner(session, (2, 3, 32, 32), ["CUDAExecutionProvider"], "m.onnx")
+    assert label == "ort:CPU" and not events
+    assert len(warned) == 1 and "asked for CUDAExecutionProvider but runs on CPUExecutionProvider" in warned[0]
+    assert step()[0].shape == (2, 10)
+
+
+def test_ort_on_the_cpu_provider_has_no_warning(ckpts):
+    module = load_checkpoint(ckpts["deploy"]).build().eval()
+    session = ort_helpers.make_session(export_module(module, (1, 3, 32, 32)).SerializeToString())
+    _, label, warned = session_runner(session, (1, 3, 32, 32), ["CPUExecutionProvider"], "m.onnx")
+    assert (label, warned) == ("ort:CPU", [])
+
+
+def test_torch_device_names_map_to_bench_profiles(ckpts):
+    """`demo --device cuda` hands its torch device to bench, which takes profiles (issue 15, item 3)."""
+    assert [devices.bench_profile(d) for d in ("cuda", "cuda:1", "cpu", "auto", "h100")] == [
+        "gpu", "gpu", "cpu", "auto", "h100"]
+    with pytest.raises(IrepError, match="unknown device 'tpu'"):
+        devices.bench_profile("tpu")
+    cpu = devices.DeviceInfo("cpu", "some CPU", False)
+    with pytest.raises(devices.DeviceMismatchError, match="--device gpu was asked for"):
+        devices.resolve("gpu", info=cpu)
+    h100 = devices.DeviceInfo("h100", "NVIDIA H100 80GB HBM3", True)
+    assert devices.resolve("gpu", info=h100) is h100
+    # through bench itself: on this machine "cuda" means its GPU, or a refusal where there is none
+    if torch.cuda.is_available():
+        report = bench(ckpts["deploy"], device="cuda", backends=["torch"], warmup_ms=0, duration_s=0, min_iters=2)
+        assert report.results[0].gpu is not None
+    else:
+        with pytest.raises(devices.DeviceMismatchError, match="--device gpu was asked for"):
+            bench(ckpts["deploy"], device="cuda", backends=["torch"], warmup_ms=0, duration_s=0, min_iters=2)
+
+
+def test_onnxruntime_failure_while_timing_is_one_line(ckpts):
+    """onnxruntime's errors are not RuntimeErrors: a fixed-batch model fed another batch must still end
+    in one line naming model, backend and batch."""
+    module = load_checkpoint(ckpts["deploy"]).build().eval()
+    data = export_module(module, (1, 3, 32, 32), dynamic_batch=False).SerializeToString()
+    runner, label, _ = session_runner(ort_helpers.make_session(data), (2, 3, 32, 32), ["CPUExecutionProvider"], "m")
+    with pytest.raises(IrepError) as info:
+        run_rounds([Job("onnx", label, 2, runner)], rounds=1, warmup_ms=0, duration_s=0, min_iters=1,
+                   source="m.onnx")
+    assert str(info.value).startswith("m.onnx: ort:CPU failed at batch 2: ") and "\n" not in str(info.value)

@@ -1,6 +1,8 @@
 """`irep-deploy export` with real onnx/onnxruntime on CPU."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -76,6 +78,35 @@ def test_multi_branch_graph_keeps_its_branches(ckpts):
     multi = load_checkpoint(ckpts["multi"]).build().eval()
     ops = op_types(onnx_engine.export_module(multi, (1, 3, 32, 32)))
     assert ops["Conv"] > 20
+
+
+class _Chatty(torch.nn.Module):
+    """A user's model that warns and prints while it is traced."""
+
+    def forward(self, x):
+        warnings.warn("the user's own warning", UserWarning)
+        print("the user's own print")
+        return x * 2
+
+
+def test_export_hides_only_torchs_own_noise(capsys):
+    # torch 2.0 prints an empty diagnostic summary after every export, new torch warns that the
+    # legacy exporter is deprecated; neither reaches the user. What the user's model says still does.
+    with pytest.warns(UserWarning) as seen:  # records every warning, DeprecationWarnings included
+        onnx_engine.export_module(_Chatty(), (1, 3, 4, 4))
+    assert [str(w.message) for w in seen] == ["the user's own warning"]
+    out = capsys.readouterr().out
+    assert "the user's own print" in out and "Diagnostic Run" not in out
+
+
+def test_load_checkpoint_hides_only_the_typed_storage_warning(ckpts):
+    # torch 2.0's torch.load(weights_only=True) warns about TypedStorage, its own internals.
+    from irep_deploy._io import no_typed_storage_warning
+    with pytest.warns(UserWarning) as seen:
+        load_checkpoint(ckpts["deploy"])
+        with no_typed_storage_warning():
+            warnings.warn("the user's own warning", UserWarning)
+    assert [str(w.message) for w in seen] == ["the user's own warning"]
 
 
 @pytest.mark.parametrize("argv, expect", [

@@ -9,7 +9,7 @@ from irep_deploy.engines.tensorrt import BuildOptions, build_serialized, execute
 from irep_deploy.errors import IrepError
 
 from . import trt_standins
-from .trt_standins import args_of, called
+from .trt_standins import StreamStandIn, args_of, called, recorded
 
 VERSIONS = ["8.5.2.2", "10.3.0", "11.0.0"]
 SHAPES = dict(min_shape=(1, 3, 32, 32), opt_shape=(4, 3, 32, 32), max_shape=(32, 3, 32, 32))
@@ -73,13 +73,28 @@ def test_runtime_uses_named_tensors_and_v3_only(version):
     context = engine.create_execution_context()
     inputs, outputs = io_names(trt, engine)
     assert (inputs, outputs) == (["input"], ["logits"])
-    x = torch.randn(3, 3, 32, 32)  # CPU tensors stand in for CUDA buffers: only addresses are passed
-    out = execute(trt, engine, context, {"input": x}, outputs, 0, lambda s, d: torch.empty(s, dtype=d))
+    x = recorded(torch.randn(3, 3, 32, 32))  # CPU tensors stand in for CUDA buffers: only addresses are passed
+    stream = StreamStandIn()
+    out = execute(trt, engine, context, {"input": x}, outputs, stream,
+                  lambda s, d: recorded(torch.empty(s, dtype=d)))
     assert out["logits"].shape == (3, 10) and out["logits"].dtype == torch.float32
     assert args_of(log, "IExecutionContext.set_input_shape") == [("input", (3, 3, 32, 32))]
-    assert args_of(log, "IExecutionContext.execute_async_v3") == [(0,)]
+    assert args_of(log, "IExecutionContext.execute_async_v3") == [(stream.cuda_stream,)]
     assert ("IExecutionContext.set_tensor_address", ("input", x.data_ptr())) in log
     assert not set(called(log)) & trt_standins.DEPRECATED_85
+    # the engine used both buffers on its stream: the caching allocator must be told (record_stream)
+    assert x.recorded == [stream] and out["logits"].recorded == [stream]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_rejected_input_shape_is_a_one_line_error(version):
+    trt, log = trt_standins.make(version, max_batch=4)
+    engine = trt.Runtime(trt.Logger()).deserialize_cuda_engine(b"plan")
+    with pytest.raises(IrepError) as info:
+        execute(trt, engine, engine.create_execution_context(), {"input": recorded(torch.randn(5, 3, 32, 32))},
+                ["logits"], StreamStandIn(), lambda s, d: recorded(torch.empty(s, dtype=d)))
+    assert "rejects input 'input' of shape 5x3x32x32" in str(info.value) and "\n" not in str(info.value)
+    assert "IExecutionContext.execute_async_v3" not in called(log)
 
 
 def test_standins_really_lack_removed_apis():

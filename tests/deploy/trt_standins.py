@@ -11,6 +11,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, Dict, List, Tuple
 
+import torch
+
 COMMON_BUILDER_FLAGS = ["FP16", "INT8", "DEBUG", "GPU_FALLBACK", "REFIT", "DISABLE_TIMING_CACHE", "TF32",
                         "SPARSE_WEIGHTS", "SAFETY_SCOPE", "OBEY_PRECISION_CONSTRAINTS",
                         "PREFER_PRECISION_CONSTRAINTS", "DIRECT_IO", "REJECT_EMPTY_ALGORITHMS"]
@@ -56,8 +58,11 @@ def _enum(names: List[str]) -> SimpleNamespace:
     return SimpleNamespace(**{n: i for i, n in enumerate(names)})
 
 
-def make(version: str, dla_cores: int = 0, out_shape: Tuple[int, ...] = (2, 10)) -> Tuple[Any, List]:
-    """(stand-in tensorrt module, call log) for version '8.5.2.2', '10.3.0' or '11.0.0'."""
+def make(version: str, dla_cores: int = 0, out_shape: Tuple[int, ...] = (2, 10),
+         max_batch: int = 32) -> Tuple[Any, List]:
+    """(stand-in tensorrt module, call log) for version '8.5.2.2', '10.3.0' or '11.0.0'.
+
+    ``set_input_shape`` answers False (as TensorRT does) for a batch above the profile's ``max_batch``."""
     major = int(version.split(".")[0])
     log: List[Tuple[str, tuple]] = []
     flags = list(COMMON_BUILDER_FLAGS) + (["STRICT_TYPES"] if major < 10 else [])
@@ -109,7 +114,8 @@ def make(version: str, dla_cores: int = 0, out_shape: Tuple[int, ...] = (2, 10))
 
     def context() -> _Obj:
         members: Dict[str, Any] = {
-            "set_input_shape": lambda name, shape: state["shapes"].__setitem__(name, shape) or True,
+            "set_input_shape": lambda name, shape: shape[0] <= max_batch and (
+                state["shapes"].__setitem__(name, shape) or True),
             "get_tensor_shape": lambda name: (state["shapes"]["input"][0],) + out_shape[1:],
             "set_tensor_address": lambda name, ptr: True,
             "execute_async_v3": lambda stream: True}
@@ -146,3 +152,22 @@ def called(log: List[Tuple[str, tuple]]) -> List[str]:
 def args_of(log: List[Tuple[str, tuple]], name: str) -> List[tuple]:
     return [args for n, args in log if n == name]
 
+
+
+class StreamStandIn:
+    """NOT a CUDA stream: the handle TensorRT gets (``cuda_stream``), for CPU tests."""
+    cuda_stream = 7
+
+
+class RecordedTensor(torch.Tensor):
+    """A CPU tensor standing in for a CUDA buffer that logs ``record_stream`` (CPU tensors have none)."""
+    recorded: List[Any]
+
+    def record_stream(self, stream: Any) -> None:  # type: ignore[override]
+        self.recorded.append(stream)
+
+
+def recorded(tensor: "torch.Tensor") -> RecordedTensor:
+    out = tensor.as_subclass(RecordedTensor)
+    out.recorded = []
+    return out

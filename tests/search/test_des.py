@@ -47,6 +47,7 @@ def test_search_writes_every_output(reference):
                  "config.json"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
+    assert load_checkpoint(run / "supernet.pt").header["input_size"] == 8  # digits' resolution
     pop = json.loads((run / "population.json").read_text())
     best = ArchCode.load(run / "arch.bin")
     budget = best.budget(2 / 3)

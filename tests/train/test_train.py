@@ -61,9 +61,10 @@ def test_run_writes_a_fusable_checkpoint_and_fused_accuracy_agrees(trained, tmp_
     assert report.multi_branch.examples == report.fused.examples == len(load_data("digits").test)
     ck = load_checkpoint(run / "ckpt.pt")
     assert ck.kind == "multi-branch" and ck.arch == CODE
+    assert ck.header["input_size"] == 8  # the resolution trained at (digits), not the backbone's 32
     assert ck.header["extra"]["test_top1"] == report.multi_branch.top1
     deploy = tmp_path / "deploy.pt"
-    fuse(run / "ckpt.pt", run / "arch.bin", out=deploy, input_size=8)
+    fuse(run / "ckpt.pt", run / "arch.bin", out=deploy)  # checked at the header's size
     # `eval` on the multi-branch and on the deploy checkpoint: the accuracy train reported.
     for path in (run / "ckpt.pt", deploy):
         res = evaluate(path, dataset="digits", device="cpu")
