@@ -105,6 +105,7 @@ benchmarks: venv data
 	$(BIN)/python benchmarks/table_models.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_step_sync.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_population_eval.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bad_input.py
 
 clean:
 	rm -rf $(VENV) $(VENV38) .pytest_cache .hypothesis

@@ -1,16 +1,32 @@
-"""irep-deploy: search, train, fuse and deploy re-parameterized CNNs (IREPS + DES)."""
+"""irep-deploy: search, train, fuse and deploy re-parameterized CNNs (IREPS + DES).
+
+The public names are imported on first use (PEP 562), so ``import irep_deploy`` and the CLI start
+without importing torch: Ctrl-C while torch loads is then caught by the CLI like any other moment.
+"""
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .arch import ArchCode  # noqa: E402
-from .block import IrepConv  # noqa: E402
-from .checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint  # noqa: E402
-from .errors import IrepError  # noqa: E402
-from .models import apply_arch, build_model, current_arch  # noqa: E402
-from .reparam import fuse_model, to_torchvision  # noqa: E402
+_EXPORTS = {
+    "ArchCode": "arch", "IrepConv": "block", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "IrepError": "errors", "apply_arch": "models",
+    "build_model": "models", "current_arch": "models", "fuse_model": "reparam", "to_torchvision": "reparam",
+}
 
-__all__ = [
-    "__version__", "ArchCode", "IrepConv", "Checkpoint", "IrepError", "apply_arch", "build_model",
-    "current_arch", "fuse_model", "to_torchvision", "save_checkpoint", "load_checkpoint", "load_model",
-]
+__all__ = ["__version__"] + sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError("module 'irep_deploy' has no attribute {!r}".format(name))
+    value = getattr(importlib.import_module("." + module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> Any:
+    return sorted(list(globals()) + list(_EXPORTS))

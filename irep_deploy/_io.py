@@ -1,54 +1,96 @@
-"""Atomic file output: a reader never sees a half-written file, a failure leaves nothing behind."""
+"""File input and output that cannot lose or half-write a file.
+
+Atomic writes: a reader never sees a half-written file; a failure, Ctrl-C or SIGTERM leaves nothing
+behind. The temporary file is ``.NAME.PID.XXXXXXXX.tmp`` beside NAME; one left by a run killed with
+SIGKILL is removed by the next write of NAME once its PID is no longer a live process on this machine
+(or, for a name without a PID, once it is more than a minute old). Readers are bounded in size, and
+outputs are refused when they are one of the command's inputs.
+"""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import shutil
+import signal
 import tempfile
+import threading
+import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterator, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Type, Union
 
-from .errors import IrepError
+from .errors import IrepError, Terminated, UsageError
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+STALE_TMP_SECONDS = 60.0  # a temp file without a PID part older than this is a leftover
 
-@contextlib.contextmanager
-def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+def quote(text: Any, limit: int = 80) -> str:
+    """``repr`` of ``text`` cut to about ``limit`` characters, for error lines about untrusted input."""
+    r = repr(text)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def clip(text: str, limit: int = 120) -> str:
+    """``text`` cut at a word boundary to at most ``limit`` characters, marked with '...' when cut."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut) + "..."
+
+
+def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] = IrepError) -> bytes:
+    """The bytes of ``path``, refused (one line naming it) when it holds more than ``limit`` bytes.
+
+    Reads at most ``limit + 1`` bytes, so devices and FIFOs (``/dev/zero``) cannot exhaust memory.
     """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    p = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(directory))
+        with open(str(p), "rb") as handle:
+            data = handle.read(limit + 1)
+    except FileNotFoundError:
+        raise error("{}: no such file".format(p)) from None
+    except IsADirectoryError:
+        raise error("{}: is a directory, not {}".format(p, what)) from None
     except OSError as exc:
-        raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from None
+        raise error("{}: cannot read: {}".format(p, exc.strerror or exc)) from None
+    if len(data) > limit:
+        raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
+    return data
+
+
+MAX_ARCH_BYTES = 1 << 20  # the largest real architecture code (resnet50, 16 ops) is about 2 KB
+
+
+def read_arch_bytes(path: PathLike) -> bytes:
+    """The bytes of an architecture-code file, bounded; here (no torch import) so that `show` of a
+    huge file or /dev/zero answers before torch is loaded."""
+    from .errors import ArchFormatError
+    return read_bounded(path, MAX_ARCH_BYTES, "an architecture code", ArchFormatError)
+
+
+def _same_file(a: Path, b: Path) -> bool:
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, str(path))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        return os.path.samefile(str(a), str(b))  # hard links, symlinks
+    except OSError:
+        return os.path.realpath(str(a)) == os.path.realpath(str(b))  # `..`, symlinked directories
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def check_not_input(path: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = "output") -> None:
+    """Refuse an output that is (or resolves to) one of the command's inputs, before any work."""
+    for inp in inputs:
+        if inp is not None and _same_file(Path(path), Path(inp)):
+            raise UsageError("{}: {} is the input {}; writing it would destroy that input, choose another path"
+                             .format(path, flag, inp))
 
 
-def check_writable(path: PathLike) -> None:
-    """Fail early, before any expensive work, when ``path`` cannot be created."""
+def check_writable(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) -> None:
+    """Fail early, before any expensive work, when ``path`` cannot be created or is an input."""
+    check_not_input(path, inputs)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
@@ -59,6 +101,124 @@ def check_writable(path: PathLike) -> None:
         raise IrepError("{}: cannot write: directory {} is not writable".format(path, directory))
     if path.exists() and not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: file is read-only".format(path))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(path: PathLike) -> None:
+    """Remove temp files of earlier, killed writes of ``path`` (our own name pattern only)."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(?:(\d+)\.)?[A-Za-z0-9_]{6,}\.tmp$")
+    try:
+        names = os.listdir(str(directory))
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if not m:
+            continue
+        tmp = directory / name
+        with contextlib.suppress(OSError):
+            if m.group(1) is not None:
+                stale = int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1)))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS
+            if stale and tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (so cleanup runs); then the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
+
+    On any exception (Ctrl-C and SIGTERM included) the temporary file is removed and ``path`` is
+    left as it was.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    remove_stale_temps(path)
+    with _sigterm_raises():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".{}.{}.".format(path.name, os.getpid()), suffix=".tmp",
+                                       dir=str(directory))
+        except OSError as exc:
+            raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from None
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+            with os.fdopen(fd, mode) as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, str(path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def run_directory(path: PathLike, keep: Callable[[Path], bool]) -> Iterator[Path]:
+    """Create the run directory ``path`` (and missing parents); if the block fails and ``keep(path)``
+    is false (nothing resumable was written), remove what this call created: no empty run directories.
+
+    A path that is a file or cannot be created is one IrepError naming it.
+    """
+    path = Path(path)
+    top: Optional[Path] = None  # the highest directory this call creates
+    probe = path
+    while not probe.exists() and not probe.is_symlink():
+        top = probe
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if path.exists() and not path.is_dir():
+        raise IrepError("{}: is a file, not a run directory".format(path))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from None
+    if not os.access(str(path), os.W_OK):
+        raise IrepError("{}: cannot write: the run directory is not writable".format(path))
+    try:
+        yield path
+    except BaseException:
+        if top is not None and not keep(path):
+            shutil.rmtree(str(top), ignore_errors=True)
+        raise
 
 
 def write_json(path: PathLike, data: Any) -> None:

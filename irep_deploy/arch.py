@@ -6,13 +6,14 @@ module never imports the model code above it.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from ._io import atomic_write
+from ._io import atomic_write, clip, quote, read_arch_bytes
 from .errors import ArchFormatError, ArchMismatchError
 from .ops import REGISTRY, SPACES, check_ops
 
@@ -54,12 +55,28 @@ def register_backbone(name: str, layers: Callable[[], Tuple[LayerSpec, ...]], sp
     BACKBONES[name] = BackboneInfo(name, space, layers)
 
 
+def known_backbones() -> Dict[str, BackboneInfo]:
+    """The registry, with the built-in backbones in it.
+
+    They register themselves when ``irep_deploy.models`` is imported. The package imports nothing
+    eagerly (so the CLI can catch Ctrl-C while torch loads), so a lookup loads them on first use:
+    a registration hook, not a use of the model code by this module.
+    """
+    if not _BUILTINS_LOADED:
+        importlib.import_module(__package__ + ".models")
+        _BUILTINS_LOADED.append(True)
+    return BACKBONES
+
+
+_BUILTINS_LOADED: List[bool] = []
+
+
 def backbone_info(name: str) -> BackboneInfo:
     try:
-        return BACKBONES[name]
+        return known_backbones()[name]
     except KeyError:
-        raise ArchMismatchError("unknown backbone {!r} (known: {})".format(
-            name, ", ".join(sorted(BACKBONES)))) from None
+        raise ArchMismatchError("unknown backbone {} (known: {})".format(
+            quote(name), ", ".join(sorted(BACKBONES)))) from None
 
 
 def budget_count(capacity: int, ratio: float) -> int:
@@ -223,17 +240,16 @@ class ArchCode:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ArchCode":
-        path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise ArchFormatError("{}: no such file".format(path)) from None
-        except IsADirectoryError:
-            raise ArchFormatError("{}: is a directory, not an architecture code".format(path)) from None
-        except OSError as exc:
-            raise ArchFormatError("{}: cannot read: {}".format(path, exc.strerror or exc)) from None
+        return cls.from_bytes(read_arch_bytes(path), str(path))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str) -> "ArchCode":
+        """Parse the file contents ``raw`` (read with :func:`read_arch_bytes`); errors name ``source``."""
+        path = source
         try:
             text = raw.decode("utf-8")
+            if "\x00" in text:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
         except UnicodeDecodeError:
             raise ArchFormatError("{}: not an architecture code (not UTF-8 text; is it a checkpoint?)".format(
                 path)) from None
@@ -269,6 +285,9 @@ class ArchCode:
         return "\n".join(out)
 
 
+MAX_LINE = 400
+
+
 class _Parser:
     KEYS = ("version", "backbone", "ops")
 
@@ -283,6 +302,8 @@ class _Parser:
         rows: List[Tuple[int, str, str]] = []
         lines = text.splitlines()
         for lineno, raw in enumerate(lines, 1):
+            if len(raw) > MAX_LINE:
+                raise self.fail(lineno, "line of {:,} characters (at most {}): {}".format(len(raw), MAX_LINE, quote(raw)))
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -290,7 +311,7 @@ class _Parser:
                 key, _, value = line.partition(":")
                 key = key.strip()
                 if key not in self.KEYS:
-                    raise self.fail(lineno, "unknown key {!r} (expected one of: {})".format(key, ", ".join(self.KEYS)))
+                    raise self.fail(lineno, "unknown key {} (expected one of: {})".format(quote(key), ", ".join(self.KEYS)))
                 if key in header:
                     raise self.fail(lineno, "key {!r} given twice".format(key))
                 if rows:
@@ -300,31 +321,31 @@ class _Parser:
                 continue
             parts = line.split()
             if len(parts) != 2:
-                raise self.fail(lineno, "expected '<layer> <bits>' or 'key: value', got {!r}".format(line))
+                raise self.fail(lineno, "expected '<layer> <bits>' or 'key: value', got {}".format(quote(line)))
             rows.append((lineno, parts[0], parts[1]))
         end = len(lines) + 1
         for key in self.KEYS:
             if key not in header:
                 raise self.fail(end if not rows else rows[0][0], "missing {!r} line before the layer rows".format(key + ":"))
         backbone, ops = header["backbone"], tuple(header["ops"].split())
-        specs = BACKBONES[backbone].layers()
+        specs = known_backbones()[backbone].layers()
         bits: List[Tuple[int, ...]] = []
         seen: Dict[str, int] = {}
         for index, (lineno, name, row) in enumerate(rows):
             if name in seen:
-                raise self.fail(lineno, "layer {} given twice (first on line {})".format(name, seen[name]))
+                raise self.fail(lineno, "layer {} given twice (first on line {})".format(clip(name, 80), seen[name]))
             seen[name] = lineno
             if index >= len(specs):
-                raise self.fail(lineno, "extra row {!r}: {} has only {} searchable layers".format(
-                    name, backbone, len(specs)))
+                raise self.fail(lineno, "extra row {}: {} has only {} searchable layers".format(
+                    quote(name), backbone, len(specs)))
             spec = specs[index]
             if name != spec.name:
                 known = {s.name for s in specs}
                 what = "out of order" if name in known else "not a searchable layer of {}".format(backbone)
-                raise self.fail(lineno, "layer {} is {}; row {} must be {}".format(name, what, index + 1, spec.name))
+                raise self.fail(lineno, "layer {} is {}; row {} must be {}".format(clip(name, 80), what, index + 1, spec.name))
             bad = sorted(set(row) - {"0", "1"})
             if bad:
-                raise self.fail(lineno, "bits may only be 0 or 1, found {!r}".format("".join(bad)))
+                raise self.fail(lineno, "bits may only be 0 or 1, found {}".format(quote("".join(bad))))
             if len(row) != len(ops):
                 raise self.fail(lineno, "{} bits for {} ops (ops: {})".format(len(row), len(ops), " ".join(ops)))
             for op, bit in zip(ops, row):
@@ -340,11 +361,11 @@ class _Parser:
     def _check_key(self, lineno: int, key: str, value: str) -> None:
         if key == "version":
             if value != str(FORMAT_VERSION):
-                raise self.fail(lineno, "unsupported version {!r} (this irep-deploy reads version {})".format(
-                    value, FORMAT_VERSION))
+                raise self.fail(lineno, "unsupported version {} (this irep-deploy reads version {})".format(
+                    quote(value), FORMAT_VERSION))
         elif key == "backbone":
-            if value not in BACKBONES:
-                raise self.fail(lineno, "unknown backbone {!r} (known: {})".format(value, ", ".join(sorted(BACKBONES))))
+            if value not in known_backbones():
+                raise self.fail(lineno, "unknown backbone {} (known: {})".format(quote(value), ", ".join(sorted(BACKBONES))))
         elif key == "ops":
             if not value:
                 raise self.fail(lineno, "empty op list")

@@ -13,6 +13,7 @@ and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anyt
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
@@ -24,10 +25,10 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._io import atomic_write, no_typed_storage_warning
+from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .arch import ArchCode
 from .errors import ArchFormatError, CheckpointError
-from .models import build_model, current_arch, model_config
+from .models import MODELS, build_model, current_arch, model_config
 from .reparam import fuse_model
 
 FORMAT = "irep-deploy-checkpoint"
@@ -107,6 +108,16 @@ class Checkpoint:
         return model
 
 
+def recorded_dataset(checkpoint: Checkpoint) -> Optional[str]:
+    """The dataset the checkpoint was trained on, when ``train`` (or ``fuse`` after it) recorded it."""
+    extra = checkpoint.header.get("extra") or {}
+    config = extra.get("train_config")
+    for value in (extra.get("dataset"), config.get("dataset") if isinstance(config, dict) else None):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with the first missing/extra/mis-shaped tensor named."""
     expected = model.state_dict()
@@ -147,10 +158,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             obj = torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
-                              "could run code when unpickled ({})".format(name, _first_line(exc)[:120])) from None
+                              "could run code when unpickled ({})".format(name, clip(_first_line(exc)))) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... for damaged archives
         raise CheckpointError("{}: not a readable checkpoint (truncated or not a torch file: {})".format(
-            name, _first_line(exc)[:120])) from None
+            name, clip(_first_line(exc)))) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = " (it looks like a bare state dict)" if isinstance(obj, dict) and obj and all(
             isinstance(v, torch.Tensor) for v in obj.values()) else ""
@@ -166,11 +177,48 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         if key not in header:
             raise CheckpointError("{}: checkpoint header lacks {!r}".format(name, key))
     if header["kind"] not in KINDS:
-        raise CheckpointError("{}: unknown checkpoint kind {!r}".format(name, header["kind"]))
+        raise CheckpointError("{}: unknown checkpoint kind {}".format(name, quote(header["kind"])))
+    check_header(header, name)
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError("{}: state_dict entry {!r} is not a tensor".format(name, bad[0]))
+        raise CheckpointError("{}: state_dict entry {} is not a tensor".format(name, quote(bad[0])))
+    check_finite(state, name)
     return Checkpoint(name, header, state)
+
+
+# (type, low, high) of the numeric header fields; bool is refused although it is an int in Python
+_RANGES = {"num_classes": (int, 1, 1_000_000), "in_channels": (int, 1, 1024), "input_size": (int, 1, 4096),
+           "width": (float, 1e-3, 16.0)}
+
+
+def check_header(header: Mapping[str, Any], name: str) -> None:
+    """Every header field has the type and range the model builders accept (edited or foreign headers)."""
+    backbone = header["backbone"]
+    if not isinstance(backbone, str) or backbone not in MODELS:
+        raise CheckpointError("{}: header field 'backbone' is {}, not a known backbone".format(name, quote(backbone)))
+    for key, (kind, low, high) in _RANGES.items():
+        value = header[key]
+        ok_type = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+        if not ok_type or not math.isfinite(value) or not low <= value <= high:
+            raise CheckpointError("{}: header field {!r} is {}; expected {} from {} to {}".format(
+                name, key, quote(value), "a number" if kind is float else "an integer", low, high))
+    ops = header["ops"]
+    if not isinstance(ops, list) or not ops or not all(isinstance(op, str) for op in ops):
+        raise CheckpointError("{}: header field 'ops' is {}, not a list of op names".format(name, quote(ops)))
+    if not isinstance(header["arch"], str):
+        raise CheckpointError("{}: header field 'arch' is {}, not architecture-code text".format(
+            name, quote(header["arch"])))
+    for key, kind in (("supernet", bool), ("extra", dict)):
+        if key in header and not isinstance(header[key], kind):
+            raise CheckpointError("{}: header field {!r} is {}, not a {}".format(
+                name, key, quote(header[key]), kind.__name__))
+
+
+def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse NaN/inf weights (a diverged run): they would give NaN outputs, not a result."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError("{}: tensor {} holds NaN or inf values (a diverged run?)".format(name, quote(key)))
 
 
 def load_model(path: PathLike) -> nn.Module:

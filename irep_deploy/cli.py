@@ -2,13 +2,99 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
+import re
+import signal
 import sys
-from typing import Callable, List, Optional
+import threading
+from typing import Any, Callable, List, NoReturn, Optional, Sequence
 
 from . import __version__
-from .errors import IrepError
+from ._io import quote, read_arch_bytes
+from .errors import IrepError, Terminated
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+# -- argument types: every value is checked here, before any work, as a usage error (exit 2) ---------
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected an integer, got {}".format(quote(text))) from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError("must be between {} and {}, got {}".format(lo, hi, value))
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected a number, got {}".format(quote(text))) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError("must be a finite number, got {}".format(text))
+        if value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi):
+            if hi == sys.float_info.max:
+                raise argparse.ArgumentTypeError("must be a finite number {} {:g}, got {:g}".format(
+                    ">" if lo_open else ">=", lo, value))
+            raise argparse.ArgumentTypeError("must be in {}{:g}, {:g}{}, got {:g}".format(
+                "(" if lo_open else "[", lo, hi, ")" if hi_open else "]", value))
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", text):
+        raise argparse.ArgumentTypeError("expected auto, cpu, cuda or cuda:N, got {}".format(quote(text)))
+    return text
+
+
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}", text):
+        raise argparse.ArgumentTypeError("expected a name of letters, digits and _.:/- (not starting with a digit), "
+                                         "got {}".format(quote(text)))
+    return text
+
+
+MAX_BATCH = 4096
+MAX_SIZE = 4096
+_SEED = _int_in(0, 2 ** 63 - 1)
+_BATCH = _int_in(1, MAX_BATCH)
+_SIZE = _int_in(1, MAX_SIZE)
+_COUNT = _int_in(1, 10 ** 9)
+_TOLERANCE = _float_in(0.0, 1e6)
+_POSITIVE = _float_in(0.0, sys.float_info.max, lo_open=True)  # any finite value > 0 (a huge lr diverges, by design)
+
+
+class _LazyChoices(Sequence):
+    """``choices`` read from a library module on first use: building the parser imports no torch."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self.module, self.name = module, name
+
+    def _values(self) -> Sequence[str]:
+        return getattr(importlib.import_module(self.module, __package__), self.name)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._values()[index]
+
+    def __len__(self) -> int:
+        return len(self._values())
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._values()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line (no usage block): ``irep-deploy fuse: error: ...``."""
+
+    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+        self.exit(2, "{}: error: {} (see --help)\n".format(self.prog, message.splitlines()[0] if message else ""))
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
@@ -26,8 +112,9 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    raw = read_arch_bytes(args.arch)  # bounded, before torch loads: a huge file is refused at once
     from .arch import ArchCode
-    print(ArchCode.load(args.arch).format_table())
+    print(ArchCode.from_bytes(raw, args.arch).format_table())
     return 0
 
 
@@ -41,11 +128,11 @@ def _add_fuse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="deploy checkpoint to write (default: CKPT with .deploy before the suffix)")
     p.add_argument("--torchvision", metavar="PATH",
                    help="also write a torchvision state dict (resnet18/34/50, vgg16 ImageNet layouts)")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the equivalence check (default 2)")
-    p.add_argument("--input-size", type=int, help="spatial size of the check input (default: the model's)")
-    p.add_argument("--tolerance", type=float, default=1e-5,
+    p.add_argument("--batch", type=_BATCH, default=2, help="batch size of the equivalence check (default 2)")
+    p.add_argument("--input-size", type=_SIZE, help="spatial size of the check input (default: the model's)")
+    p.add_argument("--tolerance", type=_TOLERANCE, default=1e-5,
                    help="largest relative error accepted, max|a-b|/max|a| (default 1e-5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random check batch")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the random check batch")
     p.set_defaults(handler=_cmd_fuse)
 
 
@@ -75,7 +162,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="demo-out", help="report directory (default demo-out)")
     p.add_argument("--quick", action="store_true", help="a smoke run on sklearn digits (about a minute)")
     p.add_argument("--data-root", help="dataset directory (default: the Debian package's Fashion-MNIST)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_demo)
 
@@ -113,18 +200,18 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", help="resnet18_cifar, vgg16_cifar, resnet18, ...")
     p.add_argument("--dataset", help="fashion-mnist, cifar10, imagenet, digits")
     p.add_argument("--data-root", help="dataset directory (Fashion-MNIST defaults to the Debian package's)")
-    p.add_argument("--width", type=float, help="channel width multiplier")
-    p.add_argument("--population", type=int, help="population size (paper: 128)")
-    p.add_argument("--subnets", type=int, help="B, codes trained per mini-batch (paper: 5 CIFAR, 1 ImageNet)")
-    p.add_argument("--budget", type=float, help="C as a ratio of all available branches (paper: 2/3 or 1/2)")
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--rounds", type=int, help="evolution rounds")
-    p.add_argument("--round-epochs", type=int, help="E_p, epochs per round")
-    p.add_argument("--batch-size", type=int, help="global batch size")
-    p.add_argument("--lr", type=float, help="SGD learning rate of the weights (paper: 0.1)")
-    p.add_argument("--limit", type=int, help="use at most this many examples per split (CPU-scale runs)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
+    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True), help="channel width multiplier")
+    p.add_argument("--population", type=_int_in(1, 100000), help="population size (paper: 128)")
+    p.add_argument("--subnets", type=_int_in(1, 10000), help="B, codes trained per mini-batch (paper: 5 CIFAR, 1 ImageNet)")
+    p.add_argument("--budget", type=_float_in(0.0, 1.0, lo_open=True), help="C as a ratio of all available branches (paper: 2/3 or 1/2)")
+    p.add_argument("--warmup-epochs", type=_int_in(0, 100000))
+    p.add_argument("--rounds", type=_int_in(1, 100000), help="evolution rounds")
+    p.add_argument("--round-epochs", type=_int_in(1, 100000), help="E_p, epochs per round")
+    p.add_argument("--batch-size", type=_int_in(1, 1 << 20), help="global batch size")
+    p.add_argument("--lr", type=_POSITIVE, help="SGD learning rate of the weights (paper: 0.1)")
+    p.add_argument("--limit", type=_COUNT, help="use at most this many examples per split (CPU-scale runs)")
+    p.add_argument("--seed", type=_SEED)
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:1 (under torchrun: the local rank's GPU)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"], help="autocast the SuperNet forward (fp16: CUDA only)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (GPU)")
     p.add_argument("--deterministic", action="store_true",
@@ -172,18 +259,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser, settings: bool) -> None:
-    from .data import DATASETS
-    p.add_argument("--dataset", choices=DATASETS,
-                   help="dataset (default: fashion-mnist for train, the checkpoint's own for eval)")
+    p.add_argument("--dataset", choices=_LazyChoices(".data", "DATASETS"), metavar="NAME",
+                   help="%(choices)s (default: fashion-mnist for train, the checkpoint's own for eval)")
     p.add_argument("--data-root", help="dataset directory (default: the Debian package's for fashion-mnist)")
-    p.add_argument("--val-fraction", type=float, default=None if settings else 0.0,
+    p.add_argument("--val-fraction", type=_float_in(0.0, 1.0, hi_open=True), default=None if settings else 0.0,
                    help="fraction of the training set held out as the val split (default 0)")
-    p.add_argument("--split-seed", type=int, default=None if settings else 0,
+    p.add_argument("--split-seed", type=_SEED, default=None if settings else 0,
                    help="seed of the train/val split (default 0)")
-    p.add_argument("--limit", type=int,
+    p.add_argument("--limit", type=_COUNT,
                    help="use at most N examples of each split (CPU-scale runs)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--workers", type=int, default=0, help="data loader processes (default 0)")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--workers", type=_int_in(0, 256), default=0, help="data loader processes (default 0)")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -196,15 +282,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="architecture code file (arch.bin)")
     p.add_argument("--backbone", help="backbone without branches (or to check against --arch)")
     _add_data_args(p, settings=True)
-    p.add_argument("--width", type=float, help="channel width multiplier (default 1.0)")
-    p.add_argument("--epochs", type=int, help="epochs (default 10)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
-    p.add_argument("--lr", type=float, help="SGD learning rate, cosine-annealed per step (default 0.1)")
-    p.add_argument("--momentum", type=float, help="SGD momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, help="weight decay (default 5e-4)")
+    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True), help="channel width multiplier (default 1.0)")
+    p.add_argument("--epochs", type=_int_in(1, 100000), help="epochs (default 10)")
+    p.add_argument("--batch-size", type=_int_in(1, 1 << 20), help="global batch size (default 128)")
+    p.add_argument("--lr", type=_POSITIVE, help="SGD learning rate, cosine-annealed per step (default 0.1)")
+    p.add_argument("--momentum", type=_float_in(0.0, 1.0, hi_open=True), help="SGD momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=_float_in(0.0, sys.float_info.max), help="weight decay (default 5e-4)")
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
-    p.add_argument("--label-smoothing", type=float, help="label smoothing (default 0)")
-    p.add_argument("--seed", type=int, help="seed of initialisation, order and augmentation (default 0)")
+    p.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, hi_open=True), help="label smoothing (default 0)")
+    p.add_argument("--seed", type=_SEED, help="seed of initialisation, order and augmentation (default 0)")
     p.add_argument("--init-from", metavar="PATH",
                    help="torchvision-layout state dict for the fixed convs (ImageNet layouts)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"),
@@ -222,14 +308,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                        description="Evaluate a multi-branch or deploy checkpoint on a split of a dataset.")
     p.add_argument("ckpt", help="checkpoint (ckpt.pt from train, or a deploy checkpoint from fuse)")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default test)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
+    p.add_argument("--batch-size", type=_int_in(1, 1 << 20), default=256, help="batch size (default 256)")
     _add_data_args(p, settings=False)
     p.set_defaults(handler=_cmd_eval)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .engines.onnx import export
-    report = export(args.ckpt, out=args.output, arch=args.arch, opset=args.opset, input_size=args.input_size,
+    opset = {"opset": args.opset} if args.opset is not None else {}  # else the library's default
+    report = export(args.ckpt, out=args.output, arch=args.arch, input_size=args.input_size, **opset,
                     batch=args.batch, simplify=args.simplify, verify_batch=args.verify_batch,
                     tolerance=args.tolerance, seed=args.seed, input_name=args.input_name,
                     output_name=args.output_name)
@@ -248,7 +335,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from .engines.onnx import DEFAULT_OPSET, SIMPLIFIERS
     p = sub.add_parser("export", help="export a deploy checkpoint to ONNX, verified with onnxruntime",
                        description="Export a fused (deploy) checkpoint, or a multi-branch checkpoint which is fused "
                                    "first, to ONNX with the legacy exporter; simplify, run onnx.checker, and compare "
@@ -257,18 +343,18 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", help="architecture code for a multi-branch checkpoint (default: the one it was "
                                   "trained with; required for a SuperNet)")
     p.add_argument("-o", "--output", help="ONNX file to write (default: CKPT with suffix .onnx)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help="ONNX opset (default {}, the highest TensorRT 8.5 reads)".format(DEFAULT_OPSET))
-    p.add_argument("--input-size", type=int, help="spatial input size (default: the model's)")
-    p.add_argument("--batch", type=int, help="fix the batch size (default: dynamic batch axis)")
-    p.add_argument("--simplify", choices=SIMPLIFIERS, default="auto",
-                   help="graph simplifier (auto: onnxslim, else onnxsim, else none)")
-    p.add_argument("--verify-batch", type=int, default=4, help="batch >1 of the onnxruntime check (default 4)")
-    p.add_argument("--tolerance", type=float, default=1e-4,
+    p.add_argument("--opset", type=_int_in(1, 1000),
+                   help="ONNX opset (default: the highest TensorRT 8.5 reads, irep_deploy.engines.onnx.DEFAULT_OPSET)")
+    p.add_argument("--input-size", type=_SIZE, help="spatial input size (default: the model's)")
+    p.add_argument("--batch", type=_BATCH, help="fix the batch size (default: dynamic batch axis)")
+    p.add_argument("--simplify", choices=_LazyChoices(".engines.onnx", "SIMPLIFIERS"), default="auto", metavar="NAME",
+                   help="%(choices)s: graph simplifier (auto: onnxslim, else onnxsim, else none)")
+    p.add_argument("--verify-batch", type=_int_in(2, MAX_BATCH), default=4, help="batch >1 of the onnxruntime check (default 4)")
+    p.add_argument("--tolerance", type=_TOLERANCE, default=1e-4,
                    help="largest relative error onnxruntime vs torch, max|a-b|/max|a| (default 1e-4)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random check batches")
-    p.add_argument("--input-name", default="input", help="name of the graph input (default input)")
-    p.add_argument("--output-name", default="logits", help="name of the graph output (default logits)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seed of the random check batches")
+    p.add_argument("--input-name", type=_name, default="input", help="name of the graph input (default input)")
+    p.add_argument("--output-name", type=_name, default="logits", help="name of the graph output (default logits)")
     p.set_defaults(handler=_cmd_export)
 
 
@@ -299,15 +385,15 @@ def _add_build_trt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("onnx", help="ONNX file (from export)")
     p.add_argument("-o", "--output", help="engine to write (default: ONNX with suffix .engine)")
     p.add_argument("--fp16", action="store_true", help="FP16 engine (builder flag; on TensorRT 11 an FP16 graph)")
-    p.add_argument("--workspace", type=int, default=1024, help="workspace memory pool limit in MiB (default 1024)")
-    p.add_argument("--min-batch", type=int, help="smallest batch of the profile (default 1)")
-    p.add_argument("--opt-batch", type=int, help="batch TensorRT tunes for (default: min batch)")
-    p.add_argument("--max-batch", type=int, help="largest batch of the profile (default 32)")
+    p.add_argument("--workspace", type=_int_in(1, 1 << 24), default=1024, help="workspace memory pool limit in MiB (default 1024)")
+    p.add_argument("--min-batch", type=_BATCH, help="smallest batch of the profile (default 1)")
+    p.add_argument("--opt-batch", type=_BATCH, help="batch TensorRT tunes for (default: min batch)")
+    p.add_argument("--max-batch", type=_BATCH, help="largest batch of the profile (default 32)")
     p.add_argument("--timing-cache", metavar="PATH", help="timing cache file, read if present and written back")
-    p.add_argument("--dla-core", type=int, help="run on this DLA core with GPU fallback (Jetson; needs --fp16)")
+    p.add_argument("--dla-core", type=_int_in(0, 15), help="run on this DLA core with GPU fallback (Jetson; needs --fp16)")
     p.add_argument("--verify", action="store_true", help="compare the engine with onnxruntime before writing")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="FP32 relative error limit of --verify (1e-3)")
-    p.add_argument("--min-cosine", type=float, default=0.999,
+    p.add_argument("--tolerance", type=_TOLERANCE, default=1e-3, help="FP32 relative error limit of --verify (1e-3)")
+    p.add_argument("--min-cosine", type=_float_in(-1.0, 1.0), default=0.999,
                    help="FP16 cosine-similarity limit of --verify (default 0.999)")
     p.set_defaults(handler=_cmd_build_trt)
 
@@ -335,11 +421,11 @@ def _csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _ints(text: str) -> List[int]:
-    try:
-        return [int(t) for t in _csv(text)]
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected comma-separated integers, got {!r}".format(text)) from None
+def _batches(text: str) -> List[int]:
+    values = [_BATCH(t) for t in _csv(text)]
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated batch sizes, got {}".format(quote(text)))
+    return values
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
@@ -355,21 +441,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", type=_csv, help="comma-separated: torch, cudagraph, ort, trt "
                                                "(default: what fits the model and device)")
     p.add_argument("--providers", type=_csv, help="onnxruntime providers: cpu, cuda, tensorrt, or all")
-    p.add_argument("--batch", type=_ints, default=[1], help="comma-separated batch sizes (default 1)")
-    p.add_argument("--input-size", type=int, help="spatial input size (default: the model's)")
+    p.add_argument("--batch", type=_batches, default=[1], help="comma-separated batch sizes (default 1)")
+    p.add_argument("--input-size", type=_SIZE, help="spatial input size (default: the model's)")
     p.add_argument("--arch", help="architecture code for a multi-branch checkpoint")
     p.add_argument("--compare", action="store_true",
                    help="bench multi-branch, fused and plain backbone of the same shape and print the ratios")
-    p.add_argument("--warmup", type=float, default=200.0, help="warm-up time in ms (default 200)")
-    p.add_argument("--duration", type=float, default=3.0, help="timed run in seconds (default 3)")
-    p.add_argument("--iterations", type=int, default=10, help="minimum timed iterations (default 10)")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
+    p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
+    p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")
+    p.add_argument("--rounds", type=_int_in(1, 1000), default=5,
                    help="split the run into rounds that interleave the models (fairer on a busy machine); "
                         "ratios report their per-round spread (default 5)")
-    p.add_argument("--spread-warn", type=float, default=0.10,
+    p.add_argument("--spread-warn", type=_float_in(0.0, 1e6), default=0.10,
                    help="flag a ratio whose per-round values spread wider than this, as (max - min) / median "
                         "(default 0.10)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and onnxruntime (default: theirs)")
+    p.add_argument("--threads", type=_int_in(1, 1024), help="CPU threads for torch and onnxruntime (default: theirs)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
     p.set_defaults(handler=_cmd_bench)
 
@@ -406,7 +492,7 @@ COMMANDS += [_add_plot]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="irep-deploy",
         description="Search, train, fuse and deploy re-parameterized CNNs (IREPS + DES).")
     parser.add_argument("--version", action="version", version="irep-deploy " + __version__)
@@ -418,19 +504,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException, limit: int = 600) -> str:
+    """The first line of an error message, cut to ``limit`` characters: errors are always one line."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Exit codes (README "Exit codes"): 0 success, 1 bad input, 2 usage, 3 verification failed,
+    130 Ctrl-C, 143 SIGTERM. Parsing is inside the try: Ctrl-C while torch imports is one line too."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    command = "irep-deploy"
+    interrupted: List[bool] = []
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        # remembered, because some libraries turn the KeyboardInterrupt into another error on its way up
+        interrupted.append(True)
+        raise KeyboardInterrupt
+
+    previous = _set_sigint(on_sigint)
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
+            return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        command += " " + args.command
         return args.handler(args)
     except IrepError as exc:
-        if args.debug:
+        if debug:
             raise
-        print("irep-deploy {}: error: {}".format(args.command, exc), file=sys.stderr)
+        print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("irep-deploy: interrupted", file=sys.stderr)
+    except Terminated:
+        if debug:
+            raise
+        print("{}: terminated (SIGTERM); nothing half-written was left".format(command), file=sys.stderr)
+        return Terminated.exit_code
+    except BaseException:
+        if not (interrupted or sys.exc_info()[0] is KeyboardInterrupt) or debug:
+            raise
+        print("{}: interrupted".format(command), file=sys.stderr)
         return 130
+    finally:
+        _set_sigint(previous)
+
+
+def _set_sigint(handler: Any) -> Any:
+    """Install ``handler`` for SIGINT (main thread only; elsewhere Python's default stays)."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

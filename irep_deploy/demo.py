@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import torch
 
 from . import __version__
-from ._io import atomic_write, write_json
+from ._io import atomic_write, run_directory, write_json
 from .arch import ArchCode
 from .errors import IrepError
 from .search.des import make_config, search
@@ -71,7 +71,13 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
     out = Path(out)
     if (out / "search" / "state.pt").exists() or (out / "train" / "state.pt").exists():
         raise IrepError("{}: holds an earlier demo; remove it or choose another --out".format(out))
-    out.mkdir(parents=True, exist_ok=True)
+    # a demo that fails before its search saved anything leaves no directory behind
+    with run_directory(out, keep=lambda p: (p / "search" / "state.pt").exists()):
+        return _run_steps(out, settings, device, data_root, progress, say)
+
+
+def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Optional[str], progress: bool,
+               say: Callable[[str], None]) -> Dict[str, Any]:
     steps: List[Step] = []
     total = 7
 

@@ -2,7 +2,8 @@
 
 Every failure caused by input (a file, an argument, a mismatch between two files) is raised as an
 :class:`IrepError` whose message is one plain sentence that names the file or object at fault. The
-CLI prints that sentence and exits non-zero; anything else is a bug and keeps its traceback.
+CLI prints that sentence and exits with the error's ``exit_code`` (README "Exit codes"); anything
+else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ class IrepError(Exception):
     """Base class: a problem with the user's input, reported in one line."""
 
     exit_code = 1
+
+
+class UsageError(IrepError):
+    """A flag or argument is unusable as given (bad value, an output that is an input): exit 2."""
+
+    exit_code = 2
 
 
 class ArchFormatError(IrepError):
@@ -29,3 +36,12 @@ class VerificationError(IrepError):
     """Two computations that must agree (fused vs multi-branch, ONNX vs torch) do not."""
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while an atomic write was in progress (raised so the temp file is removed).
+
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` in library code lets it pass.
+    """
+
+    exit_code = 143

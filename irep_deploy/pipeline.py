@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ._io import atomic_write, check_writable
 from .arch import ArchCode
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, recorded_dataset, save_checkpoint
 from .errors import ArchMismatchError, IrepError, VerificationError
 from .models import MODELS, apply_arch, current_arch
 from .precision import exact_fp32
@@ -56,7 +56,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     out = Path(out) if out is not None else default_deploy_path(ckpt)
     for target in (out, torchvision_out):
         if target is not None:
-            check_writable(target)
+            check_writable(target, inputs=(ckpt, arch))
     checkpoint = load_checkpoint(ckpt)
     if checkpoint.kind == "deploy":
         raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))
@@ -75,7 +75,10 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     if not err <= tolerance:
         raise VerificationError("fused output differs from the multi-branch output: relative error {:.3g} "
                                 "> tolerance {:.3g}; nothing written".format(err, tolerance))
-    save_checkpoint(out, plain, extra={"fused_from": str(ckpt), "fuse_rel_error": err})
+    # the dataset travels with the weights, so `eval` of the deploy checkpoint needs no --dataset
+    dataset = recorded_dataset(checkpoint)
+    save_checkpoint(out, plain, extra=dict({"fused_from": str(ckpt), "fuse_rel_error": err},
+                                           **({"dataset": dataset} if dataset else {})))
     if torchvision_out is not None:
         state = to_torchvision(plain)
         with atomic_write(torchvision_out, "wb") as handle:

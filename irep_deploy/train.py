@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import math
 import random
@@ -32,9 +33,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._io import append_jsonl, atomic_write, check_writable, trim_jsonl, write_json
+from ._io import append_jsonl, atomic_write, check_writable, run_directory, trim_jsonl, write_json
 from .arch import ArchCode
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, recorded_dataset, save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
 from .errors import CheckpointError, IrepError, VerificationError
 from .models import MODELS, build_model, searchable_layers
@@ -462,9 +463,10 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     ``val_fraction``/``split_seed`` the split was made with."""
     checkpoint = load_checkpoint(ckpt)
     if dataset is None:
-        dataset = checkpoint.header.get("extra", {}).get("dataset")
-        if not isinstance(dataset, str):
-            raise IrepError("{}: the checkpoint does not record its dataset; give --dataset".format(ckpt))
+        dataset = recorded_dataset(checkpoint)
+        if dataset is None:
+            raise IrepError("{}: the checkpoint does not record the dataset it was trained on (made before "
+                            "irep-deploy recorded it, or not by `train`); pass --dataset".format(ckpt))
     spec = dataset_spec(dataset)
     h = checkpoint.header
     if h["in_channels"] != spec.in_channels:
@@ -480,6 +482,9 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     model = checkpoint.build().to(dev)
     loader = eval_loader(data.split(split), batch_size, workers, pin_memory=dev.type == "cuda")
     results, _, _ = evaluate_models([model], loader, dev)
+    if not math.isfinite(results[0].loss):
+        raise IrepError("{}: the model's outputs are NaN or inf on {} (overflowing weights?); no result".format(
+            ckpt, dataset))
     return dataclasses.replace(results[0], dataset=dataset)
 
 
@@ -670,12 +675,12 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
         if dist.main:
             trim_jsonl(run / "log.jsonl", lambda r: r.get("event") == "epoch" and r.get("epoch", 0) <= start)
     elif dist.main:
-        run.mkdir(exist_ok=True)
-        check_writable(_state_path(run))
-        code = config.code() or ArchCode.empty(config.backbone, model.irep_config["ops"])
-        code.save(run / "arch.bin")
-        write_json(run / "config.json", dataclasses.asdict(config))
-        _save_state(run, config, 0, model, optimizer, scheduler, history, scaler)
+        with run_directory(run, keep=lambda p: _state_path(p).exists()):  # no empty run dir on failure
+            check_writable(_state_path(run))
+            code = config.code() or ArchCode.empty(config.backbone, model.irep_config["ops"])
+            code.save(run / "arch.bin")
+            write_json(run / "config.json", dataclasses.asdict(config))
+            _save_state(run, config, 0, model, optimizer, scheduler, history, scaler)
     _barrier(dist)
 
     net: nn.Module = model

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ._io import atomic_write
+from ._io import atomic_write, check_not_input, clip, quote, read_bounded
 from .arch import ArchCode, LayerSpec, backbone_info
 from .errors import IrepError
 
@@ -81,10 +81,12 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _write(outputs: Outputs, out_dir: PathLike) -> List[Path]:
+def _write(outputs: Outputs, out_dir: PathLike, inputs: Sequence[Optional[PathLike]] = ()) -> List[Path]:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise PlotError("{}: cannot write figures: it is a file, not a directory".format(out))
+    for name, _ in outputs:
+        check_not_input(out / name, inputs)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -212,22 +214,19 @@ def plot_arch(code: ArchCode, out_dir: PathLike, title: Optional[str] = None) ->
 def _read_text(path: PathLike) -> str:
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlotError("{}: no such file".format(path)) from None
-    except IsADirectoryError:
-        raise PlotError("{}: is a directory, not a file".format(path)) from None
+        return read_bounded(path, MAX_INPUT_BYTES, "a figure input", PlotError).decode("utf-8")
     except UnicodeDecodeError:
         raise PlotError("{}: not UTF-8 text".format(path)) from None
-    except OSError as exc:
-        raise PlotError("{}: cannot read: {}".format(path, exc.strerror or exc)) from None
+
+
+MAX_INPUT_BYTES = 256 << 20  # alpha_beta.jsonl of a long ImageNet search stays far below this
 
 
 def _read_json(path: PathLike) -> Any:
     try:
         return json.loads(_read_text(path))
-    except ValueError as exc:
-        raise PlotError("{}: not valid JSON: {}".format(path, exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise PlotError("{}: not valid JSON: {}".format(path, clip(str(exc), 100))) from None
 
 
 def _read_jsonl(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
@@ -240,10 +239,10 @@ def _read_jsonl(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
             continue
         try:
             record = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             if lineno == len(lines):  # no newline after it: still being written
                 continue
-            raise PlotError("{}:{}: not valid JSON: {}".format(path, lineno, exc)) from None
+            raise PlotError("{}:{}: not valid JSON: {}".format(path, lineno, clip(str(exc), 100))) from None
         if not isinstance(record, dict):
             raise PlotError("{}:{}: expected a JSON object".format(path, lineno))
         records.append((lineno, record))
@@ -252,7 +251,7 @@ def _read_jsonl(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
 
 def _number(value: Any, where: str, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise PlotError("{}: {} must be a finite number, got {!r}".format(where, what, value))
+        raise PlotError("{}: {} must be a finite number, got {}".format(where, what, quote(value)))
     return float(value)
 
 
@@ -295,7 +294,7 @@ def load_alpha_beta(path: PathLike) -> AlphaBeta:
             raise PlotError("{}: ops or layers differ from the first record".format(where))
         rnd = rec["round"]
         if isinstance(rnd, bool) or not isinstance(rnd, int) or (rounds and rnd <= rounds[-1]):
-            raise PlotError("{}: 'round' must be an integer larger than the previous one, got {!r}".format(where, rnd))
+            raise PlotError("{}: 'round' must be an integer larger than the previous one, got {}".format(where, quote(rnd)))
         alpha, beta = rec["alpha"], rec["beta"]
         if not isinstance(alpha, list) or len(alpha) != len(r_layers) or not all(
                 isinstance(row, list) and len(row) == len(r_ops) for row in alpha):
@@ -772,13 +771,15 @@ def plot(source: Optional[PathLike] = None, out_dir: Optional[PathLike] = None,
         outputs += render_fitness(rounds, population)
     if pts is not None:
         outputs += render_points(pts)
-    return PlotReport(out, _write(outputs, out), skipped)
+    inputs = [points] + ([Path(source) / n for n in SEARCH_FILES] if source is not None and Path(source).is_dir()
+                         else [source])
+    return PlotReport(out, _write(outputs, out, inputs), skipped)
 
 
 def _config_backbone(run: Path) -> Optional[str]:
     try:
-        config = json.loads((run / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        config = json.loads(_read_text(run / "config.json"))
+    except (PlotError, ValueError, RecursionError):
         return None
     value = config.get("backbone") if isinstance(config, dict) else None
     return value if isinstance(value, str) else None

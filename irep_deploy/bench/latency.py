@@ -314,7 +314,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     ``cuda:0``) is mapped by :func:`devices.bench_profile` first."""
     path = str(model)
     if json_out is not None:
-        check_writable(json_out)
+        check_writable(json_out, inputs=(model, arch))
     if not Path(path).exists():
         raise IrepError("{}: no such file".format(path))
     if not batches or min(batches) < 1:

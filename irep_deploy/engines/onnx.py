@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._io import atomic_write, check_writable
+from .._io import atomic_write, check_writable, quote
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..errors import IrepError, VerificationError
 from ..pipeline import multi_branch_model, relative_error
@@ -202,9 +202,33 @@ def load_onnx(path: PathLike) -> Any:
     if not p.is_file():
         raise IrepError("{}: no such file".format(path))
     try:
-        return onnx.load(str(p))
+        model = onnx.load(str(p))
     except Exception as exc:  # DecodeError and friends
         raise IrepError("{}: not a readable ONNX model ({})".format(path, type(exc).__name__)) from None
+    check_loaded(model, path)
+    return model
+
+
+def check_loaded(model: Any, path: PathLike) -> None:
+    """What bench and build-trt assume of a model: a graph with one float image input and finite weights."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    if not graph.node or not graph.output:
+        raise IrepError("{}: not an ONNX model (empty, or a graph without nodes or outputs)".format(path))
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(graph.output) != 1:
+        raise IrepError("{}: expected one input and one output, the model has {} and {}".format(
+            path, len(inputs), len(graph.output)))
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        raise IrepError("{}: input {} is {}, not a float image tensor".format(
+            path, quote(inputs[0].name), TensorProto.DataType.Name(elem)))
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise IrepError("{}: weight {} holds NaN or inf values".format(path, quote(init.name)))
 
 
 def io_spec(model: Any) -> Tuple[str, str, List[Union[int, str]]]:
@@ -256,7 +280,7 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
     ``batch`` exports and checks that size only. Nothing is written unless every check passes.
     """
     out = Path(out) if out is not None else default_onnx_path(ckpt)
-    check_writable(out)
+    check_writable(out, inputs=(ckpt, arch))
     if simplify not in SIMPLIFIERS:
         raise IrepError("unknown simplifier {!r} (choose from {})".format(simplify, ", ".join(SIMPLIFIERS)))
     top = max_opset()

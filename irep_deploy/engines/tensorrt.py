@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._io import atomic_write, check_writable
+from .._io import atomic_write, check_writable, clip, quote, read_bounded
 from ..errors import IrepError, VerificationError
 from ..precision import exact_fp32
 
@@ -107,21 +107,49 @@ def read_meta(engine: PathLike) -> EngineMeta:
         raise IrepError("{}: no metadata file {} next to the engine; rebuild it with `irep-deploy build-trt`".format(
             engine, path.name))
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IrepError("{}: not valid JSON ({})".format(path, str(exc).splitlines()[0][:100])) from None
+        raw = json.loads(read_bounded(path, META_MAX_BYTES, "engine metadata").decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise IrepError("{}: not valid JSON ({})".format(path, clip(str(exc).splitlines()[0], 100))) from None
     if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
         raise IrepError("{}: not irep-deploy engine metadata".format(path))
-    if not isinstance(raw.get("format_version"), int) or raw["format_version"] > META_VERSION:
-        raise IrepError("{}: metadata format version {!r} is newer than this irep-deploy reads ({})".format(
-            path, raw.get("format_version"), META_VERSION))
+    if not _is_int(raw.get("format_version")):
+        raise IrepError("{}: metadata format version {} is not an integer".format(path, quote(raw.get("format_version"))))
+    if raw["format_version"] > META_VERSION:
+        raise IrepError("{}: metadata format version {} is newer than this irep-deploy reads ({})".format(
+            path, quote(raw.get("format_version")), META_VERSION))
     known = {f.name for f in fields(EngineMeta)}
     required = ("tensorrt_version", "gpu_name", "compute_capability", "precision", "input_name", "output_name",
                 "min_shape", "opt_shape", "max_shape", "onnx_sha256")
     missing = [k for k in required if k not in raw]
     if missing:
         raise IrepError("{}: metadata lacks {!r}".format(path, missing[0]))
+    for key, value in raw.items():
+        if key in known and not _META_TYPES[key](value):
+            raise IrepError("{}: metadata field {!r} is {}, not {}".format(
+                path, key, quote(value), _META_TYPE_NAMES[key]))
     return EngineMeta(**{k: v for k, v in raw.items() if k in known})
+
+
+META_MAX_BYTES = 1 << 20
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 4 and all(_is_int(d) and 1 <= d <= 1 << 20 for d in v)
+
+
+_META_CHECKS = {"str": lambda v: isinstance(v, str), "shape": _is_shape, "bool": lambda v: isinstance(v, bool),
+                "int": _is_int, "optional int": lambda v: v is None or _is_int(v)}
+_META_KIND = dict({f: "str" for f in ("tensorrt_version", "gpu_name", "compute_capability", "precision",
+                                      "input_name", "output_name", "onnx_sha256", "onnx_path",
+                                      "irep_deploy_version", "created", "format")},
+                  min_shape="shape", opt_shape="shape", max_shape="shape", strongly_typed="bool",
+                  dla_core="optional int", workspace_mb="int", format_version="int")
+_META_TYPES = {k: _META_CHECKS[v] for k, v in _META_KIND.items()}
+_META_TYPE_NAMES = {k: "a list of 4 positive integers (NCHW)" if v == "shape" else "a " + v for k, v in _META_KIND.items()}
 
 
 def check_compatible(meta: EngineMeta, engine: PathLike, tensorrt_version: str, gpu_name: str,
@@ -267,10 +295,10 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
     from . import onnx as onnx_engine
 
     out = Path(out) if out is not None else default_engine_path(onnx_path)
-    check_writable(out)
-    check_writable(meta_path(out))
+    check_writable(out, inputs=(onnx_path, timing_cache))
+    check_writable(meta_path(out), inputs=(onnx_path, timing_cache))
     if timing_cache is not None:
-        check_writable(timing_cache)
+        check_writable(timing_cache, inputs=(onnx_path,))
     model = onnx_engine.load_onnx(onnx_path)
     input_name, output_name, dims = onnx_engine.io_spec(model)
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):

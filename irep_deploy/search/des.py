@@ -12,6 +12,7 @@ with the same seed ends (on CUDA only with ``deterministic``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import append_jsonl, atomic_write, trim_jsonl, write_json
+from .._io import append_jsonl, atomic_write, run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
@@ -439,16 +440,16 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
         dev = resolve_device(device)
         dist = init_distributed(dev)
         try:
-            if dist.main:
-                run.mkdir(parents=True, exist_ok=True)
-            job = _Search(run, config, dev, dist, data_root, progress, workers)
-            if state is not None:
-                job.restore(state)
-            elif dist.main:
-                write_json(run / "config.json", dataclasses.asdict(config))
-                (run / "log.jsonl").write_text("")
-            start = job.epoch
-            job.run_all()
+            # a failed start leaves no run directory behind (nothing resumable: no state.pt)
+            with run_directory(run, keep=lambda p: (p / "state.pt").exists()) if dist.main else contextlib.nullcontext():
+                job = _Search(run, config, dev, dist, data_root, progress, workers)
+                if state is not None:
+                    job.restore(state)
+                elif dist.main:
+                    write_json(run / "config.json", dataclasses.asdict(config))
+                    (run / "log.jsonl").write_text("")
+                start = job.epoch
+                job.run_all()
             fitness = job.fitness or []
             best = max(range(len(fitness)), key=fitness.__getitem__)
             return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)

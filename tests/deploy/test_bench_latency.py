@@ -100,7 +100,6 @@ def _ort_has(provider: str) -> bool:
     (["{deploy}", "--arch", "{arch}"], "already fused"),
     (["{dir}/nothing.pt"], "no such file"),
     (["{junk}"], "not a readable checkpoint"),
-    (["{onnx}", "--batch", "0"], "at least 1"),
     pytest.param(["{onnx}", "--providers", "cuda"], "not available",
                  marks=pytest.mark.skipif(_ort_has("CUDAExecutionProvider"), reason="onnxruntime has CUDA here")),
     (["{supernet}"], "SuperNet"),

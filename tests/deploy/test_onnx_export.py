@@ -119,8 +119,8 @@ def test_load_checkpoint_hides_only_the_typed_storage_warning(ckpts):
     (["{supernet}", "--arch", "{vgg}"], "does not fit"),
     (["{deploy}", "--opset", "7"], "opset 7"),
     (["{deploy}", "--batch", "0"], "batch"),
-    (["{deploy}", "--verify-batch", "1"], "verify batch"),
-    (["{deploy}", "--input-size", "0"], "input size"),
+    (["{deploy}", "--verify-batch", "1"], "--verify-batch"),
+    (["{deploy}", "--input-size", "0"], "--input-size"),
     (["{deploy}", "--input-name", "x", "--output-name", "x"], "must differ"),
     (["{deploy}", "--tolerance", "0"], "relative error"),
 ])
