@@ -1,8 +1,8 @@
 """Architecture codes: the L x O binary matrix of kept branches, its file format and budgets.
 
-The file format is DESIGN.md section 5 (UTF-8 text, one row per searchable 3x3 conv in forward
-order). Backbones register their searchable layers here (:func:`register_backbone`) so that this
-module never imports the model code above it.
+The file format (README "File formats"; docs/foundation.md) is UTF-8 text, one row per searchable
+3x3 conv in forward order. Backbones register their searchable layers here (:func:`register_backbone`),
+so this module uses no model code; the built-ins are loaded on first lookup (:func:`known_backbones`).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Datasets and loaders. Everything is read from local files: nothing is downloaded at run time.
 
-Sources (DESIGN.md section 8):
+Sources:
 
 - ``fashion-mnist``: the gzipped IDX files of the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``), or the same four files under ``--data-root``.

@@ -583,7 +583,7 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
           data_root: Optional[str] = None, device: str = "auto", workers: int = 0, progress: bool = True,
           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
           channels_last: bool = False) -> TrainReport:
-    """Train a multi-branch network (DESIGN.md section 2: data + arch.bin -> ckpt.pt).
+    """Train a multi-branch network (the pipeline's data + arch.bin -> ckpt.pt step).
 
     New run: ``config`` says what to train; ``run_dir`` must not hold a run yet. ``resume=True``:
     continue the run in ``run_dir`` with its saved settings (``config`` must then be None or equal).
