@@ -56,6 +56,7 @@ CASES: List[Case] = [
     C("output is an input", "fuse {multi} {arch} -o {multi}", 2, "{multi}"),
     C("output is an input", "fuse {multi} {arch} -o {arch}", 2, "{arch}"),
     C("output is an input", "fuse {multi} {arch} --torchvision {multi}", 2, "{multi}"),
+    C("output is an input", "fuse {multi} {arch} -o {out_pt} --torchvision {out_pt}", 2, "--torchvision"),
     C("output is an input", "fuse {multi} {arch} -o {multi_link}", 2, "{multi_link}"),
     C("output is an input", "fuse {multi} {arch} -o {multi_hard}", 2, "{multi_hard}"),
     C("output is an input", "fuse {multi} {arch} -o {multi_dotdot}", 2, "{multi_dotdot}"),

@@ -73,7 +73,8 @@ def read_arch_bytes(path: PathLike) -> bytes:
     return read_bounded(path, MAX_ARCH_BYTES, "an architecture code", ArchFormatError)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and `..` resolved); also for files not written yet."""
     try:
         return os.path.samefile(str(a), str(b))  # hard links, symlinks
     except OSError:
@@ -83,7 +84,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def check_not_input(path: PathLike, inputs: Iterable[Optional[PathLike]], flag: str = "output") -> None:
     """Refuse an output that is (or resolves to) one of the command's inputs, before any work."""
     for inp in inputs:
-        if inp is not None and _same_file(Path(path), Path(inp)):
+        if inp is not None and same_file(Path(path), Path(inp)):
             raise UsageError("{}: {} is the input {}; writing it would destroy that input, choose another path"
                              .format(path, flag, inp))
 

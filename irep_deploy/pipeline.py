@@ -9,10 +9,10 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, check_writable
+from ._io import atomic_write, check_writable, same_file
 from .arch import ArchCode
 from .checkpoint import Checkpoint, load_checkpoint, recorded_dataset, save_checkpoint
-from .errors import ArchMismatchError, IrepError, VerificationError
+from .errors import ArchMismatchError, IrepError, UsageError, VerificationError
 from .models import MODELS, apply_arch, current_arch
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
@@ -57,6 +57,9 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     for target in (out, torchvision_out):
         if target is not None:
             check_writable(target, inputs=(ckpt, arch))
+    if torchvision_out is not None and same_file(Path(out), Path(torchvision_out)):
+        raise UsageError("{}: --torchvision and the deploy checkpoint name the same file; one would overwrite "
+                         "the other".format(torchvision_out))
     checkpoint = load_checkpoint(ckpt)
     if checkpoint.kind == "deploy":
         raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))

@@ -33,7 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._io import append_jsonl, atomic_write, check_writable, run_directory, trim_jsonl, write_json
+from ._io import (append_jsonl, atomic_write, check_writable, no_typed_storage_warning, run_directory, trim_jsonl,
+                  write_json)
 from .arch import ArchCode
 from .checkpoint import load_checkpoint, recorded_dataset, save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
@@ -512,7 +513,8 @@ def load_state(run_dir: PathLike) -> Dict[str, Any]:
         raise IrepError("{}: no training state here (state.pt missing); not a run directory of `irep-deploy train`".format(
             run_dir))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncation, not a zip: all mean "unusable file"
         raise CheckpointError("{}: unreadable training state ({})".format(
             path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
@@ -530,7 +532,8 @@ def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
     from .reparam import _torchvision_names
 
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise IrepError("{}: no such file".format(path)) from None
     except Exception as exc:

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import append_jsonl, atomic_write, run_directory, trim_jsonl, write_json
+from .._io import append_jsonl, atomic_write, no_typed_storage_warning, run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
@@ -149,7 +149,8 @@ def load_search_state(run_dir: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise CheckpointError("{}: no search state to resume (state.pt is written after the first epoch)".format(run_dir))
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated archive, foreign file, refused pickle: all one message
         raise CheckpointError("{}: cannot read the search state ({})".format(path, str(exc).splitlines()[0][:120])) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
