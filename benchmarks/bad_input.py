@@ -427,12 +427,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         cases = [c for c in CASES if not any(s in " ".join(c.argv) for s in args.skip)]
         outcomes = run_all(cases, Path(tmp), progress=True)
     import irep_deploy
+    pkg, root = Path(irep_deploy.__file__).resolve().parent, Path(__file__).resolve().parent.parent
+    shown = pkg.relative_to(root) if root in pkg.parents else pkg  # another tree (e.g. the old code) in full
     bad = [o for o in outcomes if o.verdict != "one-line error"]
     lines = ["# Bad-input table (issue 10)", "",
              "`python benchmarks/bad_input.py` ({} cases, in-process through `irep_deploy.cli.main`; package at "
              "`{}`). Verdict per case: the worst of hang (> {} s) > input destroyed > traceback > wrong success > leftover > "
              "not one line of at most {} characters > does not name the file/flag > wrong exit code.".format(
-                 len(outcomes), Path(irep_deploy.__file__).parent, CASE_SECONDS, MAX_LINE), "", table(outcomes), ""]
+                 len(outcomes), shown, CASE_SECONDS, MAX_LINE), "", table(outcomes), ""]
     if bad:
         lines += ["## Cases without the promised outcome", ""]
         lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
