@@ -84,3 +84,26 @@ def test_table_models_combines_params_latency_and_accuracy(evidence, tmp_path):
     assert {p["label"] for p in points} == {"plain backbone", "all branches", "random at C", "DES at C",
                                             "all branches, unfused"}
     assert (out.parent / "figures" / "table_models" / "accuracy_latency.png").stat().st_size > 1000
+
+
+def test_population_eval_benchmark_scores_both_paths_identically(tmp_path):
+    out = tmp_path / "population_eval"
+    run("bench_population_eval.py", "--quick", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["fitness_identical"] is True
+    assert result["population"] == 4 and result["rounds"] == 1
+    assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
+    assert set(result["speedup_over_per_code"]) == {"decoded once, first round (new)", "decoded once, later rounds (new)"}
+    assert "identical between the paths: True" in out.with_suffix(".md").read_text()
+
+
+def test_step_sync_benchmark_alternates_both_variants_in_both_loops(tmp_path):
+    out = tmp_path / "step_sync"
+    run("bench_step_sync.py", "--quick", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    for loop in ("train", "search"):
+        samples = {k: v["samples"] for k, v in result[loop]["steps_per_s"].items()}
+        assert len(samples) == 2 and all(len(s) == result["rounds"] == 2 for s in samples.values())
+        ratio = result[loop]["new_over_old"]
+        assert ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert result["log_every"] > 1  # the library's interval, restored after the variant with 1
