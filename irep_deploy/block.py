@@ -21,20 +21,28 @@ class IrepConv(nn.Module):
     ``branches``; ``active`` (a subset of them, changeable between forwards) says which ones run, so
     an inactive branch costs nothing. A block never holds a branch for an op that is unavailable at
     its geometry (``identity`` at stride 2 or with in != out).
+
+    ``fixed`` supplies the fixed op (a :class:`ConvBN` holding a user's pretrained conv and BN, see
+    :func:`irep_deploy.irepify.irepify`) instead of a fresh one. ``zero_init_branches`` makes every
+    new branch start at zero output (the last BN of the branch with gamma = 0, as torchvision's
+    ``zero_init_residual``), so adding branches to a pretrained network leaves its function as it was.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
-                 ops: Sequence[str] = (), branches: Iterable[str] = ()) -> None:
+                 ops: Sequence[str] = (), branches: Iterable[str] = (), fixed: Optional[ConvBN] = None,
+                 zero_init_branches: bool = False) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.stride = stride
         self.groups = groups
         self.ops: Tuple[str, ...] = check_ops(ops)
-        self.conv = ConvBN(in_channels, out_channels, 3, stride, 1, 1, groups)
+        self.zero_init_branches = zero_init_branches
+        self.conv = fixed if fixed is not None else ConvBN(in_channels, out_channels, 3, stride, 1, 1, groups)
+        ref = self.conv.conv.weight
         self.branches = nn.ModuleDict()
-        self.alpha = nn.Parameter(torch.zeros(len(self.ops)))
-        self.beta = nn.Parameter(torch.zeros(()))
+        self.alpha = nn.Parameter(torch.zeros(len(self.ops), device=ref.device, dtype=ref.dtype))
+        self.beta = nn.Parameter(torch.zeros((), device=ref.device, dtype=ref.dtype))
         self._active: Tuple[Tuple[int, str], ...] = ()
         self.add_branches(branches)
         self.active = tuple(self.branches)
@@ -52,6 +60,10 @@ class IrepConv(nn.Module):
                 raise ValueError("op {!r} is not available in this block (ops {}, {}->{} stride {})".format(
                     name, self.ops, self.in_channels, self.out_channels, self.stride))
             branch = REGISTRY[name].build(self.in_channels, self.out_channels, self.stride, self.groups)
+            if self.zero_init_branches:
+                last_bn = [m for m in branch.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+                nn.init.zeros_(last_bn.weight)  # branch output = BN bias = 0: the block computes F(x) alone
+                nn.init.zeros_(last_bn.bias)
             self.branches[name] = branch.to(device=ref.device, dtype=ref.dtype)
 
     @property

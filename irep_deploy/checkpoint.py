@@ -10,6 +10,11 @@ and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anyt
 
 ``kind`` is ``multi-branch`` (training form; ``supernet`` says whether every branch is held) or
 ``deploy`` (fused); ``arch`` is the architecture code in its text format.
+
+A network that is not built in (a model spec such as ``torchvision:resnet50``, or a user's module
+passed through :func:`~irep_deploy.irepify.irepify`) adds ``model``: {kwargs, weights, include,
+exclude, fingerprint}, all plain data. Nothing is imported because a checkpoint says so: the user
+names the network (``--model`` or ``build(model=...)``) and a mismatch is refused.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ import torch.nn as nn
 
 from . import __version__
 from ._io import atomic_write, clip, no_typed_storage_warning, quote
-from .arch import ArchCode
+from .arch import ArchCode, fingerprint, first_layer_difference
 from .errors import ArchFormatError, CheckpointError
-from .models import MODELS, build_model, current_arch, model_config
+from .irepify import irepify, layer_specs
+from .models import MODELS, activate, build_model, current_arch, is_external, model_config
 from .reparam import fuse_model
 
 FORMAT = "irep-deploy-checkpoint"
@@ -56,6 +62,7 @@ def checkpoint_header(model: nn.Module, extra: Optional[Mapping[str, Any]] = Non
         "package_version": __version__,
         "torch_version": torch.__version__.split("+")[0],
         "extra": dict(extra or {}),
+        **({"model": dict(config["model"])} if is_external(model) else {}),
     }
 
 
@@ -94,18 +101,56 @@ class Checkpoint:
         except ArchFormatError as exc:
             raise CheckpointError(str(exc)) from None
 
-    def build(self) -> nn.Module:
-        """The model this checkpoint was saved from, with its tensors loaded (strictly)."""
+    @property
+    def external(self) -> bool:
+        """The network is not built in: :meth:`build` needs the user to name it."""
+        return self.header.get("model") is not None
+
+    def build(self, model: Union[str, nn.Module, None] = None) -> nn.Module:
+        """The model this checkpoint was saved from, with its tensors loaded (strictly).
+
+        For a network that is not built in, ``model`` names it: the model spec (``torchvision:resnet18``)
+        or the user's own un-irepified module; it must have the checkpoint's structure. For a
+        built-in backbone ``model`` may repeat its name.
+        """
         h = self.header
-        kwargs = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"],
-                      ops=h["ops"], input_size=h["input_size"])
-        if self.kind == "deploy":
-            model = fuse_model(build_model(h["backbone"], **kwargs), inplace=True)
-            model.irep_config["arch"] = h["arch"]
+        if self.external:
+            net = self._external_net(model)
         else:
-            model = build_model(h["backbone"], arch=self.arch, supernet=self.supernet, **kwargs)
-        load_state(model, self.state_dict, self.path)
-        return model
+            if model is not None and model != h["backbone"]:
+                raise CheckpointError("{}: holds a {} network, not {}".format(
+                    self.path, h["backbone"], model if isinstance(model, str) else type(model).__name__))
+            net = build_model(h["backbone"], num_classes=h["num_classes"], width=h["width"],
+                              in_channels=h["in_channels"], ops=h["ops"], input_size=h["input_size"])
+        if self.kind == "deploy":
+            net = fuse_model(net, inplace=True)
+            net.irep_config["arch"] = h["arch"]
+        else:
+            activate(net, self.arch, self.supernet)
+        load_state(net, self.state_dict, self.path)
+        return net
+
+    def _external_net(self, model: Union[str, nn.Module, None]) -> nn.Module:
+        h, spec = self.header, self.header["model"]
+        name = h["backbone"]
+        if model is None:
+            raise CheckpointError("{}: holds a {} network; name it (--model {}) to load it: a checkpoint "
+                                  "never imports code by itself".format(self.path, name, name))
+        options = dict(ops=h["ops"], include=spec["include"] or None, exclude=spec["exclude"] or None)
+        if isinstance(model, str):
+            if model != name:
+                raise CheckpointError("{}: holds a {} network, not {}".format(self.path, name, model))
+            net = build_model(name, input_size=h["input_size"],
+                              model_kwargs=spec["kwargs"], **options)
+        else:
+            net = irepify(model, name=name, input_size=h["input_size"], **options)
+        specs = layer_specs(net)
+        if fingerprint(specs) != spec["fingerprint"]:
+            ours = self.arch.geometry or ()
+            raise CheckpointError("{}: the named model does not have the checkpoint's structure: {}".format(
+                self.path, first_layer_difference(ours, specs, "the checkpoint", "the named model")
+                or "fingerprint {} vs {}".format(spec["fingerprint"], fingerprint(specs))))
+        return net
 
 
 def recorded_dataset(checkpoint: Checkpoint) -> Optional[str]:
@@ -194,10 +239,17 @@ _RANGES = {"num_classes": (int, 1, 1_000_000), "in_channels": (int, 1, 1024), "i
 def check_header(header: Mapping[str, Any], name: str) -> None:
     """Every header field has the type and range the model builders accept (edited or foreign headers)."""
     backbone = header["backbone"]
-    if not isinstance(backbone, str) or backbone not in MODELS:
+    spec = header.get("model")
+    if spec is not None:
+        _check_model_field(spec, name)
+        if not isinstance(backbone, str) or not backbone or len(backbone.split()) != 1:
+            raise CheckpointError("{}: header field 'backbone' is {}, not a model name".format(name, quote(backbone)))
+    elif not isinstance(backbone, str) or backbone not in MODELS:
         raise CheckpointError("{}: header field 'backbone' is {}, not a known backbone".format(name, quote(backbone)))
     for key, (kind, low, high) in _RANGES.items():
         value = header[key]
+        if key == "num_classes" and spec is not None and value == 0:
+            continue  # a network without a classifier (e.g. a detector backbone)
         ok_type = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
         if not ok_type or not math.isfinite(value) or not low <= value <= high:
             raise CheckpointError("{}: header field {!r} is {}; expected {} from {} to {}".format(
@@ -214,6 +266,18 @@ def check_header(header: Mapping[str, Any], name: str) -> None:
                 name, key, quote(header[key]), kind.__name__))
 
 
+def _check_model_field(spec: Any, name: str) -> None:
+    if not isinstance(spec, dict):
+        raise CheckpointError("{}: header field 'model' is {}, not a dict".format(name, quote(spec)))
+    for key, kind in (("kwargs", dict), ("include", list), ("exclude", list), ("fingerprint", str)):
+        if not isinstance(spec.get(key), kind):
+            raise CheckpointError("{}: header field 'model.{}' is {}, not a {}".format(
+                name, key, quote(spec.get(key)), kind.__name__))
+    for key in ("include", "exclude"):
+        if not all(isinstance(p, str) for p in spec[key]):
+            raise CheckpointError("{}: header field 'model.{}' holds a non-string pattern".format(name, key))
+
+
 def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
     """Refuse NaN/inf weights (a diverged run): they would give NaN outputs, not a result."""
     for key, tensor in state.items():
@@ -221,6 +285,7 @@ def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
             raise CheckpointError("{}: tensor {} holds NaN or inf values (a diverged run?)".format(name, quote(key)))
 
 
-def load_model(path: PathLike) -> nn.Module:
-    """Shorthand: read a checkpoint and rebuild its model (multi-branch or fused)."""
-    return load_checkpoint(path).build()
+def load_model(path: PathLike, model: Union[str, nn.Module, None] = None) -> nn.Module:
+    """Shorthand: read a checkpoint and rebuild its model (multi-branch or fused); ``model`` names a
+    network that is not built in (see :meth:`Checkpoint.build`)."""
+    return load_checkpoint(path).build(model)

@@ -46,6 +46,15 @@ class ConvBN(nn.Sequential):
                                           dilation, groups, bias=False))
         self.add_module("bn", nn.BatchNorm2d(out_channels))
 
+    @classmethod
+    def of(cls, conv: nn.Conv2d, bn: nn.Module) -> "ConvBN":
+        """Wrap existing modules (a user's pretrained conv and BN) without building fresh ones."""
+        pair = cls.__new__(cls)
+        nn.Sequential.__init__(pair)
+        pair.add_module("conv", conv)
+        pair.add_module("bn", bn)
+        return pair
+
     def fold(self, dtype: Optional[torch.dtype] = None) -> KernelBias:
         """The conv with its BN folded in, at its own kernel size."""
         dtype = dtype or self.conv.weight.dtype
@@ -189,6 +198,7 @@ SPACES: Dict[str, Tuple[str, ...]] = {
     "resnet_cifar": _EIGHT,
     "resnet_imagenet": tuple(op for op in _EIGHT if op != "dil2x2"),
     "vgg": _EIGHT + ("identity",),
+    "any": _EIGHT + ("identity",),  # a user's network (irepify): every IREPS op, identity where shapes allow
 }
 
 

@@ -11,6 +11,8 @@ import torch.nn as nn
 from .arch import ArchCode
 from .block import IrepConv
 from .errors import IrepError
+from .fusion import fold_bn
+from .irepify import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
 
@@ -25,16 +27,40 @@ def _fusable(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Modu
             yield from _fusable(child, path + ".")
 
 
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """Transform I on a user's separate modules: ``bn(conv(x))`` as one conv with bias (eval mode)."""
+    dtype = torch.promote_types(conv.weight.dtype, torch.float32)
+    kernel, bias = fold_bn(conv.weight.to(dtype), bn.running_mean.to(dtype), bn.running_var.to(dtype),
+                           bn.weight.to(dtype) if bn.weight is not None else None,
+                           bn.bias.to(dtype) if bn.bias is not None else None, bn.eps,
+                           conv.bias.to(dtype) if conv.bias is not None else None)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(kernel)
+        fused.bias.copy_(bias)
+    return fused
+
+
 def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool = False) -> nn.Module:
     """Return a plain network equal to ``model`` in eval mode.
 
     Every :class:`IrepConv` becomes one 3x3 ``nn.Conv2d`` with bias (its active branches scaled by
     sigmoid(alpha) * sigmoid(beta) and added to the fixed conv, every BN folded), and every other
-    conv-BN pair one conv with bias. ``arch`` fuses that code instead of the blocks' current active
-    sets (the search scores many codes of one SuperNet this way). The input model is not touched
-    unless ``inplace``; branches that are not fused are never copied.
+    conv-BN pair one conv with bias: the ConvBN modules of the built-in backbones, and the separate
+    conv -> BN pairs of any network (those :func:`~irep_deploy.irepify.irepify` found, or for a model
+    not made by irep-deploy, those its torch.fx graph shows); a folded BN's place holds
+    ``nn.Identity``. ``arch`` fuses that code instead of the blocks' current active sets (the search
+    scores many codes of one SuperNet this way). The input model is not touched unless
+    ``inplace``; branches that are not fused are never copied.
     """
-    config = model_config(model)
+    config = getattr(model, "irep_config", None)
+    if config is None:
+        if arch is not None:
+            raise IrepError("fuse_model(arch=...) needs a model made by build_model or irepify")
+        pairs = [(c, b) for c, b in scan_conv_bn(model).bn_after.items() if b is not None]
+        return _replace(model, _fold_pairs(model, pairs), inplace)
     if config.get("deploy"):
         raise IrepError("this model is already fused")
     actives: Dict[int, Tuple[str, ...]] = {}
@@ -49,16 +75,34 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
                 fused[id(module)] = module.to_conv(actives.get(id(module)))
             else:
                 fused[id(module)] = module.to_conv()
-    if inplace:
-        plain = model
-        for path, module in places:
-            parent_path, _, attr = path.rpartition(".")
-            setattr(plain.get_submodule(parent_path) if parent_path else plain, attr, fused[id(module)])
-    else:
-        memo = dict(fused)  # deepcopy substitutes the fused modules for the originals
-        plain = copy.deepcopy(model, memo)
+    fused.update(_fold_pairs(model, [tuple(p) for p in config.get("bn_pairs", ())]))
+    plain = _replace(model, fused, inplace)
     plain.irep_config = dict(config, deploy=True, supernet=False, arch=code.dumps())
     return plain
+
+
+def _fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]]) -> Dict[int, nn.Module]:
+    """id(module) -> replacement for separate conv -> BN pairs: the folded conv, and Identity for the BN."""
+    out: Dict[int, nn.Module] = {}
+    with torch.no_grad():
+        for conv_path, bn_path in pairs:
+            conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
+            out[id(conv)] = fold_conv_bn(conv, bn)
+            out[id(bn)] = nn.Identity()
+    return out
+
+
+def _replace(model: nn.Module, fused: Dict[int, nn.Module], inplace: bool) -> nn.Module:
+    """``model`` with each module whose id is in ``fused`` replaced (in place, or in a copy that
+    never copies the replaced modules)."""
+    if not inplace:
+        memo = dict(fused)  # deepcopy substitutes the fused modules for the originals
+        return copy.deepcopy(model, memo)
+    for path, module in list(model.named_modules()):
+        if path and id(module) in fused:
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attr, fused[id(module)])
+    return model
 
 
 # -- torchvision -------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ ROW1 = 5  # header comment, version, backbone, ops, then the first row (line 5)
     (lambda L: L[:ROW1] + [L[ROW1 + 1], L[ROW1]] + L[ROW1 + 2:], r":6: layer layer1.0.conv2 is out of order"),
     (lambda L: L[:ROW1] + ["layer1.0.conv9 00000000"] + L[ROW1 + 1:], r":6: .*not a searchable layer"),
     (lambda L: [l.replace("resnet18_cifar", "resnet19") for l in L], r":3: unknown backbone 'resnet19'"),
-    (lambda L: [l.replace("version: 1", "version: 2") for l in L], r":2: unsupported version '2'"),
+    (lambda L: [l.replace("version: 1", "version: 3") for l in L], r":2: unsupported version '3'"),
     (lambda L: [l for l in L if not l.startswith("ops:")], r":4: missing 'ops:' line"),
     (lambda L: L[:ROW1] + ["nonsense"] + L[ROW1:], r":6: expected '<layer> <bits>'"),
     (lambda L: L[:3] + L[4:ROW1 + 1] + [L[3]] + L[ROW1 + 1:], r":6: key 'ops' after the first layer row"),

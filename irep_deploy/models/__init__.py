@@ -9,15 +9,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..arch import ArchCode, LayerSpec, register_backbone
+from ..arch import ArchCode, LayerSpec, first_layer_difference, register_backbone
 from ..block import IrepConv
-from ..errors import ArchMismatchError
+from ..errors import ArchMismatchError, UsageError
+from ..irepify import irepify, layer_specs
 from ..ops import SPACES, check_ops
+from .external import build_external, factory_kwargs, is_spec
 from .resnet import BasicBlock, Bottleneck, ConvFactory, ResNet
 from .vgg import VGG
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "apply_arch", "current_arch", "searchable_layers",
-           "model_config", "plan_arch", "ResNet", "VGG"]
+           "model_config", "plan_arch", "is_external", "is_spec", "activate", "ResNet", "VGG"]
 
 Factory = Callable[..., nn.Module]  # (conv3x3, num_classes, width, in_channels) -> nn.Module
 
@@ -87,9 +89,11 @@ def _as_code(arch: Union[ArchCode, str, "os.PathLike[str]", None]) -> Optional[A
 
 
 def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] = None,
-                num_classes: Optional[int] = None, width: float = 1.0, in_channels: int = 3,
+                num_classes: Optional[int] = None, width: float = 1.0, in_channels: Optional[int] = None,
                 ops: Optional[Sequence[str]] = None, supernet: bool = False,
-                input_size: Optional[int] = None) -> nn.Module:
+                input_size: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
+                weights: Optional[str] = None, include: Optional[Sequence[str]] = None,
+                exclude: Optional[Sequence[str]] = None) -> nn.Module:
     """Build a multi-branch network.
 
     ``arch`` (an :class:`ArchCode` or a path to one) says which branches each searchable 3x3 conv
@@ -99,32 +103,76 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     brings its own). ``width`` scales every channel count (CPU-scale runs). ``input_size`` is the
     resolution the model is trained and deployed at (default: the backbone's, e.g. 32 for the CIFAR
     layouts); it changes no layer, it is recorded for the checkpoint header, export and bench.
+
+    ``name`` may also be a model spec, ``torchvision:<name>`` or ``package.module:factory``: the
+    network is built by that factory (``model_kwargs``, JSON data; ``weights``, a state-dict file or
+    a torchvision weights name) and made searchable by :func:`~irep_deploy.irepify.irepify`
+    (``include``/``exclude``: module-path patterns). Such networks keep their own width and input
+    channels.
     """
-    try:
-        entry = MODELS[name]
-    except KeyError:
-        raise ArchMismatchError("unknown model {!r} (known: {})".format(name, ", ".join(MODELS))) from None
     code = _as_code(arch)
     if code is not None and ops is not None and tuple(ops) != code.ops:
         raise ArchMismatchError("ops {} differ from the architecture code's ops {}".format(list(ops), list(code.ops)))
-    space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES[entry.space])
     if width <= 0:
         raise ValueError("width must be positive, got {}".format(width))
     if input_size is not None and input_size < 1:
         raise ValueError("input size must be at least 1, got {}".format(input_size))
-    num_classes = entry.num_classes if num_classes is None else num_classes
-    model = entry.factory(_irep_factory(space), num_classes=num_classes, width=width, in_channels=in_channels)
-    model.irep_config = {
-        "backbone": name, "num_classes": num_classes, "width": width, "in_channels": in_channels,
-        "ops": list(space), "input_size": input_size or entry.input_size, "supernet": bool(supernet),
-    }
+    if is_spec(name):
+        space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES["any"])
+        model = _build_spec(name, space, num_classes, width, in_channels, input_size, model_kwargs, weights,
+                            include, exclude)
+    else:
+        try:
+            entry = MODELS[name]
+        except KeyError:
+            raise ArchMismatchError("unknown model {!r} (known: {}; or a model spec such as "
+                                    "torchvision:resnet18)".format(name, ", ".join(MODELS))) from None
+        if model_kwargs or weights or include or exclude:
+            raise UsageError("model arguments, weights, include and exclude apply to model specs, not to the "
+                             "built-in {}".format(name))
+        space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES[entry.space])
+        num_classes = entry.num_classes if num_classes is None else num_classes
+        in_channels = 3 if in_channels is None else in_channels
+        model = entry.factory(_irep_factory(space), num_classes=num_classes, width=width, in_channels=in_channels)
+        model.irep_config = {
+            "backbone": name, "num_classes": num_classes, "width": width, "in_channels": in_channels,
+            "ops": list(space), "input_size": input_size or entry.input_size, "supernet": bool(supernet),
+        }
+    activate(model, code, supernet)
+    return model
+
+
+def activate(model: nn.Module, code: Optional[ArchCode], supernet: bool = False) -> None:
+    """Give a freshly built model its branches: ``code``'s (created), or with ``supernet`` every
+    available branch, ``code`` (default: all) active."""
+    model.irep_config["supernet"] = bool(supernet)
     if supernet:
         for _, block in searchable_layers(model):
             block.add_branches(op for op in block.ops if block.available(op))
-        apply_arch(model, code if code is not None else ArchCode.full(name, space))
+        apply_arch(model, code if code is not None else ArchCode.full(
+            model.irep_config["backbone"], model.irep_config["ops"]))
     elif code is not None:
         apply_arch(model, code, create=True)
+
+
+def _build_spec(spec: str, space: Sequence[str], num_classes: Optional[int], width: float,
+                in_channels: Optional[int], input_size: Optional[int], model_kwargs: Optional[Dict[str, Any]],
+                weights: Optional[str], include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> nn.Module:
+    if width != 1.0:
+        raise UsageError("--width applies to the built-in backbones; {} keeps its own channels".format(spec))
+    kwargs = factory_kwargs(spec, model_kwargs or {}, num_classes)
+    net = build_external(spec, kwargs, weights)
+    model = irepify(net, space, include, exclude, inplace=True, name=spec, input_size=input_size or 224)
+    config = model.irep_config
+    if in_channels is not None and in_channels != config["in_channels"]:
+        raise UsageError("{} takes {} input channel(s), the data has {}".format(spec, config["in_channels"], in_channels))
+    config["model"].update(kwargs=kwargs, weights=weights)
     return model
+
+
+def is_external(model: nn.Module) -> bool:
+    """A network made searchable by irepify (a model spec or a user's module), not a built-in backbone."""
+    return model_config(model).get("model") is not None
 
 
 def plan_arch(model: nn.Module, code: ArchCode, create: bool = False) -> List[Tuple[IrepConv, Tuple[str, ...]]]:
@@ -134,9 +182,17 @@ def plan_arch(model: nn.Module, code: ArchCode, create: bool = False) -> List[Tu
     one that needs a branch the model does not hold (unless ``create``). Changes nothing.
     """
     config = model_config(model)
-    if code.backbone != config["backbone"]:
-        raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
     blocks = searchable_layers(model)
+    if is_external(model) or code.geometry is not None:
+        # any network: the structure decides, not the label (the same net may be named two ways)
+        if code.geometry is None:
+            raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
+        diff = first_layer_difference(code.geometry, layer_specs(model), "the code", "the model")
+        if diff is not None:
+            raise ArchMismatchError("architecture code for {} does not fit this {}: {}".format(
+                code.backbone, config["backbone"], diff))
+    elif code.backbone != config["backbone"]:
+        raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
     names = tuple(n for n, _ in blocks)
     if names != code.layers:
         for i, (a, b) in enumerate(zip(code.layers, names)):
@@ -176,4 +232,5 @@ def current_arch(model: nn.Module) -> ArchCode:
     blocks = searchable_layers(model)
     ops = tuple(config["ops"])
     return ArchCode(config["backbone"], ops, [n for n, _ in blocks],
-                    [[1 if op in block.active else 0 for op in ops] for _, block in blocks])
+                    [[1 if op in block.active else 0 for op in ops] for _, block in blocks],
+                    layer_specs(model) if is_external(model) else None)

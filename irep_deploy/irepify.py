@@ -1,0 +1,267 @@
+"""IREPS for any PyTorch CNN: turn every eligible 3x3 conv of a user's network into an IrepConv.
+
+:func:`irepify` returns a new model in which each eligible ``nn.Conv2d`` (3x3, padding 1,
+dilation 1, zero padding, square stride, any groups) becomes an :class:`IrepConv` whose fixed op
+holds the user's own conv and the BatchNorm that follows it; the BN's old place becomes
+``nn.Identity``. Branches added later start at zero output, so the network computes what it
+computed before, and fine-tuning from pretrained weights starts where the pretrained network is.
+
+conv -> BN pairs are found in the graph (``torch.fx``, as ``torch.ao`` fusion does): a conv whose
+only user is a BN with as many channels, each called once. Where a module cannot be traced, its
+traceable children are traced one by one; the convs that sit directly in an untraceable module are
+left out (the BN that follows them is unknown), and :attr:`IrepReport.skipped` says so.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from .arch import LayerSpec, fingerprint, register_backbone
+from .block import IrepConv
+from .errors import IrepError
+from .ops import SPACES, ConvBN, check_ops
+
+#: The default op space for a user's network: every IREPS op (identity only where shapes allow).
+DEFAULT_OPS: Tuple[str, ...] = SPACES["any"]
+
+Patterns = Union[str, Sequence[str], None]
+
+
+class BiasAsBN(nn.Module):
+    """The "BN" of a conv that had none: it adds the conv's own bias, nothing else.
+
+    It has the BatchNorm fields that fusion reads (mean 0, var 1, eps 0, gamma 1 as buffers; beta
+    the trainable bias), so folding it is exact and training sees the same function as before: no
+    normalisation appears where the user's network had none.
+    """
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.num_features = bias.numel()
+        self.eps = 0.0
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.register_buffer("weight", torch.ones_like(self.bias.data))
+        self.register_buffer("running_mean", torch.zeros_like(self.bias.data))
+        self.register_buffer("running_var", torch.ones_like(self.bias.data))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
+
+
+def _frozen_bn_type() -> Optional[type]:
+    try:  # torchvision's detection backbones use it; torchvision itself is optional here
+        from torchvision.ops import FrozenBatchNorm2d
+    except ImportError:  # pragma: no cover - torchvision is a dependency of the project
+        return None
+    return FrozenBatchNorm2d
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """A BN with running statistics that fusion can fold (BatchNorm2d, SyncBatchNorm, FrozenBatchNorm2d)."""
+    frozen = _frozen_bn_type()
+    if frozen is not None and isinstance(module, frozen):
+        return True
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+
+
+def ineligible_reason(conv: nn.Module) -> Optional[str]:
+    """Why this module cannot become an IrepConv (None: it can)."""
+    if type(conv) is not nn.Conv2d:
+        return "a {} (only plain nn.Conv2d is rewritten: a subclass may compute something else)".format(
+            type(conv).__name__)
+    if tuple(conv.kernel_size) != (3, 3):
+        return "kernel {}x{}, not 3x3".format(*conv.kernel_size)
+    if tuple(conv.dilation) != (1, 1):
+        return "dilation {}, not 1".format(tuple(conv.dilation))
+    if conv.padding not in ((1, 1), "same"):
+        return "padding {}, not 1".format(conv.padding)
+    if conv.padding_mode != "zeros":
+        return "padding mode {!r}: the branches pad with zeros".format(conv.padding_mode)
+    if conv.stride[0] != conv.stride[1]:
+        return "stride {} is not square".format(tuple(conv.stride))
+    if conv.transposed:  # pragma: no cover - nn.Conv2d is never transposed
+        return "transposed"
+    return None
+
+
+class _Tracer(torch.fx.Tracer):
+    """BN-like modules and existing IrepConvs are leaves, so a conv's user is the BN module itself."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_batchnorm(m) or isinstance(m, IrepConv) or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class GraphScan:
+    """What tracing revealed: the BN after each conv (None: no BN), and convs whose BN is unknown."""
+
+    bn_after: Dict[str, Optional[str]] = field(default_factory=dict)
+    unknown: Dict[str, str] = field(default_factory=dict)
+
+
+def scan_conv_bn(model: nn.Module) -> GraphScan:
+    """Find conv -> BN pairs of ``model`` through its torch.fx graph (module paths from the root)."""
+    scan = GraphScan()
+    _scan(model, "", scan)
+    return scan
+
+
+def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:  # fx raises many types for untraceable code; every one means "look inside"
+        reason = "{} cannot be traced by torch.fx ({}: {})".format(
+            prefix.rstrip(".") or "the model", type(exc).__name__, str(exc).strip().splitlines()[0][:100]
+            if str(exc).strip() else "")
+        for name, child in module.named_children():
+            if isinstance(child, nn.Conv2d):
+                scan.unknown[prefix + name] = reason + ", so the BN after it is unknown"
+            elif not is_batchnorm(child) and not isinstance(child, IrepConv):
+                _scan(child, prefix + name + ".", scan)
+        return
+    calls: Dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        conv = module.get_submodule(node.target)
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        path = prefix + node.target
+        if calls[node.target] > 1:
+            scan.unknown[path] = "called {} times in the forward".format(calls[node.target])
+            continue
+        users = list(node.users)
+        bn: Optional[str] = None
+        if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1:
+            follower = module.get_submodule(users[0].target)
+            if is_batchnorm(follower) and getattr(follower, "num_features", -1) == conv.out_channels:
+                bn = prefix + users[0].target
+        scan.bn_after[path] = bn
+
+
+def _patterns(value: Patterns) -> Optional[Tuple[str, ...]]:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _matches(path: str, patterns: Tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p + ".*") for p in patterns)
+
+
+@dataclass
+class IrepReport:
+    """Which convs :func:`irepify` rewrote, and which it left alone and why."""
+
+    rewritten: List[str]
+    skipped: List[Tuple[str, str]]
+    bn_pairs: List[Tuple[str, str]]  # other conv -> BN pairs the graph showed (fused by fuse_model)
+
+
+def _fixed_op(conv: nn.Conv2d, bn: Optional[nn.Module]) -> ConvBN:
+    """The user's conv and BN as the block's fixed op; a conv bias moves into the BN exactly."""
+    if conv.padding == "same":  # 3x3, dilation 1: "same" is padding 1 on every side
+        conv.padding = (1, 1)
+    bias = conv.bias
+    if bias is not None:
+        conv.bias = None
+    if bn is None:
+        bn = BiasAsBN(bias if bias is not None else torch.zeros(
+            conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+    elif bias is not None:
+        with torch.no_grad():  # BN(Wx + b) == BN'(Wx) with mean' = mean - b, in eval and in train mode
+            bn.running_mean.sub_(bias.detach().to(bn.running_mean.dtype))
+    return ConvBN.of(conv, bn)
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patterns = None,
+            exclude: Patterns = None, inplace: bool = False, name: Optional[str] = None,
+            input_size: int = 224) -> nn.Module:
+    """A copy of ``model`` with every eligible 3x3 conv an :class:`IrepConv` (no branch yet).
+
+    ``ops`` is the op space of every block (default: all IREPS ops). ``include``/``exclude`` are
+    module-path patterns (``fnmatch``; a pattern also matches everything below it, so
+    ``"backbone.body"`` selects the whole body). The result computes exactly what ``model`` did;
+    every other module, name and parameter is left as it was, except that each absorbed BN's place
+    holds ``nn.Identity``. The report is on ``result.irep_report`` (:class:`IrepReport`).
+
+    ``name`` labels the network in architecture codes and checkpoints (default: its class as
+    ``module:Class``); ``input_size`` is the resolution recorded for export and bench. The result
+    works with :func:`~irep_deploy.models.apply_arch`, :func:`~irep_deploy.reparam.fuse_model` and
+    checkpoints like a built-in backbone.
+    """
+    space = check_ops(DEFAULT_OPS if ops is None else ops)
+    include_p, exclude_p = _patterns(include), _patterns(exclude)
+    net = model if inplace else copy.deepcopy(model)
+    scan = scan_conv_bn(net)
+    rewritten: List[str] = []
+    skipped: List[Tuple[str, str]] = []
+    bn_pairs: List[Tuple[str, str]] = []
+    modules = dict(net.named_modules())
+    for path, module in list(modules.items()):
+        if not isinstance(module, nn.Conv2d) or _inside_irep(path, modules):
+            continue
+        bn_path = scan.bn_after.get(path)
+        reason = ineligible_reason(module)
+        if reason is None and include_p is not None and not _matches(path, include_p):
+            reason = "not matched by include"
+        if reason is None and exclude_p is not None and _matches(path, exclude_p):
+            reason = "matched by exclude"
+        if reason is None and path not in scan.bn_after:
+            reason = scan.unknown.get(path, "not reached by the traced forward")
+        if reason is not None:
+            skipped.append((path, reason))
+            if bn_path is not None:
+                bn_pairs.append((path, bn_path))
+            continue
+        bn = modules[bn_path] if bn_path is not None else None
+        conv = module
+        block = IrepConv(conv.in_channels, conv.out_channels, conv.stride[0], conv.groups, space,
+                         fixed=_fixed_op(conv, bn), zero_init_branches=True)
+        _set(net, path, block)
+        if bn_path is not None:
+            _set(net, bn_path, nn.Identity())
+        rewritten.append(path)
+    if not rewritten:
+        raise IrepError("no eligible 3x3 conv in {} ({} conv(s) left out{})".format(
+            name or type(model).__name__, len(skipped),
+            ", first: {} ({})".format(*skipped[0]) if skipped else ""))
+    net.irep_report = IrepReport(rewritten, skipped, bn_pairs)
+    label = name or "{}:{}".format(type(model).__module__, type(model).__qualname__)
+    specs = layer_specs(net)
+    register_backbone(label, lambda: specs, "any", builtin=False)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    net.irep_config = {
+        "backbone": label, "num_classes": linears[-1].out_features if linears else 0, "width": 1.0,
+        "in_channels": convs[0].in_channels, "input_size": int(input_size), "ops": list(space),
+        "supernet": False, "bn_pairs": [list(p) for p in bn_pairs],
+        "model": {"kwargs": {}, "weights": None, "include": list(include_p or ()),
+                  "exclude": list(exclude_p or ()), "fingerprint": fingerprint(specs)},
+    }
+    return net
+
+
+def _inside_irep(path: str, modules: Dict[str, nn.Module]) -> bool:
+    parts = path.split(".")
+    return any(isinstance(modules.get(".".join(parts[:i])), IrepConv) for i in range(1, len(parts)))
+
+
+def layer_specs(model: nn.Module) -> Tuple[LayerSpec, ...]:
+    """The geometry of every IrepConv of ``model``, in registration order (the rows of its codes)."""
+    return tuple(LayerSpec(n, m.in_channels, m.out_channels, m.stride, m.groups)
+                 for n, m in model.named_modules() if isinstance(m, IrepConv))
