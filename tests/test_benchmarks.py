@@ -107,3 +107,28 @@ def test_step_sync_benchmark_alternates_both_variants_in_both_loops(tmp_path):
         ratio = result[loop]["new_over_old"]
         assert ratio["min"] <= ratio["median"] <= ratio["max"]
     assert result["log_every"] > 1  # the library's interval, restored after the variant with 1
+
+
+def test_irepify_benchmark_fused_equals_folded_original(tmp_path):
+    out = tmp_path / "irepify"
+    run("bench_irepify.py", "--quick", "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert list(result["models"]) == ["resnet18"] and result["settings"]["batches"] == [1, 2]
+    info = result["models"]["resnet18"]
+    p = info["params"]
+    assert p["fused"] == p["original folded"] < p["original"] < p["multi-branch"]
+    assert 0 < info["branches"] < info["capacity"] and 0 < info["max_rel_error"] <= 1e-5
+    assert {(r["variant"], r["batch"]) for r in info["latency"]} == {
+        (v, b) for v in ("fused", "original folded", "original") for b in (1, 2)}
+    assert all(len(r["round_medians_ms"]) == result["settings"]["rounds"] == 2 for r in info["latency"])
+    assert {(q["ratio"], q["batch"]) for q in info["ratios"]} == {
+        (q, b) for q in ("fused / original", "fused / original folded") for b in (1, 2)}
+    ms = {(r["variant"], r["batch"]): r["median_ms"] for r in info["latency"]}
+    for q in info["ratios"]:
+        top, bottom = q["ratio"].split(" / ")
+        assert q["value"] == pytest.approx(ms[(top, q["batch"])] / ms[(bottom, q["batch"])])
+        assert len(q["rounds"]) == 2 and q["untrusted"] == (q["spread"] > 0.10)
+    timing = result["irepify_fuse"]
+    assert len(timing["runs_s"]["irepify + fuse_model"]) == timing["repeats"] == 2
+    md = out.with_suffix(".md").read_text()
+    assert result["command"] in md and "| resnet18 | 11,689,512 | 11,684,712 |" in md
