@@ -16,7 +16,8 @@ FIND_PY38 = ls -d $(PYENV_ROOT)/versions/3.8*/bin/python 2>/dev/null | sort -V |
 # build-trt (TensorRT stand-ins), bench, the CLI end to end (tests/deploy/test_cli_e2e.py) and the
 # CLI's bad-input table and fuzzed readers (cases that need train/search-only packages skip).
 DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tests/test_checkpoint.py \
-	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_bad_input.py tests/test_fuzz_readers.py
+	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_bad_input.py tests/test_fuzz_readers.py \
+	tests/test_irepify.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv venv38 data test test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
