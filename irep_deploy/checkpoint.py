@@ -12,7 +12,7 @@ and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anyt
 ``deploy`` (fused); ``arch`` is the architecture code in its text format.
 
 A network that is not built in (a model spec such as ``torchvision:resnet50``, or a user's module
-passed through :func:`~irep_deploy.irepify.irepify`) adds ``model``: {kwargs, weights, include,
+passed through :func:`~irep_deploy.irepify`) adds ``model``: {kwargs, weights, include,
 exclude, fingerprint}, all plain data. Nothing is imported because a checkpoint says so: the user
 names the network (``--model`` or ``build(model=...)``) and a mismatch is refused.
 """
@@ -33,7 +33,7 @@ from . import __version__
 from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .arch import ArchCode, fingerprint, first_layer_difference
 from .errors import ArchFormatError, CheckpointError
-from .irepify import irepify, layer_specs
+from .surgery import irepify, layer_specs
 from .models import MODELS, activate, build_model, current_arch, is_external, model_config
 from .reparam import fuse_model
 

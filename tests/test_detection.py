@@ -20,7 +20,7 @@ from irep_deploy import ArchCode, fuse_model
 from irep_deploy.block import IrepConv
 from irep_deploy.engines import ort as ort_helpers
 from irep_deploy.engines.onnx import check_model, export_module, op_types
-from irep_deploy.irepify import irepify
+from irep_deploy import irepify
 from irep_deploy.models import apply_arch
 
 from conftest import fashion_mnist, rel_err

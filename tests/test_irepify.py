@@ -25,7 +25,8 @@ from irep_deploy._io import no_typed_storage_warning
 from irep_deploy.arch import HEADER, backbone_info
 from irep_deploy.block import IrepConv
 from irep_deploy.errors import ArchFormatError, ArchMismatchError, CheckpointError
-from irep_deploy.irepify import BiasAsBN, irepify, scan_conv_bn
+from irep_deploy import irepify
+from irep_deploy.surgery import BiasAsBN, scan_conv_bn
 from irep_deploy.models import apply_arch, current_arch
 from irep_deploy.models.external import load_weights
 

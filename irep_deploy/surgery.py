@@ -217,8 +217,8 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
     every other module, name and parameter is left as it was, except that each absorbed BN's place
     holds ``nn.Identity``. The report is on ``result.irep_report`` (:class:`IrepReport`).
 
-    ``name`` labels the network in architecture codes and checkpoints (default: its class as
-    ``module:Class``); ``input_size`` is the resolution recorded for export and bench. The result
+    ``name`` labels the network in architecture codes and checkpoints (default: its class and
+    structure, ``module:Class@<fingerprint>``); ``input_size`` is the resolution recorded for export and bench. The result
     works with :func:`~irep_deploy.models.apply_arch`, :func:`~irep_deploy.reparam.fuse_model` and
     checkpoints like a built-in backbone.
     """
@@ -259,8 +259,9 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
             name or type(model).__name__, len(skipped),
             ", first: {} ({})".format(*skipped[0]) if skipped else ""))
     net.irep_report = IrepReport(rewritten, skipped, bn_pairs)
-    label = name or "{}:{}".format(type(model).__module__, type(model).__qualname__)
     specs = layer_specs(net)
+    # the default label carries the structure, so two networks of one class (resnet18, resnet50) differ
+    label = name or "{}:{}@{}".format(type(model).__module__, type(model).__qualname__, fingerprint(specs)[:8])
     register_backbone(label, lambda: specs, "any", builtin=False)
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
