@@ -13,10 +13,13 @@ STAMP38 := $(VENV38)/.installed
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 FIND_PY38 = ls -d $(PYENV_ROOT)/versions/3.8*/bin/python 2>/dev/null | sort -V | tail -n 1
 # Every test of the deploy path: blocks and fusion, models, codes, checkpoints, `fuse`, export,
-# build-trt (TensorRT stand-ins), bench, the CLI end to end (tests/deploy/test_cli_e2e.py) and the
-# CLI's bad-input table and fuzzed readers (cases that need train/search-only packages skip).
+# build-trt (TensorRT stand-ins), bench, the CLI end to end (tests/deploy/test_cli_e2e.py), the same
+# for a network named by --model (tests/test_cli_model.py), the CLI's bad-input table and fuzzed
+# readers (cases that need train/search-only packages skip), and irepify of any network (torchvision
+# classifiers, a Faster R-CNN whose fused body is exported).
 DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tests/test_checkpoint.py \
-	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_bad_input.py tests/test_fuzz_readers.py
+	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_cli_model.py tests/test_bad_input.py \
+	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv venv38 data test test-py38 test-gpu check-py38 lint-docker demo benchmarks clean

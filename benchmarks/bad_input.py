@@ -167,6 +167,43 @@ CASES: List[Case] = [
     C("run directory", "train -o {newdir} --dataset fashion-mnist --data-root {missing} --backbone resnet18_cifar --width 0.125 --epochs 1 --limit 64 --batch-size 32", 1, "{missing}"),
     # eval of a checkpoint: the dataset it was trained on
     C("eval dataset", "eval {deploy}", 1, "--dataset"),
+    # --model (issue 11): a checkpoint of a network that is not built in needs its name, and only its own
+    C("model spec", "fuse {s_multi} {s_arch} -o {out_pt}", 1, "--model"),
+    C("model spec", "export {s_deploy} -o {out_onnx}", 1, "--model"),
+    C("model spec", "bench {s_deploy} --duration 0.01 --iterations 1", 1, "--model"),
+    C("model spec", "eval {s_deploy} --dataset digits", 1, "--model"),
+    C("model spec", "fuse {s_multi} {s_arch} -o {out_pt} --model torchvision:resnet18", 1, "torchvision:resnet18"),
+    C("model spec", "export {s_deploy} -o {out_onnx} --model torchvision:resnet18", 1, "torchvision:resnet18"),
+    C("model spec", "bench {s_deploy} --duration 0.01 --iterations 1 --model torchvision:resnet18", 1,
+      "torchvision:resnet18"),
+    C("model spec", "eval {s_deploy} --dataset digits --model torchvision:resnet18", 1, "torchvision:resnet18"),
+    C("model spec", "fuse {multi} {arch} -o {out_pt} --model torchvision:resnet18", 1, "torchvision:resnet18"),
+    C("model spec", "export {s_deploy} -o {out_onnx} --model nosuchmodule:f", 1, "nosuchmodule:f"),
+    C("model spec", "fuse {s_multi} {s_arch} -o {out_pt} --model torchvision:mobilenet_v2 --torchvision {out_tv}", 1,
+      "--torchvision"),
+    C("model spec", "fuse {s_multi} {s_arch} -o {out_pt} --torchvision {out_tv}", 1, "--torchvision"),
+    C("model spec", "bench {onnx} --model torchvision:resnet18 --duration 0.01 --iterations 1", 1, "--model"),
+    C("model spec", "train -o {newdir} --dataset digits --model nosuchmodule:f", 2, "nosuchmodule"),
+    C("model spec", "search --run-dir {newdir} --dataset digits --model nosuchmodule:f", 2, "nosuchmodule"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:nosuch", 2, "nosuch"),
+    C("model spec", "search --run-dir {newdir} --dataset digits --model torchvision:nosuch", 2, "nosuch"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:resnet18 --model-kwargs [1]", 2,
+      "--model-kwargs"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:resnet18 --model-kwargs {{bad", 2,
+      "--model-kwargs"),
+    C("model spec", "search --run-dir {newdir} --dataset digits --model torchvision:resnet18 --model-kwargs 1", 2,
+      "--model-kwargs"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:resnet18 --weights {missing}.pt", 2,
+      "--weights"),
+    C("model spec", "train -o {newdir} --dataset digits --model torch.nn:Identity --weights IMAGENET1K_V1", 2, "--weights"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:resnet18 --width 0.5", 2, "--width"),
+    C("model spec", "search --run-dir {newdir} --dataset digits --model torchvision:resnet18 --width 0.5", 2,
+      "--width"),
+    C("model spec", "train -o {newdir} --dataset digits --model torchvision:resnet18 --init-from {multi}", 2,
+      "--init-from"),
+    C("model spec", "train -o {newdir} --dataset digits --backbone resnet18_cifar --weights {multi}", 2, "--weights"),
+    C("model spec", "train -o {newdir} --dataset digits --backbone resnet18_cifar --model torchvision:resnet18", 2,
+      "--model"),
 ]
 
 
@@ -196,6 +233,16 @@ def make_fixtures(d: Path) -> Dict[str, Path]:
     f["multi_dotdot"] = d / "sub" / ".." / "multi.pt"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", str(f["deploy"]), "-o", str(put("onnx", d / "deploy.onnx")), "--simplify", "none"]) == 0
+    # a network named by a model spec (small: a quarter-width MobileNetV2)
+    spec = build_model("torchvision:mobilenet_v2", num_classes=10, model_kwargs={"width_mult": 0.25},
+                       input_size=32).eval()
+    spec_code = ArchCode.random("torchvision:mobilenet_v2", ratio=1 / 3, seed=3)
+    spec_code.save(put("s_arch", d / "spec_arch.bin"))
+    from irep_deploy.models import apply_arch
+    apply_arch(spec, spec_code, create=True)
+    save_checkpoint(put("s_multi", d / "spec_multi.pt"), spec, extra={"dataset": "digits"})
+    save_checkpoint(put("s_deploy", d / "spec_deploy.pt"), fuse_model(spec), extra={"dataset": "digits"})
+    f["out_tv"] = d / "out_tv.pt"
     f["dir"] = d
     f["newdir"] = d / "new-run"
     f["missing"] = d / "missing"

@@ -14,6 +14,7 @@ _EXPORTS = {
     "ArchCode": "arch", "IrepConv": "block", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
     "load_model": "checkpoint", "save_checkpoint": "checkpoint", "IrepError": "errors", "apply_arch": "models",
     "build_model": "models", "current_arch": "models", "fuse_model": "reparam", "to_torchvision": "reparam",
+    "irepify": "surgery",
 }
 
 __all__ = ["__version__"] + sorted(_EXPORTS)

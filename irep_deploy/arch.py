@@ -5,7 +5,7 @@ The file format (README "File formats"; docs/foundation.md) is UTF-8 text, one r
 so this module uses no model code; the built-ins are loaded on first lookup (:func:`known_backbones`).
 
 Version 1 (built-in backbones) rows are ``<layer> <bits>``. Version 2 (any network made searchable
-with :func:`irep_deploy.irepify.irepify`) rows carry each layer's geometry,
+with :func:`irep_deploy.irepify`) rows carry each layer's geometry,
 ``<layer> <in>:<out>:<stride>:<groups> <bits>``, and the header a ``fingerprint`` of that table, so
 the code can be read, checked and refused on the wrong network without importing the network.
 """

@@ -23,7 +23,7 @@ class IrepConv(nn.Module):
     its geometry (``identity`` at stride 2 or with in != out).
 
     ``fixed`` supplies the fixed op (a :class:`ConvBN` holding a user's pretrained conv and BN, see
-    :func:`irep_deploy.irepify.irepify`) instead of a fresh one. ``zero_init_branches`` makes every
+    :func:`irep_deploy.irepify`) instead of a fresh one. ``zero_init_branches`` makes every
     new branch start at zero output (the last BN of the branch with gamma = 0, as torchvision's
     ``zero_init_residual``), so adding branches to a pretrained network leaves its function as it was.
     """

@@ -12,7 +12,7 @@ and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anyt
 ``deploy`` (fused); ``arch`` is the architecture code in its text format.
 
 A network that is not built in (a model spec such as ``torchvision:resnet50``, or a user's module
-passed through :func:`~irep_deploy.irepify.irepify`) adds ``model``: {kwargs, weights, include,
+passed through :func:`~irep_deploy.irepify`) adds ``model``: {kwargs, weights, include,
 exclude, fingerprint}, all plain data. Nothing is imported because a checkpoint says so: the user
 names the network (``--model`` or ``build(model=...)``) and a mismatch is refused.
 """
@@ -33,7 +33,7 @@ from . import __version__
 from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .arch import ArchCode, fingerprint, first_layer_difference
 from .errors import ArchFormatError, CheckpointError
-from .irepify import irepify, layer_specs
+from .surgery import irepify, layer_specs
 from .models import MODELS, activate, build_model, current_arch, is_external, model_config
 from .reparam import fuse_model
 
@@ -113,22 +113,32 @@ class Checkpoint:
         or the user's own un-irepified module; it must have the checkpoint's structure. For a
         built-in backbone ``model`` may repeat its name.
         """
-        h = self.header
-        if self.external:
-            net = self._external_net(model)
-        else:
-            if model is not None and model != h["backbone"]:
-                raise CheckpointError("{}: holds a {} network, not {}".format(
-                    self.path, h["backbone"], model if isinstance(model, str) else type(model).__name__))
-            net = build_model(h["backbone"], num_classes=h["num_classes"], width=h["width"],
-                              in_channels=h["in_channels"], ops=h["ops"], input_size=h["input_size"])
+        net = self._bare_net(model)
         if self.kind == "deploy":
             net = fuse_model(net, inplace=True)
-            net.irep_config["arch"] = h["arch"]
+            net.irep_config["arch"] = self.header["arch"]
         else:
             activate(net, self.arch, self.supernet)
         load_state(net, self.state_dict, self.path)
         return net
+
+    def network(self, model: Union[str, nn.Module, None] = None, arch: Optional[ArchCode] = None) -> nn.Module:
+        """The checkpoint's network with fresh weights and the branches of ``arch`` (None: none, the
+        plain network): the same structure, for comparisons such as ``bench --compare``."""
+        net = self._bare_net(model)
+        activate(net, arch)
+        return net
+
+    def _bare_net(self, model: Union[str, nn.Module, None]) -> nn.Module:
+        """The multi-branch network without branches, the named ``model`` checked against the header."""
+        h = self.header
+        if self.external:
+            return self._external_net(model)
+        if model is not None and model != h["backbone"]:
+            raise CheckpointError("{}: holds a {} network, not {}".format(
+                self.path, h["backbone"], model if isinstance(model, str) else type(model).__name__))
+        return build_model(h["backbone"], num_classes=h["num_classes"], width=h["width"],
+                           in_channels=h["in_channels"], ops=h["ops"], input_size=h["input_size"])
 
     def _external_net(self, model: Union[str, nn.Module, None]) -> nn.Module:
         h, spec = self.header, self.header["model"]

@@ -61,6 +61,51 @@ def _name(text: str) -> str:
     return text
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError("not valid JSON ({}): {}".format(str(exc).split(":")[0], quote(text))) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{{\"num_classes\": 10}}', got {}".format(
+            quote(text)))
+    return value
+
+
+_SPEC_HELP = ("torchvision:NAME (any torchvision.models.get_model name) or package.module:factory "
+              "(the factory returns an nn.Module)")
+
+
+def _add_model_choice(p: argparse.ArgumentParser) -> None:
+    """search/train: the network to build, a built-in backbone or a model spec, and its settings."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--backbone", help="built-in backbone: resnet18_cifar, vgg16_cifar, resnet18, ... "
+                                          "(or a model spec, as --model)")
+    which.add_argument("--model", dest="backbone", metavar="SPEC",
+                       help="the network: " + _SPEC_HELP + ", or a built-in backbone name. Its 3x3 convs become "
+                            "searchable blocks (irepify); a 3-channel network is fed 1-channel data by copying "
+                            "the grey channel")
+    p.add_argument("--weights", metavar="NAME_OR_FILE",
+                   help="initial weights of a --model network: a state-dict file (loaded with weights_only=True) "
+                        "or a torchvision weights name such as IMAGENET1K_V1 (downloaded by torchvision)")
+    p.add_argument("--model-kwargs", type=_json_object, metavar="JSON",
+                   help="a JSON object of the --model factory's keyword arguments (num_classes is added from "
+                        "the data where the factory takes it)")
+    p.add_argument("--include", action="append", metavar="PATTERN",
+                   help="rewrite only the 3x3 convs whose module path matches (fnmatch; repeatable)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="leave out the 3x3 convs whose module path matches (fnmatch; repeatable)")
+
+
+def _add_checkpoint_model(p: argparse.ArgumentParser, dest: str = "model") -> None:
+    """fuse/export/bench/eval: name the network of a checkpoint that is not built in."""
+    p.add_argument("--model", dest=dest, metavar="SPEC",
+                   help="the network of a checkpoint that is not built in (" + _SPEC_HELP + "), as it was "
+                        "trained with; required for such a checkpoint (a checkpoint never imports code)")
+
+
 MAX_BATCH = 4096
 MAX_SIZE = 4096
 _SEED = _int_in(0, 2 ** 63 - 1)
@@ -100,7 +145,8 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_fuse(args: argparse.Namespace) -> int:
     from .pipeline import fuse
     report = fuse(args.ckpt, args.arch, out=args.output, torchvision_out=args.torchvision,
-                  batch=args.batch, input_size=args.input_size, tolerance=args.tolerance, seed=args.seed)
+                  batch=args.batch, input_size=args.input_size, tolerance=args.tolerance, seed=args.seed,
+                  model=args.model)
     print("fused {} branches: {:,} -> {:,} parameters".format(
         report.branches, report.params_multi_branch, report.params_fused))
     print("check on a random batch {}: max abs error {:.3g}, relative error {:.3g} (tolerance {:.0e})".format(
@@ -133,6 +179,7 @@ def _add_fuse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=_TOLERANCE, default=1e-5,
                    help="largest relative error accepted, max|a-b|/max|a| (default 1e-5)")
     p.add_argument("--seed", type=_SEED, default=0, help="seed of the random check batch")
+    _add_checkpoint_model(p)
     p.set_defaults(handler=_cmd_fuse)
 
 
@@ -142,9 +189,10 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_show)
 
 
+_MODEL_SETTINGS = ("model_kwargs", "weights", "include", "exclude")
 _TRAIN_SETTINGS = ("backbone", "dataset", "width", "epochs", "batch_size", "lr", "momentum", "weight_decay",
                    "nesterov", "label_smoothing", "val_fraction", "split_seed", "limit", "seed", "init_from", "arch", "amp",
-                   "deterministic")
+                   "deterministic") + _MODEL_SETTINGS
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -176,7 +224,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
                              warmup_epochs=args.warmup_epochs, rounds=args.rounds, round_epochs=args.round_epochs,
                              batch_size=args.batch_size, lr=args.lr, limit=args.limit, seed=args.seed,
                              amp=args.amp, channels_last=args.channels_last or None,
-                             deterministic=args.deterministic or None)
+                             deterministic=args.deterministic or None,
+                             **{k: getattr(args, k) for k in _MODEL_SETTINGS})
     run_dir = args.resume or args.run_dir
     report = search(run_dir, config, resume=bool(args.resume), data_root=args.data_root, device=args.device,
                     progress=not args.quiet, workers=args.workers)
@@ -197,10 +246,11 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", choices=["paper-cifar", "paper-imagenet", "cpu"],
                    help="named settings; `cpu` is a real Fashion-MNIST search that takes minutes on 2 cores "
                         "(default: paper-cifar); options below override it")
-    p.add_argument("--backbone", help="resnet18_cifar, vgg16_cifar, resnet18, ...")
+    _add_model_choice(p)
     p.add_argument("--dataset", help="fashion-mnist, cifar10, imagenet, digits")
     p.add_argument("--data-root", help="dataset directory (Fashion-MNIST defaults to the Debian package's)")
-    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True), help="channel width multiplier")
+    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True),
+                   help="channel width multiplier (built-in backbones; a --model network keeps its own)")
     p.add_argument("--population", type=_int_in(1, 100000), help="population size (paper: 128)")
     p.add_argument("--subnets", type=_int_in(1, 10000), help="B, codes trained per mini-batch (paper: 5 CIFAR, 1 ImageNet)")
     p.add_argument("--budget", type=_float_in(0.0, 1.0, lo_open=True), help="C as a ratio of all available branches (paper: 2/3 or 1/2)")
@@ -252,7 +302,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .train import evaluate
     res = evaluate(args.ckpt, dataset=args.dataset, split=args.split, data_root=args.data_root,
                    batch_size=args.batch_size, val_fraction=args.val_fraction, split_seed=args.split_seed,
-                   limit=args.limit, device=args.device, workers=args.workers)
+                   limit=args.limit, device=args.device, workers=args.workers, model=args.model)
     print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples".format(
         res.dataset, args.split, res.top1, res.top5, res.loss, res.examples))
     return 0
@@ -280,9 +330,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
     p.add_argument("--arch", help="architecture code file (arch.bin)")
-    p.add_argument("--backbone", help="backbone without branches (or to check against --arch)")
+    _add_model_choice(p)
     _add_data_args(p, settings=True)
-    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True), help="channel width multiplier (default 1.0)")
+    p.add_argument("--width", type=_float_in(0.0, 16.0, lo_open=True),
+                   help="channel width multiplier of a built-in backbone (default 1.0)")
     p.add_argument("--epochs", type=_int_in(1, 100000), help="epochs (default 10)")
     p.add_argument("--batch-size", type=_int_in(1, 1 << 20), help="global batch size (default 128)")
     p.add_argument("--lr", type=_POSITIVE, help="SGD learning rate, cosine-annealed per step (default 0.1)")
@@ -292,7 +343,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-smoothing", type=_float_in(0.0, 1.0, hi_open=True), help="label smoothing (default 0)")
     p.add_argument("--seed", type=_SEED, help="seed of initialisation, order and augmentation (default 0)")
     p.add_argument("--init-from", metavar="PATH",
-                   help="torchvision-layout state dict for the fixed convs (ImageNet layouts)")
+                   help="torchvision-layout state dict for the fixed convs of a built-in backbone (ImageNet "
+                        "layouts; for a --model network use --weights)")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"),
                    help="mixed precision of the training forward (default none; fp16 needs CUDA)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory layout (GPU speed)")
@@ -310,6 +362,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default test)")
     p.add_argument("--batch-size", type=_int_in(1, 1 << 20), default=256, help="batch size (default 256)")
     _add_data_args(p, settings=False)
+    _add_checkpoint_model(p)
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -319,7 +372,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export(args.ckpt, out=args.output, arch=args.arch, input_size=args.input_size, **opset,
                     batch=args.batch, simplify=args.simplify, verify_batch=args.verify_batch,
                     tolerance=args.tolerance, seed=args.seed, input_name=args.input_name,
-                    output_name=args.output_name)
+                    output_name=args.output_name, model=args.model)
     if report.fused_here:
         print("fused the multi-branch checkpoint before export")
     print("exported opset {}, input {} {} ({} batch), output {}, simplifier: {}".format(
@@ -355,6 +408,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_SEED, default=0, help="seed of the random check batches")
     p.add_argument("--input-name", type=_name, default="input", help="name of the graph input (default input)")
     p.add_argument("--output-name", type=_name, default="logits", help="name of the graph output (default logits)")
+    _add_checkpoint_model(p)
     p.set_defaults(handler=_cmd_export)
 
 
@@ -404,7 +458,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    warmup_ms=args.warmup, duration_s=args.duration, min_iters=args.iterations,
                    input_size=args.input_size, arch=args.arch, compare=args.compare, force=args.force,
                    providers=args.providers, threads=args.threads, rounds=args.rounds,
-                   spread_warn=args.spread_warn, json_out=args.json)
+                   spread_warn=args.spread_warn, json_out=args.json, network=args.network)
     print("device: {} ({}); torch {}, onnxruntime {}, TensorRT {}".format(
         report.device["name"], report.device["kind"], report.environment["torch"],
         report.environment["onnxruntime"], report.environment["tensorrt"]))
@@ -445,7 +499,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input-size", type=_SIZE, help="spatial input size (default: the model's)")
     p.add_argument("--arch", help="architecture code for a multi-branch checkpoint")
     p.add_argument("--compare", action="store_true",
-                   help="bench multi-branch, fused and plain backbone of the same shape and print the ratios")
+                   help="bench multi-branch, fused and plain backbone of the same shape and print the ratios "
+                        "(a --model network: plain is that network without branches, BN folded)")
     p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
     p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
     p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")
@@ -457,6 +512,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "(default 0.10)")
     p.add_argument("--threads", type=_int_in(1, 1024), help="CPU threads for torch and onnxruntime (default: theirs)")
     p.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    _add_checkpoint_model(p, dest="network")
     p.set_defaults(handler=_cmd_bench)
 
 

@@ -12,6 +12,12 @@ Sources:
 
 A validation split (for the search) is carved out of the training set with its own seed; it uses
 the evaluation transforms. The test set is only for the final evaluation of trained models.
+
+Channels: a network that takes 3 input channels (every torchvision classifier) fed a 1-channel
+dataset (Fashion-MNIST, digits) gets the normalised grey channel copied into all 3
+(``load_data(..., in_channels=3)``, :class:`GreyToChannels`). Nothing else is changed: no resize, no
+ImageNet statistics, so the 3 channels are equal and a pretrained stem sees its grey input. A checkpoint
+then records the network's 3 channels, and export, bench and eval feed 3-channel input.
 """
 from __future__ import annotations
 
@@ -121,6 +127,29 @@ class Transformed(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         x, y = self.base[index]
         return self.transform(x), int(y)
+
+
+class GreyToChannels:
+    """A transform: a 1 x H x W tensor repeated to ``channels`` x H x W (a grey image for a colour network)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(self.channels, *x.shape[1:]).contiguous()
+
+
+def channel_adapter(name: str, in_channels: Optional[int]) -> Optional[GreyToChannels]:
+    """How a dataset's images reach a network taking ``in_channels`` (None: as they are).
+
+    Only grey -> many is defined (copying the channel); anything else is refused in one line."""
+    have = dataset_spec(name).in_channels
+    if in_channels is None or in_channels == have:
+        return None
+    if have == 1:
+        return GreyToChannels(in_channels)
+    raise DataError("the network takes {} input channel(s), {} has {} (only 1-channel data is adapted, by "
+                    "copying the grey channel)".format(in_channels, canonical(name), have))
 
 
 class TensorImages(Dataset):
@@ -264,21 +293,36 @@ class DataSplits:
             raise DataError("there is no val split: give a validation fraction (--val-fraction) > 0")
         return ds
 
+    def with_channels(self, in_channels: int) -> "DataSplits":
+        """These splits as a network taking ``in_channels`` sees them (see :func:`channel_adapter`)."""
+        adapter = channel_adapter(self.name, in_channels) if in_channels != self.in_channels else None
+        return self if adapter is None else self.adapted(adapter)
+
+    def adapted(self, adapter: GreyToChannels) -> "DataSplits":
+        def wrap(ds: Optional[Dataset]) -> Optional[Dataset]:
+            return None if ds is None else Transformed(ds, adapter)
+        return DataSplits(self.name, wrap(self.train), wrap(self.val), wrap(self.test),  # type: ignore[arg-type]
+                          self.num_classes, adapter.channels, self.input_size)
+
 
 def _limited(indices: torch.Tensor, limit: Optional[int]) -> List[int]:
     return indices.tolist() if limit is None else indices[:limit].tolist()
 
 
 def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, split_seed: int = 0,
-              augment: bool = True, limit: Optional[int] = None, parts: Sequence[str] = SPLITS) -> DataSplits:
+              augment: bool = True, limit: Optional[int] = None, parts: Sequence[str] = SPLITS,
+              in_channels: Optional[int] = None) -> DataSplits:
     """Read a dataset and build its splits.
 
     ``val_fraction`` of the training set (a permutation drawn with ``split_seed``) becomes ``val``
     and is removed from ``train``. ``limit`` keeps at most that many examples of each split (a
     seeded random subset; for CPU-scale runs). ``parts`` skips reading what is not needed
-    (``("test",)`` reads only the test files); splits not read are empty.
+    (``("test",)`` reads only the test files); splits not read are empty. ``in_channels`` is what the
+    network takes (default: the dataset's own); 1-channel images are then copied into every channel
+    (see the module docstring).
     """
     spec = dataset_spec(name)
+    adapter = channel_adapter(name, in_channels)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError("validation fraction must lie in [0, 1), got {}".format(val_fraction))
     if limit is not None and limit < 1:
@@ -309,7 +353,8 @@ def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, 
         if not classes:
             classes = list(_targets(base))
     num_classes = len(getattr(base, "classes", ())) or (max(classes) + 1 if classes else 0)
-    return DataSplits(name, train_ds, val_ds, test_ds, num_classes, spec.in_channels, spec.input_size)
+    data = DataSplits(name, train_ds, val_ds, test_ds, num_classes, spec.in_channels, spec.input_size)
+    return data if adapter is None else data.adapted(adapter)
 
 
 # -- loaders ----------------------------------------------------------------------------------------

@@ -45,13 +45,15 @@ def default_deploy_path(ckpt: PathLike) -> Path:
 
 def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
          torchvision_out: Optional[PathLike] = None, batch: int = 2, input_size: Optional[int] = None,
-         tolerance: float = 1e-5, seed: int = 0) -> FuseReport:
+         tolerance: float = 1e-5, seed: int = 0, model: Union[str, nn.Module, None] = None) -> FuseReport:
     """Fuse a multi-branch checkpoint under an architecture code into a deploy checkpoint.
 
     The code must be the one the checkpoint was trained with, or (for a SuperNet checkpoint) any
     code of its space. The fused network is checked against the multi-branch one (eval mode) on a
     seeded random batch, in true float32 (TF32 off: the 1e-5 tolerance assumes float32 rounding);
-    beyond ``tolerance`` (relative error) nothing is written.
+    beyond ``tolerance`` (relative error) nothing is written. ``model`` names the network of a
+    checkpoint that is not built in (a model spec, or the user's module; see
+    :meth:`~irep_deploy.checkpoint.Checkpoint.build`).
     """
     out = Path(out) if out is not None else default_deploy_path(ckpt)
     for target in (out, torchvision_out):
@@ -63,17 +65,18 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     checkpoint = load_checkpoint(ckpt)
     if checkpoint.kind == "deploy":
         raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))
-    if torchvision_out is not None and MODELS[checkpoint.header["backbone"]].torchvision is None:
+    entry = MODELS.get(checkpoint.header["backbone"])
+    if torchvision_out is not None and (entry is None or entry.torchvision is None):
         raise IrepError("{}: {} has no torchvision layout; drop --torchvision".format(
             ckpt, checkpoint.header["backbone"]))
-    model = multi_branch_model(checkpoint, arch).eval()
-    code = current_arch(model)
-    plain = fuse_model(model)
+    net = multi_branch_model(checkpoint, arch, model).eval()
+    code = current_arch(net)
+    plain = fuse_model(net)
     size = input_size or checkpoint.header["input_size"]
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, checkpoint.header["in_channels"], size, size, generator=gen)
     with torch.no_grad(), exact_fp32():
-        reference, fused_out = model(x), plain(x)
+        reference, fused_out = net(x), plain(x)
     err = relative_error(reference, fused_out)
     if not err <= tolerance:
         raise VerificationError("fused output differs from the multi-branch output: relative error {:.3g} "
@@ -87,32 +90,34 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
         with atomic_write(torchvision_out, "wb") as handle:
             torch.save(state, handle)
     return FuseReport(str(out), str(torchvision_out) if torchvision_out else None, tuple(x.shape),
-                      (reference - fused_out).abs().max().item(), err, _params(model), _params(plain),
+                      (reference - fused_out).abs().max().item(), err, _params(net), _params(plain),
                       code.count())
 
 
-def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None) -> nn.Module:
+def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None,
+                       model: Union[str, nn.Module, None] = None) -> nn.Module:
     """A multi-branch checkpoint's model with the code at ``arch`` active (default: its own code).
 
     The code must be the one the checkpoint was trained with; a SuperNet checkpoint takes any code
-    of its space (and needs one). Mismatches name the first difference.
+    of its space (and needs one). Mismatches name the first difference. ``model`` names a network
+    that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`).
     """
     if arch is None:
         if checkpoint.supernet:
             raise IrepError("{}: is a SuperNet checkpoint; give the architecture code to use".format(checkpoint.path))
-        return checkpoint.build()
+        return checkpoint.build(model)
     code = ArchCode.load(arch)
     if not checkpoint.supernet:
         diff = checkpoint.arch.first_difference(code)
         if diff is not None:
             raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(
                 arch, checkpoint.path, diff))
-    model = checkpoint.build()
+    net = checkpoint.build(model)
     try:
-        apply_arch(model, code)
+        apply_arch(net, code)
     except ArchMismatchError as exc:
         raise ArchMismatchError("{}: does not fit {}: {}".format(arch, checkpoint.path, exc)) from None
-    return model
+    return net
 
 
 def _params(model: nn.Module) -> int:

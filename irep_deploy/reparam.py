@@ -12,7 +12,7 @@ from .arch import ArchCode
 from .block import IrepConv
 from .errors import IrepError
 from .fusion import fold_bn
-from .irepify import scan_conv_bn
+from .surgery import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
 
@@ -49,7 +49,7 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
     Every :class:`IrepConv` becomes one 3x3 ``nn.Conv2d`` with bias (its active branches scaled by
     sigmoid(alpha) * sigmoid(beta) and added to the fixed conv, every BN folded), and every other
     conv-BN pair one conv with bias: the ConvBN modules of the built-in backbones, and the separate
-    conv -> BN pairs of any network (those :func:`~irep_deploy.irepify.irepify` found, or for a model
+    conv -> BN pairs of any network (those :func:`~irep_deploy.irepify` found, or for a model
     not made by irep-deploy, those its torch.fx graph shows); a folded BN's place holds
     ``nn.Identity``. ``arch`` fuses that code instead of the blocks' current active sets (the search
     scores many codes of one SuperNet this way). The input model is not touched unless

@@ -37,9 +37,11 @@ from ._io import (append_jsonl, atomic_write, check_writable, no_typed_storage_w
                   write_json)
 from .arch import ArchCode
 from .checkpoint import load_checkpoint, recorded_dataset, save_checkpoint
-from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
-from .errors import CheckpointError, IrepError, VerificationError
-from .models import MODELS, build_model, searchable_layers
+from .data import (DataError, DataSplits, channel_adapter, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch,
+                   train_loader)
+from .errors import CheckpointError, IrepError, UsageError, VerificationError
+from .models import MODELS, build_model, is_spec, searchable_layers
+from .models.external import check_spec
 from .pipeline import relative_error
 from .precision import exact_fp32
 from .reparam import fuse_model
@@ -58,11 +60,43 @@ class TrainingDiverged(IrepError):
     exit_code = 2
 
 
+def check_model_settings(backbone: str, width: float, model_kwargs: Optional[Dict[str, Any]],
+                         weights: Optional[str], include: Optional[Sequence[str]],
+                         exclude: Optional[Sequence[str]]) -> None:
+    """The network settings of a run (train or search), checked before any data is read."""
+    if not is_spec(backbone):
+        if backbone not in MODELS:
+            raise IrepError("unknown backbone {!r} (known: {}; or a model spec such as torchvision:resnet18)".format(
+                backbone, ", ".join(MODELS)))
+        given = [flag for flag, value in (("--model-kwargs", model_kwargs), ("--weights", weights),
+                                          ("--include", include), ("--exclude", exclude)) if value]
+        if given:
+            raise UsageError("{} applies to model specs (--model torchvision:NAME or package.module:factory), "
+                             "not to the built-in {}".format(given[0], backbone))
+        return
+    if width != 1.0:
+        raise UsageError("--width applies to the built-in backbones; {} keeps its own channels".format(backbone))
+    check_spec(backbone, model_kwargs, weights)
+
+
+def build_run_model(backbone: str, data: DataSplits, width: float, **options: Any) -> nn.Module:
+    """The network of a run on ``data``: a built-in backbone takes the data's channels; a model spec
+    keeps its own (the caller adapts the data with ``data.with_channels``)."""
+    spec = is_spec(backbone)
+    model = build_model(backbone, num_classes=data.num_classes, width=width,
+                        in_channels=None if spec else data.in_channels, input_size=data.input_size, **options)
+    return model
+
+
 @dataclass
 class TrainConfig:
     """Settings that decide what a run computes (stored in the run; a resume uses them as saved).
 
-    ``arch`` is the architecture code's text (None: the plain backbone, no branches). Defaults are
+    ``arch`` is the architecture code's text (None: the plain backbone, no branches). ``backbone``
+    is a built-in backbone or a model spec (``torchvision:resnet18``, ``package.module:factory``);
+    ``model_kwargs``, ``weights`` (a state-dict file or a torchvision weights name, loaded once at
+    the start), ``include`` and ``exclude`` apply to specs (see :func:`~irep_deploy.models.build_model`).
+    Defaults are
     the paper's retraining recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule
     stepped every iteration. ``batch_size`` is global (split evenly over processes).
     """
@@ -85,6 +119,10 @@ class TrainConfig:
     init_from: Optional[str] = None
     amp: str = "none"  # autocast dtype of the training forward: none, bf16, or fp16 (CUDA, gradient scaler)
     deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
+    model_kwargs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
 
     def code(self) -> Optional[ArchCode]:
         if self.arch is None:
@@ -102,8 +140,11 @@ class TrainConfig:
             elif self.backbone != code.backbone:
                 raise IrepError("--backbone {} differs from the architecture code's backbone {}".format(
                     self.backbone, code.backbone))
-        if self.backbone not in MODELS:
-            raise IrepError("unknown backbone {!r} (known: {})".format(self.backbone, ", ".join(MODELS)))
+        check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include,
+                             self.exclude)
+        if self.init_from is not None and is_spec(self.backbone):
+            raise UsageError("--init-from {} applies to the built-in backbones; give the weights of {} with "
+                             "--weights".format(self.init_from, self.backbone))
         for name, value, ok in (("epochs", self.epochs, self.epochs >= 1),
                                 ("batch size", self.batch_size, self.batch_size >= 1),
                                 ("learning rate", self.lr, self.lr > 0), ("width", self.width, self.width > 0),
@@ -458,31 +499,33 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
 
 def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test", data_root: Optional[str] = None,
              batch_size: int = 256, val_fraction: float = 0.0, split_seed: int = 0, limit: Optional[int] = None,
-             device: str = "auto", workers: int = 0) -> EvalResult:
+             device: str = "auto", workers: int = 0, model: Union[str, nn.Module, None] = None) -> EvalResult:
     """Top-1/top-5 accuracy (percent) and mean loss of a checkpoint (multi-branch or deploy) on a
     split of a dataset (default: the one ``train`` recorded in the checkpoint). ``val`` needs the
-    ``val_fraction``/``split_seed`` the split was made with."""
+    ``val_fraction``/``split_seed`` the split was made with. ``model`` names the network of a
+    checkpoint that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`); grey images
+    are copied into every channel of a network that takes more (as ``train`` did)."""
     checkpoint = load_checkpoint(ckpt)
     if dataset is None:
         dataset = recorded_dataset(checkpoint)
         if dataset is None:
             raise IrepError("{}: the checkpoint does not record the dataset it was trained on (made before "
                             "irep-deploy recorded it, or not by `train`); pass --dataset".format(ckpt))
-    spec = dataset_spec(dataset)
     h = checkpoint.header
-    if h["in_channels"] != spec.in_channels:
-        raise IrepError("{}: the model takes {} input channel(s), {} has {}".format(
-            ckpt, h["in_channels"], dataset, spec.in_channels))
+    try:
+        channel_adapter(dataset, h["in_channels"])
+    except DataError as exc:
+        raise IrepError("{}: {}".format(ckpt, exc)) from None
+    net = checkpoint.build(model)  # a missing or wrong --model is refused before the data is read
     parts = ("test",) if split == "test" else ("train",)
     data = load_data(dataset, data_root, val_fraction=val_fraction, split_seed=split_seed, augment=False,
-                     limit=limit, parts=parts)
+                     limit=limit, parts=parts, in_channels=h["in_channels"])
     if data.num_classes > h["num_classes"]:
         raise IrepError("{}: the model has {} classes, {} has {}".format(ckpt, h["num_classes"], dataset,
                                                                        data.num_classes))
     dev = resolve_device(device)
-    model = checkpoint.build().to(dev)
     loader = eval_loader(data.split(split), batch_size, workers, pin_memory=dev.type == "cuda")
-    results, _, _ = evaluate_models([model], loader, dev)
+    results, _, _ = evaluate_models([net.to(dev)], loader, dev)
     if not math.isfinite(results[0].loss):
         raise IrepError("{}: the model's outputs are NaN or inf on {} (overflowing weights?); no result".format(
             ckpt, dataset))
@@ -639,18 +682,20 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     # Data errors come before anything is written: a failed start leaves no run directory behind.
     data = load_data(config.dataset, data_root, val_fraction=config.val_fraction, split_seed=config.split_seed,
                      limit=config.limit)
-    per_rank = config.batch_size // dist.world_size
     if len(data.train) < config.batch_size:  # type: ignore[arg-type]
         raise IrepError("the training split has {} examples, fewer than one batch of {}".format(
             len(data.train), config.batch_size))  # type: ignore[arg-type]
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of this seed
+    model = build_run_model(config.backbone, data, config.width, arch=config.code(), model_kwargs=config.model_kwargs,
+                            weights=config.weights if state is None else None,  # a resume loads its own state
+                            include=config.include, exclude=config.exclude)
+    data = data.with_channels(model.irep_config["in_channels"])
+    per_rank = config.batch_size // dist.world_size
     pin = dev.type == "cuda"
     loader = train_loader(data.train, per_rank, config.seed, workers, dist.enabled, pin)
     val_loader = eval_loader(data.val, per_rank, workers, dist.rank, dist.world_size, pin) if data.val else None
     test_loader = eval_loader(data.test, per_rank, workers, dist.rank, dist.world_size, pin)
-
-    torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of this seed
-    model = build_model(config.backbone, arch=config.code(), num_classes=data.num_classes, width=config.width,
-                        in_channels=data.in_channels, input_size=data.input_size)
     if config.init_from and state is None:
         init_from_torchvision(model, config.init_from)
     model.to(dev)

@@ -48,3 +48,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)
         if item.get_closest_marker("cuda") and not have_cuda:
             item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+def fashion_mnist(count: int, start: int = 0, part: str = "test"):
+    """``count`` real Fashion-MNIST images (float in [0, 1], 1x28x28) and labels, from ``start``."""
+    from irep_deploy.data import raw_dataset
+    ds = raw_dataset("fashion-mnist", part)
+    return ds.images[start:start + count].float() / 255.0, ds.labels[start:start + count]
+
+
+def as_rgb(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Grey images as the 3-channel, ``size`` x ``size``, normalised input torchvision models take."""
+    import torch.nn.functional as F
+    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return ((x - 0.2860) / 0.3530).repeat(1, 3, 1, 1)

@@ -5,7 +5,8 @@ Each measurement warms up for a time (default 200 ms), then runs for ``duration_
 synchronisation) and, on a GPU, with CUDA events on the stream (GPU compute time, without host
 overhead). Statistics: min/mean/median/p90/p95/p99, coefficient of variation (a warning above
 ``cv_warn``), throughput = batch / mean host latency. ``--compare`` benches the multi-branch, the
-fused and the plain backbone of the same shape in one run and reports latency ratios of medians.
+fused and the plain backbone of the same shape in one run and reports latency ratios of medians
+(for a model spec, plain is the user's own network with its BN folded: the same spec without branches).
 
 The run is split into rounds (default 5) that each run every job, so drift of a shared machine lands
 on all of them alike; with 2+ rounds every ratio is also taken per round and its spread, (max - min) /
@@ -30,7 +31,6 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable
 from ..checkpoint import load_checkpoint
 from ..errors import IrepError
-from ..models import build_model
 from ..reparam import fuse_model
 from . import devices
 
@@ -243,7 +243,8 @@ def _kind(path: str) -> str:
     return "checkpoint"
 
 
-def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
+def _variants(path: str, arch: Optional[PathLike], compare: bool,
+              network: Union[str, nn.Module, None] = None) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
     """Models to bench, the input description (channels, size) and notes."""
     from ..pipeline import multi_branch_model
 
@@ -255,29 +256,29 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool) -> Tuple[List[
                 path, kind))
         if arch is not None:
             raise IrepError("{}: --arch applies to multi-branch checkpoints only".format(path))
+        if network is not None:
+            raise IrepError("{}: --model names the network of a checkpoint; an {} file holds its own".format(
+                path, kind))
         return [Variant(kind, path=path)], {}, notes
     checkpoint = load_checkpoint(path)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
-    build_kw = dict(num_classes=h["num_classes"], width=h["width"], in_channels=h["in_channels"], ops=h["ops"],
-                    input_size=h["input_size"])
+    if checkpoint.kind == "deploy" and arch is not None:
+        raise IrepError("{}: is already fused (a deploy checkpoint); drop --arch".format(path))
     if not compare:
         if checkpoint.kind == "deploy":
-            if arch is not None:
-                raise IrepError("{}: is already fused (a deploy checkpoint); drop --arch".format(path))
-            return [Variant("fused", checkpoint.build().eval())], shape, notes
-        return [Variant("multi-branch", multi_branch_model(checkpoint, arch).eval())], shape, notes
+            return [Variant("fused", checkpoint.build(network).eval())], shape, notes
+        return [Variant("multi-branch", multi_branch_model(checkpoint, arch, network).eval())], shape, notes
     if checkpoint.kind == "deploy":
-        if arch is not None:
-            raise IrepError("{}: is already fused (a deploy checkpoint); drop --arch".format(path))
-        fused = checkpoint.build().eval()
+        fused = checkpoint.build(network).eval()
         # same structure as the trained network; the weights do not change the latency
-        multi = build_model(h["backbone"], arch=checkpoint.arch, **build_kw).eval()
+        multi = checkpoint.network(network, checkpoint.arch).eval()
         notes.append("multi-branch variant rebuilt from the deploy checkpoint's code with fresh weights")
     else:
-        multi = multi_branch_model(checkpoint, arch).eval()
+        multi = multi_branch_model(checkpoint, arch, network).eval()
         fused = fuse_model(multi)  # the model just built, not a second load of the checkpoint
-    plain = fuse_model(build_model(h["backbone"], arch=None, **build_kw).eval())
+    # the same network without branches (a spec: the user's own network with BN folded)
+    plain = fuse_model(checkpoint.network(network).eval())
     return [Variant("multi-branch", multi), Variant("fused", fused), Variant("plain", plain)], shape, notes
 
 
@@ -307,8 +308,12 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
           input_size: Optional[int] = None, arch: Optional[PathLike] = None, compare: bool = False,
           force: bool = False, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
           cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = DEFAULT_ROUNDS,
-          spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None) -> BenchReport:
+          spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None,
+          network: Union[str, nn.Module, None] = None) -> BenchReport:
     """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring.
+
+    ``network`` names the network of a checkpoint that is not built in (a model spec or the user's
+    module; :meth:`~irep_deploy.checkpoint.Checkpoint.build`).
 
     ``device`` is a profile name (:data:`devices.PROFILES`); a torch device string (``cuda``,
     ``cuda:0``) is mapped by :func:`devices.bench_profile` first."""
@@ -335,7 +340,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                           else ["cpu"]))
     if threads:
         torch.set_num_threads(int(threads))
-    variants, shape_info, notes = _variants(path, arch, compare)
+    variants, shape_info, notes = _variants(path, arch, compare, network)
     jobs, job_notes = build_jobs(variants, chosen, batches, shape_info, input_size,
                                  torch.device("cuda" if cuda else "cpu"), ort_providers, threads, opset, simplify,
                                  source=path)

@@ -76,10 +76,11 @@ class ExportReport:
 
 
 # -- model loading -----------------------------------------------------------------------------------
-def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None,
-                      tolerance: float = 1e-4) -> Tuple[nn.Module, Checkpoint, bool]:
+def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance: float = 1e-4,
+                      model: Union[str, nn.Module, None] = None) -> Tuple[nn.Module, Checkpoint, bool]:
     """The fused network of a checkpoint, in eval mode: a deploy checkpoint as it is, a multi-branch one
-    fused under ``arch`` (default: the code it was trained with) and checked against itself.
+    fused under ``arch`` (default: the code it was trained with) and checked against itself. ``model``
+    names a network that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`).
 
     Returns (model, checkpoint, fused_here)."""
     checkpoint = load_checkpoint(ckpt)
@@ -87,13 +88,13 @@ def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None,
         if arch is not None:
             raise IrepError("{}: is already fused (a deploy checkpoint); drop the architecture code {}".format(
                 ckpt, arch))
-        return checkpoint.build().eval(), checkpoint, False
-    model = multi_branch_model(checkpoint, arch).eval()
-    plain = fuse_model(model)
+        return checkpoint.build(model).eval(), checkpoint, False
+    net = multi_branch_model(checkpoint, arch, model).eval()
+    plain = fuse_model(net)
     x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
                     checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), exact_fp32():  # the tolerance assumes float32 rounding, not TF32
-        err = relative_error(model(x), plain(x))
+        err = relative_error(net(x), plain(x))
     if not err <= tolerance:
         raise VerificationError("{}: fused output differs from the multi-branch output: relative error {:.3g} "
                                 "> {:.3g}".format(ckpt, err, tolerance))
@@ -273,8 +274,10 @@ def default_onnx_path(ckpt: PathLike) -> Path:
 def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLike] = None,
            opset: int = DEFAULT_OPSET, input_size: Optional[int] = None, batch: Optional[int] = None,
            simplify: str = "auto", verify_batch: int = 4, tolerance: float = 1e-4, seed: int = 0,
-           input_name: str = "input", output_name: str = "logits") -> ExportReport:
+           input_name: str = "input", output_name: str = "logits",
+           model: Union[str, nn.Module, None] = None) -> ExportReport:
     """Export a deploy checkpoint (or a multi-branch one, fused first under ``arch``) to ONNX.
+    ``model`` names the network of a checkpoint that is not built in (a model spec or the user's module).
 
     ``batch=None`` makes the batch axis dynamic and checks batch 1 and ``verify_batch``; a fixed
     ``batch`` exports and checks that size only. Nothing is written unless every check passes.
@@ -297,18 +300,18 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
         raise IrepError("input and output names must differ (both {!r})".format(input_name))
     require_onnx()
     ort_helpers.require_onnxruntime()
-    model, checkpoint, fused_here = load_deploy_model(ckpt, arch)
+    net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model)
     size = input_size or checkpoint.header["input_size"]
     shape = (batch or 1, checkpoint.header["in_channels"], size, size)
-    _check_runs(model, shape, ckpt)
-    proto = export_module(model, shape, opset, batch is None, input_name, output_name)
+    _check_runs(net, shape, ckpt)
+    proto = export_module(net, shape, opset, batch is None, input_name, output_name)
     proto, used = simplify_model(proto, simplify)
     check_model(proto, str(out))
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         raise IrepError("{}: the model is larger than 2 GiB, which a single ONNX file cannot hold".format(ckpt))
     data = proto.SerializeToString()
     batches = [batch] if batch is not None else [1, verify_batch]
-    checks = verify(model, data, shape, batches, tolerance, seed, source=str(out))
+    checks = verify(net, data, shape, batches, tolerance, seed, source=str(out))
     with atomic_write(out, "wb") as handle:
         handle.write(data)
     return ExportReport(str(out), opset, used, batch is None, shape, input_name, output_name, tolerance,

@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..arch import ArchCode, LayerSpec, first_layer_difference, register_backbone
 from ..block import IrepConv
 from ..errors import ArchMismatchError, UsageError
-from ..irepify import irepify, layer_specs
+from ..surgery import irepify, layer_specs
 from ..ops import SPACES, check_ops
 from .external import build_external, factory_kwargs, is_spec
 from .resnet import BasicBlock, Bottleneck, ConvFactory, ResNet
@@ -106,7 +106,7 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
 
     ``name`` may also be a model spec, ``torchvision:<name>`` or ``package.module:factory``: the
     network is built by that factory (``model_kwargs``, JSON data; ``weights``, a state-dict file or
-    a torchvision weights name) and made searchable by :func:`~irep_deploy.irepify.irepify`
+    a torchvision weights name) and made searchable by :func:`~irep_deploy.irepify`
     (``include``/``exclude``: module-path patterns). Such networks keep their own width and input
     channels.
     """

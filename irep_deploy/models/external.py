@@ -75,16 +75,39 @@ def factory_kwargs(spec: str, kwargs: Mapping[str, Any], num_classes: Optional[i
     return args
 
 
+_WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
+
+
+def weights_file(weights: Optional[str], spec: str) -> bool:
+    """Whether ``weights`` names a state-dict file (True) or a torchvision weights name (False);
+    a missing file, or a name for a network that is not torchvision's, is refused naming --weights."""
+    if weights is None:
+        return False
+    if Path(weights).is_file():
+        return True
+    looks_like_path = os.sep in weights or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)
+    if looks_like_path or not spec.startswith("torchvision:"):
+        raise UsageError("--weights {}: no such file{}".format(
+            weights, "" if looks_like_path else " (weight names apply to torchvision models only)"))
+    return False
+
+
+def check_spec(spec: str, kwargs: Optional[Mapping[str, Any]] = None, weights: Optional[str] = None) -> None:
+    """Refuse, before any work, a spec that names nothing callable, arguments that are not JSON data
+    and a weights file that does not exist (the network itself is built later)."""
+    resolve_factory(spec)
+    check_kwargs(spec, kwargs or {})
+    weights_file(weights, spec)
+
+
 def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] = None) -> nn.Module:
     """Call the spec's factory with ``kwargs``. ``weights``: a state-dict file (read with
     ``weights_only=True``) or, for torchvision, a weights name such as ``IMAGENET1K_V1``
     (torchvision's weights API)."""
     factory = resolve_factory(spec)
     args = check_kwargs(spec, kwargs)
-    weights_file = weights is not None and Path(weights).is_file()
-    if weights is not None and not weights_file:
-        if not spec.startswith("torchvision:"):
-            raise UsageError("--weights {}: no such file (weight names apply to torchvision models only)".format(weights))
+    from_file = weights_file(weights, spec)
+    if weights is not None and not from_file:
         args["weights"] = weights
     try:
         model = factory(**args)
@@ -93,7 +116,7 @@ def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] 
             quote(spec), type(exc).__name__, str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "")) from None
     if not isinstance(model, nn.Module):
         raise UsageError("model spec {}: the factory returned {}, not an nn.Module".format(quote(spec), type(model).__name__))
-    if weights_file:
+    if from_file:
         load_weights(model, weights)
     return model
 

@@ -29,11 +29,12 @@ from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
 from ..errors import CheckpointError, IrepError
-from ..models import MODELS, build_model
+from ..models import MODELS, is_spec
 from ..ops import SPACES
 from ..reparam import fuse_model
-from ..train import (AMP_MODES, Dist, StepMonitor, TrainingDiverged, autocast, broadcast_buffers, close_distributed,
-                     deterministic_mode, init_distributed, make_scaler, optimizer_step, resolve_device, topk_hits)
+from ..train import (AMP_MODES, Dist, StepMonitor, TrainingDiverged, autocast, broadcast_buffers, build_run_model,
+                     check_model_settings, close_distributed, deterministic_mode, init_distributed, make_scaler,
+                     optimizer_step, resolve_device, topk_hits)
 from .population import EvolutionConfig, initial_population, next_population
 from .supernet import SuperNet, averaged_loss
 
@@ -79,10 +80,14 @@ class SearchConfig:
     amp: str = "none"  # autocast of the SuperNet forward: none, bf16, fp16 (CUDA, with a gradient scaler)
     channels_last: bool = False  # NHWC activations and weights (faster convolutions on recent GPUs)
     deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
+    # a model spec's settings (see TrainConfig); ``backbone`` may be a spec, whose default op space is SPACES["any"]
+    model_kwargs: Optional[Dict[str, Any]] = None
+    weights: Optional[str] = None
+    include: Optional[List[str]] = None
+    exclude: Optional[List[str]] = None
 
     def check(self) -> None:
-        if self.backbone not in MODELS:
-            raise IrepError("unknown backbone {!r} (known: {})".format(self.backbone, ", ".join(MODELS)))
+        check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include, self.exclude)
         for name, value, ok in (
                 ("population", self.population, self.population >= 2),
                 ("subnets (B)", self.subnets, self.subnets >= 1),
@@ -108,7 +113,7 @@ class SearchConfig:
 
 #: Named settings. ``cpu`` finishes a real Fashion-MNIST search on 2 cores in a few minutes.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    "paper-cifar": {},
+    "paper-cifar": {},  # a preset's width applies to the built-in backbones only (make_config)
     "paper-imagenet": dict(backbone="resnet18", dataset="imagenet", subnets=1, budget=0.5, batch_size=256),
     "cpu": dict(backbone="resnet18_cifar", dataset="fashion-mnist", width=0.125, population=16, subnets=2,
                 warmup_epochs=1, rounds=4, round_epochs=1, batch_size=64, limit=6000, eval_batch_size=500),
@@ -119,6 +124,8 @@ def make_config(preset: Optional[str] = None, **overrides: Any) -> SearchConfig:
     if preset is not None and preset not in PRESETS:
         raise IrepError("unknown preset {!r} (known: {})".format(preset, ", ".join(PRESETS)))
     values = dict(PRESETS.get(preset or "paper-cifar", {}))
+    if is_spec(overrides.get("backbone") or ""):
+        values.pop("width", None)  # a spec network keeps its own channels
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = SearchConfig(**values)
     config.check()
@@ -169,15 +176,17 @@ Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
-                 progress: bool, workers: int = 0) -> None:
+                 progress: bool, workers: int = 0, resuming: bool = False) -> None:
         self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
-        self.data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
-                              split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
-        ops = config.ops or list(SPACES[MODELS[config.backbone].space])
+        data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
+                         split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
+        ops = config.ops or list(SPACES["any" if is_spec(config.backbone) else MODELS[config.backbone].space])
         torch.manual_seed(config.seed)  # identical SuperNet initialisation on every rank
-        model = build_model(config.backbone, num_classes=self.data.num_classes, width=config.width,
-                            in_channels=self.data.in_channels, ops=ops, supernet=True,
-                            input_size=self.data.input_size).to(dev)
+        model = build_run_model(config.backbone, data, config.width, ops=ops, supernet=True,
+                                model_kwargs=config.model_kwargs, include=config.include,
+                                weights=None if resuming else config.weights,  # a resume loads its own state
+                                exclude=config.exclude).to(dev)
+        self.data = data.with_channels(model.irep_config["in_channels"])
         self.layout = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.layout)
         self.scaler = make_scaler(config.amp, dev)
@@ -443,7 +452,7 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
         try:
             # a failed start leaves no run directory behind (nothing resumable: no state.pt)
             with run_directory(run, keep=lambda p: (p / "state.pt").exists()) if dist.main else contextlib.nullcontext():
-                job = _Search(run, config, dev, dist, data_root, progress, workers)
+                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None)
                 if state is not None:
                     job.restore(state)
                 elif dist.main:

@@ -112,9 +112,26 @@ def scan_conv_bn(model: nn.Module) -> GraphScan:
     return scan
 
 
+def _trace(module: nn.Module) -> torch.fx.Graph:
+    """fx-trace ``module`` and leave no trace on it: a forward may cache what it computes on its
+    modules (torchvision's MultiScaleRoIAlign caches its scales on first call), and a traced forward
+    would leave fx Proxies there, breaking every later forward. Module attributes are restored."""
+    saved = [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in module.modules()]
+    try:
+        return _Tracer().trace(module)
+    finally:
+        for m, attrs, params, buffers, children in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for live, old in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+                live.clear()
+                live.update(old)
+
+
 def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
     try:
-        graph = _Tracer().trace(module)
+        graph = _trace(module)
     except Exception as exc:  # fx raises many types for untraceable code; every one means "look inside"
         reason = "{} cannot be traced by torch.fx ({}: {})".format(
             prefix.rstrip(".") or "the model", type(exc).__name__, str(exc).strip().splitlines()[0][:100]
@@ -143,7 +160,8 @@ def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
         bn: Optional[str] = None
         if len(users) == 1 and users[0].op == "call_module" and calls[users[0].target] == 1:
             follower = module.get_submodule(users[0].target)
-            if is_batchnorm(follower) and getattr(follower, "num_features", -1) == conv.out_channels:
+            # running_mean, not num_features: torchvision's FrozenBatchNorm2d has no num_features
+            if is_batchnorm(follower) and follower.running_mean.numel() == conv.out_channels:
                 bn = prefix + users[0].target
         scan.bn_after[path] = bn
 
@@ -199,8 +217,8 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
     every other module, name and parameter is left as it was, except that each absorbed BN's place
     holds ``nn.Identity``. The report is on ``result.irep_report`` (:class:`IrepReport`).
 
-    ``name`` labels the network in architecture codes and checkpoints (default: its class as
-    ``module:Class``); ``input_size`` is the resolution recorded for export and bench. The result
+    ``name`` labels the network in architecture codes and checkpoints (default: its class and
+    structure, ``module:Class@<fingerprint>``); ``input_size`` is the resolution recorded for export and bench. The result
     works with :func:`~irep_deploy.models.apply_arch`, :func:`~irep_deploy.reparam.fuse_model` and
     checkpoints like a built-in backbone.
     """
@@ -241,8 +259,9 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
             name or type(model).__name__, len(skipped),
             ", first: {} ({})".format(*skipped[0]) if skipped else ""))
     net.irep_report = IrepReport(rewritten, skipped, bn_pairs)
-    label = name or "{}:{}".format(type(model).__module__, type(model).__qualname__)
     specs = layer_specs(net)
+    # the default label carries the structure, so two networks of one class (resnet18, resnet50) differ
+    label = name or "{}:{}@{}".format(type(model).__module__, type(model).__qualname__, fingerprint(specs)[:8])
     register_backbone(label, lambda: specs, "any", builtin=False)
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
