@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,16 +44,16 @@ import torch
 import torch.nn as nn
 import torchvision
 
+import irep_deploy
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine  # noqa: E402
 
-from irep_deploy import ArchCode, apply_arch, fuse_model  # noqa: E402
+from irep_deploy import ArchCode, apply_arch, fuse_model, irepify  # noqa: E402
 from irep_deploy._io import atomic_write  # noqa: E402
 from irep_deploy.bench.latency import (SPREAD_WARN, Job, Result, Samples, Variant, _to_onnx,  # noqa: E402
                                        ort_runner, run_rounds, spread, summarise)
 from irep_deploy.block import IrepConv  # noqa: E402
 from irep_deploy.engines import ort as ort_helpers  # noqa: E402
-from irep_deploy.irepify import irepify  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16_bn", "regnet_x_400mf")
@@ -230,7 +231,8 @@ def fmt_ratio(q: Dict[str, Any]) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     s, m = result["settings"], result["machine"]
     lines = ["# Your own network: fused irepified torchvision models vs the originals (onnxruntime CPU)", "",
-             "Command: `{}`".format(result["command"]), "",
+             "Command: `{}` (irep_deploy from {}, commit {})".format(
+                 result["command"], result["code"]["irep_deploy"], result["code"]["commit"]), "",
              "Date: {}. Machine: {}; {} logical CPUs shared with other work; onnxruntime {} ({} intra-op "
              "thread(s)), torchvision {}, onnx {}; OMP_NUM_THREADS={}.".format(
                  result["date"], m["cpu"], m["cpu_count"], m["onnxruntime"], s["threads"], m["torchvision"],
@@ -262,15 +264,19 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append("| {} | {} | {:.2f} | {:.2f} | {:.2f} | {} |".format(
                 name, batch, ms[("fused", batch)], ms[("original folded", batch)], ms[("original", batch)],
                 " | ".join(fmt_ratio(q["{} / {}".format(*pair)]) for pair in RATIOS)))
-    rows = [q for info in result["models"].values() for q in info["ratios"] if q["ratio"] == "fused / original"]
-    lines += ["", "Fused / original within {}-{}: {} of {} rows; untrusted (spread > {:.0%}): {}.".format(
-        TARGET[0], TARGET[1], sum(q["within_target"] for q in rows), len(rows), s["spread_warn"],
-        sum(q["untrusted"] for q in rows))]
+    lines.append("")
+    for pair in RATIOS[::2]:
+        rows = [q for info in result["models"].values() for q in info["ratios"] if q["ratio"] == " / ".join(pair)]
+        lines.append("{} within {}-{}: {} of {} rows; untrusted (spread > {:.0%}): {}.".format(
+            " / ".join(pair).capitalize(), TARGET[0], TARGET[1], sum(q["within_target"] for q in rows), len(rows),
+            s["spread_warn"], sum(q["untrusted"] for q in rows)))
     same = [name for name, info in result["models"].items()
-            if len({json.dumps(v, sort_keys=True) for v in info["onnx_ops"].values()}) == 1]
-    lines += ["", "Exported graphs with the same op counts for all three variants (the exporter folds BN into "
-              "the conv in eval mode, so original and original folded are one graph in onnxruntime, and their "
-              "ratio is an A/A control: the noise floor of this machine): {}.".format(", ".join(same) or "none")]
+            if len({json.dumps(v, sort_keys=True) for v in info["onnx_ops"].values()}) == 1
+            and "BatchNormalization" not in info["onnx_ops"]["original"]]
+    lines += ["", "Models whose three exported graphs have the same op counts and no BatchNormalization node (the "
+              "exporter folds BN into the conv in eval mode, so original and original folded run the same graph "
+              "in onnxruntime and their ratio is an A/A control, the noise floor of this machine): {}.".format(
+                  ", ".join(same) or "none")]
     t = result["irepify_fuse"]
     lines += ["", "## Time of irepify + fuse_model ({}, {} runs, perf_counter around the library calls)".format(
         t["model"], t["repeats"]), "", "| step | median s | runs |", "|---|---|---|"]
@@ -278,7 +284,8 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append("| {} | {:.3f} | {} |".format(key, value, ", ".join("{:.2f}".format(v) for v in t["runs_s"][key])))
     lines += ["", "Target < {} s for irepify + fuse_model: {}. `apply_arch` (creating the code's branches) is "
               "timed apart, outside the target.".format(t["target_s"], "met" if t["within_target"] else "NOT met")]
-    warnings = [w for info in result["models"].values() for r in info["latency"] for w in r["warnings"]]
+    warnings = ["{}: {}".format(name, w) for name, info in result["models"].items() for r in info["latency"]
+                for w in r["warnings"]]
     if warnings:
         lines += ["", "Warnings:", ""] + ["- " + w for w in warnings]
     return "\n".join(lines) + "\n"
@@ -326,6 +333,9 @@ def main() -> int:
     machine = describe_machine()
     machine.update(torchvision=torchvision.__version__, onnxruntime=onnxruntime.__version__, onnx=onnx.__version__,
                    numpy=np.__version__)
+    package = Path(irep_deploy.__file__).resolve().parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(package), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
     result = {
         "command": ("OMP_NUM_THREADS={} ".format(omp) if omp else "") + "python " + " ".join(
             shlex.quote(a) for a in ["benchmarks/bench_irepify.py"] + sys.argv[1:]),
@@ -335,6 +345,7 @@ def main() -> int:
                      "warmup_ms": args.warmup_ms, "threads": args.threads, "omp_num_threads": omp,
                      "ratio": args.ratio, "seed": args.seed, "tolerance": args.tolerance,
                      "spread_warn": args.spread_warn, "quick": args.quick},
+        "code": {"irep_deploy": str(package), "commit": commit or None},
         "models": models, "irepify_fuse": irepify_fuse,
         "wall_s": round(time.perf_counter() - start, 1)}
     write(Path(args.out), result)
