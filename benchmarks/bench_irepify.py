@@ -17,7 +17,7 @@ timed by ``irep_deploy.bench`` in interleaved rounds: ratios of medians, with th
 and their spread ((max - min) / median, UNTRUSTED above 10 % as ``irep-deploy bench`` says).
 Then the wall time of ``irepify`` + ``fuse_model`` of resnet50 (median of ``--repeats`` runs).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_irepify.py        # the recorded run (about 15 min)
+    OMP_NUM_THREADS=1 python benchmarks/bench_irepify.py        # the recorded run (about 16 min)
     python benchmarks/bench_irepify.py --quick --out /tmp/irepify_quick    # smoke run (seconds)
 
 Writes ``results/irepify_cpu.{json,md}`` (atomically).
@@ -291,6 +291,12 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to this checkout when inside it (results files name no machine's directories)."""
+    root = RESULTS.parent.parent
+    return str(path.relative_to(root)) if root in path.parents else str(path)
+
+
 def write(stem: Path, result: Dict[str, Any]) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(stem.with_suffix(".json"), "w") as handle:
@@ -345,7 +351,7 @@ def main() -> int:
                      "warmup_ms": args.warmup_ms, "threads": args.threads, "omp_num_threads": omp,
                      "ratio": args.ratio, "seed": args.seed, "tolerance": args.tolerance,
                      "spread_warn": args.spread_warn, "quick": args.quick},
-        "code": {"irep_deploy": str(package), "commit": commit or None},
+        "code": {"irep_deploy": shown_path(package), "commit": commit or None},
         "models": models, "irepify_fuse": irepify_fuse,
         "wall_s": round(time.perf_counter() - start, 1)}
     write(Path(args.out), result)
