@@ -299,12 +299,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if str(args.ckpt).lower().endswith(".onnx"):
+        return _eval_onnx(args)
+    if args.reference is not None:
+        raise IrepError("--reference compares two ONNX files; {} is a checkpoint".format(args.ckpt))
     from .train import evaluate
     res = evaluate(args.ckpt, dataset=args.dataset, split=args.split, data_root=args.data_root,
                    batch_size=args.batch_size, val_fraction=args.val_fraction, split_seed=args.split_seed,
                    limit=args.limit, device=args.device, workers=args.workers, model=args.model)
     print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples".format(
         res.dataset, args.split, res.top1, res.top5, res.loss, res.examples))
+    return 0
+
+
+def _eval_onnx(args: argparse.Namespace) -> int:
+    if args.model is not None:
+        raise IrepError("{}: an ONNX file carries its network; drop --model {}".format(args.ckpt, args.model))
+    if args.device not in ("auto", "cpu"):
+        raise IrepError("{}: ONNX files are evaluated with onnxruntime on the CPU; drop --device {}".format(
+            args.ckpt, args.device))
+    if args.dataset is None:
+        raise IrepError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
+    from .engines.onnx_eval import evaluate_onnx
+    res = evaluate_onnx(args.ckpt, args.dataset, split=args.split, data_root=args.data_root,
+                        batch_size=args.batch_size, val_fraction=args.val_fraction, split_seed=args.split_seed,
+                        limit=args.limit, reference=args.reference)
+    print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples (onnxruntime CPU)".format(
+        res.dataset, args.split, res.top1, res.top5, res.loss, res.examples))
+    if res.reference is not None:
+        print("reference {}: top-1 {:.2f}% top-5 {:.2f}%; {} of {} predictions differ ({:.2f}%)".format(
+            res.reference, res.reference_top1, res.reference_top5, res.differ, res.examples,
+            100.0 * res.differ / res.examples))
     return 0
 
 
@@ -356,14 +381,63 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint on a dataset split",
-                       description="Evaluate a multi-branch or deploy checkpoint on a split of a dataset.")
-    p.add_argument("ckpt", help="checkpoint (ckpt.pt from train, or a deploy checkpoint from fuse)")
+    p = sub.add_parser("eval", help="top-1/top-5 accuracy of a checkpoint or ONNX file on a dataset split",
+                       description="Evaluate a multi-branch or deploy checkpoint, or an ONNX file (FP32 or INT8, "
+                                   "onnxruntime on the CPU), on a split of a dataset. With --reference, an ONNX "
+                                   "file is compared with another one: how many predicted classes differ.")
+    p.add_argument("ckpt", metavar="MODEL", help="checkpoint (ckpt.pt from train, a deploy checkpoint from fuse) "
+                                                 "or an .onnx file (from export or quantize)")
+    p.add_argument("--reference", metavar="ONNX",
+                   help="another ONNX file (e.g. the FP32 model of an INT8 one): its scores and the number of "
+                        "predictions that differ")
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="split (default test)")
     p.add_argument("--batch-size", type=_int_in(1, 1 << 20), default=256, help="batch size (default 256)")
     _add_data_args(p, settings=False)
     _add_checkpoint_model(p)
     p.set_defaults(handler=_cmd_eval)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .engines.quantize import quantize
+    report = quantize(args.onnx, args.calib, out=args.output, data_root=args.data_root, calib_size=args.calib_size,
+                      method=args.method, per_channel=args.per_channel, exclude=args.exclude or (),
+                      min_cosine=args.min_cosine)
+    print("quantized to INT8 (QDQ, symmetric, {} weights), {} calibration on {} {} training images".format(
+        "per-channel" if report.per_channel else "per-tensor", report.method, report.calib_size, report.calib_dataset))
+    if report.excluded:
+        print("kept in float: {} node(s): {}".format(len(report.excluded), ", ".join(report.excluded)))
+    print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))
+    print("INT8 vs FP32 on a calibration batch of {}: cosine {:.5f}, top-1 agreement {:.1f}% (limit {})".format(
+        report.check_batch, report.cosine, 100.0 * report.agreement, args.min_cosine))
+    print("wrote {} ({:,} bytes)".format(report.out, report.size_bytes))
+    return 0
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from .engines import quantize as q  # no torch: the module's constants only
+    p = sub.add_parser("quantize", help="INT8 QDQ ONNX for TensorRT, calibrated on real images (onnxruntime)",
+                       description="Post-training INT8 quantization of an FP32 ONNX file with onnxruntime: "
+                                   "QuantizeLinear/DequantizeLinear pairs, symmetric INT8 activations and weights "
+                                   "(what TensorRT's explicit quantization builds), calibrated on training images "
+                                   "of --calib through eval's preprocessing; checked against the FP32 model "
+                                   "before writing; the settings go into the file's metadata.")
+    p.add_argument("onnx", help="FP32 ONNX file (from export)")
+    p.add_argument("-o", "--output", help="INT8 ONNX file to write (default: ONNX with .int8.onnx)")
+    p.add_argument("--calib", required=True, choices=_LazyChoices(".data", "DATASETS"), metavar="DATASET",
+                   help="%(choices)s: calibration images come from its training split")
+    p.add_argument("--data-root", help="dataset directory (default: the Debian package's for fashion-mnist)")
+    p.add_argument("--calib-size", type=_int_in(q.MIN_CALIB_IMAGES, 10 ** 7), default=512,
+                   help="calibration images (default 512, at least {})".format(q.MIN_CALIB_IMAGES))
+    p.add_argument("--method", choices=q.METHODS, default="minmax",
+                   help="activation range calibration (default minmax)")
+    p.add_argument("--per-channel", action="store_true",
+                   help="one weight scale per output channel (default: one per tensor)")
+    p.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="keep the nodes whose name matches in float (fnmatch, e.g. '/fc/Gemm'; repeatable)")
+    p.add_argument("--min-cosine", type=_float_in(-1.0, 1.0), default=q.DEFAULT_MIN_COSINE,
+                   help="least cosine similarity of INT8 and FP32 logits on a calibration batch "
+                        "(default {})".format(q.DEFAULT_MIN_COSINE))
+    p.set_defaults(handler=_cmd_quantize)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -543,7 +617,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
 
 # One entry per subcommand; later subcommands (search, train, export, build-trt, bench) add theirs here.
 COMMANDS: List[Callable[[argparse._SubParsersAction], None]] = [_add_demo, _add_fuse, _add_show, _add_search, _add_train, _add_eval]
-COMMANDS += [_add_export, _add_build_trt, _add_bench]
+COMMANDS += [_add_export, _add_quantize, _add_build_trt, _add_bench]
 COMMANDS += [_add_plot]
 
 

@@ -1,0 +1,225 @@
+"""INT8 post-training quantization of an FP32 ONNX model into the QDQ form TensorRT builds from.
+
+``quantize`` is the library side of ``irep-deploy quantize``: onnxruntime's ``quantize_static`` with
+QuantizeLinear/DequantizeLinear pairs (explicit quantization), symmetric INT8 activations and weights
+(zero point 0: TensorRT's INT8 is symmetric), optionally per-channel weight scales on the output axis,
+calibrated on real images of a dataset's training split through the evaluation transforms (what
+``eval`` feeds). The result is checked with onnxruntime against the FP32 model on a calibration batch
+and written atomically with its settings in the file's ``metadata_props``.
+
+Importing this module loads no torch (the CLI's parser reads its constants); the work imports it.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib.util
+import inspect
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .. import __version__
+from .._io import atomic_write, check_writable, quote
+from ..errors import IrepError, VerificationError
+from . import ort as ort_helpers
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+METHODS = ("minmax", "entropy", "percentile")
+# Fewer images than this give activation ranges from a handful of samples (and one batch at most);
+# the CLI refuses them as a usage error, the library as an IrepError.
+MIN_CALIB_IMAGES = 32
+CALIB_BATCH = 32  # images per calibration batch of a dynamic-batch model
+DEFAULT_MIN_COSINE = 0.99
+META_PREFIX = "irep_deploy.quantize."
+
+
+@dataclass
+class QuantizeReport:
+    out: str
+    method: str
+    per_channel: bool
+    calib_dataset: str
+    calib_size: int
+    excluded: List[str]
+    cosine: float  # INT8 vs FP32 logits on the first calibration batch
+    agreement: float  # fraction of that batch whose top-1 class is the same
+    check_batch: int
+    op_types: Dict[str, int] = field(default_factory=dict)
+    metadata: Dict[str, str] = field(default_factory=dict)
+    size_bytes: int = 0
+
+
+def default_int8_path(model: PathLike) -> Path:
+    p = Path(model)
+    return p.with_name(p.stem + ".int8.onnx")
+
+
+def quantized_ops(model: Any) -> Dict[str, int]:
+    from .onnx import op_types
+    from .onnx_eval import QUANT_OPS
+    return {op: n for op, n in op_types(model).items() if op in QUANT_OPS}
+
+
+def match_nodes(model: Any, patterns: Sequence[str], path: PathLike) -> List[str]:
+    """Node names matching any fnmatch pattern; a pattern that matches nothing is refused (a typo
+    would otherwise quantize the layer the user meant to keep)."""
+    names = [n.name for n in model.graph.node]
+    out: List[str] = []
+    for pattern in patterns:
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hit:
+            example = next((n for n in names if n), "")
+            raise IrepError("{}: --exclude {} matches no node (node names look like {})".format(
+                path, quote(pattern), quote(example)))
+        out.extend(n for n in hit if n not in out)
+    return out
+
+
+class _Reader:
+    """An onnxruntime CalibrationDataReader (duck-typed: ``get_next``) over prepared batches."""
+
+    def __init__(self, name: str, data: Sequence[np.ndarray]) -> None:
+        self.name = name
+        self.data = list(data)
+        self.index = 0
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.index >= len(self.data):
+            return None
+        self.index += 1
+        return {self.name: self.data[self.index - 1]}
+
+    def rewind(self) -> None:  # onnxruntime >= 1.16 may call it between passes
+        self.index = 0
+
+
+def _calibration_batches(inp: Any, calib: str, data_root: Optional[str], calib_size: int,
+                         path: PathLike) -> List[np.ndarray]:
+    """``calib_size`` training images (a subset fixed by seed 0) as the model's input batches."""
+    from ..data import load_data
+    from .onnx_eval import batches
+    data = load_data(calib, data_root, augment=False, limit=calib_size, parts=("train",),
+                     in_channels=inp.channels)
+    have = len(data.train)  # type: ignore[arg-type]
+    if have < calib_size:
+        raise IrepError("{}: --calib {} has {} training images, fewer than --calib-size {}".format(
+            path, calib, have, calib_size))
+    size = inp.batch or CALIB_BATCH
+    return [x for x, _ in batches(data.train, size)]
+
+
+def _check_settings(path: PathLike, method: str, calib_size: int, batch: Optional[int]) -> None:
+    if method not in METHODS:
+        raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(METHODS)))
+    if method == "entropy" and importlib.util.find_spec("scipy") is None:
+        raise IrepError("--method entropy needs scipy (onnxruntime's entropy calibration imports it): pip install scipy")
+    if calib_size < MIN_CALIB_IMAGES:
+        raise IrepError("--calib-size {} is too small: calibrate on at least {} images".format(
+            calib_size, MIN_CALIB_IMAGES))
+    if batch and calib_size % batch:
+        raise IrepError("{}: --calib-size {} is not a multiple of the model's fixed batch {}".format(
+            path, calib_size, batch))
+
+
+def _ort_quantize(src: Path, dst: Path, reader: _Reader, method: str, per_channel: bool,
+                  excluded: List[str], tmp: Path) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    # Shape inference as onnxruntime recommends before quantizing; its graph optimisation is skipped
+    # so that node names stay those of the FP32 file (--exclude patterns and the metadata name them).
+    pre = tmp / "preprocessed.onnx"
+    quant_pre_process(str(src), str(pre), skip_optimization=True)
+    kwargs: Dict[str, Any] = {}
+    if "optimize_model" in inspect.signature(quantize_static).parameters:
+        kwargs["optimize_model"] = False  # onnxruntime 1.15: on by default; it could rename or fuse nodes
+    # quantize_static prints its calibration progress with print(); the CLI prints its own summary.
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                              "percentile": CalibrationMethod.Percentile}[method],
+            # Symmetric INT8 (zero point 0) is what TensorRT's explicit quantization runs; biases stay
+            # FP32 (TensorRT quantizes them itself and takes INT8 Q/DQ tensors, not INT32).
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            **kwargs)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.dot(a, b)) / denom if denom else float(np.array_equal(a, b))
+
+
+def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_root: Optional[str] = None,
+             calib_size: int = 512, method: str = "minmax", per_channel: bool = False,
+             exclude: Sequence[str] = (), min_cosine: float = DEFAULT_MIN_COSINE) -> QuantizeReport:
+    """Quantize an FP32 ONNX model to a QDQ INT8 one, calibrated on ``calib_size`` training images of
+    the dataset ``calib``. Nothing is written unless the INT8 model loads in onnxruntime and its logits
+    on the first calibration batch have cosine similarity >= ``min_cosine`` with the FP32 model's."""
+    from .onnx import _MAX_PROTO_BYTES, load_onnx, op_types, require_onnx
+    from .onnx_eval import check_fits, image_input, run_batch
+    from .tensorrt import sha256_file
+
+    out = Path(out) if out is not None else default_int8_path(model)
+    check_writable(out, inputs=(model,))
+    onnx = require_onnx()
+    ort = ort_helpers.require_onnxruntime()
+    proto = load_onnx(model)
+    done = quantized_ops(proto)
+    if done:
+        raise IrepError("{}: already quantized ({}); quantize the FP32 model it was made from".format(
+            model, ", ".join("{} {}".format(n, op) for op, n in sorted(done.items()))))
+    inp = image_input(proto, model)
+    _check_settings(model, method, calib_size, inp.batch)
+    check_fits(inp, calib, model, flag="--calib")
+    excluded = match_nodes(proto, exclude, model)
+    data = _calibration_batches(inp, calib, data_root, calib_size, model)
+    fp32 = ort_helpers.make_session(str(model), source=str(model))
+    with tempfile.TemporaryDirectory(prefix="irep-quantize.") as tmp:
+        dst = Path(tmp) / "int8.onnx"
+        try:
+            _ort_quantize(Path(model), dst, _Reader(inp.name, data), method, per_channel, excluded, Path(tmp))
+        except (ValueError, RuntimeError) + ort_helpers.run_errors() as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise IrepError("{}: onnxruntime could not quantize it: {}".format(model, first[:200])) from None
+        qproto = onnx.load(str(dst))
+    meta = {"method": method, "per_channel": json.dumps(per_channel), "format": "QDQ",
+            "symmetric": "activations and weights (int8, zero point 0)",
+            "calib_dataset": calib, "calib_split": "train", "calib_size": str(calib_size),
+            "excluded_nodes": json.dumps(excluded), "source_sha256": sha256_file(model),
+            "source": Path(model).name, "onnxruntime": ort.__version__, "irep_deploy": __version__}
+    keep = [p for p in qproto.metadata_props if not p.key.startswith(META_PREFIX)]
+    del qproto.metadata_props[:]
+    qproto.metadata_props.extend(keep)
+    for key, value in meta.items():
+        qproto.metadata_props.add(key=META_PREFIX + key, value=value)
+    if qproto.ByteSize() > _MAX_PROTO_BYTES:
+        raise IrepError("{}: the quantized model is larger than 2 GiB, which a single ONNX file cannot hold".format(
+            model))
+    blob = qproto.SerializeToString()
+    int8 = ort_helpers.make_session(blob, source=str(out))
+    x = data[0]
+    want = run_batch(fp32, inp, x, model)
+    got = run_batch(int8, inp, x, out)
+    cos = cosine(want, got)
+    agree = float((want.argmax(1) == got.argmax(1)).mean())
+    if not cos >= min_cosine:
+        raise VerificationError("{}: INT8 output differs from FP32 on a calibration batch of {}: cosine {:.4f} < "
+                                "{} (top-1 agreement {:.1%}); nothing written (keep sensitive layers in float "
+                                "with --exclude, or try another --method)".format(
+                                    out, x.shape[0], cos, min_cosine, agree))
+    with atomic_write(out, "wb") as handle:
+        handle.write(blob)
+    return QuantizeReport(str(out), method, per_channel, calib, calib_size, excluded, cos, agree, int(x.shape[0]),
+                          op_types(qproto), meta, len(blob))
