@@ -167,6 +167,37 @@ CASES: List[Case] = [
     C("run directory", "train -o {newdir} --dataset fashion-mnist --data-root {missing} --backbone resnet18_cifar --width 0.125 --epochs 1 --limit 64 --batch-size 32", 1, "{missing}"),
     # eval of a checkpoint: the dataset it was trained on
     C("eval dataset", "eval {deploy}", 1, "--dataset"),
+    # quantize (issue 12): calibration data that does not fit, too few images, a model that is not an FP32
+    # image classifier, an output that is the input; eval of ONNX files
+    C("quantize", "quantize {onnx} --calib fashion-mnist -o {out_onnx}", 1, "{onnx}"),
+    C("quantize", "quantize {onnx} --calib cifar10 --data-root {dir} -o {out_onnx}", 1, "{onnx}"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {tiny_fmnist} --calib-size 64 -o {out_onnx}",
+      1, "--calib-size"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {tiny_fmnist} --calib-size 0 -o {out_onnx}", 2,
+      "--calib-size"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {tiny_fmnist} --calib-size 16 -o {out_onnx}", 2,
+      "--calib-size"),
+    C("quantize", "quantize {qdq_onnx} --calib fashion-mnist --data-root {tiny_fmnist} -o {out_onnx}", 1, "{qdq_onnx}"),
+    C("quantize", "quantize {int64_onnx} --calib fashion-mnist --data-root {tiny_fmnist} -o {out_onnx}", 1,
+      "{int64_onnx}"),
+    C("quantize", "quantize {flat_onnx} --calib fashion-mnist --data-root {tiny_fmnist} -o {out_onnx}", 1,
+      "{flat_onnx}"),
+    C("quantize", "quantize {empty_onnx} --calib fashion-mnist --data-root {tiny_fmnist} -o {out_onnx}", 1,
+      "{empty_onnx}"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {tiny_fmnist} -o {onnx28}", 2, "{onnx28}"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {tiny_fmnist} --calib-size 32 "
+                  "--exclude nosuch* -o {out_onnx}", 1, "nosuch*"),
+    C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {missing} --calib-size 32 -o {out_onnx}", 1,
+      "{missing}"),
+    C("eval onnx", "eval {onnx} --dataset fashion-mnist --data-root {tiny_fmnist}", 1, "{onnx}"),
+    C("eval onnx", "eval {onnx28} --data-root {tiny_fmnist}", 1, "--dataset"),
+    C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --reference {int64_onnx}", 1,
+      "{int64_onnx}"),
+    C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --reference {onnx}", 1, "{onnx}"),
+    C("eval onnx", "eval {deploy} --dataset digits --reference {onnx}", 1, "--reference"),
+    C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --model torchvision:resnet18", 1,
+      "--model"),
+    C("eval onnx", "eval {qdq_onnx} --dataset cifar10 --data-root {dir}", 1, "{qdq_onnx}"),
     # --model (issue 11): a checkpoint of a network that is not built in needs its name, and only its own
     C("model spec", "fuse {s_multi} {s_arch} -o {out_pt}", 1, "--model"),
     C("model spec", "export {s_deploy} -o {out_onnx}", 1, "--model"),
@@ -233,6 +264,9 @@ def make_fixtures(d: Path) -> Dict[str, Path]:
     f["multi_dotdot"] = d / "sub" / ".." / "multi.pt"
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["export", str(f["deploy"]), "-o", str(put("onnx", d / "deploy.onnx")), "--simplify", "none"]) == 0
+        # at Fashion-MNIST's 28x28, for quantize and eval of ONNX files
+        assert main(["export", str(f["deploy"]), "-o", str(put("onnx28", d / "deploy28.onnx")), "--simplify", "none",
+                     "--input-size", "28"]) == 0
     # a network named by a model spec (small: a quarter-width MobileNetV2)
     spec = build_model("torchvision:mobilenet_v2", num_classes=10, model_kwargs={"width_mult": 0.25},
                        input_size=32).eval()
@@ -315,6 +349,37 @@ def _onnx_fixtures(d: Path, f: Dict[str, Path]) -> None:
             init.CopyFrom(numpy_helper.from_array(np.full_like(arr, np.nan), init.name))
     f["nan_onnx"] = d / "nan.onnx"
     onnx.save(model, str(f["nan_onnx"]))
+    # already quantized: a QuantizeLinear/DequantizeLinear pair on the input of the 28x28 model
+    model = onnx.load(str(f["onnx28"]))
+    graph = model.graph
+    name = graph.input[0].name
+    graph.initializer.extend([numpy_helper.from_array(np.array(0.05, np.float32), "q_scale"),
+                              numpy_helper.from_array(np.array(0, np.int8), "q_zero")])
+    for node in graph.node:
+        node.input[:] = ["input_dq" if i == name else i for i in node.input]
+    graph.node.insert(0, helper.make_node("DequantizeLinear", ["input_q", "q_scale", "q_zero"], ["input_dq"]))
+    graph.node.insert(0, helper.make_node("QuantizeLinear", [name, "q_scale", "q_zero"], ["input_q"]))
+    f["qdq_onnx"] = d / "qdq.onnx"
+    onnx.save(model, str(f["qdq_onnx"]))
+    # a float input that is not an image batch
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 784])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 784])
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g", [x], [y])
+    f["flat_onnx"] = d / "flat.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(f["flat_onnx"]))
+    # Fashion-MNIST's four files holding 40 images each: fewer than a calibration needs
+    import gzip
+    tiny = d / "tiny-fmnist"
+    tiny.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        images = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+        labels = (np.arange(40) % 10).astype(np.uint8)
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            header = bytes([0, 0, 8, arr.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in arr.shape)
+            with gzip.open(str(tiny / "{}-{}-ubyte.gz".format(prefix, kind)), "wb") as handle:
+                handle.write(header + arr.tobytes())
+    f["tiny_fmnist"] = tiny
 
 
 # -- running one case --------------------------------------------------------------------------------
