@@ -487,7 +487,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    warmup_ms=args.warmup, duration_s=args.duration, min_iters=args.iterations,
                    input_size=args.input_size, arch=args.arch, compare=args.compare, force=args.force,
                    providers=args.providers, threads=args.threads, rounds=args.rounds,
-                   spread_warn=args.spread_warn, json_out=args.json, network=args.network)
+                   spread_warn=args.spread_warn, json_out=args.json, network=args.network, int8=args.int8,
+                   calib=args.calib, data_root=args.data_root, calib_size=args.calib_size)
     print("device: {} ({}); torch {}, onnxruntime {}, TensorRT {}".format(
         report.device["name"], report.device["kind"], report.environment["torch"],
         report.environment["onnxruntime"], report.environment["tensorrt"]))
@@ -530,6 +531,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="bench multi-branch, fused and plain backbone of the same shape and print the ratios "
                         "(a --model network: plain is that network without branches, BN folded)")
+    p.add_argument("--int8", action="store_true",
+                   help="also bench fused-int8: the fused model quantized to QDQ INT8 by onnxruntime on --calib "
+                        "images (ort backend), with the ratio fused-int8/fused")
+    p.add_argument("--calib", choices=_LazyChoices(".data", "DATASETS"), metavar="DATASET",
+                   help="%(choices)s: calibration images of --int8 (training set, eval preprocessing)")
+    p.add_argument("--data-root", help="dataset directory of --calib (default: the Debian package's Fashion-MNIST)")
+    p.add_argument("--calib-size", type=_int_in(1, 1 << 20), default=512, help="calibration images (default 512)")
     p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
     p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
     p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")

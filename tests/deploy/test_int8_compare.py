@@ -40,8 +40,8 @@ def test_calibration_images_wrong_shape_or_channels(dataset, chw, msg):
 
 
 def test_too_few_images():
-    with pytest.raises(IrepError, match="has only 1438 train images"):
-        int8_tools.calibration_images("digits", (1, 8, 8), 5000, source="m.onnx")
+    with pytest.raises(IrepError, match="has only 10000 test images, --calib-size asks for 10001"):
+        int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 10001, split="test", source="m.onnx")
 
 
 def test_qdq_graph_is_recognised(fmnist, qdq):
