@@ -491,18 +491,33 @@ def _cmd_build_trt(args: argparse.Namespace) -> int:
     report = build_engine(args.onnx, out=args.output, fp16=args.fp16, workspace_mb=args.workspace,
                           min_batch=args.min_batch, opt_batch=args.opt_batch, max_batch=args.max_batch,
                           timing_cache=args.timing_cache, dla_core=args.dla_core, verify=args.verify,
-                          tolerance=args.tolerance, min_cosine=args.min_cosine)
+                          tolerance=args.tolerance, min_cosine=args.min_cosine, int8=args.int8, calib=args.calib,
+                          data_root=args.data_root, calib_size=args.calib_size, calib_cache=args.calib_cache,
+                          min_agreement=args.min_agreement)
     meta = report.meta
     print("built {} engine with TensorRT {} on {} (compute {}); batch {}-{} (opt {}){}".format(
         meta.precision.upper(), meta.tensorrt_version, meta.gpu_name, meta.compute_capability,
-        meta.min_shape[0], meta.max_shape[0], meta.opt_shape[0], "; FP16 ONNX graph (strongly typed)"
-        if meta.strongly_typed else ""))
-    if report.verify:
+        meta.min_shape[0], meta.max_shape[0], meta.opt_shape[0], "; strongly typed ({})".format(
+            "QDQ graph" if meta.precision == "int8" else "FP16 ONNX graph") if meta.strongly_typed else ""))
+    calib = meta.calibration or {}
+    if calib.get("method") == "qdq":
+        print("INT8 from the ONNX's quantize/dequantize nodes (explicit quantization)")
+    elif calib:
+        print("INT8 calibration: entropy (IInt8EntropyCalibrator2), {}".format(
+            "table read from {}".format(calib["cache_path"]) if calib["from_cache"] else
+            "{} {} images in batches of {}".format(calib["images"], calib["dataset"], calib["batch"])))
+    if report.verify and "top1_agreement" in report.verify:
+        print("engine vs onnxruntime on {:.0f} real images: cosine {:.5f}, top-1 agreement {:.2%} ({:.0f} differ)".format(
+            report.verify["examples"], report.verify["cosine"], report.verify["top1_agreement"],
+            report.verify["top1_differ"]))
+    elif report.verify:
         print("engine vs onnxruntime: max abs error {:.3g}, relative error {:.3g}, cosine {:.6f}".format(
             report.verify["max_abs_error"], report.verify["rel_error"], report.verify["cosine"]))
     print("wrote {} and {}".format(report.out, report.meta_out))
     if report.timing_cache:
         print("wrote {} (timing cache)".format(report.timing_cache))
+    if calib.get("cache_path") and not calib.get("from_cache"):
+        print("wrote {} (calibration cache)".format(calib["cache_path"]))
     return 0
 
 
@@ -512,7 +527,19 @@ def _add_build_trt(sub: argparse._SubParsersAction) -> None:
                                    "profile; writes ENGINE and ENGINE.json. Needs TensorRT and a CUDA GPU.")
     p.add_argument("onnx", help="ONNX file (from export)")
     p.add_argument("-o", "--output", help="engine to write (default: ONNX with suffix .engine)")
-    p.add_argument("--fp16", action="store_true", help="FP16 engine (builder flag; on TensorRT 11 an FP16 graph)")
+    p.add_argument("--fp16", action="store_true", help="FP16 engine (builder flag; on TensorRT 11 an FP16 graph); "
+                                                       "with --int8: FP16 fallback for layers without INT8 kernels")
+    p.add_argument("--int8", action="store_true",
+                   help="INT8 engine: from a QDQ ONNX as quantized (TensorRT 8.5-11), or from a float ONNX calibrated "
+                        "on --calib images (TensorRT 8.5/10 only)")
+    p.add_argument("--calib", choices=_LazyChoices(".data", "DATASETS"), metavar="DATASET",
+                   help="%(choices)s: real images for INT8 calibration (training set) and --verify (test set), "
+                        "preprocessed as `eval` does")
+    p.add_argument("--data-root", help="dataset directory of --calib (default: the Debian package's Fashion-MNIST)")
+    p.add_argument("--calib-size", type=_int_in(1, 1 << 20), default=512,
+                   help="calibration images (default 512; whole batches of min(max batch, 32))")
+    p.add_argument("--calib-cache", metavar="PATH",
+                   help="calibration table: used instead of calibrating when the file exists, written after the build")
     p.add_argument("--workspace", type=_int_in(1, 1 << 24), default=1024, help="workspace memory pool limit in MiB (default 1024)")
     p.add_argument("--min-batch", type=_BATCH, help="smallest batch of the profile (default 1)")
     p.add_argument("--opt-batch", type=_BATCH, help="batch TensorRT tunes for (default: min batch)")
@@ -521,8 +548,10 @@ def _add_build_trt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dla-core", type=_int_in(0, 15), help="run on this DLA core with GPU fallback (Jetson; needs --fp16)")
     p.add_argument("--verify", action="store_true", help="compare the engine with onnxruntime before writing")
     p.add_argument("--tolerance", type=_TOLERANCE, default=1e-3, help="FP32 relative error limit of --verify (1e-3)")
-    p.add_argument("--min-cosine", type=_float_in(-1.0, 1.0), default=0.999,
-                   help="FP16 cosine-similarity limit of --verify (default 0.999)")
+    p.add_argument("--min-cosine", type=_float_in(-1.0, 1.0),
+                   help="cosine-similarity limit of --verify: FP16 (default 0.999), INT8 (default 0.99)")
+    p.add_argument("--min-agreement", type=_float_in(0.0, 1.0), default=0.95,
+                   help="INT8 --verify: least share of real test images with onnxruntime's top-1 class (default 0.95)")
     p.set_defaults(handler=_cmd_build_trt)
 
 
@@ -532,7 +561,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                    warmup_ms=args.warmup, duration_s=args.duration, min_iters=args.iterations,
                    input_size=args.input_size, arch=args.arch, compare=args.compare, force=args.force,
                    providers=args.providers, threads=args.threads, rounds=args.rounds,
-                   spread_warn=args.spread_warn, json_out=args.json, network=args.network)
+                   spread_warn=args.spread_warn, json_out=args.json, network=args.network, int8=args.int8,
+                   calib=args.calib, data_root=args.data_root, calib_size=args.calib_size)
     print("device: {} ({}); torch {}, onnxruntime {}, TensorRT {}".format(
         report.device["name"], report.device["kind"], report.environment["torch"],
         report.environment["onnxruntime"], report.environment["tensorrt"]))
@@ -575,6 +605,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", action="store_true",
                    help="bench multi-branch, fused and plain backbone of the same shape and print the ratios "
                         "(a --model network: plain is that network without branches, BN folded)")
+    p.add_argument("--int8", action="store_true",
+                   help="also bench fused-int8: the fused model quantized to QDQ INT8 by onnxruntime on --calib "
+                        "images (ort backend), with the ratio fused-int8/fused")
+    p.add_argument("--calib", choices=_LazyChoices(".data", "DATASETS"), metavar="DATASET",
+                   help="%(choices)s: calibration images of --int8 (training set, eval preprocessing)")
+    p.add_argument("--data-root", help="dataset directory of --calib (default: the Debian package's Fashion-MNIST)")
+    p.add_argument("--calib-size", type=_int_in(1, 1 << 20), default=512, help="calibration images (default 512)")
     p.add_argument("--warmup", type=_float_in(0.0, 3.6e6), default=200.0, help="warm-up time in ms (default 200)")
     p.add_argument("--duration", type=_float_in(0.0, 86400.0), default=3.0, help="timed run in seconds (default 3)")
     p.add_argument("--iterations", type=_int_in(1, 10 ** 7), default=10, help="minimum timed iterations (default 10)")

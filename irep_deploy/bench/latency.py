@@ -7,6 +7,9 @@ overhead). Statistics: min/mean/median/p90/p95/p99, coefficient of variation (a 
 ``cv_warn``), throughput = batch / mean host latency. ``--compare`` benches the multi-branch, the
 fused and the plain backbone of the same shape in one run and reports latency ratios of medians
 (for a model spec, plain is the user's own network with its BN folded: the same spec without branches).
+``int8`` adds ``fused-int8``: the fused model's ONNX quantized to QDQ INT8 on real calibration images
+(onnxruntime only), and the ratio fused-int8/fused. A QDQ ``.onnx`` file is the variant ``onnx-int8``,
+an INT8 engine ``engine-int8``.
 
 The run is split into rounds (default 5) that each run every job, so drift of a shared machine lands
 on all of them alike; with 2+ rounds every ratio is also taken per round and its spread, (max - min) /
@@ -71,7 +74,7 @@ class Stats:
 
 @dataclass
 class Result:
-    variant: str   # fused | multi-branch | plain | onnx | engine
+    variant: str   # fused | multi-branch | plain | fused-int8 | onnx | onnx-int8 | engine | engine-int8
     backend: str   # torch | cudagraph | ort:<providers> | trt
     batch: int
     host: Stats
@@ -217,6 +220,7 @@ class Variant:
     name: str
     module: Optional[nn.Module] = None  # checkpoints
     path: Optional[str] = None          # onnx files and engines
+    calib: Optional[np.ndarray] = None  # INT8: the module's ONNX is quantized on these images (ort only)
 
 
 @dataclass
@@ -259,7 +263,7 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool,
         if network is not None:
             raise IrepError("{}: --model names the network of a checkpoint; an {} file holds its own".format(
                 path, kind))
-        return [Variant(kind, path=path)], {}, notes
+        return [Variant(kind + ("-int8" if _is_int8_file(path, kind) else ""), path=path)], {}, notes
     checkpoint = load_checkpoint(path)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
@@ -280,6 +284,33 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool,
     # the same network without branches (a spec: the user's own network with BN folded)
     plain = fuse_model(checkpoint.network(network).eval())
     return [Variant("multi-branch", multi), Variant("fused", fused), Variant("plain", plain)], shape, notes
+
+
+def _is_int8_file(path: str, kind: str) -> bool:
+    """An ONNX with quantize/dequantize nodes, or an engine whose sidecar says int8."""
+    if kind == "engine":
+        from ..engines.tensorrt import read_meta
+        return read_meta(path).precision == "int8"
+    from ..engines.int8 import is_quantized
+    from ..engines.onnx import load_onnx
+    return is_quantized(load_onnx(path))
+
+
+def _add_int8(path: str, variants: List[Variant], shape_info: Dict[str, Any], input_size: Optional[int],
+              calib: Optional[str], data_root: Optional[str], calib_size: int, backends: Sequence[str]) -> None:
+    """Append fused-int8 after the fused variant: its ONNX is quantized on real ``calib`` images."""
+    from ..engines.int8 import calibration_images
+
+    fused = [v for v in variants if v.name == "fused"]
+    if not fused:
+        raise IrepError("{}: --int8 quantizes the fused model: give a deploy checkpoint, or --compare".format(path))
+    if calib is None:
+        raise IrepError("--int8 needs --calib DATASET: the fused model is calibrated on real images")
+    if "ort" not in backends:
+        raise IrepError("--int8 variants run on onnxruntime: add ort to --backend")
+    size = input_size or shape_info["input_size"]
+    images = calibration_images(calib, (shape_info["in_channels"], size, size), calib_size, data_root, source=path)
+    variants.insert(variants.index(fused[0]) + 1, Variant("fused-int8", fused[0].module, calib=images))
 
 
 def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool) -> List[str]:
@@ -309,14 +340,18 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
           force: bool = False, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
           cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = DEFAULT_ROUNDS,
           spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None,
-          network: Union[str, nn.Module, None] = None) -> BenchReport:
+          network: Union[str, nn.Module, None] = None, int8: bool = False, calib: Optional[str] = None,
+          data_root: Optional[str] = None, calib_size: int = 512) -> BenchReport:
     """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring.
 
     ``network`` names the network of a checkpoint that is not built in (a model spec or the user's
     module; :meth:`~irep_deploy.checkpoint.Checkpoint.build`).
 
     ``device`` is a profile name (:data:`devices.PROFILES`); a torch device string (``cuda``,
-    ``cuda:0``) is mapped by :func:`devices.bench_profile` first."""
+    ``cuda:0``) is mapped by :func:`devices.bench_profile` first.
+
+    ``int8`` (checkpoints) adds ``fused-int8``, the fused model quantized to QDQ INT8 by onnxruntime on
+    ``calib_size`` real training images of the dataset ``calib`` (after its ``eval`` preprocessing)."""
     path = str(model)
     if json_out is not None:
         check_writable(json_out, inputs=(model, arch))
@@ -340,7 +375,16 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                           else ["cpu"]))
     if threads:
         torch.set_num_threads(int(threads))
+    if not int8 and calib is not None:
+        raise IrepError("--calib applies to --int8 only")
+    if int8 and kind != "checkpoint":
+        raise IrepError("{}: --int8 quantizes a checkpoint's fused model; an {} file is benched as it is "
+                        "(a QDQ ONNX is labelled onnx-int8)".format(path, kind))
     variants, shape_info, notes = _variants(path, arch, compare, network)
+    if int8:
+        _add_int8(path, variants, shape_info, input_size, calib, data_root, calib_size, chosen)
+        notes.append("fused-int8: the fused model's ONNX quantized to QDQ INT8 (symmetric, per-channel weights) "
+                     "by onnxruntime on {} {} training images; onnxruntime only".format(calib_size, calib))
     jobs, job_notes = build_jobs(variants, chosen, batches, shape_info, input_size,
                                  torch.device("cuda" if cuda else "cpu"), ort_providers, threads, opset, simplify,
                                  source=path)
@@ -354,7 +398,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
         {"backends": chosen, "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
          "min_iters": min_iters, "input_size": input_size or shape_info.get("input_size"), "compare": compare,
          "threads": threads, "cv_warn": cv_warn, "opset": opset, "simplify": simplify, "rounds": rounds,
-         "spread_warn": spread_warn},
+         "spread_warn": spread_warn, "int8": int8, "calib": calib, "calib_size": calib_size if int8 else None},
         results, table, harness_overhead_ms(),
         list(info.notes) + notes + job_notes + [w for r in results for w in r.warnings] + ratio_warnings(table))
     if json_out is not None:
@@ -390,6 +434,8 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
     for variant in variants:
         on_device: Optional[nn.Module] = None  # one copy per variant, shared by its torch/cudagraph jobs
         for backend in backends:
+            if variant.calib is not None and backend != "ort":
+                continue  # a QDQ graph: only onnxruntime runs it here
             onnx_bytes: Optional[bytes] = None
             for batch in batches:
                 shape = _input_shape(variant, shape_info, input_size, batch)
@@ -402,6 +448,9 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
                     elif backend == "ort":
                         if variant.module is not None and onnx_bytes is None:
                             onnx_bytes = _to_onnx(variant, shape, opset, simplify)
+                            if variant.calib is not None:
+                                from ..engines.int8 import quantize_qdq
+                                onnx_bytes = quantize_qdq(onnx_bytes, variant.calib, source=variant.name)
                         runner, label, warned = ort_runner(
                             onnx_bytes if onnx_bytes is not None else variant.path, shape, ort_providers,
                             threads, variant.path or variant.name)
@@ -470,7 +519,7 @@ def _input_shape(variant: Variant, shape_info: Dict[str, Any], input_size: Optio
     if variant.path is None:
         size = input_size or shape_info["input_size"]
         return (batch, shape_info["in_channels"], size, size)
-    if variant.name == "engine":
+    if _kind(variant.path) == "engine":
         from ..engines.tensorrt import read_meta
         meta = read_meta(variant.path)
         return (batch,) + tuple(int(d) for d in meta.opt_shape[1:])
@@ -497,7 +546,8 @@ def _to_onnx(variant: Variant, shape: Sequence[int], opset: int, simplify: str) 
 
 
 RATIOS = (("fused_over_plain", "fused", "plain", "fused/plain"),
-          ("multi_branch_over_fused", "multi-branch", "fused", "multi-branch/fused"))
+          ("multi_branch_over_fused", "multi-branch", "fused", "multi-branch/fused"),
+          ("int8_over_fused", "fused-int8", "fused", "fused-int8/fused"))
 
 
 def spread(values: Sequence[float]) -> float:

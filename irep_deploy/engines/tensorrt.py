@@ -8,6 +8,11 @@ the code asks the module what it has rather than trusting version numbers alone:
 - FP16: ``BuilderFlag.FP16`` on 8.5/10.x; removed on 11.x (strongly typed only) -> the ONNX graph is
   converted to FP16 before parsing.
 - FP32: ``BuilderFlag.TF32`` is cleared where it exists, so FP32 means FP32.
+- INT8 from a QDQ ONNX (explicit quantization): a strongly typed network where the
+  ``STRONGLY_TYPED`` creation flag exists (10.x, 11.x), so the graph's Q/DQ nodes decide every
+  precision; ``BuilderFlag.INT8`` on 8.5 (and on 10.x with ``--fp16``, whose FP16 fallback needs weak
+  typing). INT8 from a float ONNX (implicit quantization, 8.5/10.x only; deprecated in 10.1, removed
+  in 11): ``BuilderFlag.INT8`` with an entropy calibrator fed real images, and a calibration cache.
 
 Every engine gets a JSON sidecar (``model.engine.json``); :class:`TrtRunner` refuses an engine whose
 sidecar names another TensorRT version or GPU, since serialized engines are not portable.
@@ -68,7 +73,7 @@ class EngineMeta:
     tensorrt_version: str
     gpu_name: str
     compute_capability: str
-    precision: str  # "fp32" | "fp16"
+    precision: str  # "fp32" | "fp16" | "int8"
     input_name: str
     output_name: str
     min_shape: List[int]
@@ -76,11 +81,13 @@ class EngineMeta:
     max_shape: List[int]
     onnx_sha256: str
     onnx_path: str = ""
-    strongly_typed: bool = False  # FP16 came from an FP16 ONNX graph (TensorRT 11)
+    strongly_typed: bool = False  # the graph's types decide precisions (FP16 graph on 11, QDQ on 10/11)
     dla_core: Optional[int] = None
     workspace_mb: int = 0
     irep_deploy_version: str = __version__
     created: str = ""
+    # INT8 only: method ("qdq" | "entropy2"), images, batch, dataset, cache path and sha256, from_cache
+    calibration: Optional[Dict[str, Any]] = None
     format: str = META_FORMAT
     format_version: int = META_VERSION
 
@@ -142,12 +149,14 @@ def _is_shape(v: Any) -> bool:
 
 
 _META_CHECKS = {"str": lambda v: isinstance(v, str), "shape": _is_shape, "bool": lambda v: isinstance(v, bool),
-                "int": _is_int, "optional int": lambda v: v is None or _is_int(v)}
+                "int": _is_int, "optional int": lambda v: v is None or _is_int(v),
+                "optional object": lambda v: v is None or isinstance(v, dict)}
 _META_KIND = dict({f: "str" for f in ("tensorrt_version", "gpu_name", "compute_capability", "precision",
                                       "input_name", "output_name", "onnx_sha256", "onnx_path",
                                       "irep_deploy_version", "created", "format")},
                   min_shape="shape", opt_shape="shape", max_shape="shape", strongly_typed="bool",
-                  dla_core="optional int", workspace_mb="int", format_version="int")
+                  dla_core="optional int", workspace_mb="int", format_version="int",
+                  calibration="optional object")
 _META_TYPES = {k: _META_CHECKS[v] for k, v in _META_KIND.items()}
 _META_TYPE_NAMES = {k: "a list of 4 positive integers (NCHW)" if v == "shape" else "a " + v for k, v in _META_KIND.items()}
 
@@ -159,8 +168,11 @@ def check_compatible(meta: EngineMeta, engine: PathLike, tensorrt_version: str, 
     built = "TensorRT {} on {} (compute {})".format(meta.tensorrt_version, meta.gpu_name, meta.compute_capability)
     if meta.tensorrt_version != tensorrt_version or meta.gpu_name != gpu_name or \
             meta.compute_capability != compute_capability:
-        rebuild = "irep-deploy build-trt {} -o {}{}".format(meta.onnx_path or "MODEL.onnx", engine,
-                                                           " --fp16" if meta.precision == "fp16" else "")
+        flags = {"fp16": " --fp16", "int8": " --int8"}.get(meta.precision, "")
+        calib = meta.calibration or {}
+        if calib.get("method") == "entropy2":
+            flags += " --calib {}".format(calib.get("dataset") or "DATASET")
+        rebuild = "irep-deploy build-trt {} -o {}{}".format(meta.onnx_path or "MODEL.onnx", engine, flags)
         raise EngineMismatchError("{}: built with {}, this machine has {}; engines are not portable, rebuild "
                                   "here with `{}`".format(engine, built, here, rebuild))
 
@@ -183,6 +195,9 @@ class BuildOptions:
     max_shape: Tuple[int, ...] = ()
     dla_core: Optional[int] = None
     timing_cache: bytes = b""
+    int8: bool = False
+    qdq: bool = False          # the ONNX holds Q/DQ nodes (explicit quantization)
+    calibrator: Any = None     # implicit quantization: an IInt8EntropyCalibrator2 (entropy_calibrator)
 
 
 @dataclass
@@ -206,17 +221,85 @@ def needs_fp16_graph(trt: Any) -> bool:
     return not hasattr(trt.BuilderFlag, "FP16")
 
 
+def int8_plan(trt: Any, qdq: bool, fp16: bool) -> str:
+    """How this TensorRT builds INT8: "strong" (a QDQ graph in a strongly typed network: 10.x, 11.x),
+    "flag" (a QDQ graph with BuilderFlag.INT8: 8.5, or 10.x with --fp16), "calibrate" (a float graph
+    with BuilderFlag.INT8 and a calibrator: 8.5, 10.x). Refusals are one-line IrepErrors."""
+    strong = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    weak = hasattr(trt.BuilderFlag, "INT8")  # weak typing: gone in 11.x
+    if qdq:
+        if strong and not (fp16 and weak):
+            if fp16:
+                raise IrepError("--fp16 with a QDQ ONNX: TensorRT {} builds it strongly typed, where the graph "
+                                "alone decides precisions (no FP16 fallback flag); drop --fp16, the layers the "
+                                "graph leaves unquantized run in FP32".format(trt.__version__))
+            return "strong"
+        return "flag"
+    if not weak or not hasattr(trt, "IInt8EntropyCalibrator2"):
+        raise IrepError("TensorRT {} removed implicit INT8 calibration; quantize the ONNX to QDQ first "
+                        "(irep-deploy quantize) and build that with --int8".format(trt.__version__))
+    return "calibrate"
+
+
+def entropy_calibrator(trt: Any, images: np.ndarray, batch: int, cache: bytes = b"",
+                       device: Union[str, torch.device, None] = None) -> Any:
+    """An IInt8EntropyCalibrator2 that feeds ``images`` (N x C x H x W, already preprocessed) to
+    TensorRT ``batch`` at a time from torch device buffers, then None; ``cache`` (a previous
+    calibration table) is offered first, and the table TensorRT writes lands in ``cache_out``.
+
+    ``device`` defaults to the current CUDA device (TensorRT reads the pointers on the GPU)."""
+    from .int8 import batches
+
+    base = trt.IInt8EntropyCalibrator2
+    chunks = batches(images, batch)
+    where = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+
+    class EntropyCalibrator(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            base.__init__(self)  # pybind11 bases must be initialised explicitly
+            self.batch, self.fed, self.cache_in, self.cache_out = batch, 0, bytes(cache), None
+            self.current: Optional[torch.Tensor] = None
+
+        def get_batch_size(self) -> int:
+            return self.batch
+
+        def get_batch(self, names: Sequence[str], *rest: Any) -> Optional[List[int]]:
+            if self.fed >= len(chunks):
+                return None  # no more batches: calibration ends
+            # kept on self: TensorRT reads the memory after get_batch returns
+            self.current = torch.from_numpy(chunks[self.fed]).to(where).contiguous()
+            if where.type == "cuda":
+                torch.cuda.current_stream(where).synchronize()  # TensorRT reads on its own stream
+            self.fed += 1
+            return [int(self.current.data_ptr())]
+
+        def read_calibration_cache(self, *rest: Any) -> Optional[bytes]:
+            return self.cache_in or None  # None: calibrate from the images
+
+        def write_calibration_cache(self, data: Any) -> None:
+            self.cache_out = bytes(data)
+
+    return EntropyCalibrator()
+
+
 def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: BuildOptions,
                      source: str = "<onnx>") -> BuildResult:
     """Parse ``onnx_bytes`` and build a serialized engine; the version branching lives here.
 
-    ``onnx_bytes`` must already be an FP16 graph when ``options.fp16`` and :func:`needs_fp16_graph`.
+    ``onnx_bytes`` must already be an FP16 graph when ``options.fp16`` and :func:`needs_fp16_graph`
+    (not INT8).
     """
     calls: List[str] = []
+    plan_int8 = int8_plan(trt, options.qdq, options.fp16) if options.int8 else ""
+    if plan_int8 == "calibrate" and options.calibrator is None:
+        raise IrepError("{}: a float ONNX needs a calibrator (--calib DATASET) for --int8".format(source))
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = network_flags(trt)
     calls.append("create_network({})".format("EXPLICIT_BATCH" if flags else "0"))
+    if plan_int8 == "strong":
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        calls.append("int8:strongly_typed")
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
@@ -225,8 +308,21 @@ def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: Buil
             source, (errors[0].splitlines() or ["unknown error"])[0][:200] if errors else "unknown error"))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_mb) << 20)
-    strongly_typed = False
-    if options.fp16:
+    strongly_typed = plan_int8 == "strong"
+    if plan_int8 in ("flag", "calibrate"):
+        config.set_flag(trt.BuilderFlag.INT8)
+        calls.append("int8:flag")
+        if options.fp16:  # layers without an INT8 kernel fall back to FP16 instead of FP32
+            config.set_flag(trt.BuilderFlag.FP16)
+            calls.append("fp16:flag")
+    if plan_int8 == "calibrate":
+        config.int8_calibrator = options.calibrator
+        calls.append("int8:calibrator")
+    if plan_int8:
+        if hasattr(trt.BuilderFlag, "TF32"):  # the layers left in float are FP32, not TF32
+            config.clear_flag(trt.BuilderFlag.TF32)
+            calls.append("clear_tf32")
+    elif options.fp16:
         if needs_fp16_graph(trt):
             strongly_typed = True
             calls.append("fp16:graph")
@@ -242,6 +338,13 @@ def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: Buil
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, tuple(options.min_shape), tuple(options.opt_shape), tuple(options.max_shape))
     config.add_optimization_profile(profile)
+    if plan_int8 == "calibrate":
+        # calibration runs the network at one shape: the calibrator's batch
+        calib = builder.create_optimization_profile()
+        shape = (int(options.calibrator.get_batch_size()),) + tuple(options.opt_shape[1:])
+        calib.set_shape(input_name, shape, shape, shape)
+        config.set_calibration_profile(calib)
+        calls.append("calibration_profile")
     cache = config.create_timing_cache(bytes(options.timing_cache))
     if not config.set_timing_cache(cache, False):  # a cache from another GPU/version is not used
         cache = config.create_timing_cache(b"")
@@ -260,8 +363,8 @@ def _use_dla(trt: Any, builder: Any, config: Any, options: BuildOptions) -> None
         raise IrepError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
     if not 0 <= options.dla_core < cores:
         raise IrepError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
-    if not options.fp16:
-        raise IrepError("--dla-core needs --fp16: DLA runs FP16 and INT8 only")
+    if not (options.fp16 or options.int8):
+        raise IrepError("--dla-core needs --fp16 or --int8: DLA runs FP16 and INT8 only")
     config.default_device_type = trt.DeviceType.DLA
     config.DLA_core = int(options.dla_core)
     config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run stay on the GPU
@@ -284,21 +387,31 @@ def default_engine_path(onnx_path: PathLike) -> Path:
 def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool = False,
                  workspace_mb: int = 1024, min_batch: Optional[int] = None, opt_batch: Optional[int] = None,
                  max_batch: Optional[int] = None, timing_cache: Optional[PathLike] = None, dla_core: Optional[int] = None,
-                 verify: bool = False, tolerance: float = 1e-3, min_cosine: float = 0.999,
-                 seed: int = 0) -> BuildReport:
+                 verify: bool = False, tolerance: float = 1e-3, min_cosine: Optional[float] = None,
+                 seed: int = 0, int8: bool = False, calib: Optional[str] = None, data_root: Optional[str] = None,
+                 calib_size: int = 512, calib_cache: Optional[PathLike] = None,
+                 min_agreement: float = 0.95, verify_images: int = 256) -> BuildReport:
     """Build ``out`` (+ ``out.json`` metadata) from an ONNX file; see the module docstring.
 
-    ``verify`` compares the engine with onnxruntime (CPU) on the same random batch before anything is
-    written: FP32 by relative error against ``tolerance``, FP16 by cosine similarity against
-    ``min_cosine`` (max abs error reported too).
+    ``verify`` compares the engine with onnxruntime (CPU) before anything is written: FP32 by relative
+    error against ``tolerance`` and FP16 by cosine similarity (``min_cosine``, default 0.999) on a
+    random batch; INT8 on ``verify_images`` real test images of ``calib`` by cosine similarity
+    (default 0.99) and top-1 agreement (``min_agreement``) with onnxruntime running the same ONNX.
+
+    ``int8``: a QDQ ONNX is built as it is quantized; a float ONNX is calibrated on ``calib_size``
+    real training images of the dataset ``calib`` (TensorRT 8.5/10.x), with ``calib_cache`` read
+    when present and written after the build.
     """
     from . import onnx as onnx_engine
+    from . import int8 as int8_tools
 
     out = Path(out) if out is not None else default_engine_path(onnx_path)
-    check_writable(out, inputs=(onnx_path, timing_cache))
-    check_writable(meta_path(out), inputs=(onnx_path, timing_cache))
+    check_writable(out, inputs=(onnx_path, timing_cache, calib_cache))
+    check_writable(meta_path(out), inputs=(onnx_path, timing_cache, calib_cache))
     if timing_cache is not None:
-        check_writable(timing_cache, inputs=(onnx_path,))
+        check_writable(timing_cache, inputs=(onnx_path, calib_cache))
+    if calib_cache is not None:
+        check_writable(calib_cache, inputs=(onnx_path,))
     model = onnx_engine.load_onnx(onnx_path)
     input_name, output_name, dims = onnx_engine.io_spec(model)
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
@@ -316,32 +429,95 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise IrepError("batch range must satisfy 1 <= min ({}) <= opt ({}) <= max ({})".format(
             min_batch, opt_batch, max_batch))
+    chw = tuple(int(d) for d in dims[1:])
+    qdq = int8_tools.is_quantized(model)
+    calib_batch = min(max_batch, 32)  # one shape for calibration, inside the profile
+    cache_present = calib_cache is not None and Path(calib_cache).is_file()
+    _check_int8_args(onnx_path, int8, qdq, calib, calib_cache, cache_present, verify, calib_size, calib_batch)
+    images = None
+    if int8 and not qdq and calib is not None:  # read before TensorRT: bad data fails fast, in one line
+        images = int8_tools.calibration_images(calib, chw, calib_size, data_root, source=str(onnx_path))
     trt = require_tensorrt()
     gpu_name, capability = require_cuda()
-    chw = tuple(int(d) for d in dims[1:])
     graph = model
-    if fp16 and needs_fp16_graph(trt):
+    if fp16 and not int8 and needs_fp16_graph(trt):
         graph = onnx_engine.convert_fp16(model)
     cache_in = Path(timing_cache).read_bytes() if timing_cache is not None and Path(timing_cache).is_file() else b""
+    calibrator = None
+    if int8 and not qdq and int8_plan(trt, qdq, fp16) == "calibrate":
+        calibrator = entropy_calibrator(trt, images if images is not None else np.zeros((0,) + chw, np.float32),
+                                        calib_batch, Path(calib_cache).read_bytes() if cache_present else b"")
     options = BuildOptions(fp16, workspace_mb, (min_batch,) + chw, (opt_batch,) + chw, (max_batch,) + chw,
-                           dla_core, cache_in)
+                           dla_core, cache_in, int8=int8, qdq=qdq, calibrator=calibrator)
     result = build_serialized(trt, graph.SerializeToString(), input_name, options, source=str(onnx_path))
-    meta = EngineMeta(str(trt.__version__), gpu_name, capability, "fp16" if fp16 else "fp32", input_name,
-                      output_name, list(options.min_shape), list(options.opt_shape), list(options.max_shape),
-                      sha256_file(onnx_path), str(onnx_path), result.strongly_typed, dla_core, workspace_mb,
-                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    meta = EngineMeta(str(trt.__version__), gpu_name, capability, "int8" if int8 else "fp16" if fp16 else "fp32",
+                      input_name, output_name, list(options.min_shape), list(options.opt_shape),
+                      list(options.max_shape), sha256_file(onnx_path), str(onnx_path), result.strongly_typed,
+                      dla_core, workspace_mb,
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      calibration=calibration_facts(model, qdq, calibrator, calib, calib_cache) if int8 else None)
+    if calibrator is not None and calib_cache is not None and calibrator.cache_out is None:
+        raise IrepError("{}: TensorRT wrote no calibration table for --calib-cache {}".format(onnx_path, calib_cache))
     stats = None
     if verify:
-        stats = verify_engine(TrtRunner.from_bytes(result.plan, meta, str(out)), onnx_path, opt_batch,
-                              tolerance, min_cosine, seed)
+        runner = TrtRunner.from_bytes(result.plan, meta, str(out))
+        if int8:
+            real = int8_tools.calibration_images(calib, chw, verify_images, data_root, split="test",  # type: ignore[arg-type]
+                                                 source=str(onnx_path))
+            stats = verify_int8(runner, onnx_path, real, min_cosine, min_agreement)
+        else:
+            stats = verify_engine(runner, onnx_path, opt_batch, tolerance,
+                                  0.999 if min_cosine is None else min_cosine, seed)
     with atomic_write(out, "wb") as handle:
         handle.write(result.plan)
     write_meta(out, meta)
     if timing_cache is not None:
         with atomic_write(timing_cache, "wb") as handle:
             handle.write(result.timing_cache)
+    if calibrator is not None and calib_cache is not None:
+        with atomic_write(calib_cache, "wb") as handle:
+            handle.write(calibrator.cache_out)
     return BuildReport(str(out), str(meta_path(out)), meta, str(timing_cache) if timing_cache else None,
                        result.calls, stats)
+
+
+def _check_int8_args(onnx_path: PathLike, int8: bool, qdq: bool, calib: Optional[str],
+                     calib_cache: Optional[PathLike], cache_present: bool, verify: bool, calib_size: int,
+                     calib_batch: int) -> None:
+    """Flag combinations that cannot work, refused before TensorRT is touched."""
+    if qdq and not int8:
+        raise IrepError("{}: is a quantized (QDQ) ONNX; build it with --int8".format(onnx_path))
+    if not int8:
+        for flag, value in (("--calib", calib), ("--calib-cache", calib_cache)):
+            if value is not None:
+                raise IrepError("{} applies to --int8 builds only".format(flag))
+        return
+    if qdq and calib_cache is not None:
+        raise IrepError("--calib-cache {}: {} is already quantized (QDQ); its scales are in the graph, there is "
+                        "nothing to calibrate".format(calib_cache, onnx_path))
+    if not qdq and calib is None and not cache_present:
+        raise IrepError("{}: a float ONNX with --int8 needs --calib DATASET (implicit calibration, TensorRT 8.5/"
+                        "10.x) or an existing --calib-cache; or quantize it to QDQ first".format(onnx_path))
+    if verify and calib is None:
+        raise IrepError("--verify of an INT8 engine compares on real images: give --calib DATASET")
+    if not qdq and calib is not None and calib_size < calib_batch:
+        raise IrepError("--calib-size {}: too few images for one calibration batch of {}".format(
+            calib_size, calib_batch))
+
+
+def calibration_facts(model: Any, qdq: bool, calibrator: Any, calib: Optional[str],
+                      calib_cache: Optional[PathLike]) -> Dict[str, Any]:
+    """What the sidecar records about an INT8 build's quantization."""
+    if qdq:
+        return {"method": "qdq", "onnx_metadata": {p.key: p.value for p in model.metadata_props}}
+    table = calibrator.cache_out if calibrator is not None and calibrator.cache_out else \
+        (calibrator.cache_in if calibrator is not None else b"")
+    return {"method": "entropy2", "dataset": calib, "split": "train",
+            "images": int(calibrator.fed * calibrator.batch) if calibrator is not None else 0,
+            "batch": int(calibrator.batch) if calibrator is not None else 0,
+            "from_cache": bool(calibrator is not None and calibrator.fed == 0 and calibrator.cache_in),
+            "cache_path": str(calib_cache) if calib_cache is not None else None,
+            "cache_sha256": hashlib.sha256(table).hexdigest() if table else None}
 
 
 def compare_outputs(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
@@ -374,6 +550,27 @@ def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, toleranc
                                 "(max abs error {:.3g}); nothing written".format(
                                     stats["cosine"], min_cosine, stats["max_abs_error"]))
     return stats
+
+
+def verify_int8(runner: "TrtRunner", onnx_path: PathLike, images: np.ndarray, min_cosine: Optional[float] = None,
+                min_agreement: float = 0.95) -> Dict[str, float]:
+    """INT8 engine vs onnxruntime running the same ONNX (a QDQ graph runs quantized there too, a
+    float graph is the FP32 reference) on real ``images``, batch-wise inside the engine's profile:
+    cosine similarity and top-1 agreement (:func:`irep_deploy.engines.int8.check_int8`)."""
+    from . import int8 as int8_tools
+    from . import ort as ort_helpers
+
+    session = ort_helpers.make_session(str(onnx_path))
+    low, high = runner.batch_range()
+    step = high if low == high else min(high, 64)
+    ref, got = [], []
+    for i in range(0, len(images) - low + 1, step):
+        x = images[i:i + step]
+        ref.append(ort_helpers.run(session, x))
+        got.append(runner(torch.from_numpy(x)).float().cpu().numpy())
+    stats = int8_tools.compare_int8(np.concatenate(ref), np.concatenate(got))
+    return int8_tools.check_int8(stats, int8_tools.MIN_INT8_COSINE if min_cosine is None else min_cosine,
+                                 min_agreement)
 
 
 # -- running -----------------------------------------------------------------------------------------

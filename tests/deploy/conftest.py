@@ -71,3 +71,39 @@ def one_line_error(err: str) -> str:
 def leftovers(directory: Path, names: List[str]) -> List[str]:
     """Output files (and temp files of atomic writes) that a failed command must not leave."""
     return sorted(p.name for p in directory.iterdir() if p.name in names or p.name.endswith(".tmp"))
+
+
+@pytest.fixture(scope="session")
+def fmnist(tmp_path_factory) -> Dict[str, Path]:
+    """A fused model really trained on Fashion-MNIST (one pass over 2048 images: a tiny ResNet at about
+    68 % test top-1) and its ONNX: INT8 checks need real activations on real images."""
+    from irep_deploy.data import load_data
+
+    d = tmp_path_factory.mktemp("fmnist")
+    torch.manual_seed(0)
+    code = ArchCode.random("resnet18_cifar", ratio=2 / 3, seed=3)
+    model = build_model("resnet18_cifar", arch=code, width=0.125, num_classes=10, in_channels=1, input_size=28)
+    data = load_data("fashion-mnist", augment=False, limit=2048, parts=("train",))
+    loader = torch.utils.data.DataLoader(data.train, batch_size=64, shuffle=True,
+                                         generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    save_checkpoint(d / "deploy.pt", fuse_model(model.eval()))
+    assert main(["export", str(d / "deploy.pt"), "-o", str(d / "model.onnx")]) == 0
+    return {"dir": d, "deploy": d / "deploy.pt", "onnx": d / "model.onnx"}
+
+
+@pytest.fixture(scope="session")
+def fmnist_qdq(fmnist) -> Path:
+    """The trained model's QDQ INT8 ONNX, made with onnxruntime's quantize_static on 256 real
+    Fashion-MNIST training images (symmetric, per-channel weights)."""
+    from irep_deploy.engines import int8 as int8_tools
+
+    images = int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 256, source="fixture")
+    out = fmnist["dir"] / "model.int8.onnx"
+    out.write_bytes(int8_tools.quantize_qdq(fmnist["onnx"].read_bytes(), images))
+    return out

@@ -37,3 +37,20 @@ def test_runner_refuses_other_version(fused_onnx, tmp_path):
     write_meta(engine, meta)
     with pytest.raises(EngineMismatchError, match="rebuild"):
         TrtRunner(engine)
+
+
+def test_int8_from_qdq_verified_on_real_images(fmnist_qdq, tmp_path):
+    report = build_engine(fmnist_qdq, tmp_path / "q.engine", int8=True, max_batch=32, verify=True,
+                          calib="fashion-mnist")
+    assert report.meta.precision == "int8" and report.meta.calibration["method"] == "qdq"
+    assert report.verify["top1_agreement"] >= 0.95
+
+
+def test_int8_calibrated_with_cache_reuse(fmnist, tmp_path):
+    cache = tmp_path / "calib.cache"
+    first = build_engine(fmnist["onnx"], tmp_path / "a.engine", int8=True, calib="fashion-mnist", calib_size=256,
+                         calib_cache=cache, verify=True)
+    assert cache.is_file() and not first.meta.calibration["from_cache"] and first.meta.calibration["images"] == 256
+    second = build_engine(fmnist["onnx"], tmp_path / "b.engine", int8=True, calib_cache=cache)
+    assert second.meta.calibration["from_cache"]
+    assert second.meta.calibration["cache_sha256"] == first.meta.calibration["cache_sha256"]

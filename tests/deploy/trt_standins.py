@@ -97,14 +97,33 @@ def make(version: str, dla_cores: int = 0, out_shape: Tuple[int, ...] = (2, 10),
             "get_timing_cache": lambda: timing_cache(), "default_device_type": 0, "DLA_core": -1}
         if major < 10:
             members["max_workspace_size"] = 0
+        if major < 11:  # implicit quantization: deprecated in 10.1, removed in 11 (10.x -> 11.x guide)
+            members.update(int8_calibrator=None, set_calibration_profile=lambda profile: None)
         return _Obj("IBuilderConfig", log, members)
+
+    def build(net: Any, cfg: Any) -> bytes:
+        """Drive a calibrator the way TensorRT does: offer its cache first; without one, ask for
+        batches until None, then hand it a calibration table."""
+        calibrator = cfg._members.get("int8_calibrator")
+        if calibrator is not None:
+            cached = calibrator.read_calibration_cache()
+            if not cached:
+                names = ["input"]
+                while True:
+                    pointers = calibrator.get_batch(names)
+                    if pointers is None:
+                        break
+                    state.setdefault("calib_pointers", []).append(list(pointers))
+                calibrator.write_calibration_cache(b"TRT-8501-EntropyCalibration2 table")
+            state["calib_cache_read"] = cached
+        return b"plan"
 
     def builder(logger: Any) -> _Obj:
         members: Dict[str, Any] = {
             "create_network": network, "create_builder_config": config,
             "create_optimization_profile": lambda: _Obj("IOptimizationProfile", log, {
                 "set_shape": lambda name, lo, opt, hi: None}),
-            "build_serialized_network": lambda net, cfg: b"plan", "num_DLA_cores": dla_cores,
+            "build_serialized_network": build, "num_DLA_cores": dla_cores,
             "platform_has_tf32": True}
         if major < 11:
             members["platform_has_fast_fp16"] = True
@@ -141,7 +160,9 @@ def make(version: str, dla_cores: int = 0, out_shape: Tuple[int, ...] = (2, 10),
         Runtime=lambda logger: _Obj("Runtime", log, {"deserialize_cuda_engine": lambda data: engine()}),
         NetworkDefinitionCreationFlag=_enum(net_flags), BuilderFlag=_enum(flags),
         MemoryPoolType=_enum(["WORKSPACE", "DLA_MANAGED_SRAM", "DLA_LOCAL_DRAM", "DLA_GLOBAL_DRAM"]),
-        DeviceType=_enum(["GPU", "DLA"]), DataType=data_type, TensorIOMode=io_mode)
+        DeviceType=_enum(["GPU", "DLA"]), DataType=data_type, TensorIOMode=io_mode, state=state)
+    if major < 11:
+        module.IInt8EntropyCalibrator2 = type("IInt8EntropyCalibrator2", (), {"__init__": lambda self: None})
     return module, log
 
 

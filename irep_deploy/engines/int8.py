@@ -1,0 +1,132 @@
+"""INT8 helpers shared by ``build-trt --int8`` and ``bench``: real calibration images, recognising a
+quantized (QDQ) ONNX graph, a small onnxruntime QDQ quantizer, and the INT8 output comparison.
+
+Calibration and verification images go through the dataset's evaluation transform (the one ``eval``
+uses): scales measured on differently normalised data would be wrong for every real input.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import IrepError, VerificationError
+
+# Nodes that make a graph "already quantized": explicit Q/DQ pairs (what TensorRT consumes) and
+# onnxruntime's QOperator forms.
+QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd",
+                           "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
+DEFAULT_CALIB_SIZE = 512
+MIN_INT8_COSINE = 0.99     # INT8 vs float logits on real images: looser than FP16's 0.999
+MIN_INT8_AGREEMENT = 0.95  # share of real images whose top-1 class is the reference's
+
+
+def is_quantized(model: Any) -> bool:
+    """True when an ONNX ModelProto holds quantize/dequantize or integer ops."""
+    return any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
+
+
+def calibration_images(dataset: str, chw: Sequence[int], size: int, data_root: Optional[str] = None,
+                       split: str = "train", seed: int = 0, source: str = "<model>") -> np.ndarray:
+    """``size`` real images (N x C x H x W float32) of ``dataset`` after its evaluation transform.
+
+    ``train`` (calibration) draws a seeded random subset of the training set; ``test`` (verification)
+    a seeded subset of the test set, so that an engine is never checked on the images it was
+    calibrated with. Wrong size or channels, or too few images: an IrepError naming ``source``.
+    """
+    from ..data import DataError, channel_adapter, dataset_spec, load_data
+
+    c, h, w = (int(d) for d in chw)
+    try:
+        spec = dataset_spec(dataset)
+        if (h, w) != (spec.input_size, spec.input_size):
+            raise IrepError("{}: takes {}x{}x{} input, {} images are {}x{}x{}: calibration data of the wrong "
+                            "shape".format(source, c, h, w, dataset, spec.in_channels, spec.input_size,
+                                           spec.input_size))
+        channel_adapter(dataset, c)  # 3-channel data for a 1-channel model: refused in one line
+        data = load_data(dataset, data_root, augment=False, limit=size, parts=(split,), in_channels=c,
+                         split_seed=seed)
+    except DataError as exc:
+        raise IrepError("{}: --calib {}: {}".format(source, dataset, exc)) from None
+    images = data.split(split)
+    if len(images) < size:  # type: ignore[arg-type]
+        raise IrepError("{}: --calib {} has only {} {} images, --calib-size asks for {}".format(
+            source, dataset, len(images), split, size))  # type: ignore[arg-type]
+    return torch.stack([images[i][0] for i in range(size)]).numpy().astype(np.float32)
+
+
+def batches(images: np.ndarray, batch: int) -> Tuple[np.ndarray, ...]:
+    """Whole batches of ``batch`` images; a short last batch is dropped (a calibrator's batch is fixed)."""
+    return tuple(images[i:i + batch] for i in range(0, len(images) - batch + 1, batch))
+
+
+def quantize_qdq(onnx_bytes: bytes, images: np.ndarray, per_channel: bool = True, method: str = "minmax",
+                 batch: int = 32, source: str = "<onnx>") -> bytes:
+    """A QDQ INT8 copy of a float ONNX model in the form TensorRT reads: symmetric INT8 activations and
+    weights (zero points 0), per-channel weights on the output axis, biases left in float (TensorRT
+    takes no INT32 bias DequantizeLinear), calibrated on ``images`` with onnxruntime's quantize_static.
+
+    Internal to bench for now; ``irep-deploy quantize`` is the user-facing tool.
+    """
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(methods)))
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    if is_quantized(model):
+        raise IrepError("{}: is already quantized (it has quantize/dequantize nodes)".format(source))
+    name = model.graph.input[0].name
+    chunks = list(batches(images, min(batch, len(images))))
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.left = iter(chunks)
+
+        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+            x = next(self.left, None)
+            return None if x is None else {name: x}
+
+    # quantize_static of onnxruntime 1.15 (the Jetson floor) reads and writes files only
+    with tempfile.TemporaryDirectory(prefix="irep-int8-") as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(onnx_bytes)
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
+        return dst.read_bytes()
+
+
+def compare_int8(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
+    """INT8 against a reference on the same real images: cosine similarity of all logits, the share of
+    images with the same top-1 class, and the largest absolute difference."""
+    ref = reference.astype(np.float64).reshape(len(reference), -1)
+    other = got.astype(np.float64).reshape(len(got), -1)
+    if ref.shape != other.shape:
+        raise IrepError("outputs differ in shape: {} vs {}".format(ref.shape, other.shape))
+    denom = float(np.linalg.norm(ref) * np.linalg.norm(other)) or 1.0
+    agree = int((ref.argmax(1) == other.argmax(1)).sum())
+    return {"cosine": float((ref * other).sum()) / denom, "top1_agreement": agree / max(len(ref), 1),
+            "top1_differ": float(len(ref) - agree), "examples": float(len(ref)),
+            "max_abs_error": float(np.abs(ref - other).max()) if ref.size else 0.0}
+
+
+def check_int8(stats: Dict[str, float], min_cosine: float = MIN_INT8_COSINE,
+               min_agreement: float = MIN_INT8_AGREEMENT, what: str = "INT8 engine") -> Dict[str, float]:
+    """Raise a one-line VerificationError when INT8 output is too far from the reference."""
+    if not stats["cosine"] >= min_cosine or not stats["top1_agreement"] >= min_agreement:
+        raise VerificationError(
+            "{} output differs from onnxruntime on {:.0f} real images: cosine {:.5f} (limit {}), top-1 agreement "
+            "{:.2%} (limit {:.2%}, {:.0f} differ); nothing written".format(
+                what, stats["examples"], stats["cosine"], min_cosine, stats["top1_agreement"], min_agreement,
+                stats["top1_differ"]))
+    return stats
