@@ -15,10 +15,6 @@ import torch
 
 from ..errors import IrepError, VerificationError
 
-# Nodes that make a graph "already quantized": explicit Q/DQ pairs (what TensorRT consumes) and
-# onnxruntime's QOperator forms.
-QUANTIZED_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "QLinearAdd",
-                           "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"})
 DEFAULT_CALIB_SIZE = 512
 MIN_INT8_COSINE = 0.99     # INT8 vs float logits on real images: looser than FP16's 0.999
 MIN_INT8_AGREEMENT = 0.95  # share of real images whose top-1 class is the reference's
@@ -26,7 +22,9 @@ MIN_INT8_AGREEMENT = 0.95  # share of real images whose top-1 class is the refer
 
 def is_quantized(model: Any) -> bool:
     """True when an ONNX ModelProto holds quantize/dequantize or integer ops."""
-    return any(node.op_type in QUANTIZED_OPS for node in model.graph.node)
+    from .onnx_eval import QUANT_OPS
+
+    return any(node.op_type in QUANT_OPS for node in model.graph.node)
 
 
 def calibration_images(dataset: str, chw: Sequence[int], size: int, data_root: Optional[str] = None,
@@ -65,44 +63,24 @@ def batches(images: np.ndarray, batch: int) -> Tuple[np.ndarray, ...]:
 
 def quantize_qdq(onnx_bytes: bytes, images: np.ndarray, per_channel: bool = True, method: str = "minmax",
                  batch: int = 32, source: str = "<onnx>") -> bytes:
-    """A QDQ INT8 copy of a float ONNX model in the form TensorRT reads: symmetric INT8 activations and
-    weights (zero points 0), per-channel weights on the output axis, biases left in float (TensorRT
-    takes no INT32 bias DequantizeLinear), calibrated on ``images`` with onnxruntime's quantize_static.
-
-    Internal to bench for now; ``irep-deploy quantize`` is the user-facing tool.
-    """
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
-
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
-    if method not in methods:
-        raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(methods)))
+    """A QDQ INT8 copy of a float ONNX model, calibrated on ``images``: the quantizer of
+    ``irep-deploy quantize`` (:func:`~irep_deploy.engines.quantize.ort_quantize_qdq`) on bytes, for
+    ``bench --int8``."""
     import onnx
 
+    from .quantize import METHODS, CalibReader, ort_quantize_qdq
+
+    if method not in METHODS:
+        raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(METHODS)))
     model = onnx.load_from_string(onnx_bytes)
     if is_quantized(model):
         raise IrepError("{}: is already quantized (it has quantize/dequantize nodes)".format(source))
-    name = model.graph.input[0].name
-    chunks = list(batches(images, min(batch, len(images))))
-
-    class Reader(CalibrationDataReader):  # type: ignore[misc]
-        def __init__(self) -> None:
-            self.left = iter(chunks)
-
-        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-            x = next(self.left, None)
-            return None if x is None else {name: x}
-
+    reader = CalibReader(model.graph.input[0].name, batches(images, min(batch, len(images))))
     # quantize_static of onnxruntime 1.15 (the Jetson floor) reads and writes files only
     with tempfile.TemporaryDirectory(prefix="irep-int8-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(onnx_bytes)
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method],
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False})
+        ort_quantize_qdq(src, dst, reader, method, per_channel, [], Path(tmp))
         return dst.read_bytes()
 
 
@@ -113,9 +91,10 @@ def compare_int8(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
     other = got.astype(np.float64).reshape(len(got), -1)
     if ref.shape != other.shape:
         raise IrepError("outputs differ in shape: {} vs {}".format(ref.shape, other.shape))
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(other)) or 1.0
+    from .quantize import cosine
+
     agree = int((ref.argmax(1) == other.argmax(1)).sum())
-    return {"cosine": float((ref * other).sum()) / denom, "top1_agreement": agree / max(len(ref), 1),
+    return {"cosine": cosine(ref, other), "top1_agreement": agree / max(len(ref), 1),
             "top1_differ": float(len(ref) - agree), "examples": float(len(ref)),
             "max_abs_error": float(np.abs(ref - other).max()) if ref.size else 0.0}
 

@@ -83,7 +83,7 @@ def match_nodes(model: Any, patterns: Sequence[str], path: PathLike) -> List[str
     return out
 
 
-class _Reader:
+class CalibReader:
     """An onnxruntime CalibrationDataReader (duck-typed: ``get_next``) over prepared batches."""
 
     def __init__(self, name: str, data: Sequence[np.ndarray]) -> None:
@@ -129,8 +129,9 @@ def _check_settings(path: PathLike, method: str, calib_size: int, batch: Optiona
             path, calib_size, batch))
 
 
-def _ort_quantize(src: Path, dst: Path, reader: _Reader, method: str, per_channel: bool,
+def ort_quantize_qdq(src: Path, dst: Path, reader: CalibReader, method: str, per_channel: bool,
                   excluded: List[str], tmp: Path) -> None:
+    """onnxruntime's quantize_static in the form TensorRT reads (shared by ``quantize`` and ``bench --int8``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -189,7 +190,7 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
     with tempfile.TemporaryDirectory(prefix="irep-quantize.") as tmp:
         dst = Path(tmp) / "int8.onnx"
         try:
-            _ort_quantize(Path(model), dst, _Reader(inp.name, data), method, per_channel, excluded, Path(tmp))
+            ort_quantize_qdq(Path(model), dst, CalibReader(inp.name, data), method, per_channel, excluded, Path(tmp))
         except (ValueError, RuntimeError) + ort_helpers.run_errors() as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise IrepError("{}: onnxruntime could not quantize it: {}".format(model, first[:200])) from None
