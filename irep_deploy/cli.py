@@ -204,8 +204,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on Fashion-MNIST on CPU, with a report (make demo)",
-                       description="search -> train -> fuse -> export -> build-trt (when TensorRT and a GPU are "
-                                   "present) -> bench, then report.md, report.json and figures in --out. "
+                       description="search -> train -> fuse -> export -> quantize (INT8) -> eval and bench of the FP32 "
+                                   "and INT8 ONNX -> build-trt (when TensorRT and a GPU are present) -> bench, then report.md, report.json and figures in --out. "
                                    "About 15 minutes on 2 CPU cores.")
     p.add_argument("--out", default="demo-out", help="report directory (default demo-out)")
     p.add_argument("--quick", action="store_true", help="a smoke run on sklearn digits (about a minute)")

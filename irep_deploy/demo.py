@@ -1,8 +1,10 @@
 """The main job end to end on real data (``make demo``, ``irep-deploy demo``).
 
 search (DES, CPU preset) on Fashion-MNIST -> retrain the found code -> fuse (checked) -> export ONNX
-(verified with onnxruntime) -> TensorRT engine when TensorRT and a GPU are present -> benchmark the
-multi-branch, fused and plain networks -> a report directory (Markdown, JSON, figures).
+(verified with onnxruntime) -> quantize to INT8 (QDQ) on real calibration images -> evaluate the FP32
+and INT8 ONNX on the test split -> bench them (onnxruntime CPU) -> TensorRT engine when TensorRT and a
+GPU are present -> benchmark the multi-branch, fused and plain networks -> a report directory
+(Markdown, JSON, figures).
 Every step is the same library function the CLI step calls.
 """
 from __future__ import annotations
@@ -46,6 +48,7 @@ class DemoSettings:
     bench_batches: List[int] = field(default_factory=lambda: [1, 32])
     bench_duration_s: float = 2.0
     bench_rounds: int = 5
+    calib_size: int = 512  # quantize's default
     seed: int = 0
 
     @classmethod
@@ -79,7 +82,7 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
 def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Optional[str], progress: bool,
                say: Callable[[str], None]) -> Dict[str, Any]:
     steps: List[Step] = []
-    total = 7
+    total = 10
 
     def step(n: int, title: str) -> float:
         say("\n[{}/{}] {}".format(n, total, title))
@@ -127,17 +130,20 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
                           ", ".join("batch {} rel {:.1e}".format(c.batch, c.rel_error) for c in exported.checks))))
     say(steps[-1].note)
 
-    # 5. TensorRT, where it can run
-    t = step(5, "build-trt: TensorRT FP16 engine")
+    # 5-7. INT8
+    int8 = _int8_steps(out, settings, data_root, steps, step, say)
+
+    # 8. TensorRT, where it can run
+    t = step(8, "build-trt: TensorRT FP16 engine")
     engine_note = _try_tensorrt(out)
     steps.append(Step("build-trt", time.perf_counter() - t, "done" if engine_note.startswith("built") else "skipped",
                       engine_note))
     say(steps[-1].note)
 
-    # 6. bench
+    # 9. bench
     from .bench.devices import bench_profile
     from .bench.latency import bench, format_table
-    t = step(6, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
+    t = step(9, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
     # bench takes device profiles and runs on the current CUDA device: cuda:N selects that device
     with torch.cuda.device(torch.device(device)) if device.startswith("cuda:") else contextlib.nullcontext():
         report = bench(trained.ckpt, device=bench_profile(device), backends=["torch", "ort"],
@@ -147,8 +153,8 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     say(table)
     steps.append(Step("bench", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
 
-    # 7. figures
-    t = step(7, "figures")
+    # 10. figures
+    t = step(10, "figures")
     figures = _try_figures(out, trained, report.results)
     skipped = bool(figures) and figures[0].startswith("skipped")
     steps.append(Step("figures", time.perf_counter() - t, "skipped" if skipped else "done", ", ".join(figures)))
@@ -165,6 +171,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
         "export": {"op_types": exported.op_types, "checks": [dataclasses.asdict(c) for c in exported.checks]},
         "latency": {"results": [_result_row(r) for r in report.results], "ratios": report.ratios,
                     "device": report.device, "warnings": report.warnings},
+        "int8": int8,
         "steps": [dataclasses.asdict(s) for s in steps],
     }
     write_json(out / "report.json", summary)
@@ -172,6 +179,57 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
         handle.write(_markdown(summary, table, code))
     say("\nreport: {} and {}".format(out / "report.md", out / "report.json"))
     return summary
+
+
+def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], steps: List[Step],
+                step: Callable[[int, str], float], say: Callable[[str], None]) -> Dict[str, Any]:
+    """quantize -> eval -> bench of the exported model's INT8 copy; the report's ``int8`` section."""
+    from .bench.latency import bench_onnx_files, format_table
+    from .engines.onnx_eval import evaluate_onnx
+    from .engines.quantize import quantize
+    from .errors import VerificationError
+
+    fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
+    t = step(5, "quantize: INT8 (QDQ, default settings) on {} real {} training images".format(
+        settings.calib_size, settings.dataset))
+    try:
+        q = quantize(fp32, settings.dataset, out=int8, data_root=data_root, calib_size=settings.calib_size)
+    except VerificationError as exc:
+        # an INT8 model too far from FP32 is a result of the run, not a reason to lose the steps after it
+        steps.append(Step("quantize", time.perf_counter() - t, "failed", str(exc)))
+        say(steps[-1].note)
+        return {"error": str(exc)}
+    quantized = {"out": int8.name, "method": q.method, "per_channel": q.per_channel, "calib_dataset": q.calib_dataset,
+                 "calib_size": q.calib_size, "cosine": q.cosine, "agreement": q.agreement,
+                 "check_batch": q.check_batch, "op_types": q.op_types, "size_bytes": q.size_bytes,
+                 "fp32_size_bytes": fp32.stat().st_size}
+    steps.append(Step("quantize", time.perf_counter() - t, "done",
+                      "{}: {}, {} weights, {} QuantizeLinear; {:,} -> {:,} bytes; cosine {:.4f} vs FP32 on a "
+                      "calibration batch".format(int8.name, q.method, "per-channel" if q.per_channel else "per-tensor",
+                                                 q.op_types.get("QuantizeLinear", 0), quantized["fp32_size_bytes"],
+                                                 q.size_bytes, q.cosine)))
+    say(steps[-1].note)
+
+    # the test images train scored the fused network on (same limit and seed), so FP32 here matches it
+    t = step(6, "eval: FP32 and INT8 ONNX on the {} test split (onnxruntime)".format(settings.dataset))
+    r = evaluate_onnx(int8, settings.dataset, data_root=data_root, limit=settings.train_limit, reference=fp32)
+    evaluated = {"dataset": r.dataset, "examples": r.examples, "fp32_top1": r.reference_top1,
+                 "fp32_top5": r.reference_top5, "int8_top1": r.top1, "int8_top5": r.top5, "differ": r.differ}
+    steps.append(Step("eval-int8", time.perf_counter() - t, "done",
+                      "test top-1 FP32 {:.2f}%, INT8 {:.2f}% (top-5 {:.2f}% / {:.2f}%); {} of {} predictions "
+                      "differ".format(r.reference_top1, r.top1, r.reference_top5, r.top5, r.differ, r.examples)))
+    say(steps[-1].note)
+
+    t = step(7, "bench: FP32 vs INT8 ONNX (onnxruntime CPU, interleaved rounds)")
+    report = bench_onnx_files([("onnx", fp32), ("onnx-int8", int8)], batches=settings.bench_batches,
+                              duration_s=settings.bench_duration_s, rounds=settings.bench_rounds,
+                              json_out=out / "bench_int8.json")
+    table = format_table(report)
+    say(table)
+    steps.append(Step("bench-int8", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
+    return {"quantize": quantized, "eval": evaluated, "table": table,
+            "latency": {"results": [_result_row(x) for x in report.results], "ratios": report.ratios,
+                        "device": report.device, "warnings": report.warnings}}
 
 
 def _result_row(r: Any) -> Dict[str, Any]:
@@ -236,6 +294,23 @@ def _markdown(s: Dict[str, Any], table: str, code: ArchCode) -> str:
                     lines.append("| {} | {} | {} | {:.3f} | {} |".format(r["backend"], r["batch"], shown, r[key],
                                                                         spread))
         lines.append("")
+    lines += _int8_markdown(s["int8"])
     lines += ["## Steps", "", "| step | seconds | status | note |", "|---|---|---|---|"]
     lines += ["| {} | {:.1f} | {} | {} |".format(st["name"], st["seconds"], st["status"], st["note"]) for st in s["steps"]]
     return "\n".join(lines) + "\n"
+
+
+def _int8_markdown(i: Dict[str, Any]) -> List[str]:
+    lines = ["## INT8 (onnxruntime, CPU)", ""]
+    if "error" in i:
+        return lines + ["Not quantized: {}".format(i["error"]), ""]
+    q, e = i["quantize"], i["eval"]
+    lines += ["`{}`: QDQ, {} calibration on {} {} training images, {} weights; {:,} bytes (FP32 {:,}).".format(
+                  q["out"], q["method"], q["calib_size"], q["calib_dataset"],
+                  "per-channel" if q["per_channel"] else "per-tensor", q["size_bytes"], q["fp32_size_bytes"]), "",
+              "| model | test top-1 % | test top-5 % |", "|---|---|---|",
+              "| FP32 ONNX | {:.2f} | {:.2f} |".format(e["fp32_top1"], e["fp32_top5"]),
+              "| INT8 ONNX | {:.2f} | {:.2f} |".format(e["int8_top1"], e["int8_top5"]), "",
+              "{} test examples; predictions that differ between FP32 and INT8: {}.".format(e["examples"], e["differ"]),
+              "", "```", i["table"], "```", ""]
+    return lines

@@ -8,7 +8,10 @@ import pytest
 from irep_deploy import load_checkpoint
 from irep_deploy.cli import main
 from irep_deploy.demo import DemoSettings, run_demo
-from irep_deploy.engines.onnx import FUSED_OP_TYPES, op_types
+from irep_deploy.data import load_data
+from irep_deploy.engines.onnx import FUSED_OP_TYPES, load_onnx, op_types
+from irep_deploy.engines.onnx_eval import evaluate_onnx
+from irep_deploy.engines.quantize import META_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +25,11 @@ def demo(tmp_path_factory):
 def test_every_step_leaves_its_output(demo):
     out, summary, log = demo
     for path in ("search/arch.bin", "search/population.json", "train/ckpt.pt", "deploy.pt", "model.onnx",
-                 "bench.json", "report.md", "report.json"):
+                 "model.int8.onnx", "bench.json", "bench_int8.json", "report.md", "report.json"):
         assert (out / path).is_file(), path
-    assert [s["name"] for s in summary["steps"]] == ["search", "train", "fuse", "export", "build-trt", "bench",
-                                                     "figures"]
-    assert "[1/7] search" in log and "[7/7] figures" in log
+    assert [s["name"] for s in summary["steps"]] == ["search", "train", "fuse", "export", "quantize", "eval-int8",
+                                                     "bench-int8", "build-trt", "bench", "figures"]
+    assert "[1/10] search" in log and "[5/10] quantize" in log and "[10/10] figures" in log
     for name in ("arch_code.png", "alpha_beta.png", "asym_minus_dil.png", "fitness.png", "accuracy_latency.png"):
         assert (out / "figures" / name).stat().st_size > 1000, name
     points = json.loads((out / "points.json").read_text())["points"]
@@ -54,3 +57,51 @@ def test_demo_refuses_to_overwrite_an_earlier_run(demo, capsys):
     out, _, _ = demo
     assert main(["demo", "--quick", "--out", str(out), "--quiet"]) == 1
     assert "holds an earlier demo" in capsys.readouterr().err
+
+
+def test_int8_step_is_consistent_with_its_files(demo):
+    """The INT8 model is a QDQ copy of the exported one; the reported scores and differing predictions
+    are recomputed here from the two files on the same test images."""
+    out, summary, log = demo
+    import numpy as np
+    import onnxruntime as ort
+
+    int8 = summary["int8"]
+    assert all(s["status"] == "done" for s in summary["steps"] if s["name"] in ("quantize", "eval-int8", "bench-int8"))
+    ops = op_types(out / "model.int8.onnx")
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    assert ops == int8["quantize"]["op_types"]
+    meta = {p.key[len(META_PREFIX):]: p.value for p in load_onnx(out / "model.int8.onnx").metadata_props
+            if p.key.startswith(META_PREFIX)}
+    assert meta["calib_dataset"] == "digits" and meta["calib_size"] == "512" and meta["method"] == "minmax"
+
+    settings = DemoSettings.quick()
+    ev = int8["eval"]
+    alone = evaluate_onnx(out / "model.int8.onnx", "digits", limit=settings.train_limit)
+    assert (alone.top1, alone.top5, alone.examples) == (ev["int8_top1"], ev["int8_top5"], ev["examples"])
+    fp32 = evaluate_onnx(out / "model.onnx", "digits", limit=settings.train_limit)
+    assert fp32.top1 == ev["fp32_top1"]
+    # the same test images the fused torch network was scored on: at most a near-tie apart
+    assert abs(fp32.top1 - summary["accuracy"]["fused_top1"]) * ev["examples"] / 100 <= 1 + 1e-6
+
+    data = load_data("digits", augment=False, limit=settings.train_limit, parts=("test",), in_channels=1)
+    x = np.stack([data.test[i][0].numpy() for i in range(len(data.test))]).astype(np.float32)
+    preds = []
+    for name in ("model.onnx", "model.int8.onnx"):
+        session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+        preds.append(session.run(None, {session.get_inputs()[0].name: x})[0].argmax(1))
+    assert int((preds[0] != preds[1]).sum()) == ev["differ"]
+    # each differing prediction moves the hit count by at most one
+    assert abs(ev["int8_top1"] - ev["fp32_top1"]) * ev["examples"] / 100 <= ev["differ"] + 1e-6
+
+    bench = json.loads((out / "bench_int8.json").read_text())
+    rows = {(r["variant"], r["batch"]) for r in bench["results"]}
+    assert rows == {(v, b) for v in ("onnx", "onnx-int8") for b in settings.bench_batches}
+    assert all(r["backend"] == "ort:CPU" for r in bench["results"])
+    assert all(q["onnx_int8_over_onnx"] > 0 for q in bench["ratios"])
+    assert len(bench["ratios"]) == len(settings.bench_batches)
+    md = (out / "report.md").read_text()
+    assert "## INT8 (onnxruntime, CPU)" in md
+    assert "| INT8 ONNX | {:.2f} |".format(ev["int8_top1"]) in md and "differ between FP32 and INT8: {}.".format(
+        ev["differ"]) in md
+    assert "onnx-int8/onnx" in md and "onnx-int8/onnx" in log

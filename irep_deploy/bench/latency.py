@@ -407,6 +407,51 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     return report
 
 
+def bench_onnx_files(files: Sequence[Tuple[str, PathLike]], batches: Sequence[int] = (1,),
+                     warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
+                     threads: Optional[int] = None, cv_warn: float = 0.10, rounds: int = DEFAULT_ROUNDS,
+                     spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None) -> BenchReport:
+    """Several ONNX files, (variant name, path) each, on onnxruntime's CPU provider in one run.
+
+    Their jobs are interleaved round by round as in :func:`bench`, so that e.g. an FP32 model
+    (``onnx``) and its INT8 copy (``onnx-int8``) share the machine's drift and get a ratio with its
+    spread over rounds; ``bench`` itself takes one file."""
+    from ..engines import ort as ort_helpers
+
+    if not files:
+        raise IrepError("no ONNX files to bench")
+    for _, path in files:
+        if _kind(str(path)) != "onnx" or not Path(path).is_file():
+            raise IrepError("{}: not an ONNX file".format(path))
+    if json_out is not None:
+        check_writable(json_out, inputs=tuple(p for _, p in files))
+    if not batches or min(batches) < 1:
+        raise IrepError("batch sizes must be at least 1, got {}".format(list(batches)))
+    if warmup_ms < 0 or duration_s < 0 or min_iters < 1 or rounds < 1:
+        raise IrepError("warm-up and duration must be >= 0, min iterations and rounds >= 1")
+    ort_helpers.require_onnxruntime()
+    info = devices.resolve("cpu")
+    variants = [Variant(name, path=str(path)) for name, path in files]
+    source = ", ".join(str(p) for _, p in files)
+    jobs, notes = build_jobs(variants, ["ort"], batches, {}, None, torch.device("cpu"),
+                             ort_helpers.resolve_providers(["cpu"]), threads, source=source)
+    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=source)
+    results = summarise(jobs, samples, cv_warn)
+    table = ratios(results, spread_warn)
+    report = BenchReport(
+        source, {"requested": "cpu", "kind": "cpu", "name": devices.cpu_model(), "jetson": info.jetson},
+        devices.environment(info),
+        {"backends": ["ort"], "batches": list(batches), "warmup_ms": warmup_ms, "duration_s": duration_s,
+         "min_iters": min_iters, "files": {name: str(p) for name, p in files}, "threads": threads,
+         "cv_warn": cv_warn, "rounds": rounds, "spread_warn": spread_warn},
+        results, table, harness_overhead_ms(),
+        list(info.notes) + notes + [w for r in results for w in r.warnings] + ratio_warnings(table))
+    if json_out is not None:
+        with atomic_write(json_out, "w") as handle:
+            handle.write(report.to_json())
+    return report
+
+
 @dataclass
 class Job:
     variant: str
@@ -547,7 +592,8 @@ def _to_onnx(variant: Variant, shape: Sequence[int], opset: int, simplify: str) 
 
 RATIOS = (("fused_over_plain", "fused", "plain", "fused/plain"),
           ("multi_branch_over_fused", "multi-branch", "fused", "multi-branch/fused"),
-          ("int8_over_fused", "fused-int8", "fused", "fused-int8/fused"))
+          ("int8_over_fused", "fused-int8", "fused", "fused-int8/fused"),
+          ("onnx_int8_over_onnx", "onnx-int8", "onnx", "onnx-int8/onnx"))
 
 
 def spread(values: Sequence[float]) -> float:

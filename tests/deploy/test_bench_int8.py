@@ -67,3 +67,32 @@ def test_fused_int8_is_really_quantized(fmnist):
     data = int8_tools.quantize_qdq(fmnist["onnx"].read_bytes(), images)
     ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+
+
+def test_fp32_and_int8_onnx_in_one_interleaved_run(fmnist, fmnist_qdq, tmp_path):
+    """The demo's INT8 bench: both files' jobs in every round, and the ratio onnx-int8/onnx per batch."""
+    from irep_deploy.bench.latency import bench_onnx_files, format_table
+
+    out = tmp_path / "pair.json"
+    report = bench_onnx_files([("onnx", fmnist["onnx"]), ("onnx-int8", fmnist_qdq)], batches=[1, 4],
+                              json_out=out, **QUICK)
+    assert [(r.variant, r.batch) for r in report.results] == [("onnx", 1), ("onnx", 4), ("onnx-int8", 1),
+                                                              ("onnx-int8", 4)]
+    assert all(r.backend == "ort:CPU" and len(r.round_medians) == 2 for r in report.results)
+    assert [q["batch"] for q in report.ratios] == [1, 4]
+    by = {(r.variant, r.batch): r.host.median for r in report.results}
+    for q in report.ratios:
+        assert q["onnx_int8_over_onnx"] == pytest.approx(by[("onnx-int8", q["batch"])] / by[("onnx", q["batch"])])
+        assert len(q["onnx_int8_over_onnx_rounds"]) == 2
+    assert "onnx-int8/onnx" in format_table(report)
+    assert json.loads(out.read_text())["config"]["files"] == {"onnx": str(fmnist["onnx"]),
+                                                              "onnx-int8": str(fmnist_qdq)}
+
+
+def test_bench_onnx_files_refuses_a_checkpoint(fmnist, tmp_path):
+    from irep_deploy.bench.latency import bench_onnx_files
+    from irep_deploy.errors import IrepError
+
+    with pytest.raises(IrepError, match="not an ONNX file"):
+        bench_onnx_files([("onnx", fmnist["deploy"])], json_out=tmp_path / "b.json")
+    assert not (tmp_path / "b.json").exists()
