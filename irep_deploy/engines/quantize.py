@@ -101,19 +101,15 @@ class CalibReader:
         self.index = 0
 
 
-def _calibration_batches(inp: Any, calib: str, data_root: Optional[str], calib_size: int,
+def _calibration_batches(inp: Any, calib: str, size: int, data_root: Optional[str], calib_size: int,
                          path: PathLike) -> List[np.ndarray]:
-    """``calib_size`` training images (a subset fixed by seed 0) as the model's input batches."""
-    from ..data import load_data
-    from .onnx_eval import batches
-    data = load_data(calib, data_root, augment=False, limit=calib_size, parts=("train",),
-                     in_channels=inp.channels)
-    have = len(data.train)  # type: ignore[arg-type]
-    if have < calib_size:
-        raise IrepError("{}: --calib {} has {} training images, fewer than --calib-size {}".format(
-            path, calib, have, calib_size))
-    size = inp.batch or CALIB_BATCH
-    return [x for x, _ in batches(data.train, size)]
+    """``calib_size`` training images (the seeded subset ``build-trt --int8`` and ``bench --int8``
+    calibrate on) as the model's input batches; a short last batch is kept (dynamic batch only: a
+    fixed batch divides ``calib_size``, checked before), so every requested image counts."""
+    from .int8 import calibration_images
+    images = calibration_images(calib, (inp.channels, size, size), calib_size, data_root, source=str(path))
+    step = inp.batch or CALIB_BATCH
+    return [images[i:i + step] for i in range(0, len(images), step)]
 
 
 def _check_settings(path: PathLike, method: str, calib_size: int, batch: Optional[int]) -> None:
@@ -183,9 +179,9 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
             model, ", ".join("{} {}".format(n, op) for op, n in sorted(done.items()))))
     inp = image_input(proto, model)
     _check_settings(model, method, calib_size, inp.batch)
-    check_fits(inp, calib, model, flag="--calib")
+    size = check_fits(inp, calib, model, flag="--calib")
     excluded = match_nodes(proto, exclude, model)
-    data = _calibration_batches(inp, calib, data_root, calib_size, model)
+    data = _calibration_batches(inp, calib, size, data_root, calib_size, model)
     fp32 = ort_helpers.make_session(str(model), source=str(model))
     with tempfile.TemporaryDirectory(prefix="irep-quantize.") as tmp:
         dst = Path(tmp) / "int8.onnx"
