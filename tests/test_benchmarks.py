@@ -133,3 +133,80 @@ def test_irepify_benchmark_fused_equals_folded_original(tmp_path):
     assert len(timing["runs_s"]["irepify + fuse_model"]) == timing["repeats"] == 2
     md = out.with_suffix(".md").read_text()
     assert result["command"] in md and "| resnet18 | 11,689,512 | 11,684,712 |" in md
+
+
+def _logits(path: Path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_int8_accuracy_numbers_follow_the_written_onnx_files(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from irep_deploy.data import load_data
+
+    out = tmp_path / "res" / "int8_accuracy"
+    run("int8_accuracy.py", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["status"] == "complete" and result["recipe"]["epochs"] == 1
+    models = {m["code"]: m for m in result["models"]}
+    assert set(models) == {"plain", "des"} and {m["backbone"] for m in result["models"]} == {"resnet18_cifar"}
+    evidence = json.loads((BENCH / "results" / "evidence_fmnist.json").read_text())
+    assert models["des"]["branches"] == ArchCode.loads(evidence["search"]["code"]).count() > 0
+    assert models["plain"]["branches"] == 0
+
+    first = Path(models["plain"]["dir"]) / "model.onnx"
+    channels = onnx.load(str(first)).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    data = load_data("fashion-mnist", limit=result["test_limit"], parts=("test",), augment=False,
+                     in_channels=channels).split("test")
+    x = np.stack([data[i][0].numpy() for i in range(len(data))]).astype(np.float32)
+    y = np.array([int(data[i][1]) for i in range(len(data))])
+    md = out.with_suffix(".md").read_text()
+    assert result["command"] in md and "**Reduced run**: 1 training epochs" in md
+    for code, m in models.items():
+        fp32 = Path(m["dir"]) / "model.onnx"
+        want = _logits(fp32, x).argmax(1)
+        assert {(q["method"], q["per_channel"]) for q in m["quantized"]} == {
+            (a, b) for a in ("minmax", "percentile") for b in (False, True)}
+        for q in m["quantized"]:
+            assert "error" not in q, q
+            int8 = Path(m["dir"]) / q["file"]
+            qproto = onnx.load(str(int8))
+            assert sum(n.op_type == "QuantizeLinear" for n in qproto.graph.node) == q["quantize_linear"] > 0
+            # per-channel files carry one weight scale per output channel, per-tensor ones a single scale
+            inits = {i.name: numpy_helper.to_array(i) for i in qproto.graph.initializer}
+            scales = [inits[n.input[1]].size for n in qproto.graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4]
+            assert scales and (max(scales) > 1) == q["per_channel"]
+            got = _logits(int8, x).argmax(1)
+            assert q["examples"] == len(y)
+            assert q["changed"] == int((got != want).sum())
+            assert q["fp32_top1"] == pytest.approx(100.0 * (want == y).mean())
+            assert q["int8_top1"] == pytest.approx(100.0 * (got == y).mean())
+            assert q["drop"] == pytest.approx(q["fp32_top1"] - q["int8_top1"])
+            assert "| {} | {} | {} | {} |".format(code, m["branches"], q["method"],
+                                                  "per-channel" if q["per_channel"] else "per-tensor") in md
+        # weight ranges: every Conv of the fused FP32 file, from its initializers
+        proto = onnx.load(str(fp32))
+        weights = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+        layers = m["weight_ranges"]["layers"]
+        assert [c.name for c in convs] == [layer["node"] for layer in layers]
+        for c, layer in zip(convs, layers):
+            w = np.abs(weights[c.input[1]]).reshape(weights[c.input[1]].shape[0], -1).max(1)
+            assert np.allclose(layer["channel_max_abs"], w)
+            assert layer["max_over_median"] == pytest.approx(w.max() / np.median(w))
+    # fusion gives the DES network the plain network's layers; only the kernels' values differ
+    plain, des = models["plain"]["weight_ranges"], models["des"]["weight_ranges"]
+    assert [x["shape"] for x in plain["layers"]] == [x["shape"] for x in des["layers"]]
+    vs = des["summary"]["max_abs_vs_plain"]["per_layer"]
+    assert vs == pytest.approx([a["max_abs"] / b["max_abs"] for a, b in zip(des["layers"], plain["layers"])])
+    rows = result["latency"]["rows"]
+    assert {(r["model"], r["batch"]) for r in rows} == {("resnet18_cifar/" + c, b) for c in models for b in (1, 32)}
+    for r in rows:
+        assert r["int8_over_fp32"] == pytest.approx(r["int8_median_ms"] / r["fp32_median_ms"])
+        assert len(r["rounds"]) == 2 and r["untrusted"] == (r["spread"] > 0.10)
