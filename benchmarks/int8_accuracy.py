@@ -109,6 +109,29 @@ def range_summary(layers: List[Dict[str, Any]], plain: Optional[List[Dict[str, A
     return out
 
 
+def qdq_scales(path: Path) -> List[np.ndarray]:
+    """The scale initializers of every QuantizeLinear node of a QDQ file, in graph order."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    return [numpy_helper.to_array(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[1] in inits]
+
+
+def mark_same_scales(d: Path, rows: List[Dict[str, Any]]) -> None:
+    """Entropy rows whose every scale equals minmax's (onnxruntime's quantize_static runs its entropy
+    calibrator with 128 histogram bins and 128 quantized bins: a single candidate threshold, the full
+    range, so it returns minmax's ranges) say so, so the table does not read as two measurements."""
+    by = {(q["method"], q["per_channel"]): q for q in rows if "error" not in q}
+    for (method, per_channel), q in by.items():
+        ref = by.get(("minmax", per_channel))
+        if method != "minmax" and ref is not None:
+            a, b = qdq_scales(d / q["file"]), qdq_scales(d / ref["file"])
+            q["same_scales_as_minmax"] = len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def quantize_and_eval(fp32: Path, method: str, per_channel: bool, calib_size: int, test_limit: Optional[int],
                       data_root: Optional[str]) -> Dict[str, Any]:
     from irep_deploy.engines.onnx_eval import evaluate_onnx
@@ -186,8 +209,15 @@ def markdown(result: Dict[str, Any]) -> str:
             if "error" in q:
                 lines.append(head + " - | - | - | - | {} |".format(q["error"][:120]))
             else:
-                lines.append(head + " {:.2f} | {:.2f} | {:+.2f} | {} / {} | {:.4f} |".format(
-                    q["fp32_top1"], q["int8_top1"], q["drop"], q["changed"], q["examples"], q["cosine"]))
+                lines.append(head + " {:.2f} | {:.2f} | {:+.2f} | {} / {} | {:.4f}{} |".format(
+                    q["fp32_top1"], q["int8_top1"], q["drop"], q["changed"], q["examples"], q["cosine"],
+                    " (scales = minmax's)" if q.get("same_scales_as_minmax") else ""))
+    same = [q for m in result["models"] for q in m["quantized"] if q.get("same_scales_as_minmax")]
+    if same:
+        lines += ["", "{} row(s) marked \"scales = minmax's\" have every quantization scale equal to the minmax file's: "
+                  "onnxruntime's quantize_static runs entropy calibration with 128 histogram bins and 128 quantized "
+                  "bins, which leaves one candidate threshold (the full range). Those rows are minmax, not a "
+                  "separate measurement.".format(len(same))]
     lines += ["", "## Weight ranges of the exported (fused) convolutions", "",
               "Per layer: r = max over output channels of max|w| / median over channels of max|w|. A large r "
               "means per-tensor INT8 spends its 255 levels on a few channels. 'vs plain' is max|w| of the layer "
@@ -291,6 +321,7 @@ def main() -> None:
                     print("{} {} {} {}: {}".format(backbone, code, method, "pc" if per_channel else "pt",
                                                    row.get("error") or "FP32 {:.2f} INT8 {:.2f}, {} changed".format(
                                                        row["fp32_top1"], row["int8_top1"], row["changed"])), flush=True)
+            mark_same_scales(d, model["quantized"])
             result["models"].append(model)
             flush("partial: {} of {} models quantized; latency not measured yet".format(len(result["models"]), total))
     result["latency"] = latency(result["models"], args.bench_batches, args.bench_duration, args.bench_rounds, min_iters)
