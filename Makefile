@@ -111,6 +111,8 @@ benchmarks: venv data
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_step_sync.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_population_eval.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bad_input.py
+	rm -rf runs/int8_accuracy
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/int8_accuracy.py --epochs 3
 
 clean:
 	rm -rf $(VENV) $(VENV38) .pytest_cache .hypothesis
