@@ -138,6 +138,38 @@ def test_each_method_gives_symmetric_int8_qdq_that_keeps_fp32_accuracy(fp32, cap
     assert (a != b).mean() < 0.5  # most predictions are the FP32 model's
 
 
+def activation_scales(path: Path) -> Dict[str, float]:
+    """Scale of each QuantizeLinear on a tensor the graph computes (not a weight initializer)."""
+    model = onnx.load(str(path))
+    values = inits(model)
+    return {n.input[0]: float(values[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in values}
+
+
+@pytest.mark.parametrize("method", [m for m in methods() if m == "entropy"])
+def test_entropy_clips_some_tails_and_never_collapses_a_relu_output(fp32, capsys, method):
+    """Entropy calibration searches thresholds below the full range (onnxruntime's quantize_static
+    default of 128 bins and 128 quantized bins leaves only the full range: minmax's scales), and
+    ReLU's spike at exactly 0 does not drive a threshold to the smallest candidate (1/8 of the range)."""
+    entropy = activation_scales(quantized(fp32, capsys, method, "--method", method))
+    minmax = activation_scales(quantized(fp32, capsys, "minmax", "--method", "minmax"))
+    assert set(entropy) == set(minmax)
+    ratios = {name: entropy[name] / minmax[name] for name in minmax}
+    assert min(ratios.values()) < 0.99, ratios  # some tail is clipped: not minmax under another name
+    relu = {name: r for name, r in ratios.items() if "Relu" in name}
+    assert relu and min(relu.values()) > 0.25, relu
+
+
+def test_the_zero_spike_is_cut_to_its_neighbours():
+    from irep_deploy.engines.quantize import _without_zero_spike
+
+    hist = np.array([0, 0, 0, 0, 9000, 40, 30, 5])  # a ReLU output: nothing below 0, most values exactly 0
+    cut = _without_zero_spike(hist)
+    assert cut.tolist() == [0, 0, 0, 0, 40, 40, 30, 5] and hist[4] == 9000  # the input is not modified
+    flat = np.array([3, 5, 8, 12, 11, 7, 4, 2])  # no spike: unchanged
+    assert _without_zero_spike(flat).tolist() == flat.tolist()
+
+
 def test_per_channel_weights_have_one_scale_per_output_channel(fp32, capsys):
     path = quantized(fp32, capsys, "perchannel", "--per-channel")
     model = onnx.load(str(path))
