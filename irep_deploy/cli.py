@@ -430,8 +430,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="calibration images (default 512, at least {})".format(q.MIN_CALIB_IMAGES))
     p.add_argument("--method", choices=q.METHODS, default="minmax",
                    help="activation range calibration (default minmax)")
-    p.add_argument("--per-channel", action="store_true",
-                   help="one weight scale per output channel (default: one per tensor)")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                         help="one weight scale per output channel, on the output axis (the default)")
+    weights.add_argument("--per-tensor", dest="per_channel", action="store_false",
+                         help="one weight scale per weight tensor")
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="keep the nodes whose name matches in float (fnmatch, e.g. '/fc/Gemm'; repeatable)")
     p.add_argument("--min-cosine", type=_float_in(-1.0, 1.0), default=q.DEFAULT_MIN_COSINE,

@@ -2,7 +2,7 @@
 
 ``quantize`` is the library side of ``irep-deploy quantize``: onnxruntime's ``quantize_static`` with
 QuantizeLinear/DequantizeLinear pairs (explicit quantization), symmetric INT8 activations and weights
-(zero point 0: TensorRT's INT8 is symmetric), optionally per-channel weight scales on the output axis,
+(zero point 0: TensorRT's INT8 is symmetric), per-channel weight scales on the output axis (per-tensor on request),
 calibrated on real images of a dataset's training split through the evaluation transforms (what
 ``eval`` feeds). The result is checked with onnxruntime against the FP32 model on a calibration batch
 and written atomically with its settings in the file's ``metadata_props``.
@@ -208,7 +208,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_root: Optional[str] = None,
-             calib_size: int = 512, method: str = "minmax", per_channel: bool = False,
+             calib_size: int = 512, method: str = "minmax", per_channel: bool = True,
              exclude: Sequence[str] = (), min_cosine: float = DEFAULT_MIN_COSINE) -> QuantizeReport:
     """Quantize an FP32 ONNX model to a QDQ INT8 one, calibrated on ``calib_size`` training images of
     the dataset ``calib``. Nothing is written unless the INT8 model loads in onnxruntime and its logits

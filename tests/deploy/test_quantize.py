@@ -103,7 +103,7 @@ def methods():
 
 @pytest.mark.parametrize("method", methods())
 def test_each_method_gives_symmetric_int8_qdq_that_keeps_fp32_accuracy(fp32, capsys, test_images, method):
-    path = quantized(fp32, capsys, method, "--method", method)
+    path = quantized(fp32, capsys, method, "--method", method, "--per-tensor")
     model = onnx.load(str(path))
     values = inits(model)
     ops = [n.op_type for n in model.graph.node]
@@ -121,7 +121,7 @@ def test_each_method_gives_symmetric_int8_qdq_that_keeps_fp32_accuracy(fp32, cap
         assert values[dq.input[0]].dtype == np.int8 and values[dq.input[1]].size == 1
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["irep_deploy.quantize.method"] == method
-    assert meta["irep_deploy.quantize.per_channel"] == "false"
+    assert meta["irep_deploy.quantize.per_channel"] == "false"  # --per-tensor
     assert meta["irep_deploy.quantize.calib_dataset"] == "fashion-mnist"
     assert meta["irep_deploy.quantize.calib_size"] == CALIB
     assert meta["irep_deploy.quantize.excluded_nodes"] == "[]"
@@ -151,8 +151,8 @@ def test_entropy_clips_some_tails_and_never_collapses_a_relu_output(fp32, capsys
     """Entropy calibration searches thresholds below the full range (onnxruntime's quantize_static
     default of 128 bins and 128 quantized bins leaves only the full range: minmax's scales), and
     ReLU's spike at exactly 0 does not drive a threshold to the smallest candidate (1/8 of the range)."""
-    entropy = activation_scales(quantized(fp32, capsys, method, "--method", method))
-    minmax = activation_scales(quantized(fp32, capsys, "minmax", "--method", "minmax"))
+    entropy = activation_scales(quantized(fp32, capsys, method, "--method", method, "--per-tensor"))
+    minmax = activation_scales(quantized(fp32, capsys, "minmax", "--method", "minmax", "--per-tensor"))
     assert set(entropy) == set(minmax)
     ratios = {name: entropy[name] / minmax[name] for name in minmax}
     assert min(ratios.values()) < 0.99, ratios  # some tail is clipped: not minmax under another name
@@ -171,7 +171,7 @@ def test_the_zero_spike_is_cut_to_its_neighbours():
 
 
 def test_per_channel_weights_have_one_scale_per_output_channel(fp32, capsys):
-    path = quantized(fp32, capsys, "perchannel", "--per-channel")
+    path = quantized(fp32, capsys, "perchannel")  # the default: TensorRT's convention for weights
     model = onnx.load(str(path))
     values = inits(model)
     fp = onnx.load(str(fp32))
@@ -222,7 +222,7 @@ def test_a_check_it_cannot_pass_writes_nothing(fp32, capsys):
 
 
 def test_eval_of_onnx_files_reports_what_onnxruntime_computes(fp32, capsys, test_images):
-    path = quantized(fp32, capsys, "minmax", "--method", "minmax")
+    path = quantized(fp32, capsys, "minmax", "--method", "minmax", "--per-tensor")
     rc, out, err = cli(capsys, "eval", path, "--dataset", "fashion-mnist", "--limit", TEST_LIMIT, "--reference", fp32)
     assert rc == 0, err
     x, y = test_images
