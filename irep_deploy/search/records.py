@@ -78,9 +78,10 @@ class _Fields:
         return list(value)
 
     def list_key(self, key: str, length: int, what: str) -> List[Any]:
+        """A list of ``length`` items; ``what`` completes "KEY must ..." when it is not."""
         value = self.get(key)
         if not isinstance(value, list) or len(value) != length:
-            raise self.error("{!r} must hold {}".format(key, what))
+            raise self.error("{!r} must {}".format(key, what))
         return value
 
 
@@ -167,10 +168,10 @@ class AlphaBetaRecord:
         f = _Fields(obj, where)
         rnd, ops, layers = f.int_key("round"), f.names("ops"), f.names("layers")
         shape = "{} layers x {} ops".format(len(layers), len(ops))
-        alpha = f.list_key("alpha", len(layers), shape)
+        alpha = f.list_key("alpha", len(layers), "be " + shape)
         if not all(isinstance(row, list) and len(row) == len(ops) for row in alpha):
             raise f.error("'alpha' must be {}".format(shape))
-        beta = f.list_key("beta", len(layers), "{} values (one per layer)".format(len(layers)))
+        beta = f.list_key("beta", len(layers), "hold {} values (one per layer)".format(len(layers)))
         return cls(round=rnd, ops=ops, layers=layers,
                    alpha=[[f.number(v, "alpha") for v in row] for row in alpha],
                    beta=[f.number(v, "beta") for v in beta])
@@ -210,9 +211,10 @@ class PopulationCode:
         if not isinstance(obj, dict):
             raise RecordError("{}: expected an object".format(where))
         f = _Fields(obj, where)
-        bits = f.list_key("bits", len(layers), "{} strings of {} bits (layers x ops)".format(len(layers), len(ops)))
+        shape = "hold {} strings of {} bits (layers x ops)".format(len(layers), len(ops))
+        bits = f.list_key("bits", len(layers), shape)
         if not all(isinstance(row, str) and len(row) == len(ops) and set(row) <= {"0", "1"} for row in bits):
-            raise f.error("'bits' must hold {} strings of {} bits (layers x ops)".format(len(layers), len(ops)))
+            raise f.error("'bits' must " + shape)
         branches = f.int_key("branches")
         if branches != sum(row.count("1") for row in bits):
             raise f.error("'branches' is {} but 'bits' keeps {}".format(branches, sum(r.count("1") for r in bits)))
