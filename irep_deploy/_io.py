@@ -19,7 +19,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, Iterable, Iterator, Optional, Type, Union
+from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
 from .errors import IrepError, Terminated, UsageError
 
@@ -61,6 +61,45 @@ def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] =
     if len(data) > limit:
         raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
     return data
+
+
+def read_json(path: PathLike, limit: int, what: str, error: Type[IrepError] = IrepError) -> Any:
+    """The JSON value in ``path`` (at most ``limit`` bytes); one line naming the file when it is not JSON."""
+    text = _read_utf8(path, limit, what, error)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise error("{}: not valid JSON: {}".format(path, clip(str(exc), 100))) from exc
+
+
+def read_json_lines(path: PathLike, limit: int, what: str,
+                    error: Type[IrepError] = IrepError) -> List[Tuple[int, Dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSON-lines file (at most ``limit`` bytes).
+
+    A last line without its newline that does not parse is skipped: a writer is still appending it.
+    """
+    lines = _read_utf8(path, limit, what, error).split("\n")
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            if lineno == len(lines):
+                continue
+            raise error("{}:{}: not valid JSON: {}".format(path, lineno, clip(str(exc), 100))) from exc
+        if not isinstance(record, dict):
+            raise error("{}:{}: expected a JSON object".format(path, lineno))
+        records.append((lineno, record))
+    return records
+
+
+def _read_utf8(path: PathLike, limit: int, what: str, error: Type[IrepError]) -> str:
+    try:
+        return read_bounded(path, limit, what, error).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error("{}: not UTF-8 text".format(path)) from exc
 
 
 MAX_ARCH_BYTES = 1 << 20  # the largest real architecture code (resnet50, 16 ops) is about 2 KB

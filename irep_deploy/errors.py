@@ -24,6 +24,14 @@ class ArchFormatError(IrepError):
     """An architecture-code file is malformed (message carries file:line)."""
 
 
+class RecordError(IrepError):
+    """A file a search writes (log.jsonl, alpha_beta.jsonl, population.json) is malformed (file:line)."""
+
+
+class PlotError(IrepError):
+    """An input of a figure is missing or malformed, or the figures cannot be written."""
+
+
 class ArchMismatchError(IrepError):
     """An architecture code does not fit the model or checkpoint it is applied to."""
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import append_jsonl, atomic_write, no_typed_storage_warning, run_directory, trim_jsonl, write_json
+from .._io import atomic_write, no_typed_storage_warning, run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
@@ -36,6 +36,8 @@ from ..train import (AMP_MODES, Dist, StepMonitor, TrainingDiverged, autocast, b
                      check_model_settings, close_distributed, deterministic_mode, init_distributed, make_scaler,
                      optimizer_step, resolve_device, topk_hits)
 from .population import EvolutionConfig, initial_population, next_population
+from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
+                      PopulationCode, RoundRecord, append_record, write_population)
 from .supernet import SuperNet, averaged_loss
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -257,12 +259,12 @@ class _Search:
         with atomic_write(self.run / "state.pt", "wb") as handle:
             torch.save(self.state(), handle)
 
-    def log(self, record: Dict[str, Any]) -> None:
+    def log(self, record: LogRecord) -> None:
         if self.dist.main:
-            append_jsonl(self.run / "log.jsonl", record)
+            append_record(self.run / LOG_FILE, record)
 
     # training
-    def train_epoch(self) -> Dict[str, Any]:
+    def train_epoch(self) -> EpochRecord:
         config, epoch = self.config, self.epoch
         torch.manual_seed(epoch_seed(config.seed, epoch, self.dist.rank))  # augmentation of this epoch
         set_epoch(self.loader, config.seed, epoch)
@@ -295,8 +297,8 @@ class _Search:
                                    "{} (resume with a lower --lr)".format(bad[1], epoch + 1, bad[0] + 1,
                                                                          self.run / "state.pt"))
         seen, loss_sum, correct = monitor.totals()
-        return {"event": "epoch", "epoch": epoch + 1, "phase": phase, "train_loss": loss_sum / max(seen, 1),
-                "train_acc": 100.0 * correct / max(seen, 1), "lr": self.sched.get_last_lr()[0]}
+        return EpochRecord(epoch=epoch + 1, phase=phase, train_loss=loss_sum / max(seen, 1),
+                           train_acc=100.0 * correct / max(seen, 1), lr=self.sched.get_last_lr()[0])
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1
@@ -354,7 +356,7 @@ class _Search:
             fitness = fitness.cpu()
         return fitness.tolist()
 
-    def finish_round(self, round_no: int) -> Dict[str, Any]:
+    def finish_round(self, round_no: int) -> RoundRecord:
         fitness = self.evaluate_population()
         self.fitness = fitness
         for code, f in zip(self.population, fitness):
@@ -362,10 +364,10 @@ class _Search:
         alpha, beta = self.supernet.alpha(), self.supernet.beta()
         best = max(range(len(fitness)), key=fitness.__getitem__)
         counts = {op: sum(c.op_counts()[op] for c in self.population) for op in self.template.ops}
-        record = {"event": "round", "round": round_no, "epoch": self.epoch, "best_fitness": fitness[best],
-                  "mean_fitness": sum(fitness) / len(fitness), "best_branches": self.population[best].count(),
-                  "population_op_counts": counts, "alpha": alpha.tolist(), "beta": beta.tolist()}
-        self.rounds.append({k: v for k, v in record.items() if k not in ("alpha", "beta")})
+        record = RoundRecord(round=round_no, epoch=self.epoch, best_fitness=fitness[best],
+                             mean_fitness=sum(fitness) / len(fitness), best_branches=self.population[best].count(),
+                             population_op_counts=counts)
+        self.rounds.append(record.to_dict())
         if self.dist.main:
             self.write_outputs(round_no, best, alpha, beta)
             self.tensorboard_round(record)
@@ -380,26 +382,26 @@ class _Search:
     def write_outputs(self, round_no: int, best: int, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         self.population[best].save(self.run / "arch.bin")
         order = sorted(range(len(self.population)), key=lambda i: -self.fitness[i])
-        write_json(self.run / "population.json", {
-            "round": round_no, "budget": self.budget, "ops": list(self.template.ops),
-            "layers": list(self.template.layers),
-            "codes": [{"rank": r + 1, "fitness": self.fitness[i], "branches": self.population[i].count(),
-                       "bits": _codes_to_data([self.population[i]])[0],
-                       "history": self.history[_key(self.population[i])]} for r, i in enumerate(order)]})
-        append_jsonl(self.run / "alpha_beta.jsonl", {"round": round_no, "ops": list(self.template.ops),
-                                                     "layers": list(self.template.layers),
-                                                     "alpha": alpha.tolist(), "beta": beta.tolist()})
+        ops, layers = list(self.template.ops), list(self.template.layers)
+        write_population(self.run / POPULATION_FILE, Population(
+            round=round_no, budget=self.budget, ops=ops, layers=layers,
+            codes=[PopulationCode(rank=r + 1, fitness=self.fitness[i], branches=self.population[i].count(),
+                                  bits=_codes_to_data([self.population[i]])[0],
+                                  history=[(h[0], h[1]) for h in self.history[_key(self.population[i])]])
+                   for r, i in enumerate(order)]))
+        append_record(self.run / ALPHA_BETA_FILE, AlphaBetaRecord(round=round_no, ops=ops, layers=layers,
+                                                                  alpha=alpha.tolist(), beta=beta.tolist()))
         self.supernet.activate(self.template)  # the SuperNet checkpoint records every branch active
         save_checkpoint(self.run / "supernet.pt", self.supernet.model,
                         extra={"round": round_no, "search_config": dataclasses.asdict(self.config)})
 
-    def tensorboard_round(self, record: Dict[str, Any]) -> None:
+    def tensorboard_round(self, record: RoundRecord) -> None:
         if self.writer is None:
             return
-        r = record["round"]
-        self.writer.add_scalar("fitness/best", record["best_fitness"], r)
-        self.writer.add_scalar("fitness/mean", record["mean_fitness"], r)
-        for op, n in record["population_op_counts"].items():
+        r = record.round
+        self.writer.add_scalar("fitness/best", record.best_fitness, r)
+        self.writer.add_scalar("fitness/mean", record.mean_fitness, r)
+        for op, n in record.population_op_counts.items():
             self.writer.add_scalar("branches/" + op, n, r)
         self.writer.flush()
 
@@ -410,17 +412,17 @@ class _Search:
             self.epoch += 1
             self.log(record)
             if self.writer is not None:
-                self.writer.add_scalar("train/loss", record["train_loss"], self.epoch)
-                self.writer.add_scalar("train/acc", record["train_acc"], self.epoch)
+                self.writer.add_scalar("train/loss", record.train_loss, self.epoch)
+                self.writer.add_scalar("train/acc", record.train_acc, self.epoch)
             line = "epoch {}/{} ({}): loss {:.4f}, train acc {:.2f}%".format(
-                self.epoch, config.total_epochs, record["phase"], record["train_loss"], record["train_acc"])
+                self.epoch, config.total_epochs, record.phase, record.train_loss, record.train_acc)
             after_warmup = self.epoch - config.warmup_epochs
             if after_warmup > 0 and after_warmup % config.round_epochs == 0:
                 round_no = after_warmup // config.round_epochs
                 rec = self.finish_round(round_no)
-                self.log({k: v for k, v in rec.items() if k not in ("alpha", "beta")})
+                self.log(rec)
                 line = "round {}/{}: best fitness {:.2f}% ({} branches), mean {:.2f}%; {}".format(
-                    round_no, config.rounds, rec["best_fitness"], rec["best_branches"], rec["mean_fitness"], line)
+                    round_no, config.rounds, rec.best_fitness, rec.best_branches, rec.mean_fitness, line)
             if self.dist.main and self.progress:
                 tqdm.write(line)
             self.save()
