@@ -5,7 +5,7 @@ latency of fused vs plain vs multi-branch ResNet-18 in eager mode and with CUDA 
 2. Table 1 (population evaluation): full-width resnet18_cifar SuperNet, a population of codes at 2/3 of
    the branches, each scored on the same validation tensors (batch 512) by the library's search code:
    fused (``fuse_model(supernet, arch=code)``, fusion time included) against the multi-branch SuperNet
-   with the code active, both through ``train.evaluate_models``; fused and multi-branch alternate code by
+   with the code active, both through ``evaluation.evaluate_models``; fused and multi-branch alternate code by
    code. Populations 64/128/256 are the first 64/128/256 codes. The validation tensors are random
    (CIFAR-10 is not on this machine; evaluation time does not depend on pixel values).
 3. Latency: ``irep_deploy.bench.latency.bench --compare`` on ResNet-18 with every branch on (CIFAR layout,
@@ -38,7 +38,7 @@ from machine import describe_machine, write_results  # noqa: E402
 from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint  # noqa: E402
 from irep_deploy.bench.latency import bench, format_table  # noqa: E402
 from irep_deploy.search.supernet import SuperNet  # noqa: E402
-from irep_deploy.train import evaluate_models  # noqa: E402
+from irep_deploy.evaluation import evaluate_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

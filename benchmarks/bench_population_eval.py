@@ -27,7 +27,8 @@ from machine import describe_machine, write_results  # noqa: E402
 from irep_deploy.data import eval_loader  # noqa: E402
 from irep_deploy.reparam import fuse_model  # noqa: E402
 from irep_deploy.search.des import _Search, make_config  # noqa: E402
-from irep_deploy.train import Dist, evaluate_models  # noqa: E402
+from irep_deploy.evaluation import evaluate_models  # noqa: E402
+from irep_deploy.runtime import Dist  # noqa: E402
 
 
 def per_code(job: _Search) -> List[float]:

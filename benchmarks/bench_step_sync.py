@@ -26,12 +26,14 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe_machine, write_results  # noqa: E402
 
+import irep_deploy.steps as steps_mod  # noqa: E402
 import irep_deploy.train as train_mod  # noqa: E402
 from irep_deploy import ArchCode, build_model  # noqa: E402
 from irep_deploy.data import load_data, set_epoch, train_loader  # noqa: E402
 from irep_deploy.search.des import _Search, make_config  # noqa: E402
+from irep_deploy.runtime import Dist  # noqa: E402
 
-VARIANTS = {"every step (old)": 1, "every LOG_EVERY steps (new)": train_mod.LOG_EVERY}
+VARIANTS = {"every step (old)": 1, "every LOG_EVERY steps (new)": steps_mod.LOG_EVERY}
 
 
 def train_epoch_runner(limit: int, batch: int, work: Path) -> Callable[[], int]:
@@ -47,14 +49,14 @@ def train_epoch_runner(limit: int, batch: int, work: Path) -> Callable[[], int]:
     def run() -> int:
         set_epoch(loader, 0, 0)
         train_mod._train_epoch(model, loader, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"),
-                               train_mod.Dist(), 0, config, False, work)
+                               Dist(), 0, config, False, work)
         return len(loader)
     return run
 
 
 def search_epoch_runner(limit: int, batch: int, work: Path) -> Callable[[], int]:
     config = make_config("cpu", limit=limit, batch_size=batch, warmup_epochs=100)
-    job = _Search(work, config, torch.device("cpu"), train_mod.Dist(), None, progress=False)
+    job = _Search(work, config, torch.device("cpu"), Dist(), None, progress=False)
 
     def run() -> int:
         job.epoch = 0
@@ -65,16 +67,16 @@ def search_epoch_runner(limit: int, batch: int, work: Path) -> Callable[[], int]
 
 def measure(runner: Callable[[], int], rounds: int) -> Dict[str, List[float]]:
     steps_per_s: Dict[str, List[float]] = {k: [] for k in VARIANTS}
-    train_mod.LOG_EVERY = VARIANTS["every LOG_EVERY steps (new)"]
+    steps_mod.LOG_EVERY = VARIANTS["every LOG_EVERY steps (new)"]
     runner()  # warm-up
     for r in range(rounds):
         order = list(VARIANTS.items()) if r % 2 == 0 else list(reversed(VARIANTS.items()))
         for name, every in order:
-            train_mod.LOG_EVERY = every
+            steps_mod.LOG_EVERY = every
             t0 = time.perf_counter()
             steps = runner()
             steps_per_s[name].append(steps / (time.perf_counter() - t0))
-    train_mod.LOG_EVERY = VARIANTS["every LOG_EVERY steps (new)"]
+    steps_mod.LOG_EVERY = VARIANTS["every LOG_EVERY steps (new)"]
     return steps_per_s
 
 
@@ -97,7 +99,7 @@ def main() -> None:
         result = {
             "command": "python benchmarks/bench_step_sync.py" + (" --quick" if args.quick else ""),
             "machine": describe_machine(), "rounds": rounds, "train_examples": limit, "batch": batch,
-            "log_every": train_mod.LOG_EVERY,
+            "log_every": steps_mod.LOG_EVERY,
             "train": summarise(measure(train_epoch_runner(limit, batch, Path(tmp)), rounds)),
             "search": summarise(measure(search_epoch_runner(limit, batch, Path(tmp) / "s"), rounds)),
         }
@@ -106,7 +108,7 @@ def main() -> None:
              "images, batch {} (train: a random 2/3 code; search: the `cpu` preset's SuperNet, B = 2).".format(
                  result["command"], result["machine"]["summary"], rounds, limit, batch), "",
              "| loop | host read every step (old) | every {} steps (new) | new / old (median, range) |".format(
-                 train_mod.LOG_EVERY), "|---|---|---|---|"]
+                 steps_mod.LOG_EVERY), "|---|---|---|---|"]
     for loop in ("train", "search"):
         s = result[loop]
         old, new = (s["steps_per_s"][k]["median"] for k in VARIANTS)

@@ -1,4 +1,4 @@
-"""Whole-network fusion: multi-branch model -> plain deploy network; torchvision state dicts."""
+"""Whole-network fusion: multi-branch model -> plain deploy network; torchvision state dicts (out and in)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +15,9 @@ from .fusion import fold_bn
 from .surgery import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
+from ._io import PathLike, no_typed_storage_warning
+from .errors import CheckpointError
+from .models import searchable_layers
 
 
 def _fusable(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:
@@ -156,3 +159,57 @@ def to_torchvision(plain: nn.Module) -> Dict[str, torch.Tensor]:
             state[name + ".weight"] = module.weight.detach().clone()
             state[name + ".bias"] = module.bias.detach().clone()
     return state
+
+
+def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
+    """Copy a torchvision-layout state dict into the fixed 3x3 conv-BNs (and the other plain layers
+    whose names match); branches, alpha and beta stay freshly initialised. Returns tensors copied."""
+    try:
+        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise IrepError("{}: no such file".format(path)) from None
+    except Exception as exc:
+        raise CheckpointError("{}: not a readable state dict ({})".format(
+            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("{}: not a state dict of tensors".format(path))
+    backbone = model.irep_config["backbone"]
+    if MODELS[backbone].torchvision is None:
+        raise IrepError("--init-from needs a backbone with a torchvision layout ({}), not {}".format(
+            ", ".join(n for n, e in MODELS.items() if e.torchvision), backbone))
+    own = model.state_dict()
+    blocks = dict(searchable_layers(model))
+    mapping: Dict[str, str] = {}  # our tensor name -> torchvision's
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):  # the head: copied only where the class count matches
+            for p in ("weight", "bias"):
+                if tuple(state.get(name + "." + p, torch.empty(0)).shape) == tuple(m.weight.shape if p == "weight"
+                                                                                  else m.bias.shape):
+                    mapping[name + "." + p] = name + "." + p
+        # ConvBN modules outside the branches: the stem, the 1x1 shortcuts and the fixed 3x3 ops F.
+        if not (isinstance(m, nn.Sequential) and isinstance(getattr(m, "conv", None), nn.Conv2d)
+                and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)) or ".branches." in name:
+            continue
+        layer = name[:-len(".conv")] if name.endswith(".conv") and name[:-len(".conv")] in blocks else name
+        tv_conv, tv_bn = _torchvision_names(backbone, layer)
+        mapping[name + ".conv.weight"] = tv_conv + ".weight"
+        # torchvision's VGG-16 has no BN (its conv bias is not carried over); its ResNets have one per conv.
+        if tv_bn is not None:
+            for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+                mapping["{}.bn.{}".format(name, p)] = "{}.{}".format(tv_bn, p)
+    copied = 0
+    with torch.no_grad():
+        for ours, theirs in mapping.items():
+            if theirs not in state:
+                raise CheckpointError("{}: lacks tensor {!r} (needed for {})".format(path, theirs, ours))
+            if tuple(state[theirs].shape) != tuple(own[ours].shape):
+                raise CheckpointError("{}: tensor {!r} has shape {}, the model's {} needs {}".format(
+                    path, theirs, tuple(state[theirs].shape), ours, tuple(own[ours].shape)))
+            own[ours].copy_(state[theirs])
+            copied += 1
+    if copied == 0:
+        raise CheckpointError("{}: no tensor matches {}'s torchvision layout".format(path, backbone))
+    return copied

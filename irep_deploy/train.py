@@ -1,14 +1,17 @@
-"""Retraining and evaluation of multi-branch networks: one process, or one per GPU/CPU under torchrun.
+"""Retraining of multi-branch networks: one process, or one per GPU/CPU under torchrun.
 
 A run directory holds::
 
     state.pt     resume state (model, optimizer, scheduler, finished epochs, RNG states, settings),
-                 written atomically at the start and after every epoch; read with weights_only=True
+                 written atomically at the start and after every epoch (runs.write_run_state)
     log.jsonl    one JSON object per epoch (and a final one)
     config.json  the run's settings, for people (state.pt holds the copy that counts)
     arch.bin     the architecture code trained
     ckpt.pt      the trained multi-branch checkpoint (save_checkpoint), input of `irep-deploy fuse`
     metrics.json the final test accuracy of the multi-branch and of the fused model
+
+This module holds the run's settings and its loop; the device, process group, AMP and RNG state
+are :mod:`.runtime`'s, the step :mod:`.steps`', the accuracy :mod:`.evaluation`'s.
 
 Reproducibility: every epoch reseeds its randomness from (seed, epoch) (see data.epoch_seed), and
 the state is saved only at epoch boundaries, so resuming after a kill at any moment redoes the
@@ -17,75 +20,39 @@ and thread count; on CUDA only with ``deterministic``, since cuDNN's convolution
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import os
-import math
-import random
-import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._io import (append_jsonl, atomic_write, check_writable, no_typed_storage_warning, run_directory, trim_jsonl,
-                  write_json)
+from ._io import append_jsonl, check_writable, run_directory, trim_jsonl, write_json
 from .arch import ArchCode
-from .checkpoint import load_checkpoint, recorded_dataset, save_checkpoint
-from .data import (DataError, DataSplits, channel_adapter, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch,
-                   train_loader)
+from .checkpoint import save_checkpoint
+from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
 from .errors import CheckpointError, IrepError, UsageError, VerificationError
-from .models import MODELS, build_model, is_spec, searchable_layers
-from .models.external import check_spec
-from .pipeline import relative_error
+from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
+from .models import is_spec, searchable_layers
 from .precision import exact_fp32
-from .reparam import fuse_model
+from .reparam import fuse_model, init_from_torchvision
+from .runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
+from .runtime import (AMP_MODES, Dist, barrier, broadcast_buffers, close_distributed, deterministic_mode,
+                      init_distributed, make_scaler, resolve_device, rng_state, set_rng_state, wrap_ddp)
+from .steps import run_epoch
+
+__all__ = ["TrainConfig", "TrainReport", "TrainingDiverged", "train", "evaluate"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-STATE_FORMAT = "irep-deploy-train-state"
-STATE_VERSION = 1
-AMP_MODES = ("none", "bf16", "fp16")
 FUSED_TOLERANCE = 1e-4  # relative logit error accepted between the fused and multi-branch model (true FP32)
-LOG_EVERY = 10  # training steps between host reads of the running metrics and the non-finite-loss flag
 
 
 class TrainingDiverged(IrepError):
     """The loss became NaN or infinite; the last good state is kept."""
 
     exit_code = 2
-
-
-def check_model_settings(backbone: str, width: float, model_kwargs: Optional[Dict[str, Any]],
-                         weights: Optional[str], include: Optional[Sequence[str]],
-                         exclude: Optional[Sequence[str]]) -> None:
-    """The network settings of a run (train or search), checked before any data is read."""
-    if not is_spec(backbone):
-        if backbone not in MODELS:
-            raise IrepError("unknown backbone {!r} (known: {}; or a model spec such as torchvision:resnet18)".format(
-                backbone, ", ".join(MODELS)))
-        given = [flag for flag, value in (("--model-kwargs", model_kwargs), ("--weights", weights),
-                                          ("--include", include), ("--exclude", exclude)) if value]
-        if given:
-            raise UsageError("{} applies to model specs (--model torchvision:NAME or package.module:factory), "
-                             "not to the built-in {}".format(given[0], backbone))
-        return
-    if width != 1.0:
-        raise UsageError("--width applies to the built-in backbones; {} keeps its own channels".format(backbone))
-    check_spec(backbone, model_kwargs, weights)
-
-
-def build_run_model(backbone: str, data: DataSplits, width: float, **options: Any) -> nn.Module:
-    """The network of a run on ``data``: a built-in backbone takes the data's channels; a model spec
-    keeps its own (the caller adapts the data with ``data.with_channels``)."""
-    spec = is_spec(backbone)
-    model = build_model(backbone, num_classes=data.num_classes, width=width,
-                        in_channels=None if spec else data.in_channels, input_size=data.input_size, **options)
-    return model
 
 
 @dataclass
@@ -154,23 +121,6 @@ class TrainConfig:
         if self.amp not in AMP_MODES:
             raise IrepError("invalid --amp {!r} (choose from {})".format(self.amp, ", ".join(AMP_MODES)))
 
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any], source: str) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise CheckpointError("{}: unknown setting {!r} (written by a newer irep-deploy?)".format(source, unknown[0]))
-        return cls(**data)
-
-
-@dataclass
-class EvalResult:
-    top1: float  # percent
-    top5: float  # percent
-    loss: float
-    examples: int
-    dataset: Optional[str] = None  # set by evaluate()
-
 
 @dataclass
 class TrainReport:
@@ -186,445 +136,7 @@ class TrainReport:
     main_process: bool = True  # False on ranks > 0 under torchrun (they write and print nothing)
 
 
-# -- distributed ------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owned: bool = False  # this module created the process group (and destroys it)
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Dist:
-    """Join the process group described by torchrun's environment (WORLD_SIZE > 1); gloo on CPU,
-    NCCL on CUDA. Without it, a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as tdist
-
-    owned = not tdist.is_initialized()
-    if owned:
-        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
-    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
-
-
-def close_distributed(dist: Dist) -> None:
-    """Leave the process group if :func:`init_distributed` created it."""
-    if dist.owned:
-        import torch.distributed as tdist
-        tdist.destroy_process_group()
-
-
-def _all_sum(values: List[float], dist: Dist, device: torch.device) -> List[float]:
-    if not dist.enabled:
-        return values
-    import torch.distributed as tdist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    tdist.all_reduce(t)
-    return t.tolist()
-
-
-def _barrier(dist: Dist) -> None:
-    if dist.enabled:
-        import torch.distributed as tdist
-        tdist.barrier()
-
-
-def broadcast_buffers(module: nn.Module, dist: Dist) -> None:
-    """Give every rank rank 0's buffers (BatchNorm running statistics) before an evaluation.
-
-    DDP broadcasts them only at the start of a training forward, and each rank's forward then updates
-    its own copy, so after the last step the ranks hold different statistics; metrics and fitness
-    must come from one model. The next training forward would overwrite them the same way, so
-    training is unchanged.
-    """
-    if not dist.enabled:
-        return
-    import torch.distributed as tdist
-    for buf in module.buffers():
-        tdist.broadcast(buf, 0)
-
-
-def cuda_index(dev: torch.device) -> int:
-    """The GPU this process uses. Under torchrun (LOCAL_RANK set) the local rank decides, so N
-    processes use N GPUs; an explicit index naming another GPU is refused here rather than left to
-    NCCL ("Duplicate GPU detected")."""
-    local = os.environ.get("LOCAL_RANK")
-    if local is None:
-        return 0 if dev.index is None else dev.index
-    if dev.index is not None and dev.index != int(local):
-        raise IrepError("--device {} conflicts with LOCAL_RANK={} under torchrun: each process uses the GPU of its "
-                        "local rank (give --device cuda; choose GPUs with CUDA_VISIBLE_DEVICES)".format(dev, local))
-    return int(local)
-
-
-def resolve_device(device: str, dist: Optional[Dist] = None) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        index = cuda_index(dev)
-        if not torch.cuda.is_available():
-            raise IrepError("device {} asked for, but CUDA is not available".format(device))
-        dev = torch.device("cuda", index)
-        torch.cuda.set_device(dev)
-    return dev
-
-
-#: cuBLAS needs this workspace setting for deterministic matmuls; it is read when cuBLAS starts.
-CUBLAS_WORKSPACE = ":4096:8"
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels inside the block (``enabled``), the caller's settings restored after.
-
-    cuDNN's default convolution backward and algorithm autotuning (``benchmark``) are not
-    deterministic, so without this a resumed CUDA run continues the run but is not bit-identical.
-    ``CUBLAS_WORKSPACE_CONFIG`` must be set before cuBLAS starts: enter this before anything touches
-    the GPU. It stays set (a process-wide environment variable that costs a little workspace memory).
-    """
-    if not enabled:
-        yield
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
-    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    # warn_only: the backward of AdaptiveAvgPool2d (every backbone's head) has no deterministic CUDA
-    # kernel by PyTorch's list and would stop every run; at the output sizes used here (1x1, 7x7 on 7x7)
-    # each input gradient gets exactly one addition, so its result does not depend on the order.
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
-        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
-
-
-def autocast(amp: str, device: torch.device) -> Any:
-    """The autocast context of an ``amp`` mode (a no-op for ``none``)."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def make_scaler(amp: str, device: torch.device) -> Any:
-    """A gradient scaler for fp16 (CUDA only); None otherwise."""
-    if amp != "fp16":
-        return None
-    if device.type != "cuda":
-        raise IrepError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
-    if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
-        return torch.amp.GradScaler("cuda")
-    return torch.cuda.amp.GradScaler()
-
-
-_SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
-
-
-def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
-                   scaler: Any = None) -> None:
-    """Backward of ``loss``, a step of every optimizer (through the fp16 gradient scaler when given),
-    then one step of the per-iteration schedule. Reads nothing on the host except what the scaler does.
-    """
-    if scaler is None:
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        scheduler.step()
-        return
-    scaler.scale(loss).backward()
-    for opt in optimizers:
-        # An optimizer none of whose parameters got a gradient (DES: alpha/beta when every sampled code
-        # has no branch) has nothing to step, and scaler.step would raise "No inf checks were recorded".
-        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
-            scaler.step(opt)
-    scaler.update()
-    # The schedule follows the iteration count, whether or not the scaler skipped this step (inf/nan
-    # gradients, typical of the first steps while the scale settles). A skipped first step makes the
-    # scheduler warn that optimizer.step() was not called: expected here, so that one warning is muted.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_SCHEDULER_ORDER_WARNING, category=UserWarning)
-        scheduler.step()
-
-
-class StepMonitor:
-    """The running loss sum, correct count and first non-finite loss of an epoch, kept on the device.
-
-    Per step nothing is read on the host (which would wait for the GPU to finish the step); every
-    ``every`` steps and at the end of the epoch :meth:`check` reads them in one transfer, with the
-    non-finite flag reduced over ranks first, so every rank stops after the same step.
-    """
-
-    def __init__(self, dev: torch.device, dist: Dist, every: Optional[int] = None) -> None:
-        self.dev, self.dist = dev, dist
-        self.every = every or LOG_EVERY
-        self.seen = 0
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
-        self.loss_sum, self.correct = zero.clone(), zero.clone()
-        self.first_bad = torch.full((), math.inf, dtype=torch.float64, device=dev)  # step of the first bad loss
-        self.bad_value = zero.clone()
-        self.mean_loss = math.nan  # as of the last check, for progress bars
-
-    def update(self, step: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> Optional[Tuple[int, float]]:
-        """Add one step; at the end of an interval, return (step, loss) of the first non-finite loss if any."""
-        loss = loss.detach().double()
-        first = torch.isinf(self.first_bad) & ~torch.isfinite(loss)
-        self.first_bad = torch.where(first, torch.full_like(self.first_bad, step), self.first_bad)
-        self.bad_value = torch.where(first, loss, self.bad_value)
-        self.loss_sum += loss * target.numel()
-        self.correct += (logits.detach().argmax(1) == target).sum()
-        self.seen += target.numel()
-        return self.check() if (step + 1) % self.every == 0 else None
-
-    def check(self) -> Optional[Tuple[int, float]]:
-        """Read the flag (all ranks agree) and the running loss; (step, loss) of a non-finite loss or None."""
-        first = self.first_bad.clone()
-        if self.dist.enabled:
-            import torch.distributed as tdist
-            tdist.all_reduce(first, op=tdist.ReduceOp.MIN)
-        step, local_step, value, loss_sum = torch.stack([first, self.first_bad, self.bad_value,
-                                                         self.loss_sum]).tolist()
-        self.mean_loss = loss_sum / max(self.seen, 1)
-        if math.isinf(step):
-            return None
-        # The rank whose loss went bad reports its value; the others report nan.
-        return int(step), value if local_step == step else math.nan
-
-    def totals(self) -> Tuple[float, float, float]:
-        """Examples, loss sum and correct predictions, summed over ranks (one host read)."""
-        seen = torch.full((), float(self.seen), dtype=torch.float64, device=self.dev)
-        total = torch.stack([seen, self.loss_sum, self.correct])
-        if self.dist.enabled:
-            import torch.distributed as tdist
-            tdist.all_reduce(total)
-        n, loss_sum, correct = total.tolist()
-        return n, loss_sum, correct
-
-
-# -- RNG state as plain data (weights_only-loadable) ------------------------------------------------
-def rng_state() -> Dict[str, Any]:
-    import numpy as np
-
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": [str(np_state[0]), torch.from_numpy(np_state[1].astype("int64")), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# -- evaluation -------------------------------------------------------------------------------------
-def topk_hits(logits: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-example top-1 and top-5 hits, as boolean tensors on the logits' device."""
-    k = min(5, logits.shape[1])
-    hit = logits.topk(k, dim=1).indices.eq(target.unsqueeze(1))
-    return hit[:, 0], hit.any(dim=1)
-
-
-def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> Tuple[int, int]:
-    top1, top5 = topk_hits(logits, target)
-    return int(top1.sum()), int(top5.sum())
-
-
-@torch.no_grad()
-def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch.device,
-                    dist: Optional[Dist] = None) -> Tuple[List[EvalResult], float, int]:
-    """Evaluate several models on the same batches in one pass.
-
-    Returns their results, the largest relative logit error of models[1:] against models[0] and
-    how many examples get a different predicted class (summed over ranks when distributed).
-    """
-    dist = dist or Dist()
-    for m in models:
-        m.eval()
-    n = 0
-    sums = [[0.0, 0.0, 0.0] for _ in models]  # loss, top1, top5
-    worst, disagree = 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        outs = [m(x).float() for m in models]
-        n += y.numel()
-        for s, out in zip(sums, outs):
-            c1, c5 = _topk_correct(out, y)
-            s[0] += F.cross_entropy(out, y, reduction="sum").item()
-            s[1] += c1
-            s[2] += c5
-        for out in outs[1:]:
-            worst = max(worst, relative_error(outs[0], out))
-            disagree += int((out.argmax(1) != outs[0].argmax(1)).sum())
-    flat = _all_sum([float(n), float(disagree)] + [v for s in sums for v in s], dist, device)
-    n, disagree = int(flat[0]), int(flat[1])
-    if dist.enabled:
-        import torch.distributed as tdist
-        w = torch.tensor([worst], device=device)
-        tdist.all_reduce(w, op=tdist.ReduceOp.MAX)
-        worst = float(w.item())
-    results = []
-    for i in range(len(models)):
-        loss, c1, c5 = flat[2 + 3 * i: 5 + 3 * i]
-        d = max(n, 1)
-        results.append(EvalResult(100.0 * c1 / d, 100.0 * c5 / d, loss / d, n))
-    return results, worst, disagree
-
-
-def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test", data_root: Optional[str] = None,
-             batch_size: int = 256, val_fraction: float = 0.0, split_seed: int = 0, limit: Optional[int] = None,
-             device: str = "auto", workers: int = 0, model: Union[str, nn.Module, None] = None) -> EvalResult:
-    """Top-1/top-5 accuracy (percent) and mean loss of a checkpoint (multi-branch or deploy) on a
-    split of a dataset (default: the one ``train`` recorded in the checkpoint). ``val`` needs the
-    ``val_fraction``/``split_seed`` the split was made with. ``model`` names the network of a
-    checkpoint that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`); grey images
-    are copied into every channel of a network that takes more (as ``train`` did)."""
-    checkpoint = load_checkpoint(ckpt)
-    if dataset is None:
-        dataset = recorded_dataset(checkpoint)
-        if dataset is None:
-            raise IrepError("{}: the checkpoint does not record the dataset it was trained on (made before "
-                            "irep-deploy recorded it, or not by `train`); pass --dataset".format(ckpt))
-    h = checkpoint.header
-    try:
-        channel_adapter(dataset, h["in_channels"])
-    except DataError as exc:
-        raise IrepError("{}: {}".format(ckpt, exc)) from None
-    net = checkpoint.build(model)  # a missing or wrong --model is refused before the data is read
-    parts = ("test",) if split == "test" else ("train",)
-    data = load_data(dataset, data_root, val_fraction=val_fraction, split_seed=split_seed, augment=False,
-                     limit=limit, parts=parts, in_channels=h["in_channels"])
-    if data.num_classes > h["num_classes"]:
-        raise IrepError("{}: the model has {} classes, {} has {}".format(ckpt, h["num_classes"], dataset,
-                                                                       data.num_classes))
-    dev = resolve_device(device)
-    loader = eval_loader(data.split(split), batch_size, workers, pin_memory=dev.type == "cuda")
-    results, _, _ = evaluate_models([net.to(dev)], loader, dev)
-    if not math.isfinite(results[0].loss):
-        raise IrepError("{}: the model's outputs are NaN or inf on {} (overflowing weights?); no result".format(
-            ckpt, dataset))
-    return dataclasses.replace(results[0], dataset=dataset)
-
-
 # -- training ---------------------------------------------------------------------------------------
-def _state_path(run_dir: Path) -> Path:
-    return run_dir / "state.pt"
-
-
-def _save_state(run_dir: Path, config: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, history: List[Dict[str, Any]], scaler: Any = None) -> None:
-    payload = {
-        "format": STATE_FORMAT, "format_version": STATE_VERSION, "config": dataclasses.asdict(config),
-        "epoch": epoch, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
-        "history": history, "scaler": scaler.state_dict() if scaler is not None else None,
-    }
-    with atomic_write(_state_path(run_dir), "wb") as handle:
-        torch.save(payload, handle)
-
-
-def load_state(run_dir: PathLike) -> Dict[str, Any]:
-    """The resume state of a run directory, read safely (weights_only=True)."""
-    path = _state_path(Path(run_dir))
-    if not path.is_file():
-        raise IrepError("{}: no training state here (state.pt missing); not a run directory of `irep-deploy train`".format(
-            run_dir))
-    try:
-        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncation, not a zip: all mean "unusable file"
-        raise CheckpointError("{}: unreadable training state ({})".format(
-            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
-    if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
-        raise CheckpointError("{}: not an irep-deploy training state".format(path))
-    if not isinstance(obj.get("format_version"), int) or obj["format_version"] > STATE_VERSION:
-        raise CheckpointError("{}: training state version {!r} is newer than this irep-deploy reads".format(
-            path, obj.get("format_version")))
-    return obj
-
-
-def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
-    """Copy a torchvision-layout state dict into the fixed 3x3 conv-BNs (and the other plain layers
-    whose names match); branches, alpha and beta stay freshly initialised. Returns tensors copied."""
-    from .reparam import _torchvision_names
-
-    try:
-        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise IrepError("{}: no such file".format(path)) from None
-    except Exception as exc:
-        raise CheckpointError("{}: not a readable state dict ({})".format(
-            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError("{}: not a state dict of tensors".format(path))
-    backbone = model.irep_config["backbone"]
-    if MODELS[backbone].torchvision is None:
-        raise IrepError("--init-from needs a backbone with a torchvision layout ({}), not {}".format(
-            ", ".join(n for n, e in MODELS.items() if e.torchvision), backbone))
-    own = model.state_dict()
-    blocks = dict(searchable_layers(model))
-    mapping: Dict[str, str] = {}  # our tensor name -> torchvision's
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):  # the head: copied only where the class count matches
-            for p in ("weight", "bias"):
-                if tuple(state.get(name + "." + p, torch.empty(0)).shape) == tuple(m.weight.shape if p == "weight"
-                                                                                  else m.bias.shape):
-                    mapping[name + "." + p] = name + "." + p
-        # ConvBN modules outside the branches: the stem, the 1x1 shortcuts and the fixed 3x3 ops F.
-        if not (isinstance(m, nn.Sequential) and isinstance(getattr(m, "conv", None), nn.Conv2d)
-                and isinstance(getattr(m, "bn", None), nn.BatchNorm2d)) or ".branches." in name:
-            continue
-        layer = name[:-len(".conv")] if name.endswith(".conv") and name[:-len(".conv")] in blocks else name
-        tv_conv, tv_bn = _torchvision_names(backbone, layer)
-        mapping[name + ".conv.weight"] = tv_conv + ".weight"
-        # torchvision's VGG-16 has no BN (its conv bias is not carried over); its ResNets have one per conv.
-        if tv_bn is not None:
-            for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-                mapping["{}.bn.{}".format(name, p)] = "{}.{}".format(tv_bn, p)
-    copied = 0
-    with torch.no_grad():
-        for ours, theirs in mapping.items():
-            if theirs not in state:
-                raise CheckpointError("{}: lacks tensor {!r} (needed for {})".format(path, theirs, ours))
-            if tuple(state[theirs].shape) != tuple(own[ours].shape):
-                raise CheckpointError("{}: tensor {!r} has shape {}, the model's {} needs {}".format(
-                    path, theirs, tuple(state[theirs].shape), ours, tuple(own[ours].shape)))
-            own[ours].copy_(state[theirs])
-            copied += 1
-    if copied == 0:
-        raise CheckpointError("{}: no tensor matches {}'s torchvision layout".format(path, backbone))
-    return copied
-
-
 def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
           data_root: Optional[str] = None, device: str = "auto", workers: int = 0, progress: bool = True,
           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
@@ -640,8 +152,7 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     Under torchrun (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
     """
     run = Path(run_dir)
-    state = load_state(run) if resume else None
-    saved = TrainConfig.from_dict(dict(state["config"]), str(_state_path(run))) if state is not None else None
+    state, saved = read_run_state(run, "train", TrainConfig, config) if resume else (None, None)
     # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
     settings = saved or config
     with deterministic_mode(settings is not None and settings.deterministic):
@@ -657,18 +168,14 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
 def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, Any]], saved: Optional[TrainConfig],
            data_root: Optional[str], dev: torch.device, dist: Dist, workers: int, progress: bool,
            on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]], channels_last: bool) -> TrainReport:
-    if saved is not None:
-        if config is not None and dataclasses.asdict(config) != dataclasses.asdict(saved):
-            diff = [k for k, v in dataclasses.asdict(config).items() if dataclasses.asdict(saved)[k] != v]
-            raise IrepError("{}: resume uses the run's own settings; {} differs ({!r} saved, {!r} given)".format(
-                run, diff[0], getattr(saved, diff[0]), getattr(config, diff[0])))
+    if saved is not None:  # read_run_state refused a config that differs from it
         config = saved
     else:
         if config is None:
             raise IrepError("train needs settings (a TrainConfig) for a new run")
         config = dataclasses.replace(config)
         config.check()
-        if _state_path(run).exists():
+        if state_path(run).exists():
             raise IrepError("{}: already holds a training run; continue it with --resume {} or choose another "
                             "directory".format(run, run))
         if run.exists() and not run.is_dir():
@@ -717,26 +224,22 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
                 scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError("{}: does not fit the model of its own settings ({})".format(
-                _state_path(run), str(exc).splitlines()[0][:120])) from None
+                state_path(run), str(exc).splitlines()[0][:120])) from None
         set_rng_state(state["rng"])
         start, history = int(state["epoch"]), list(state["history"])
         if dist.main:
             trim_jsonl(run / "log.jsonl", lambda r: r.get("event") == "epoch" and r.get("epoch", 0) <= start)
     elif dist.main:
-        with run_directory(run, keep=lambda p: _state_path(p).exists()):  # no empty run dir on failure
-            check_writable(_state_path(run))
+        with run_directory(run, keep=lambda p: state_path(p).exists()):  # no empty run dir on failure
+            check_writable(state_path(run))
             code = config.code() or ArchCode.empty(config.backbone, model.irep_config["ops"])
             code.save(run / "arch.bin")
             write_json(run / "config.json", dataclasses.asdict(config))
             _save_state(run, config, 0, model, optimizer, scheduler, history, scaler)
-    _barrier(dist)
+    barrier(dist)
 
-    net: nn.Module = model
-    if dist.enabled:
-        # A block with no active branch never uses its alpha/beta: DDP must be told to expect that.
-        unused = any(not block.active for _, block in searchable_layers(model))
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=unused)
+    # A block with no active branch never uses its alpha/beta: DDP must be told to expect that.
+    net = wrap_ddp(model, dev, dist, find_unused=any(not block.active for _, block in searchable_layers(model)))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     for epoch in range(start, config.epochs):
@@ -754,48 +257,34 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
             append_jsonl(run / "log.jsonl", record)
             if progress:
                 print(_epoch_line(record, config.epochs), flush=True)
-        _barrier(dist)
+        barrier(dist)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
     return _finish(run, config, model, test_loader, dev, dist, start, history, data)
 
 
+def _save_state(run: Path, config: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scheduler: Any, history: List[Dict[str, Any]], scaler: Any = None) -> None:
+    write_run_state(run, "train", config, epoch=epoch, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                    history=history, scaler=scaler.state_dict() if scaler is not None else None)
+
+
 def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                  criterion: nn.Module, dev: torch.device, dist: Dist, epoch: int, config: TrainConfig,
                  progress: bool, run: Path, scaler: Any = None,
                  layout: torch.memory_format = torch.contiguous_format) -> Dict[str, Any]:
-    from tqdm import tqdm
+    def loss_of(x: torch.Tensor, y: torch.Tensor):
+        out = net(x)
+        return criterion(out.float(), y), out
 
-    net.train()
-    t0 = time.time()
-    monitor = StepMonitor(dev, dist)
-    bar = tqdm(loader, desc="epoch {}/{}".format(epoch + 1, config.epochs), leave=False, dynamic_ncols=True,
-               disable=not (progress and dist.main))
-    bad: Optional[Tuple[int, float]] = None
-    for step, (x, y) in enumerate(bar):
-        x, y = x.to(dev, non_blocking=True).contiguous(memory_format=layout), y.to(dev, non_blocking=True)
-        with autocast(config.amp, dev):
-            out = net(x)
-            loss = criterion(out.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        # fp16: the scaler scales the loss so small gradients survive and skips steps with inf/nan gradients
-        optimizer_step(loss, [optimizer], scheduler, scaler)
-        bad = monitor.update(step, loss, out, y)  # reads the host only every LOG_EVERY steps
-        if bad is None and (step + 1) % monitor.every == 0:
-            bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
-        if bad is not None:
-            break
-    bad = bad or monitor.check()
-    if bad is not None:
-        # The weights in memory may have taken a few bad steps since; state.pt holds the last finished epoch.
-        bar.close()
-        raise TrainingDiverged("loss became {} at epoch {} step {}; stopped, the last good state (after epoch {}) "
-                               "is kept in {} (try a lower --lr)".format(
-                                   bad[1], epoch + 1, bad[0] + 1, epoch, _state_path(run)))
-    n, loss_sum, correct = monitor.totals()
-    return {"event": "epoch", "epoch": epoch + 1, "train_loss": loss_sum / n, "train_top1": 100.0 * correct / n,
-            "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - t0, 3), "examples": int(n)}
+    totals = run_epoch(net, loader, loss_of, [optimizer], scheduler, dev, dist, scaler, config.amp, layout,
+                       "epoch {}/{}".format(epoch + 1, config.epochs), progress)
+    if totals.diverged is not None:
+        raise TrainingDiverged(totals.divergence(epoch, state_path(run)))
+    return {"event": "epoch", "epoch": epoch + 1, "train_loss": totals.loss, "train_top1": totals.top1,
+            "lr": scheduler.get_last_lr()[0], "seconds": totals.seconds, "examples": totals.examples}
 
 
 def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
@@ -823,7 +312,7 @@ def _finish(run: Path, config: TrainConfig, model: nn.Module, test_loader: Any, 
         save_checkpoint(ckpt, model, extra=dict(summary, train_config=dataclasses.asdict(config)))
         write_json(run / "metrics.json", summary)
         append_jsonl(run / "log.jsonl", dict(summary, event="final"))
-    _barrier(dist)
+    barrier(dist)
     if not err <= FUSED_TOLERANCE:
         raise VerificationError("fused model differs from the multi-branch model on the test set: relative logit "
                                 "error {:.3g} > {:.0e} ({} wrote the multi-branch checkpoint)".format(

@@ -24,25 +24,26 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import atomic_write, no_typed_storage_warning, run_directory, trim_jsonl, write_json
+from .._io import run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
-from ..errors import CheckpointError, IrepError
+from ..errors import IrepError
+from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
 from ..ops import SPACES
 from ..reparam import fuse_model
-from ..train import (AMP_MODES, Dist, StepMonitor, TrainingDiverged, autocast, broadcast_buffers, build_run_model,
-                     check_model_settings, close_distributed, deterministic_mode, init_distributed, make_scaler,
-                     optimizer_step, resolve_device, topk_hits)
+from ..runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
+from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
+                       init_distributed, make_scaler, resolve_device, wrap_ddp)
+from ..steps import run_epoch
+from ..train import TrainingDiverged
 from .population import EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
                       PopulationCode, RoundRecord, append_record, write_population)
 from .supernet import SuperNet, averaged_loss
 
 PathLike = Union[str, "os.PathLike[str]"]
-STATE_FORMAT = "irep-deploy-search-state"
-STATE_VERSION = 1
 
 
 @dataclass
@@ -153,20 +154,6 @@ def _codes_from_data(template: ArchCode, data: Sequence[Sequence[str]]) -> List[
     return [template.with_bits([[int(ch) for ch in row] for row in rows]) for rows in data]
 
 
-def load_search_state(run_dir: PathLike) -> Dict[str, Any]:
-    path = Path(run_dir) / "state.pt"
-    if not path.is_file():
-        raise CheckpointError("{}: no search state to resume (state.pt is written after the first epoch)".format(run_dir))
-    try:
-        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated archive, foreign file, refused pickle: all one message
-        raise CheckpointError("{}: cannot read the search state ({})".format(path, str(exc).splitlines()[0][:120])) from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-        raise CheckpointError("{}: not an irep-deploy search state".format(path))
-    return state
-
-
 # -- the driver -------------------------------------------------------------------------------------
 #: Host memory the decoded validation split may take when it stays in memory for the whole search (CPU).
 VAL_CACHE_HOST_BYTES = 2 << 30
@@ -195,11 +182,8 @@ class _Search:
         self.supernet = SuperNet(model)
         self.template = ArchCode.full(config.backbone, ops)
         self.budget = self.template.budget(config.budget)
-        self.net: nn.Module = self.supernet
-        if dist.enabled:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.supernet, device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=True)  # branches no sampled code uses get no gradient
+        # branches no sampled code uses get no gradient
+        self.net = wrap_ddp(self.supernet, dev, dist, find_unused=True)
         per_rank = max(1, config.batch_size // dist.world_size)
         pin = dev.type == "cuda"
         self.loader = train_loader(self.data.train, per_rank, config.seed, workers, dist.enabled, pin)
@@ -229,8 +213,8 @@ class _Search:
 
     # state
     def state(self) -> Dict[str, Any]:
+        """What state.pt holds besides the format header and the settings (runs.write_run_state)."""
         return {
-            "format": STATE_FORMAT, "version": STATE_VERSION, "config": dataclasses.asdict(self.config),
             "epoch": self.epoch, "model": self.supernet.model.state_dict(), "w_opt": self.w_opt.state_dict(),
             "a_opt": self.a_opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -256,8 +240,7 @@ class _Search:
     def save(self) -> None:
         if not self.dist.main:
             return
-        with atomic_write(self.run / "state.pt", "wb") as handle:
-            torch.save(self.state(), handle)
+        write_run_state(self.run, "search", self.config, **self.state())
 
     def log(self, record: LogRecord) -> None:
         if self.dist.main:
@@ -270,35 +253,19 @@ class _Search:
         set_epoch(self.loader, config.seed, epoch)
         picker = random.Random(epoch_seed(config.seed, epoch))  # same codes on every rank
         phase = "warmup" if epoch < config.warmup_epochs else "round {}".format(self._round_of(epoch))
-        self.net.train()
-        monitor = StepMonitor(self.dev, self.dist)  # no host read per step; all ranks stop at the same step
-        bad: Optional[Tuple[int, float]] = None
-        bar = tqdm(self.loader, desc="epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase),
-                   disable=not (self.progress and self.dist.main), leave=False, dynamic_ncols=True)
-        for step, (x, y) in enumerate(bar):
-            x = x.to(self.dev, non_blocking=True, memory_format=self.layout)
-            y = y.to(self.dev, non_blocking=True)
+
+        def loss_of(x: torch.Tensor, y: torch.Tensor):
             codes = [self.population[picker.randrange(len(self.population))] for _ in range(config.subnets)]
-            with autocast(config.amp, self.dev):
-                outputs = self.net(x, codes)
-                loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
-            self.w_opt.zero_grad(set_to_none=True)
-            self.a_opt.zero_grad(set_to_none=True)
-            optimizer_step(loss, [self.w_opt, self.a_opt], self.sched, self.scaler)
-            bad = monitor.update(step, loss, outputs[-1], y)
-            if bad is not None:
-                break
-            if (step + 1) % monitor.every == 0:
-                bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss))
-        bad = bad or monitor.check()
-        if bad is not None:
-            bar.close()
-            raise TrainingDiverged("search loss became {} at epoch {} step {}; the last good state is kept in "
-                                   "{} (resume with a lower --lr)".format(bad[1], epoch + 1, bad[0] + 1,
-                                                                         self.run / "state.pt"))
-        seen, loss_sum, correct = monitor.totals()
-        return EpochRecord(epoch=epoch + 1, phase=phase, train_loss=loss_sum / max(seen, 1),
-                           train_acc=100.0 * correct / max(seen, 1), lr=self.sched.get_last_lr()[0])
+            outputs = self.net(x, codes)
+            return averaged_loss([o.float() for o in outputs], y, self.criterion), outputs[-1]
+
+        totals = run_epoch(self.net, self.loader, loss_of, [self.w_opt, self.a_opt], self.sched, self.dev, self.dist,
+                           self.scaler, config.amp, self.layout,
+                           "epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase), self.progress)
+        if totals.diverged is not None:
+            raise TrainingDiverged("search " + totals.divergence(epoch, state_path(self.run)))
+        return EpochRecord(epoch=epoch + 1, phase=phase, train_loss=totals.loss, train_acc=totals.top1,
+                           lr=self.sched.get_last_lr()[0])
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1
@@ -350,10 +317,7 @@ class _Search:
         fitness = torch.tensor([100.0 * float(c) / max(seen, 1) if i in mine else 0.0
                                 for i, c in enumerate(correct.tolist())], dtype=torch.float64)
         if self.dist.enabled:
-            import torch.distributed as tdist
-            fitness = fitness.to(self.dev)
-            tdist.all_reduce(fitness)
-            fitness = fitness.cpu()
+            fitness = all_reduce(fitness.to(self.dev), self.dist).cpu()
         return fitness.tolist()
 
     def finish_round(self, round_no: int) -> RoundRecord:
@@ -440,20 +404,19 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
     """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
     ``workers`` loader processes (where/how, not what: it may change on resume)."""
     run = Path(run_dir)
-    state = load_search_state(run) if resume else None
-    if state is not None:
-        config = SearchConfig(**{**state["config"], "arch_betas": tuple(state["config"]["arch_betas"])})
-    elif config is None:
-        config = make_config()
-    if not resume:
-        if (run / "state.pt").exists():
+    state: Optional[Dict[str, Any]] = None
+    if resume:  # the run's own settings; a differing ``config`` is refused
+        state, config = read_run_state(run, "search", SearchConfig, config)
+    else:
+        config = config or make_config()
+        if state_path(run).exists():
             raise IrepError("{}: holds a search already; resume it with --resume or choose another directory".format(run))
     with deterministic_mode(config.deterministic):  # before the device is touched
         dev = resolve_device(device)
         dist = init_distributed(dev)
         try:
             # a failed start leaves no run directory behind (nothing resumable: no state.pt)
-            with run_directory(run, keep=lambda p: (p / "state.pt").exists()) if dist.main else contextlib.nullcontext():
+            with run_directory(run, keep=lambda p: state_path(p).exists()) if dist.main else contextlib.nullcontext():
                 job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None)
                 if state is not None:
                     job.restore(state)

@@ -32,7 +32,8 @@ def _config(**kw):
 
 
 def test_one_fp16_channels_last_epoch_passes_the_fp32_fused_check(tmp_path):
-    from irep_deploy.train import load_state, train
+    from irep_deploy.runs import read_run_state
+    from irep_deploy.train import TrainConfig, train
 
     before = torch.backends.cudnn.allow_tf32
     with warnings.catch_warnings():
@@ -41,7 +42,7 @@ def test_one_fp16_channels_last_epoch_passes_the_fp32_fused_check(tmp_path):
     assert torch.backends.cudnn.allow_tf32 == before  # training's setting is the user's again
     assert math.isfinite(report.history[0]["train_loss"])
     assert report.fused_rel_error < 1e-4 and report.disagreements == 0  # true FP32, not TF32
-    assert load_state(tmp_path / "fp16")["scaler"] is not None
+    assert read_run_state(tmp_path / "fp16", "train", TrainConfig)[0]["scaler"] is not None
 
 
 def test_deterministic_resume_is_bit_identical_on_cuda(tmp_path):
@@ -97,7 +98,8 @@ def test_population_evaluation_on_the_gpu_matches_the_per_code_path(tmp_path):
     from irep_deploy.data import eval_loader
     from irep_deploy.reparam import fuse_model
     from irep_deploy.search.des import _Search, make_config
-    from irep_deploy.train import Dist, deterministic_mode, evaluate_models
+    from irep_deploy.evaluation import evaluate_models
+    from irep_deploy.runtime import Dist, deterministic_mode
 
     dev = torch.device("cuda")
     config = make_config(None, backbone=BACKBONE, dataset="digits", width=0.125, population=6, subnets=2,

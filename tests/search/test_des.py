@@ -116,7 +116,7 @@ def test_two_gloo_processes_under_torchrun(tmp_path):
     # each code the fitness recorded, whichever rank scored it.
     from irep_deploy.data import eval_loader, load_data
     from irep_deploy.reparam import fuse_model
-    from irep_deploy.train import evaluate_models
+    from irep_deploy.evaluation import evaluate_models
     supernet = load_checkpoint(run / "supernet.pt").build()
     val = load_data("digits", val_fraction=0.1, limit=640, parts=("val",)).val
     for c in pop["codes"]:

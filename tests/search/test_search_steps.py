@@ -11,7 +11,8 @@ from irep_deploy import ArchCode
 from irep_deploy.data import Transformed, eval_loader
 from irep_deploy.reparam import fuse_model
 from irep_deploy.search.des import _Search, make_config
-from irep_deploy.train import Dist, evaluate_models
+from irep_deploy.evaluation import evaluate_models
+from irep_deploy.runtime import Dist
 
 pytest.importorskip("sklearn")  # digits
 

@@ -43,7 +43,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # Every rank evaluated rank 0's model (BatchNorm statistics included), the one ckpt.pt holds: the
     # sharded val and test results are those of that checkpoint evaluated in one process.
     from irep_deploy.precision import exact_fp32
-    from irep_deploy.train import evaluate
+    from irep_deploy.evaluation import evaluate
     val = evaluate(run / "ckpt.pt", split="val", val_fraction=0.1, device="cpu")
     assert val.loss == pytest.approx(log[-2]["val_loss"], rel=1e-6) and val.top1 == log[-2]["val_top1"]
     with exact_fp32():

@@ -15,7 +15,8 @@ import torch.nn as nn
 from irep_deploy import ArchCode
 from irep_deploy.cli import main
 from irep_deploy.errors import IrepError
-from irep_deploy.train import TrainConfig, load_state, train
+from irep_deploy.runs import read_run_state
+from irep_deploy.train import TrainConfig, train
 
 pytest.importorskip("sklearn")  # digits
 
@@ -85,7 +86,7 @@ def test_deterministic_sets_the_flags_is_saved_and_restored_on_resume(tmp_path, 
 
     with Flags() as flags, pytest.raises(Stop):
         train(run, cfg, progress=False, device="cpu", on_epoch_end=stop)
-    assert load_state(run)["config"]["deterministic"] is True
+    assert read_run_state(run, "train", TrainConfig)[0]["config"]["deterministic"] is True
     # the flags are the caller's again after the run, whatever ended it
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
     with Flags() as resumed:
@@ -106,14 +107,14 @@ def test_cli_deterministic_is_a_setting_of_the_run(tmp_path, capsys):
     assert main(["train", "-o", str(run), "--arch", str(arch), "--dataset", "digits", "--width", "0.125",
                  "--epochs", "1", "--batch-size", "64", "--limit", "128", "--no-progress", "--device", "cpu",
                  "--deterministic"]) == 0
-    assert load_state(run)["config"]["deterministic"] is True
+    assert read_run_state(run, "train", TrainConfig)[0]["config"]["deterministic"] is True
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--deterministic"]) == 1
     assert "drop --deterministic" in capsys.readouterr().err
 
 
 def test_under_torchrun_the_local_rank_decides_the_gpu(monkeypatch):
-    from irep_deploy.train import cuda_index, resolve_device
+    from irep_deploy.runtime import cuda_index, resolve_device
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert cuda_index(torch.device("cuda")) == 0 and cuda_index(torch.device("cuda:2")) == 2
@@ -145,12 +146,18 @@ def _cpu_scaler(**kwargs):
     return torch.amp.GradScaler("cpu", **kwargs)
 
 
+def _loss_and_logits(model, x, y):
+    out = model(x)
+    return nn.functional.cross_entropy(out, y), out
+
+
 def test_a_step_the_fp16_scaler_skips_keeps_the_schedule_without_a_warning(tmp_path):
     """The fp16 path on CPU: a gradient scaler whose first steps overflow (as they do while the scale
     settles) skips optimizer.step(); the scheduler must still follow the iteration count, silently."""
     from irep_deploy.data import load_data, train_loader
     from irep_deploy.models import build_model
-    from irep_deploy.train import Dist, _train_epoch
+    from irep_deploy.runtime import Dist
+    from irep_deploy.steps import run_epoch
 
     scaler = _cpu_scaler(init_scale=2.0 ** 127)  # loss x 2^127 overflows float32: the first step is skipped
     data = load_data("digits", limit=256)
@@ -162,8 +169,9 @@ def test_a_step_the_fp16_scaler_skips_keeps_the_schedule_without_a_warning(tmp_p
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=2 * steps)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the old code's "lr_scheduler.step() before optimizer.step()" fails here
-        _train_epoch(model, loader, optimizer, scheduler, nn.CrossEntropyLoss(), torch.device("cpu"), Dist(), 0,
-                     dataclasses.replace(SMALL, epochs=2), False, tmp_path, scaler)
+        totals = run_epoch(model, loader, lambda x, y: _loss_and_logits(model, x, y), [optimizer], scheduler,
+                           torch.device("cpu"), Dist(), scaler)
+    assert totals.diverged is None and totals.examples == steps * 64
     assert scaler.get_scale() < 2.0 ** 127  # at least one step was skipped
     assert scheduler.last_epoch == steps
     assert scheduler.get_last_lr()[0] == pytest.approx(0.1 * (1 + math.cos(math.pi * steps / (2 * steps))) / 2)
@@ -171,7 +179,8 @@ def test_a_step_the_fp16_scaler_skips_keeps_the_schedule_without_a_warning(tmp_p
 
 def _nan_rank(rank: int, world: int, port: int, every: int, out) -> None:
     import torch.distributed as tdist
-    from irep_deploy.train import Dist, StepMonitor
+    from irep_deploy.runtime import Dist
+    from irep_deploy.steps import StepMonitor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)

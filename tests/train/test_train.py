@@ -13,7 +13,8 @@ from irep_deploy.cli import main
 from irep_deploy.data import load_data
 from irep_deploy.pipeline import fuse
 from irep_deploy.precision import exact_fp32
-from irep_deploy.train import TrainConfig, TrainingDiverged, evaluate, load_state, train
+from irep_deploy.runs import read_run_state
+from irep_deploy.train import TrainConfig, TrainingDiverged, evaluate, train
 
 pytest.importorskip("sklearn")  # the digits data of every test here ships with scikit-learn
 
@@ -25,6 +26,10 @@ CODE = ArchCode.random(BACKBONE, ratio=0.25, seed=1)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TINY = TrainConfig(backbone=BACKBONE, arch=CODE.dumps(), dataset="digits", width=0.125, epochs=2,
                    batch_size=64, seed=5, deterministic=True)
+
+
+def _state(run):
+    return read_run_state(run, "train", TrainConfig)[0]
 
 
 class Stop(Exception):
@@ -84,7 +89,7 @@ def test_resume_ends_identical_to_an_uninterrupted_run(trained, tmp_path):
     run = tmp_path / "resumed"
     with pytest.raises(Stop):
         train(run, TINY, progress=False, on_epoch_end=_stop_after(1), device=DEVICE)
-    assert load_state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
+    assert _state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
     report = train(run, resume=True, progress=False, device=DEVICE)  # deterministic, as saved
     assert report.resumed_from_epoch == 1
     a, b = _weights(full_run / "ckpt.pt"), _weights(run / "ckpt.pt")
@@ -120,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path):
     cfg = dataclasses.replace(TINY, arch=None, lr=1e30, epochs=2)
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf) at epoch 1 step \d+; stopped"):
         train(run, cfg, progress=False, device=DEVICE)
-    state = load_state(run)
+    state = _state(run)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (run / "ckpt.pt").exists()
 
@@ -179,7 +184,7 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     from irep_deploy import build_model
     from irep_deploy.errors import IrepError
-    from irep_deploy.train import init_from_torchvision
+    from irep_deploy.reparam import init_from_torchvision
 
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None)
@@ -233,7 +238,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-2000:]
-    assert load_state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
+    assert _state(run)["epoch"] == 1 and not (run / "ckpt.pt").exists()
     assert main(["train", "--resume", str(run), "--no-progress", "--device", DEVICE]) == 0
     reference = tmp_path / "reference"
     train(reference, TrainConfig(backbone=BACKBONE, arch=CODE.dumps(), dataset="digits", width=0.125, epochs=2,
@@ -248,7 +253,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path):
 def test_bf16_autocast_and_channels_last_on_cpu(tmp_path):
     cfg = dataclasses.replace(TINY, epochs=1, limit=256, amp="bf16")
     report = train(tmp_path / "bf16", cfg, progress=False, channels_last=True, device="cpu")
-    assert load_state(tmp_path / "bf16")["config"]["amp"] == "bf16"
+    assert _state(tmp_path / "bf16")["config"]["amp"] == "bf16"
     assert math.isfinite(report.history[0]["train_loss"])
     assert report.fused_rel_error < 1e-4 and report.disagreements == 0  # evaluation stays float32
     with pytest.raises(Exception, match="fp16 needs a CUDA device"):
