@@ -16,7 +16,7 @@ import inspect
 import signal
 import sys
 import threading
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from . import __version__
 from . import options as opt
