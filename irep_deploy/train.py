@@ -34,8 +34,11 @@ from .arch import ArchCode
 from .checkpoint import save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
 from .errors import CheckpointError, IrepError, UsageError, VerificationError
+from . import options as opt
+from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
 from .models import is_spec, searchable_layers
+from .options import BACKBONE_HELP, model_setting, setting
 from .precision import exact_fp32
 from .reparam import fuse_model, init_from_torchvision
 from .runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
@@ -68,28 +71,34 @@ class TrainConfig:
     stepped every iteration. ``batch_size`` is global (split evenly over processes).
     """
 
-    backbone: Optional[str] = None
-    arch: Optional[str] = None
-    dataset: str = "fashion-mnist"
-    width: float = 1.0
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    label_smoothing: float = 0.0
-    val_fraction: float = 0.0
-    split_seed: int = 0
-    limit: Optional[int] = None
-    seed: int = 0
-    init_from: Optional[str] = None
-    amp: str = "none"  # autocast dtype of the training forward: none, bf16, or fp16 (CUDA, gradient scaler)
-    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
-    model_kwargs: Optional[Dict[str, Any]] = None
-    weights: Optional[str] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
+    backbone: Optional[str] = setting(None, BACKBONE_HELP, flags=("--model", "--backbone"), metavar="SPEC")
+    arch: Optional[str] = setting(None, "architecture code file (arch.bin); the run stores its text (none: the "
+                                        "plain backbone)", metavar="ARCH_BIN")
+    dataset: str = setting("fashion-mnist", "%(choices)s", choices=DATASETS, metavar="NAME")
+    width: float = setting(1.0, "channel width multiplier of a built-in backbone", type=opt.WIDTH)
+    epochs: int = setting(10, "epochs", type=opt.EPOCHS)
+    batch_size: int = setting(128, "global batch size (split evenly over processes)", type=opt.GLOBAL_BATCH)
+    lr: float = setting(0.1, "SGD learning rate, cosine-annealed per step", type=opt.POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum", type=opt.FRACTION)
+    weight_decay: float = setting(5e-4, "weight decay", type=opt.NON_NEGATIVE)
+    nesterov: bool = setting(False, "Nesterov momentum")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", type=opt.FRACTION)
+    val_fraction: float = setting(0.0, "fraction of the training set held out as the val split", type=opt.FRACTION)
+    split_seed: int = setting(0, "seed of the train/val split", type=opt.SEED)
+    limit: Optional[int] = setting(None, "use at most N examples of each split (CPU-scale runs)", type=opt.COUNT,
+                                   metavar="N")
+    seed: int = setting(0, "seed of initialisation, order and augmentation", type=opt.SEED)
+    init_from: Optional[str] = setting(None, "torchvision-layout state dict for the fixed convs of a built-in "
+                                             "backbone (ImageNet layouts; for a --model network use --weights)",
+                                       metavar="PATH")
+    amp: str = setting("none", "mixed precision of the training forward (fp16: CUDA only, with a gradient scaler)",
+                       choices=AMP_MODES)
+    deterministic: bool = setting(False, "deterministic cuDNN/cuBLAS kernels (slower on GPUs): a resumed CUDA run "
+                                         "ends bit-identical")
+    model_kwargs: Optional[Dict[str, Any]] = model_setting("model_kwargs")
+    weights: Optional[str] = model_setting("weights")
+    include: Optional[List[str]] = model_setting("include")
+    exclude: Optional[List[str]] = model_setting("exclude")
 
     def code(self) -> Optional[ArchCode]:
         if self.arch is None:

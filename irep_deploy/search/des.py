@@ -32,6 +32,10 @@ from ..errors import IrepError
 from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
 from ..ops import SPACES
+from .. import options as opt
+from ..data import DATASETS
+from ..ops import REGISTRY
+from ..options import BACKBONE_HELP, model_setting, setting
 from ..reparam import fuse_model
 from ..runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
@@ -55,39 +59,49 @@ class SearchConfig:
     C / (available branches). ``batch_size`` is global.
     """
 
-    backbone: str = "resnet18_cifar"
-    dataset: str = "fashion-mnist"
-    width: float = 1.0
-    ops: Optional[List[str]] = None
-    population: int = 128
-    subnets: int = 5
-    budget: float = 2 / 3
-    warmup_epochs: int = 10
-    rounds: int = 20
-    round_epochs: int = 1
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    arch_lr: float = 1e-4
-    arch_betas: Tuple[float, float] = (0.5, 0.999)
-    p_cross: float = 0.5
-    p_mut: float = 0.5
-    keep: float = 0.25
-    sampled: float = 0.25
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    limit: Optional[int] = None
-    eval_batch_size: int = 256
-    seed: int = 0
-    amp: str = "none"  # autocast of the SuperNet forward: none, bf16, fp16 (CUDA, with a gradient scaler)
-    channels_last: bool = False  # NHWC activations and weights (faster convolutions on recent GPUs)
-    deterministic: bool = False  # deterministic cuDNN/cuBLAS kernels: bit-identical resume on CUDA too
+    backbone: str = setting("resnet18_cifar", BACKBONE_HELP, flags=("--model", "--backbone"), metavar="SPEC")
+    dataset: str = setting("fashion-mnist", "%(choices)s", choices=DATASETS, metavar="NAME")
+    width: float = setting(1.0, "channel width multiplier (built-in backbones; a --model network keeps its own)",
+                           type=opt.WIDTH)
+    ops: Optional[List[str]] = setting(None, "the op space, the branch types a block may have (default: the "
+                                             "backbone's space)", choices=tuple(REGISTRY), nargs="+", metavar="OP")
+    population: int = setting(128, "population size", type=opt.int_in(2, 100000))
+    subnets: int = setting(5, "B, codes trained per mini-batch (paper: 5 CIFAR, 1 ImageNet)",
+                           type=opt.int_in(1, 10000))
+    budget: float = setting(2 / 3, "C as a ratio of all available branches (paper: 2/3 or 1/2)",
+                            type=opt.float_in(0.0, 1.0, lo_open=True))
+    warmup_epochs: int = setting(10, "epochs of SuperNet warm-up before the first round", type=opt.int_in(0, 100000))
+    rounds: int = setting(20, "evolution rounds", type=opt.EPOCHS)
+    round_epochs: int = setting(1, "E_p, epochs per round", type=opt.EPOCHS)
+    batch_size: int = setting(128, "global batch size", type=opt.GLOBAL_BATCH)
+    lr: float = setting(0.1, "SGD learning rate of the weights", type=opt.POSITIVE)
+    momentum: float = setting(0.9, "SGD momentum of the weights", type=opt.FRACTION)
+    weight_decay: float = setting(5e-4, "weight decay of the weights", type=opt.NON_NEGATIVE)
+    arch_lr: float = setting(1e-4, "Adam learning rate of alpha/beta", type=opt.POSITIVE)
+    arch_betas: Tuple[float, float] = setting((0.5, 0.999), "Adam betas of alpha/beta, as B1,B2",
+                                              type=opt.float_pair(0.0, 1.0, hi_open=True), metavar="B1,B2")
+    p_cross: float = setting(0.5, "crossover probability", type=opt.float_in(0.0, 1.0))
+    p_mut: float = setting(0.5, "mutation probability", type=opt.float_in(0.0, 1.0))
+    keep: float = setting(0.25, "share of the population kept as parents each round", type=opt.float_in(0.0, 1.0))
+    sampled: float = setting(0.25, "share of the next population sampled from the SuperNet (Eq. 8-10)",
+                             type=opt.float_in(0.0, 1.0))
+    val_fraction: float = setting(0.1, "fraction of the training set held out to score codes",
+                                  type=opt.float_in(0.0, 1.0, lo_open=True, hi_open=True))
+    split_seed: int = setting(0, "seed of the train/val split", type=opt.SEED)
+    limit: Optional[int] = setting(None, "use at most N examples per split (CPU-scale runs)", type=opt.COUNT,
+                                   metavar="N")
+    eval_batch_size: int = setting(256, "batch size of the fitness evaluation", type=opt.GLOBAL_BATCH)
+    seed: int = setting(0, "seed of the SuperNet, the populations and the data order", type=opt.SEED)
+    amp: str = setting("none", "autocast the SuperNet forward (fp16: CUDA only, with a gradient scaler)",
+                       choices=AMP_MODES)
+    channels_last: bool = setting(False, "NHWC activations and weights (faster convolutions on recent GPUs)")
+    deterministic: bool = setting(False, "deterministic cuDNN/cuBLAS kernels (slower on GPUs): a resumed CUDA "
+                                         "search ends bit-identical")
     # a model spec's settings (see TrainConfig); ``backbone`` may be a spec, whose default op space is SPACES["any"]
-    model_kwargs: Optional[Dict[str, Any]] = None
-    weights: Optional[str] = None
-    include: Optional[List[str]] = None
-    exclude: Optional[List[str]] = None
+    model_kwargs: Optional[Dict[str, Any]] = model_setting("model_kwargs")
+    weights: Optional[str] = model_setting("weights")
+    include: Optional[List[str]] = model_setting("include")
+    exclude: Optional[List[str]] = model_setting("exclude")
 
     def check(self) -> None:
         check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include, self.exclude)
