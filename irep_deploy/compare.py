@@ -144,7 +144,7 @@ def compare(reference: Any, candidate: Any, tolerance: Union[Tolerance, float, N
         if limits.max_rel_error is not None and not rel <= limits.max_rel_error:
             failures.append("relative error {:.3g} > tolerance {:.3g}".format(rel, limits.max_rel_error))
         if limits.min_cosine is not None and not cos >= limits.min_cosine:
-            failures.append("cosine {:.6f} < {}".format(cos, limits.min_cosine))
+            failures.append("cosine {} < {}".format(_digits_below(cos, limits.min_cosine), limits.min_cosine))
         if limits.min_agreement is not None:
             if agreement is None:
                 raise ValueError("tolerance {} checks top-1 agreement: the outputs need a batch axis, got shape {}".format(
@@ -168,3 +168,12 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     if not denom:
         return 0.0  # one zero vector has no direction to share
     return float(np.clip(np.dot(a, b) / denom, -1.0, 1.0))
+
+
+def _digits_below(value: float, limit: float) -> str:
+    """``value`` with 6 decimals, or as many more as it takes not to print as ``limit`` (0.99999996 < 1)."""
+    for places in range(6, 18):
+        text = "{:.{}f}".format(value, places)
+        if float(text) < limit:
+            return text
+    return repr(value)

@@ -39,10 +39,10 @@ from .arch import ArchCode
 from .checkpoint import load_checkpoint, recorded_dataset, save_checkpoint
 from .data import (DataError, DataSplits, channel_adapter, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch,
                    train_loader)
-from .errors import CheckpointError, IrepError, UsageError, VerificationError
+from .errors import CheckpointError, IrepError, TrainingDiverged, UsageError, VerificationError, first_line
 from .models import MODELS, build_model, is_spec, searchable_layers
 from .models.external import check_spec
-from .pipeline import relative_error
+from .compare import FUSE_EVAL, compare
 from .precision import exact_fp32
 from .reparam import fuse_model
 
@@ -50,14 +50,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 STATE_FORMAT = "irep-deploy-train-state"
 STATE_VERSION = 1
 AMP_MODES = ("none", "bf16", "fp16")
-FUSED_TOLERANCE = 1e-4  # relative logit error accepted between the fused and multi-branch model (true FP32)
+FUSED_TOLERANCE = FUSE_EVAL.max_rel_error  # fused vs multi-branch logits over a test set (true FP32)
 LOG_EVERY = 10  # training steps between host reads of the running metrics and the non-finite-loss flag
-
-
-class TrainingDiverged(IrepError):
-    """The loss became NaN or infinite; the last good state is kept."""
-
-    exit_code = 2
 
 
 def check_model_settings(backbone: str, width: float, model_kwargs: Optional[Dict[str, Any]],
@@ -480,7 +474,7 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
             s[1] += c1
             s[2] += c5
         for out in outs[1:]:
-            worst = max(worst, relative_error(outs[0], out))
+            worst = max(worst, compare(outs[0], out).rel_error)
             disagree += int((out.argmax(1) != outs[0].argmax(1)).sum())
     flat = _all_sum([float(n), float(disagree)] + [v for s in sums for v in s], dist, device)
     n, disagree = int(flat[0]), int(flat[1])
@@ -515,7 +509,7 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     try:
         channel_adapter(dataset, h["in_channels"])
     except DataError as exc:
-        raise IrepError("{}: {}".format(ckpt, exc)) from None
+        raise IrepError("{}: {}".format(ckpt, exc)) from exc
     net = checkpoint.build(model)  # a missing or wrong --model is refused before the data is read
     parts = ("test",) if split == "test" else ("train",)
     data = load_data(dataset, data_root, val_fraction=val_fraction, split_seed=split_seed, augment=False,
@@ -560,7 +554,7 @@ def load_state(run_dir: PathLike) -> Dict[str, Any]:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncation, not a zip: all mean "unusable file"
         raise CheckpointError("{}: unreadable training state ({})".format(
-            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
+            path, first_line(exc, 120))) from exc
     if not isinstance(obj, dict) or obj.get("format") != STATE_FORMAT:
         raise CheckpointError("{}: not an irep-deploy training state".format(path))
     if not isinstance(obj.get("format_version"), int) or obj["format_version"] > STATE_VERSION:
@@ -577,11 +571,11 @@ def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
     try:
         with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise IrepError("{}: no such file".format(path)) from None
+    except FileNotFoundError as exc:
+        raise IrepError("{}: no such file".format(path)) from exc
     except Exception as exc:
         raise CheckpointError("{}: not a readable state dict ({})".format(
-            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
+            path, first_line(exc, 120))) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -717,7 +711,7 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
                 scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError("{}: does not fit the model of its own settings ({})".format(
-                _state_path(run), str(exc).splitlines()[0][:120])) from None
+                _state_path(run), first_line(exc, 120))) from exc
         set_rng_state(state["rng"])
         start, history = int(state["epoch"]), list(state["history"])
         if dist.main:

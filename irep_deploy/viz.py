@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ._io import atomic_write, check_not_input, clip, quote, read_bounded
 from .arch import ArchCode, LayerSpec, backbone_info
-from .errors import IrepError
+from .errors import IrepError, PlotError
 
 PathLike = Union[str, Path]
 
@@ -46,10 +46,6 @@ POINTS_FILES = ("accuracy_latency.png", "accuracy_latency.json")
 _KEPT, _NOT_KEPT, _UNAVAILABLE = "#1f4e79", "#ffffff", "#c8c8c8"
 
 
-class PlotError(IrepError):
-    """An input of a figure is missing or malformed."""
-
-
 Outputs = List[Tuple[str, bytes]]  # (file name, content), rendered but not yet written
 
 
@@ -59,8 +55,8 @@ def _mpl():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:
-        raise IrepError("figures need matplotlib: pip install 'irep-deploy[viz]' (or pip install matplotlib)") from None
+    except ImportError as exc:
+        raise IrepError("figures need matplotlib: pip install 'irep-deploy[viz]' (or pip install matplotlib)") from exc
     return Figure, FigureCanvasAgg
 
 
@@ -90,7 +86,7 @@ def _write(outputs: Outputs, out_dir: PathLike, inputs: Sequence[Optional[PathLi
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PlotError("{}: cannot create the output directory: {}".format(out, exc.strerror or exc)) from None
+        raise PlotError("{}: cannot create the output directory: {}".format(out, exc.strerror or exc)) from exc
     written = []
     for name, data in outputs:
         with atomic_write(out / name, "wb") as handle:
@@ -215,8 +211,8 @@ def _read_text(path: PathLike) -> str:
     path = Path(path)
     try:
         return read_bounded(path, MAX_INPUT_BYTES, "a figure input", PlotError).decode("utf-8")
-    except UnicodeDecodeError:
-        raise PlotError("{}: not UTF-8 text".format(path)) from None
+    except UnicodeDecodeError as exc:
+        raise PlotError("{}: not UTF-8 text".format(path)) from exc
 
 
 MAX_INPUT_BYTES = 256 << 20  # alpha_beta.jsonl of a long ImageNet search stays far below this
@@ -226,7 +222,7 @@ def _read_json(path: PathLike) -> Any:
     try:
         return json.loads(_read_text(path))
     except (ValueError, RecursionError) as exc:
-        raise PlotError("{}: not valid JSON: {}".format(path, clip(str(exc), 100))) from None
+        raise PlotError("{}: not valid JSON: {}".format(path, clip(str(exc), 100))) from exc
 
 
 def _read_jsonl(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
@@ -242,7 +238,7 @@ def _read_jsonl(path: PathLike) -> List[Tuple[int, Dict[str, Any]]]:
         except (ValueError, RecursionError) as exc:
             if lineno == len(lines):  # no newline after it: still being written
                 continue
-            raise PlotError("{}:{}: not valid JSON: {}".format(path, lineno, clip(str(exc), 100))) from None
+            raise PlotError("{}:{}: not valid JSON: {}".format(path, lineno, clip(str(exc), 100))) from exc
         if not isinstance(record, dict):
             raise PlotError("{}:{}: expected a JSON object".format(path, lineno))
         records.append((lineno, record))

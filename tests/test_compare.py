@@ -115,3 +115,9 @@ def test_as_dict_and_summary():
     assert check.summary.startswith("max abs error 0.5, relative error 0.125, cosine 0.9") and check.summary.endswith(
         ": passed")
     assert "\n" not in check.summary
+
+
+def test_a_failed_cosine_never_prints_as_its_limit():
+    a = np.array([[1.0, 0.0]])
+    check = compare(a, np.array([[1.0, 3e-4]]), Tolerance("t", min_cosine=1.0))  # cosine 1 - 4.5e-8
+    assert not check.passed and check.failures == ("cosine 0.99999996 < 1.0",)

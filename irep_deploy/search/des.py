@@ -28,7 +28,7 @@ from .._io import append_jsonl, atomic_write, no_typed_storage_warning, run_dire
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
-from ..errors import CheckpointError, IrepError
+from ..errors import CheckpointError, IrepError, first_line
 from ..models import MODELS, is_spec
 from ..ops import SPACES
 from ..reparam import fuse_model
@@ -159,7 +159,7 @@ def load_search_state(run_dir: PathLike) -> Dict[str, Any]:
         with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated archive, foreign file, refused pickle: all one message
-        raise CheckpointError("{}: cannot read the search state ({})".format(path, str(exc).splitlines()[0][:120])) from None
+        raise CheckpointError("{}: cannot read the search state ({})".format(path, first_line(exc, 120))) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise CheckpointError("{}: not an irep-deploy search state".format(path))
     return state
