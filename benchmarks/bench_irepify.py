@@ -53,6 +53,7 @@ from irep_deploy._io import atomic_write  # noqa: E402
 from irep_deploy.bench.latency import (SPREAD_WARN, Job, Result, Samples, Variant, _to_onnx,  # noqa: E402
                                        ort_runner, run_rounds, spread, summarise)
 from irep_deploy.block import IrepConv  # noqa: E402
+from irep_deploy.compare import compare  # noqa: E402
 from irep_deploy.engines import ort as ort_helpers  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -110,7 +111,7 @@ def build(name: str, seed: int, ratio: float, size: int) -> Tuple[Dict[str, nn.M
                        "fused": params(fused)},
             "rewritten_convs": len(multi.irep_report.rewritten), "skipped_convs": len(multi.irep_report.skipped),
             "branches": code.count(), "capacity": code.capacity(),
-            "max_rel_error": ((want - got).abs().max() / want.abs().max()).item()}
+            "max_rel_error": compare(want, got).rel_error}
     info["params_equal"] = info["params"]["fused"] == info["params"]["original folded"]
     return {"fused": fused, "original folded": folded, "original": orig}, info
 

@@ -52,12 +52,12 @@ def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] =
     try:
         with open(str(p), "rb") as handle:
             data = handle.read(limit + 1)
-    except FileNotFoundError:
-        raise error("{}: no such file".format(p)) from None
-    except IsADirectoryError:
-        raise error("{}: is a directory, not {}".format(p, what)) from None
+    except FileNotFoundError as exc:
+        raise error("{}: no such file".format(p)) from exc
+    except IsADirectoryError as exc:
+        raise error("{}: is a directory, not {}".format(p, what)) from exc
     except OSError as exc:
-        raise error("{}: cannot read: {}".format(p, exc.strerror or exc)) from None
+        raise error("{}: cannot read: {}".format(p, exc.strerror or exc)) from exc
     if len(data) > limit:
         raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
     return data
@@ -210,7 +210,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             fd, tmp = tempfile.mkstemp(prefix=".{}.{}.".format(path.name, os.getpid()), suffix=".tmp",
                                        dir=str(directory))
         except OSError as exc:
-            raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from None
+            raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from exc
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
             with os.fdopen(fd, mode) as handle:
@@ -250,7 +250,7 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool]) -> Iterator[Path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from None
+        raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from exc
     if not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: the run directory is not writable".format(path))
     try:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ._io import atomic_write, clip, quote, read_arch_bytes
-from .errors import ArchFormatError, ArchMismatchError
+from .errors import ArchFormatError, ArchMismatchError, UsageError
 from .ops import REGISTRY, SPACES, check_ops
 
 FORMAT_VERSION = 1  # built-in backbones
@@ -113,15 +113,15 @@ _BUILTINS_LOADED: List[bool] = []
 def backbone_info(name: str) -> BackboneInfo:
     try:
         return known_backbones()[name]
-    except KeyError:
+    except KeyError as exc:
         raise ArchMismatchError("unknown backbone {} (known: {})".format(
-            quote(name), ", ".join(sorted(BACKBONES)))) from None
+            quote(name), ", ".join(sorted(BACKBONES)))) from exc
 
 
 def budget_count(capacity: int, ratio: float) -> int:
     """The budget C: at most ``floor(ratio * capacity)`` branches (capacity = available slots)."""
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError("budget ratio must lie in [0, 1], got {}".format(ratio))
+        raise UsageError("budget ratio must lie in [0, 1], got {}".format(ratio))
     return int(math.floor(ratio * capacity + 1e-9))
 
 
@@ -309,9 +309,9 @@ class ArchCode:
             text = raw.decode("utf-8")
             if "\x00" in text:
                 raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as exc:
             raise ArchFormatError("{}: not an architecture code (not UTF-8 text; is it a checkpoint?)".format(
-                path)) from None
+                path)) from exc
         return cls.loads(text, source=str(path))
 
     @classmethod
@@ -480,4 +480,4 @@ class _Parser:
             try:
                 check_ops(value.split())
             except ValueError as exc:
-                raise self.fail(lineno, str(exc)) from None
+                raise self.fail(lineno, str(exc)) from exc

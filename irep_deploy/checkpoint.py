@@ -32,9 +32,9 @@ import torch.nn as nn
 from . import __version__
 from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .arch import ArchCode, fingerprint, first_layer_difference
-from .errors import ArchFormatError, CheckpointError
+from .errors import ArchFormatError, ArchMismatchError, CheckpointError, IrepError, first_line
 from .surgery import irepify, layer_specs
-from .models import MODELS, activate, build_model, current_arch, is_external, model_config
+from .models import MODELS, activate, apply_arch, build_model, current_arch, is_external, model_config
 from .reparam import fuse_model
 
 FORMAT = "irep-deploy-checkpoint"
@@ -99,7 +99,7 @@ class Checkpoint:
         try:
             return ArchCode.loads(self.header["arch"], source=self.path + " (embedded architecture code)")
         except ArchFormatError as exc:
-            raise CheckpointError(str(exc)) from None
+            raise CheckpointError(str(exc)) from exc
 
     @property
     def external(self) -> bool:
@@ -193,11 +193,6 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=True)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Read a checkpoint safely (``weights_only=True``); every problem is one :class:`CheckpointError`."""
     name = str(path)
@@ -213,10 +208,10 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             obj = torch.load(name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
-                              "could run code when unpickled ({})".format(name, clip(_first_line(exc)))) from None
+                              "could run code when unpickled ({})".format(name, clip(first_line(exc)))) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... for damaged archives
         raise CheckpointError("{}: not a readable checkpoint (truncated or not a torch file: {})".format(
-            name, clip(_first_line(exc)))) from None
+            name, clip(first_line(exc)))) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         hint = " (it looks like a bare state dict)" if isinstance(obj, dict) and obj and all(
             isinstance(v, torch.Tensor) for v in obj.values()) else ""
@@ -299,3 +294,29 @@ def load_model(path: PathLike, model: Union[str, nn.Module, None] = None) -> nn.
     """Shorthand: read a checkpoint and rebuild its model (multi-branch or fused); ``model`` names a
     network that is not built in (see :meth:`Checkpoint.build`)."""
     return load_checkpoint(path).build(model)
+
+
+def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None,
+                       model: Union[str, nn.Module, None] = None) -> nn.Module:
+    """A multi-branch checkpoint's model with the code at ``arch`` active (default: its own code).
+
+    The code must be the one the checkpoint was trained with; a SuperNet checkpoint takes any code
+    of its space (and needs one). Mismatches name the first difference. ``model`` names a network
+    that is not built in (:meth:`Checkpoint.build`).
+    """
+    if arch is None:
+        if checkpoint.supernet:
+            raise IrepError("{}: is a SuperNet checkpoint; give the architecture code to use".format(checkpoint.path))
+        return checkpoint.build(model)
+    code = ArchCode.load(arch)
+    if not checkpoint.supernet:
+        diff = checkpoint.arch.first_difference(code)
+        if diff is not None:
+            raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(
+                arch, checkpoint.path, diff))
+    net = checkpoint.build(model)
+    try:
+        apply_arch(net, code)
+    except ArchMismatchError as exc:
+        raise ArchMismatchError("{}: does not fit {}: {}".format(arch, checkpoint.path, exc)) from exc
+    return net

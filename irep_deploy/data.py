@@ -30,15 +30,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-from .errors import IrepError
+from .errors import DataError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "val", "test")
 Transform = Callable[[Any], torch.Tensor]
-
-
-class DataError(IrepError):
-    """A dataset is missing, incomplete or unreadable, or a split/option does not make sense."""
 
 
 @dataclass(frozen=True)
@@ -78,8 +74,8 @@ def canonical(name: str) -> str:
 def dataset_spec(name: str) -> DatasetSpec:
     try:
         return SPECS[canonical(name)]
-    except KeyError:
-        raise DataError("unknown dataset {!r} (known: {})".format(name, ", ".join(DATASETS))) from None
+    except KeyError as exc:
+        raise DataError("unknown dataset {!r} (known: {})".format(name, ", ".join(DATASETS))) from exc
 
 
 # -- transforms -------------------------------------------------------------------------------------
@@ -176,7 +172,7 @@ def read_idx_gz(path: Path) -> torch.Tensor:
         with gzip.open(str(path), "rb") as handle:
             data = handle.read()
     except (OSError, EOFError) as exc:
-        raise DataError("{}: unreadable ({}); reinstall it".format(path, exc)) from None
+        raise DataError("{}: unreadable ({}); reinstall it".format(path, exc)) from exc
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise DataError("{}: not an IDX file of unsigned bytes".format(path))
     ndim = data[3]
@@ -217,7 +213,7 @@ def _cifar10(root: Path, part: str) -> Dataset:
         return CIFAR10(str(root), train=(part == "train"), download=False)
     except (RuntimeError, OSError) as exc:
         raise DataError("{}: CIFAR-10 files incomplete or corrupt ({})".format(
-            root / "cifar-10-batches-py", str(exc).splitlines()[0])) from None
+            root / "cifar-10-batches-py", first_line(exc))) from exc
 
 
 def _imagefolder(root: Path, part: str) -> Dataset:
@@ -229,7 +225,7 @@ def _imagefolder(root: Path, part: str) -> Dataset:
     try:
         return ImageFolder(str(folder))
     except (FileNotFoundError, OSError) as exc:
-        raise DataError("{}: {}".format(folder, str(exc).splitlines()[0])) from None
+        raise DataError("{}: {}".format(folder, first_line(exc))) from exc
 
 
 _DIGITS_TEST_FRACTION = 0.2
@@ -238,8 +234,8 @@ _DIGITS_TEST_FRACTION = 0.2
 def _digits(part: str) -> Dataset:
     try:
         from sklearn.datasets import load_digits
-    except ImportError:
-        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from None
+    except ImportError as exc:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from exc
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.long)

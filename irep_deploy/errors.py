@@ -1,9 +1,13 @@
-"""Errors a user can act on.
+"""Errors a user can act on, all in one place.
 
 Every failure caused by input (a file, an argument, a mismatch between two files) is raised as an
 :class:`IrepError` whose message is one plain sentence that names the file or object at fault. The
 CLI prints that sentence and exits with the error's ``exit_code`` (README "Exit codes"); anything
 else is a bug and keeps its traceback.
+
+An error that translates a library's exception (torch, onnx, onnxruntime, TensorRT, the OS) quotes
+the first line of it (:func:`first_line`) and is raised ``from`` it: the user reads one line, while
+``--debug`` (and a Python caller's traceback) shows the whole cause with its frames.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ class IrepError(Exception):
     exit_code = 1
 
 
-class UsageError(IrepError):
-    """A flag or argument is unusable as given (bad value, an output that is an input): exit 2."""
+class UsageError(IrepError, ValueError):
+    """A flag or argument is unusable as given (bad value, an output that is an input): exit 2.
+
+    Also a ValueError, the exception Python callers expect for an argument out of range."""
 
     exit_code = 2
 
@@ -40,10 +46,28 @@ class CheckpointError(IrepError):
     """A checkpoint is missing, unsafe, corrupt, or does not fit its model."""
 
 
+class DataError(IrepError):
+    """A dataset is missing, incomplete or unreadable, or a split/option does not make sense."""
+
+
+class EngineMismatchError(IrepError):
+    """An engine was built by another TensorRT version or on another GPU."""
+
+
+class DeviceMismatchError(IrepError):
+    """The machine is not the device the user asked to benchmark."""
+
+
 class VerificationError(IrepError):
     """Two computations that must agree (fused vs multi-branch, ONNX vs torch) do not."""
 
     exit_code = 3
+
+
+class TrainingDiverged(IrepError):
+    """The loss became NaN or infinite; the last good state is kept."""
+
+    exit_code = 2
 
 
 class Terminated(BaseException):
@@ -53,3 +77,11 @@ class Terminated(BaseException):
     """
 
     exit_code = 143
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of ``exc`` (its type name when it has no message), cut to ``limit``
+    characters: what a one-line message quotes of a foreign error it is raised from."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

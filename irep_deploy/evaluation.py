@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, recorded_dataset
 from .data import DataError, channel_adapter, eval_loader, load_data
 from .errors import IrepError
-from .pipeline import relative_error
+from .compare import compare
 from .runtime import Dist, all_reduce, all_sum, resolve_device
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -61,7 +61,7 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
             s[1] += int(top1.sum())
             s[2] += int(top5.sum())
         for out in outs[1:]:
-            worst = max(worst, relative_error(outs[0], out))
+            worst = max(worst, compare(outs[0], out).rel_error)
             disagree += int((out.argmax(1) != outs[0].argmax(1)).sum())
     flat = all_sum([float(n), float(disagree)] + [v for s in sums for v in s], dist, device)
     n, disagree = int(flat[0]), int(flat[1])
@@ -92,7 +92,7 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     try:
         channel_adapter(dataset, h["in_channels"])
     except DataError as exc:
-        raise IrepError("{}: {}".format(ckpt, exc)) from None
+        raise IrepError("{}: {}".format(ckpt, exc)) from exc
     net = checkpoint.build(model)  # a missing or wrong --model is refused before the data is read
     parts = ("test",) if split == "test" else ("train",)
     data = load_data(dataset, data_root, val_fraction=val_fraction, split_seed=split_seed, augment=False,

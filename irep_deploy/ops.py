@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .fusion import (KernelBias, avg_pool_kernel, contract_1x1_kxk, embed_in_3x3, fold_bn,
                      identity_kernel, placement)
 
@@ -207,8 +208,8 @@ def check_ops(ops: Sequence[str]) -> Tuple[str, ...]:
     seen = set()
     for op in ops:
         if op not in REGISTRY:
-            raise ValueError("unknown op {!r} (known: {})".format(op, " ".join(REGISTRY)))
+            raise UsageError("unknown op {!r} (known: {})".format(op, " ".join(REGISTRY)))
         if op in seen:
-            raise ValueError("op {!r} is listed twice".format(op))
+            raise UsageError("op {!r} is listed twice".format(op))
         seen.add(op)
     return tuple(ops)

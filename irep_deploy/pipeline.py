@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write, check_writable, same_file
-from .arch import ArchCode
-from .checkpoint import Checkpoint, load_checkpoint, recorded_dataset, save_checkpoint
-from .errors import ArchMismatchError, IrepError, UsageError, VerificationError
-from .models import MODELS, apply_arch, current_arch
+from .checkpoint import load_checkpoint, multi_branch_model, recorded_dataset, save_checkpoint
+from .compare import FUSE_FP32, compare
+from .errors import IrepError, UsageError, VerificationError
+from .models import MODELS, current_arch
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
 
@@ -32,12 +32,6 @@ class FuseReport:
     branches: int
 
 
-def relative_error(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """max |a - b| / max |a|: the error measure used for every equivalence check."""
-    scale = reference.abs().max().item() or 1.0
-    return (reference - other).abs().max().item() / scale
-
-
 def default_deploy_path(ckpt: PathLike) -> Path:
     p = Path(ckpt)
     return p.with_name(p.stem + ".deploy" + (p.suffix or ".pt"))
@@ -45,7 +39,7 @@ def default_deploy_path(ckpt: PathLike) -> Path:
 
 def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
          torchvision_out: Optional[PathLike] = None, batch: int = 2, input_size: Optional[int] = None,
-         tolerance: float = 1e-5, seed: int = 0, model: Union[str, nn.Module, None] = None) -> FuseReport:
+         tolerance: float = FUSE_FP32.max_rel_error, seed: int = 0, model: Union[str, nn.Module, None] = None) -> FuseReport:
     """Fuse a multi-branch checkpoint under an architecture code into a deploy checkpoint.
 
     The code must be the one the checkpoint was trained with, or (for a SuperNet checkpoint) any
@@ -77,10 +71,11 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     x = torch.randn(batch, checkpoint.header["in_channels"], size, size, generator=gen)
     with torch.no_grad(), exact_fp32():
         reference, fused_out = net(x), plain(x)
-    err = relative_error(reference, fused_out)
-    if not err <= tolerance:
-        raise VerificationError("fused output differs from the multi-branch output: relative error {:.3g} "
-                                "> tolerance {:.3g}; nothing written".format(err, tolerance))
+    check = compare(reference, fused_out, FUSE_FP32.but(max_rel_error=tolerance))
+    if not check.passed:
+        raise VerificationError("fused output differs from the multi-branch output: {}; nothing written".format(
+            "; ".join(check.failures)))
+    err = check.rel_error
     # the dataset travels with the weights, so `eval` of the deploy checkpoint needs no --dataset
     dataset = recorded_dataset(checkpoint)
     save_checkpoint(out, plain, extra=dict({"fused_from": str(ckpt), "fuse_rel_error": err},
@@ -90,34 +85,8 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
         with atomic_write(torchvision_out, "wb") as handle:
             torch.save(state, handle)
     return FuseReport(str(out), str(torchvision_out) if torchvision_out else None, tuple(x.shape),
-                      (reference - fused_out).abs().max().item(), err, _params(net), _params(plain),
+                      check.max_abs_error, err, _params(net), _params(plain),
                       code.count())
-
-
-def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None,
-                       model: Union[str, nn.Module, None] = None) -> nn.Module:
-    """A multi-branch checkpoint's model with the code at ``arch`` active (default: its own code).
-
-    The code must be the one the checkpoint was trained with; a SuperNet checkpoint takes any code
-    of its space (and needs one). Mismatches name the first difference. ``model`` names a network
-    that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`).
-    """
-    if arch is None:
-        if checkpoint.supernet:
-            raise IrepError("{}: is a SuperNet checkpoint; give the architecture code to use".format(checkpoint.path))
-        return checkpoint.build(model)
-    code = ArchCode.load(arch)
-    if not checkpoint.supernet:
-        diff = checkpoint.arch.first_difference(code)
-        if diff is not None:
-            raise ArchMismatchError("{}: does not match the code {} was trained with: {}".format(
-                arch, checkpoint.path, diff))
-    net = checkpoint.build(model)
-    try:
-        apply_arch(net, code)
-    except ArchMismatchError as exc:
-        raise ArchMismatchError("{}: does not fit {}: {}".format(arch, checkpoint.path, exc)) from None
-    return net
 
 
 def _params(model: nn.Module) -> int:

@@ -10,13 +10,12 @@ import torch.nn as nn
 
 from .arch import ArchCode
 from .block import IrepConv
-from .errors import IrepError
+from .errors import CheckpointError, IrepError, first_line
 from .fusion import fold_bn
 from .surgery import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
 from ._io import PathLike, no_typed_storage_warning
-from .errors import CheckpointError
 from .models import searchable_layers
 
 
@@ -167,11 +166,11 @@ def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
     try:
         with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise IrepError("{}: no such file".format(path)) from None
+    except FileNotFoundError as exc:
+        raise IrepError("{}: no such file".format(path)) from exc
     except Exception as exc:
         raise CheckpointError("{}: not a readable state dict ({})".format(
-            path, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
+            path, first_line(exc, 120))) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ._io import atomic_write, no_typed_storage_warning
 from .data import DataSplits
-from .errors import CheckpointError, IrepError, UsageError
+from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
 from .models.external import check_spec
 
@@ -108,7 +108,7 @@ def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config],
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refusals, truncation, not a zip: all mean "unusable file"
         raise CheckpointError("{}: unreadable {} state ({})".format(
-            path, noun, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120])) from None
+            path, noun, first_line(exc, 120))) from exc
     if not isinstance(state, dict) or state.get("format") != _format(kind):
         other = [k for k in KINDS if isinstance(state, dict) and state.get("format") == _format(k)]
         raise CheckpointError("{}: {}, not an irep-deploy {} state".format(

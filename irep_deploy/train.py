@@ -33,8 +33,9 @@ from ._io import append_jsonl, check_writable, run_directory, trim_jsonl, write_
 from .arch import ArchCode
 from .checkpoint import save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
-from .errors import CheckpointError, IrepError, UsageError, VerificationError
+from .errors import CheckpointError, IrepError, TrainingDiverged, UsageError, VerificationError, first_line
 from . import options as opt
+from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
 from .models import is_spec, searchable_layers
@@ -49,13 +50,7 @@ from .steps import run_epoch
 __all__ = ["TrainConfig", "TrainReport", "TrainingDiverged", "train", "evaluate"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-FUSED_TOLERANCE = 1e-4  # relative logit error accepted between the fused and multi-branch model (true FP32)
-
-
-class TrainingDiverged(IrepError):
-    """The loss became NaN or infinite; the last good state is kept."""
-
-    exit_code = 2
+FUSED_TOLERANCE = FUSE_EVAL.max_rel_error  # fused vs multi-branch logits over a test set (true FP32)
 
 
 @dataclass
@@ -233,7 +228,7 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
                 scaler.load_state_dict(state["scaler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError("{}: does not fit the model of its own settings ({})".format(
-                state_path(run), str(exc).splitlines()[0][:120])) from None
+                state_path(run), first_line(exc, 120))) from exc
         set_rng_state(state["rng"])
         start, history = int(state["epoch"]), list(state["history"])
         if dist.main:

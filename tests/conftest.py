@@ -32,7 +32,8 @@ def randomize_arch_params(module: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / a.abs().max()).item()
+    from irep_deploy.compare import compare
+    return compare(a, b).rel_error
 
 
 NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"

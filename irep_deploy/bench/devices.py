@@ -17,15 +17,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from ..errors import IrepError
+from ..errors import DeviceMismatchError, IrepError
 
 PROFILES = ("auto", "cpu", "gpu", "xavier", "orin", "a100", "h100")
 # Which GPU names / board models a profile accepts (lower-case substrings).
 _MATCH = {"xavier": ("xavier",), "orin": ("orin",), "a100": ("a100",), "h100": ("h100",)}
-
-
-class DeviceMismatchError(IrepError):
-    """The machine is not the device the user asked to benchmark."""
 
 
 # -- pure parsers ------------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write, check_writable
-from ..checkpoint import load_checkpoint
-from ..errors import IrepError
+from ..checkpoint import load_checkpoint, multi_branch_model
+from ..compare import ONNX_EXPORT
+from ..errors import IrepError, first_line
 from ..reparam import fuse_model
 from . import devices
 
@@ -250,8 +251,6 @@ def _kind(path: str) -> str:
 def _variants(path: str, arch: Optional[PathLike], compare: bool,
               network: Union[str, nn.Module, None] = None) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
     """Models to bench, the input description (channels, size) and notes."""
-    from ..pipeline import multi_branch_model
-
     notes: List[str] = []
     kind = _kind(path)
     if kind != "checkpoint":
@@ -463,8 +462,7 @@ class Job:
 def _failed(source: str, label: str, batch: int, exc: Exception) -> IrepError:
     """A backend's RuntimeError (a size the network cannot take, CUDA out of memory, a capture that
     fails) as one line naming the model, backend and batch."""
-    return IrepError("{}: {} failed at batch {}: {}".format(
-        source, label, batch, (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]))
+    return IrepError("{}: {} failed at batch {}: {}".format(source, label, batch, first_line(exc, 160)))
 
 
 def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Sequence[int],
@@ -503,7 +501,7 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
                     else:
                         runner = trt_runner(variant.path, shape)
                 except RuntimeError as exc:
-                    raise _failed(source, label, batch, exc) from None
+                    raise _failed(source, label, batch, exc) from exc
                 jobs.append(Job(variant.name, label, batch, runner))
     gpu_ort = sorted({j.backend for j in jobs if j.backend.startswith("ort:") and j.backend != "ort:CPU"})
     if gpu_ort:
@@ -539,7 +537,7 @@ def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: flo
                 samples[i].append(measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
                                                   per_round, max(1, -(-min_iters // rounds)), events))
             except failures as exc:  # e.g. an input size the network cannot take, out of memory
-                raise _failed(source, job.backend, job.batch, exc) from None
+                raise _failed(source, job.backend, job.batch, exc) from exc
     return samples
 
 
@@ -585,7 +583,7 @@ def _to_onnx(variant: Variant, shape: Sequence[int], opset: int, simplify: str) 
     proto = onnx_engine.export_module(variant.module, (1,) + tuple(shape[1:]), opset, dynamic_batch=True)
     proto, _ = onnx_engine.simplify_model(proto, simplify)
     data = proto.SerializeToString()
-    onnx_engine.verify(variant.module, data, (1,) + tuple(shape[1:]), [1], tolerance=1e-4,
+    onnx_engine.verify(variant.module, data, (1,) + tuple(shape[1:]), [1], tolerance=ONNX_EXPORT.max_rel_error,
                        source="{} (exported for bench)".format(variant.name))
     return data
 

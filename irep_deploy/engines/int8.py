@@ -1,5 +1,5 @@
 """INT8 helpers shared by ``build-trt --int8`` and ``bench``: real calibration images, recognising a
-quantized (QDQ) ONNX graph, a small onnxruntime QDQ quantizer, and the INT8 output comparison.
+quantized (QDQ) ONNX graph, a small onnxruntime QDQ quantizer, and the INT8 output check.
 
 Calibration and verification images go through the dataset's evaluation transform (the one ``eval``
 uses): scales measured on differently normalised data would be wrong for every real input.
@@ -13,11 +13,10 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..errors import IrepError, VerificationError
+from ..compare import INT8_REAL, Comparison, Tolerance, compare
+from ..errors import DataError, IrepError, VerificationError
 
 DEFAULT_CALIB_SIZE = 512
-MIN_INT8_COSINE = 0.99     # INT8 vs float logits on real images: looser than FP16's 0.999
-MIN_INT8_AGREEMENT = 0.95  # share of real images whose top-1 class is the reference's
 
 
 def is_quantized(model: Any) -> bool:
@@ -35,7 +34,7 @@ def calibration_images(dataset: str, chw: Sequence[int], size: int, data_root: O
     a seeded subset of the test set, so that an engine is never checked on the images it was
     calibrated with. Wrong size or channels, or too few images: an IrepError naming ``source``.
     """
-    from ..data import DataError, channel_adapter, dataset_spec, load_data
+    from ..data import channel_adapter, dataset_spec, load_data
 
     c, h, w = (int(d) for d in chw)
     try:
@@ -48,7 +47,7 @@ def calibration_images(dataset: str, chw: Sequence[int], size: int, data_root: O
         data = load_data(dataset, data_root, augment=False, limit=size, parts=(split,), in_channels=c,
                          split_seed=seed)
     except DataError as exc:
-        raise IrepError("{}: --calib {}: {}".format(source, dataset, exc)) from None
+        raise IrepError("{}: --calib {}: {}".format(source, dataset, exc)) from exc
     images = data.split(split)
     if len(images) < size:  # type: ignore[arg-type]
         raise IrepError("{}: --calib {} has only {} {} images, --calib-size asks for {}".format(
@@ -84,28 +83,12 @@ def quantize_qdq(onnx_bytes: bytes, images: np.ndarray, per_channel: bool = True
         return dst.read_bytes()
 
 
-def compare_int8(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
-    """INT8 against a reference on the same real images: cosine similarity of all logits, the share of
-    images with the same top-1 class, and the largest absolute difference."""
-    ref = reference.astype(np.float64).reshape(len(reference), -1)
-    other = got.astype(np.float64).reshape(len(got), -1)
-    if ref.shape != other.shape:
-        raise IrepError("outputs differ in shape: {} vs {}".format(ref.shape, other.shape))
-    from .quantize import cosine
-
-    agree = int((ref.argmax(1) == other.argmax(1)).sum())
-    return {"cosine": cosine(ref, other), "top1_agreement": agree / max(len(ref), 1),
-            "top1_differ": float(len(ref) - agree), "examples": float(len(ref)),
-            "max_abs_error": float(np.abs(ref - other).max()) if ref.size else 0.0}
-
-
-def check_int8(stats: Dict[str, float], min_cosine: float = MIN_INT8_COSINE,
-               min_agreement: float = MIN_INT8_AGREEMENT, what: str = "INT8 engine") -> Dict[str, float]:
-    """Raise a one-line VerificationError when INT8 output is too far from the reference."""
-    if not stats["cosine"] >= min_cosine or not stats["top1_agreement"] >= min_agreement:
-        raise VerificationError(
-            "{} output differs from onnxruntime on {:.0f} real images: cosine {:.5f} (limit {}), top-1 agreement "
-            "{:.2%} (limit {:.2%}, {:.0f} differ); nothing written".format(
-                what, stats["examples"], stats["cosine"], min_cosine, stats["top1_agreement"], min_agreement,
-                stats["top1_differ"]))
-    return stats
+def check_int8(reference: np.ndarray, got: np.ndarray, tolerance: Tolerance = INT8_REAL,
+               what: str = "INT8 engine") -> Comparison:
+    """INT8 output against a reference on the same real images (:data:`~irep_deploy.compare.INT8_REAL`:
+    cosine similarity of all logits and top-1 agreement); a one-line VerificationError when too far."""
+    check = compare(reference, got, tolerance)
+    if not check.passed:
+        raise VerificationError("{} output differs from onnxruntime on {} real images: {}; nothing written".format(
+            what, check.examples, "; ".join(check.failures)))
+    return check

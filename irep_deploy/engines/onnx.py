@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 
 from .._io import atomic_write, check_writable, quote
-from ..checkpoint import Checkpoint, load_checkpoint
-from ..errors import IrepError, VerificationError
-from ..pipeline import multi_branch_model, relative_error
+from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
+from ..compare import FUSE_FP32, ONNX_EXPORT, compare
+from ..errors import IrepError, VerificationError, first_line
 from ..precision import exact_fp32
 from ..reparam import fuse_model
 from . import ort as ort_helpers
@@ -47,8 +47,8 @@ _EMPTY_DIAGNOSTICS = re.compile(r"=+ Diagnostic Run torch\.onnx\.export version 
 def require_onnx() -> Any:
     try:
         import onnx
-    except ImportError:
-        raise IrepError("onnx is not installed (pip install 'irep-deploy[onnx]')") from None
+    except ImportError as exc:
+        raise IrepError("onnx is not installed (pip install 'irep-deploy[onnx]')") from exc
     return onnx
 
 
@@ -76,11 +76,12 @@ class ExportReport:
 
 
 # -- model loading -----------------------------------------------------------------------------------
-def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance: float = 1e-4,
+def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance: Optional[float] = None,
                       model: Union[str, nn.Module, None] = None) -> Tuple[nn.Module, Checkpoint, bool]:
     """The fused network of a checkpoint, in eval mode: a deploy checkpoint as it is, a multi-branch one
     fused under ``arch`` (default: the code it was trained with) and checked against itself. ``model``
-    names a network that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`).
+    names a network that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`). The check is
+    ``fuse``'s, on the same seeded batch of 2 (``tolerance`` default: ``compare.FUSE_FP32``).
 
     Returns (model, checkpoint, fused_here)."""
     checkpoint = load_checkpoint(ckpt)
@@ -94,10 +95,10 @@ def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance
     x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
                     checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), exact_fp32():  # the tolerance assumes float32 rounding, not TF32
-        err = relative_error(net(x), plain(x))
-    if not err <= tolerance:
-        raise VerificationError("{}: fused output differs from the multi-branch output: relative error {:.3g} "
-                                "> {:.3g}".format(ckpt, err, tolerance))
+        check = compare(net(x), plain(x), FUSE_FP32.but(max_rel_error=tolerance))
+    if not check.passed:
+        raise VerificationError("{}: fused output differs from the multi-branch output: {}".format(
+            ckpt, "; ".join(check.failures)))
     return plain, checkpoint, True
 
 
@@ -162,10 +163,10 @@ def simplify_model(model: Any, method: str = "auto") -> Tuple[Any, str]:
     for name in (("onnxslim", "onnxsim") if method == "auto" else (method,)):
         try:
             module = __import__(name)
-        except ImportError:
+        except ImportError as exc:
             if method != "auto":
                 raise IrepError("--simplify {} was asked for but {} is not installed (pip install {})".format(
-                    name, name, name)) from None
+                    name, name, name)) from exc
             continue
         if name == "onnxslim":
             return module.slim(model), name
@@ -182,8 +183,8 @@ def check_model(model: Any, source: str) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:  # ValidationError, InferenceError
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise VerificationError("{}: onnx.checker rejects the exported model: {}".format(source, first[:200])) from None
+        raise VerificationError("{}: onnx.checker rejects the exported model: {}".format(
+            source, first_line(exc))) from exc
 
 
 def op_types(model: Any) -> Dict[str, int]:
@@ -205,7 +206,7 @@ def load_onnx(path: PathLike) -> Any:
     try:
         model = onnx.load(str(p))
     except Exception as exc:  # DecodeError and friends
-        raise IrepError("{}: not a readable ONNX model ({})".format(path, type(exc).__name__)) from None
+        raise IrepError("{}: not a readable ONNX model ({})".format(path, type(exc).__name__)) from exc
     check_loaded(model, path)
     return model
 
@@ -258,11 +259,11 @@ def verify(model: nn.Module, onnx_bytes: bytes, input_shape: Sequence[int], batc
         with torch.no_grad(), exact_fp32():
             reference = model(x)
         got = torch.from_numpy(np.asarray(ort_helpers.run(session, x.numpy())))
-        err = relative_error(reference, got)
-        checks.append(Check(b, (reference - got).abs().max().item(), err))
-        if not err <= tolerance:
-            raise VerificationError("{}: onnxruntime output differs from torch at batch {}: relative error "
-                                    "{:.3g} > tolerance {:.3g}; nothing written".format(source, b, err, tolerance))
+        check = compare(reference, got, ONNX_EXPORT.but(max_rel_error=tolerance))
+        checks.append(Check(b, check.max_abs_error, check.rel_error))
+        if not check.passed:
+            raise VerificationError("{}: onnxruntime output differs from torch at batch {}: {}; nothing written".format(
+                source, b, "; ".join(check.failures)))
     return checks
 
 
@@ -273,7 +274,7 @@ def default_onnx_path(ckpt: PathLike) -> Path:
 
 def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLike] = None,
            opset: int = DEFAULT_OPSET, input_size: Optional[int] = None, batch: Optional[int] = None,
-           simplify: str = "auto", verify_batch: int = 4, tolerance: float = 1e-4, seed: int = 0,
+           simplify: str = "auto", verify_batch: int = 4, tolerance: float = ONNX_EXPORT.max_rel_error, seed: int = 0,
            input_name: str = "input", output_name: str = "logits",
            model: Union[str, nn.Module, None] = None) -> ExportReport:
     """Export a deploy checkpoint (or a multi-branch one, fused first under ``arch``) to ONNX.
@@ -324,9 +325,8 @@ def _check_runs(model: nn.Module, shape: Sequence[int], source: PathLike) -> Non
         with torch.no_grad():
             model(torch.zeros(*shape))
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or ["error"])[0]
         raise IrepError("{}: the model does not run on input {}: {}".format(
-            source, "x".join(map(str, shape)), first[:160])) from None
+            source, "x".join(map(str, shape)), first_line(exc, 160))) from exc
 
 
 def convert_fp16(model: Any) -> Any:
@@ -334,6 +334,6 @@ def convert_fp16(model: Any) -> Any:
     TensorRT 11, which runs exactly the types the graph declares (no FP16 builder flag any more)."""
     try:
         from onnxconverter_common import float16
-    except ImportError:
-        raise IrepError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from None
+    except ImportError as exc:
+        raise IrepError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from exc
     return float16.convert_float_to_float16(model, keep_io_types=True)

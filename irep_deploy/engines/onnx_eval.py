@@ -13,8 +13,8 @@ from typing import Any, Iterator, Optional, Tuple, Union
 import numpy as np
 
 from .._io import quote
-from ..data import DataError, channel_adapter, dataset_spec, eval_loader, load_data
-from ..errors import IrepError
+from ..data import channel_adapter, dataset_spec, eval_loader, load_data
+from ..errors import DataError, IrepError, first_line
 from . import ort as ort_helpers
 from .onnx import load_onnx
 
@@ -65,7 +65,7 @@ def check_fits(spec_input: ImageInput, dataset: str, path: PathLike, flag: str =
         spec = dataset_spec(dataset)
         channel_adapter(dataset, spec_input.channels)
     except DataError as exc:
-        raise IrepError("{}: {} {}: {}".format(path, flag, dataset, exc)) from None
+        raise IrepError("{}: {} {}: {}".format(path, flag, dataset, exc)) from exc
     size = spec.input_size
     for have in (spec_input.height, spec_input.width):
         if have is not None and have != size:
@@ -90,9 +90,8 @@ def run_batch(session: Any, inp: ImageInput, x: np.ndarray, path: PathLike) -> n
     try:
         out = np.asarray(session.run(None, {inp.name: x})[0])
     except ort_helpers.run_errors() as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise IrepError("{}: onnxruntime cannot run it on {}: {}".format(
-            path, "x".join(map(str, x.shape)), first[:200])) from None
+            path, "x".join(map(str, x.shape)), first_line(exc))) from exc
     if out.ndim != 2 or out.shape[0] != x.shape[0]:
         raise IrepError("{}: output of shape {} for input {}, expected logits N x classes".format(
             path, "x".join(map(str, out.shape)), "x".join(map(str, x.shape))))

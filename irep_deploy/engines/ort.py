@@ -5,7 +5,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import IrepError
+from ..errors import IrepError, first_line
 
 # Preferred order when "all installed" providers are asked for; unknown ones keep their own order.
 _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -14,8 +14,8 @@ _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecuti
 def require_onnxruntime() -> Any:
     try:
         import onnxruntime
-    except ImportError:
-        raise IrepError("onnxruntime is not installed (pip install 'irep-deploy[onnx]')") from None
+    except ImportError as exc:
+        raise IrepError("onnxruntime is not installed (pip install 'irep-deploy[onnx]')") from exc
     return onnxruntime
 
 
@@ -59,8 +59,7 @@ def make_session(model: Union[str, bytes], providers: Optional[Sequence[str]] = 
     except IrepError:
         raise
     except Exception as exc:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise IrepError("{}: onnxruntime cannot load it: {}".format(name, first[:200])) from None
+        raise IrepError("{}: onnxruntime cannot load it: {}".format(name, first_line(exc))) from exc
 
 
 def run(session: Any, x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,8 @@ import numpy as np
 
 from .. import __version__
 from .._io import atomic_write, check_writable, quote
-from ..errors import IrepError, VerificationError
+from ..compare import INT8_CALIB, compare
+from ..errors import IrepError, VerificationError, first_line
 from . import ort as ort_helpers
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -42,7 +43,7 @@ CALIB_BATCH = 32  # images per calibration batch of a dynamic-batch model
 # KL search TensorRT's resolution: 1024 bins a side and the 255 levels of symmetric INT8.
 ENTROPY_BINS = 2048
 ENTROPY_QUANTIZED_BINS = 255
-DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_COSINE = INT8_CALIB.min_cosine
 META_PREFIX = "irep_deploy.quantize."
 
 
@@ -200,16 +201,9 @@ def ort_quantize_qdq(src: Path, dst: Path, reader: CalibReader, method: str, per
             **kwargs)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(np.dot(a, b)) / denom if denom else float(np.array_equal(a, b))
-
-
 def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_root: Optional[str] = None,
              calib_size: int = 512, method: str = "minmax", per_channel: bool = True,
-             exclude: Sequence[str] = (), min_cosine: float = DEFAULT_MIN_COSINE) -> QuantizeReport:
+             exclude: Sequence[str] = (), min_cosine: Optional[float] = DEFAULT_MIN_COSINE) -> QuantizeReport:
     """Quantize an FP32 ONNX model to a QDQ INT8 one, calibrated on ``calib_size`` training images of
     the dataset ``calib``. Nothing is written unless the INT8 model loads in onnxruntime and its logits
     on the first calibration batch have cosine similarity >= ``min_cosine`` with the FP32 model's."""
@@ -237,8 +231,7 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
         try:
             ort_quantize_qdq(Path(model), dst, CalibReader(inp.name, data), method, per_channel, excluded, Path(tmp))
         except (ValueError, RuntimeError) + ort_helpers.run_errors() as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise IrepError("{}: onnxruntime could not quantize it: {}".format(model, first[:200])) from None
+            raise IrepError("{}: onnxruntime could not quantize it: {}".format(model, first_line(exc))) from exc
         qproto = onnx.load(str(dst))
     meta = {"method": method, "per_channel": json.dumps(per_channel), "format": "QDQ",
             "symmetric": "activations and weights (int8, zero point 0)",
@@ -258,13 +251,12 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
     x = data[0]
     want = run_batch(fp32, inp, x, model)
     got = run_batch(int8, inp, x, out)
-    cos = cosine(want, got)
-    agree = float((want.argmax(1) == got.argmax(1)).mean())
-    if not cos >= min_cosine:
-        raise VerificationError("{}: INT8 output differs from FP32 on a calibration batch of {}: cosine {:.4f} < "
-                                "{} (top-1 agreement {:.1%}); nothing written (keep sensitive layers in float "
-                                "with --exclude, or try another --method)".format(
-                                    out, x.shape[0], cos, min_cosine, agree))
+    check = compare(want, got, INT8_CALIB.but(min_cosine=min_cosine))
+    cos, agree = check.cosine, float(check.top1_agreement or 0.0)
+    if not check.passed:
+        raise VerificationError("{}: INT8 output differs from FP32 on a calibration batch of {}: {} (top-1 agreement "
+                                "{:.1%}); nothing written (keep sensitive layers in float with --exclude, or try "
+                                "another --method)".format(out, x.shape[0], "; ".join(check.failures), agree))
     with atomic_write(out, "wb") as handle:
         handle.write(blob)
     return QuantizeReport(str(out), method, per_channel, calib, calib_size, excluded, cos, agree, int(x.shape[0]),

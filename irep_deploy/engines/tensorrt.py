@@ -33,7 +33,8 @@ import torch
 
 from .. import __version__
 from .._io import atomic_write, check_writable, clip, quote, read_bounded
-from ..errors import IrepError, VerificationError
+from ..compare import INT8_REAL, TRT_FP16, TRT_FP32, compare
+from ..errors import EngineMismatchError, IrepError, VerificationError, first_line
 from ..precision import exact_fp32
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -41,16 +42,12 @@ META_FORMAT = "irep-deploy-engine"
 META_VERSION = 1
 
 
-class EngineMismatchError(IrepError):
-    """An engine was built by another TensorRT version or on another GPU."""
-
-
 def require_tensorrt() -> Any:
     try:
         import tensorrt
-    except ImportError:
+    except ImportError as exc:
         raise IrepError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
-                        "on Jetson use a JetPack image, see Dockerfile.jetson)") from None
+                        "on Jetson use a JetPack image, see Dockerfile.jetson)") from exc
     return tensorrt
 
 
@@ -116,7 +113,7 @@ def read_meta(engine: PathLike) -> EngineMeta:
     try:
         raw = json.loads(read_bounded(path, META_MAX_BYTES, "engine metadata").decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise IrepError("{}: not valid JSON ({})".format(path, clip(str(exc).splitlines()[0], 100))) from None
+        raise IrepError("{}: not valid JSON ({})".format(path, clip(first_line(exc), 100))) from exc
     if not isinstance(raw, dict) or raw.get("format") != META_FORMAT:
         raise IrepError("{}: not irep-deploy engine metadata".format(path))
     if not _is_int(raw.get("format_version")):
@@ -387,16 +384,17 @@ def default_engine_path(onnx_path: PathLike) -> Path:
 def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool = False,
                  workspace_mb: int = 1024, min_batch: Optional[int] = None, opt_batch: Optional[int] = None,
                  max_batch: Optional[int] = None, timing_cache: Optional[PathLike] = None, dla_core: Optional[int] = None,
-                 verify: bool = False, tolerance: float = 1e-3, min_cosine: Optional[float] = None,
+                 verify: bool = False, tolerance: float = TRT_FP32.max_rel_error, min_cosine: Optional[float] = None,
                  seed: int = 0, int8: bool = False, calib: Optional[str] = None, data_root: Optional[str] = None,
                  calib_size: int = 512, calib_cache: Optional[PathLike] = None,
-                 min_agreement: float = 0.95, verify_images: int = 256) -> BuildReport:
+                 min_agreement: float = INT8_REAL.min_agreement, verify_images: int = 256) -> BuildReport:
     """Build ``out`` (+ ``out.json`` metadata) from an ONNX file; see the module docstring.
 
     ``verify`` compares the engine with onnxruntime (CPU) before anything is written: FP32 by relative
     error against ``tolerance`` and FP16 by cosine similarity (``min_cosine``, default 0.999) on a
     random batch; INT8 on ``verify_images`` real test images of ``calib`` by cosine similarity
-    (default 0.99) and top-1 agreement (``min_agreement``) with onnxruntime running the same ONNX.
+    (default 0.99) and top-1 agreement (``min_agreement``) with onnxruntime running the same ONNX
+    (the defaults are :mod:`irep_deploy.compare`'s TRT_FP32, TRT_FP16 and INT8_REAL).
 
     ``int8``: a QDQ ONNX is built as it is quantized; a float ONNX is calibrated on ``calib_size``
     real training images of the dataset ``calib`` (TensorRT 8.5/10.x), with ``calib_cache`` read
@@ -466,8 +464,7 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
                                                  source=str(onnx_path))
             stats = verify_int8(runner, onnx_path, real, min_cosine, min_agreement)
         else:
-            stats = verify_engine(runner, onnx_path, opt_batch, tolerance,
-                                  0.999 if min_cosine is None else min_cosine, seed)
+            stats = verify_engine(runner, onnx_path, opt_batch, tolerance, min_cosine, seed)
     with atomic_write(out, "wb") as handle:
         handle.write(result.plan)
     write_meta(out, meta)
@@ -520,18 +517,10 @@ def calibration_facts(model: Any, qdq: bool, calibrator: Any, calib: Optional[st
             "cache_sha256": hashlib.sha256(table).hexdigest() if table else None}
 
 
-def compare_outputs(reference: np.ndarray, got: np.ndarray) -> Dict[str, float]:
-    ref = reference.astype(np.float64).ravel()
-    other = got.astype(np.float64).ravel()
-    scale = float(np.abs(ref).max()) or 1.0
-    denom = float(np.linalg.norm(ref) * np.linalg.norm(other)) or 1.0
-    return {"max_abs_error": float(np.abs(ref - other).max()),
-            "rel_error": float(np.abs(ref - other).max()) / scale,
-            "cosine": float(np.dot(ref, other)) / denom}
-
-
-def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, tolerance: float, min_cosine: float,
-                  seed: int = 0) -> Dict[str, float]:
+def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, tolerance: Optional[float] = None,
+                  min_cosine: Optional[float] = None, seed: int = 0) -> Dict[str, float]:
+    """The engine vs onnxruntime on a seeded random batch: FP32 by relative error (``tolerance``, default
+    TRT_FP32), FP16 by cosine similarity (``min_cosine``, default TRT_FP16); returns the measures."""
     from . import ort as ort_helpers
 
     shape = [batch] + list(runner.meta.opt_shape[1:])
@@ -541,19 +530,18 @@ def verify_engine(runner: "TrtRunner", onnx_path: PathLike, batch: int, toleranc
     # nothing torch does around the engine rounds to TF32 while the FP32 tolerance is checked.
     with exact_fp32():
         got = runner(x).float().cpu().numpy()
-    stats = compare_outputs(reference, got)
-    if runner.meta.precision == "fp32" and not stats["rel_error"] <= tolerance:
-        raise VerificationError("engine output differs from onnxruntime: relative error {:.3g} > {:.3g}; "
-                                "nothing written".format(stats["rel_error"], tolerance))
-    if runner.meta.precision == "fp16" and not stats["cosine"] >= min_cosine:
-        raise VerificationError("FP16 engine output differs from onnxruntime: cosine similarity {:.6f} < {} "
-                                "(max abs error {:.3g}); nothing written".format(
-                                    stats["cosine"], min_cosine, stats["max_abs_error"]))
-    return stats
+    fp16 = runner.meta.precision == "fp16"
+    limits = TRT_FP16.but(min_cosine=min_cosine) if fp16 else TRT_FP32.but(max_rel_error=tolerance)
+    check = compare(reference, got, limits)
+    if not check.passed:
+        raise VerificationError("{}engine output differs from onnxruntime: {} (max abs error {:.3g}); nothing "
+                                "written".format("FP16 " if fp16 else "", "; ".join(check.failures),
+                                                 check.max_abs_error))
+    return check.as_dict()
 
 
 def verify_int8(runner: "TrtRunner", onnx_path: PathLike, images: np.ndarray, min_cosine: Optional[float] = None,
-                min_agreement: float = 0.95) -> Dict[str, float]:
+                min_agreement: Optional[float] = None) -> Dict[str, float]:
     """INT8 engine vs onnxruntime running the same ONNX (a QDQ graph runs quantized there too, a
     float graph is the FP32 reference) on real ``images``, batch-wise inside the engine's profile:
     cosine similarity and top-1 agreement (:func:`irep_deploy.engines.int8.check_int8`)."""
@@ -568,9 +556,8 @@ def verify_int8(runner: "TrtRunner", onnx_path: PathLike, images: np.ndarray, mi
         x = images[i:i + step]
         ref.append(ort_helpers.run(session, x))
         got.append(runner(torch.from_numpy(x)).float().cpu().numpy())
-    stats = int8_tools.compare_int8(np.concatenate(ref), np.concatenate(got))
-    return int8_tools.check_int8(stats, int8_tools.MIN_INT8_COSINE if min_cosine is None else min_cosine,
-                                 min_agreement)
+    limits = INT8_REAL.but(min_cosine=min_cosine, min_agreement=min_agreement)
+    return int8_tools.check_int8(np.concatenate(ref), np.concatenate(got), limits).as_dict()
 
 
 # -- running -----------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def model_config(model: nn.Module) -> Dict[str, Any]:
     """The construction arguments recorded on a model by :func:`build_model`."""
     config = getattr(model, "irep_config", None)
     if config is None:
-        raise ValueError("this model was not made by irep_deploy.build_model (it has no irep_config)")
+        raise UsageError("this model was not made by irep_deploy.build_model (it has no irep_config)")
     return config
 
 
@@ -114,9 +114,9 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     if code is not None and ops is not None and tuple(ops) != code.ops:
         raise ArchMismatchError("ops {} differ from the architecture code's ops {}".format(list(ops), list(code.ops)))
     if width <= 0:
-        raise ValueError("width must be positive, got {}".format(width))
+        raise UsageError("width must be positive, got {}".format(width))
     if input_size is not None and input_size < 1:
-        raise ValueError("input size must be at least 1, got {}".format(input_size))
+        raise UsageError("input size must be at least 1, got {}".format(input_size))
     if is_spec(name):
         space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES["any"])
         model = _build_spec(name, space, num_classes, width, in_channels, input_size, model_kwargs, weights,
@@ -124,9 +124,9 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     else:
         try:
             entry = MODELS[name]
-        except KeyError:
+        except KeyError as exc:
             raise ArchMismatchError("unknown model {!r} (known: {}; or a model spec such as "
-                                    "torchvision:resnet18)".format(name, ", ".join(MODELS))) from None
+                                    "torchvision:resnet18)".format(name, ", ".join(MODELS))) from exc
         if model_kwargs or weights or include or exclude:
             raise UsageError("model arguments, weights, include and exclude apply to model specs, not to the "
                              "built-in {}".format(name))

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .._io import no_typed_storage_warning, quote
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, first_line
 
 
 def is_spec(name: str) -> bool:
@@ -40,7 +40,7 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
         module = importlib.import_module(source)
     except Exception as exc:  # ImportError, or whatever the user's module raises while importing
         raise UsageError("model spec {}: cannot import {} ({}: {})".format(
-            quote(spec), source, type(exc).__name__, str(exc).splitlines()[0][:120] if str(exc) else "")) from None
+            quote(spec), source, type(exc).__name__, first_line(exc, 120))) from exc
     factory: Any = module
     for part in target.split("."):
         factory = getattr(factory, part, None)
@@ -63,7 +63,7 @@ def check_kwargs(spec: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
         return json.loads(json.dumps(dict(kwargs)))
     except (TypeError, ValueError) as exc:
         raise UsageError("model spec {}: arguments must be JSON data (str, number, bool, list, dict): {}".format(
-            quote(spec), exc)) from None
+            quote(spec), exc)) from exc
 
 
 def factory_kwargs(spec: str, kwargs: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
@@ -113,7 +113,7 @@ def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] 
         model = factory(**args)
     except Exception as exc:  # the user's factory or torchvision refusing its arguments
         raise UsageError("model spec {}: building it failed ({}: {})".format(
-            quote(spec), type(exc).__name__, str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "")) from None
+            quote(spec), type(exc).__name__, first_line(exc, 160))) from exc
     if not isinstance(model, nn.Module):
         raise UsageError("model spec {}: the factory returned {}, not an nn.Module".format(quote(spec), type(model).__name__))
     if from_file:
@@ -129,7 +129,7 @@ def load_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> None
             state = torch.load(name, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError("{}: not a readable state dict ({})".format(
-            name, str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__)) from None
+            name, first_line(exc, 120))) from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -138,7 +138,7 @@ def load_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> None
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # a tensor of the wrong shape
         raise CheckpointError("{}: does not fit the model ({})".format(
-            name, str(exc).strip().splitlines()[-1].strip()[:160])) from None
+            name, str(exc).strip().splitlines()[-1].strip()[:160])) from exc
     wrong = list(result.missing_keys) + list(result.unexpected_keys)
     if wrong:
         what = "missing" if result.missing_keys else "unexpected"

@@ -28,7 +28,7 @@ from .._io import run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
-from ..errors import IrepError
+from ..errors import IrepError, TrainingDiverged
 from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
 from ..ops import SPACES
@@ -41,7 +41,6 @@ from ..runs import build_run_model, check_model_settings, read_run_state, state_
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
-from ..train import TrainingDiverged
 from .population import EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
                       PopulationCode, RoundRecord, append_record, write_population)

@@ -10,10 +10,12 @@ import contextlib
 from typing import Iterator, List, Tuple
 
 import numpy as np
+import pytest
 import torch
 
 from irep_deploy.engines import onnx as onnx_engine
 from irep_deploy.engines import tensorrt as trt_engine
+from irep_deploy.errors import VerificationError
 from irep_deploy.pipeline import fuse
 
 Flags = Tuple[bool, bool]
@@ -80,3 +82,19 @@ def test_tensorrt_verify_runs_in_true_fp32(fused_onnx):
     with tf32_on_and_observed():
         stats = trt_engine.verify_engine(runner, fused_onnx, 2, tolerance=1e-3, min_cosine=0.999)
     assert runner.seen == [(False, False)] and stats["rel_error"] < 1e-5
+
+
+class _Fp16StandIn(_EngineStandIn):
+    """NOT TensorRT: onnxruntime's FP32 output rounded to float16, as an FP16 engine returns it."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x).half()
+
+
+def test_tensorrt_fp16_verify_checks_cosine(fused_onnx):
+    meta = trt_engine.EngineMeta("10.3.0", "gpu", "9.0", "fp16", "input", "logits", [1, 3, 32, 32],
+                                 [2, 3, 32, 32], [4, 3, 32, 32], "00")
+    stats = trt_engine.verify_engine(_Fp16StandIn(str(fused_onnx), meta), fused_onnx, 2)  # default: TRT_FP16
+    assert 0.999 < stats["cosine"] < 1 and stats["max_abs_error"] > 0  # float16 rounding, well inside 0.999
+    with pytest.raises(VerificationError, match=r"^FP16 engine output differs from onnxruntime: cosine 0\.9"):
+        trt_engine.verify_engine(_Fp16StandIn(str(fused_onnx), meta), fused_onnx, 2, min_cosine=1.0)

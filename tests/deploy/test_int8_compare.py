@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
+from irep_deploy.compare import compare
 from irep_deploy.engines import int8 as int8_tools
 from irep_deploy.engines import ort as ort_helpers
 from irep_deploy.errors import IrepError, VerificationError
@@ -57,9 +58,9 @@ def test_qdq_graph_is_recognised(fmnist, qdq):
 def test_int8_agrees_with_fp32_on_real_images(fmnist, qdq):
     images = int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 512, split="test")
     ref, got = _run(fmnist["onnx"], images), _run(qdq, images)
-    stats = int8_tools.check_int8(int8_tools.compare_int8(ref, got))
-    assert stats["examples"] == 512 and stats["cosine"] > 0.99 and stats["top1_agreement"] >= 0.95
-    assert 0 < stats["max_abs_error"]  # it is really quantized, not the float graph again
+    check = int8_tools.check_int8(ref, got)
+    assert check.examples == 512 and check.cosine > 0.99 and check.top1_agreement >= 0.95
+    assert 0 < check.max_abs_error  # it is really quantized, not the float graph again
 
 
 def test_int8_check_fails_for_another_model(fmnist, ckpts, qdq):
@@ -67,9 +68,33 @@ def test_int8_check_fails_for_another_model(fmnist, ckpts, qdq):
     images = int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 256, split="test")
     ref = _run(fmnist["onnx"], images)
     wrong = ref[np.random.default_rng(0).permutation(len(ref))]
-    stats = int8_tools.compare_int8(ref, wrong)
-    assert stats["top1_agreement"] < 0.5
+    assert compare(ref, wrong).top1_agreement < 0.5
     with pytest.raises(VerificationError) as info:
-        int8_tools.check_int8(stats)
+        int8_tools.check_int8(ref, wrong)
     assert "top-1 agreement" in str(info.value) and "nothing written" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+class _Int8EngineStandIn:
+    """NOT TensorRT: answers like an INT8 engine with onnxruntime running ``path`` (a QDQ graph runs
+    quantized there); TrtRunner itself needs TensorRT and a GPU (tests/deploy/test_trt_gpu.py)."""
+
+    def __init__(self, path, shuffle: bool = False) -> None:
+        import torch
+        self.session, self.shuffle, self.torch = ort_helpers.make_session(str(path)), shuffle, torch
+
+    def batch_range(self):
+        return 1, 64
+
+    def __call__(self, x):
+        out = ort_helpers.run(self.session, x.numpy())
+        return self.torch.from_numpy(out[::-1].copy() if self.shuffle else out)  # reversed: other images' logits
+
+
+def test_build_trt_int8_verify_on_real_images(fmnist, qdq):
+    from irep_deploy.engines.tensorrt import verify_int8
+    images = int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 256, split="test")
+    stats = verify_int8(_Int8EngineStandIn(qdq), fmnist["onnx"], images)
+    assert stats["examples"] == 256 and stats["cosine"] > 0.99 and stats["top1_agreement"] >= 0.95
+    with pytest.raises(VerificationError, match="INT8 engine output differs from onnxruntime on 256 real images"):
+        verify_int8(_Int8EngineStandIn(qdq, shuffle=True), fmnist["onnx"], images)
