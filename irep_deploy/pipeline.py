@@ -1,4 +1,6 @@
-"""The user's steps as library functions (the CLI parses arguments, calls these, prints)."""
+"""The ``fuse`` step as a library function: a multi-branch checkpoint and its code in, a checked plain
+deploy checkpoint out (the CLI parses arguments, calls :func:`fuse`, prints). The model-level fusion is
+``reparam``'s, the kernel algebra ``fusion``'s; docs/architecture.md says which module owns what."""
 from __future__ import annotations
 
 import os
