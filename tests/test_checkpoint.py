@@ -1,10 +1,10 @@
 """Checkpoints: round trips, atomic writes, and refusal of tampered or unsafe files."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +13,9 @@ from irep_deploy import ArchCode, build_model, current_arch, fuse_model, load_ch
 from irep_deploy.checkpoint import FORMAT
 from irep_deploy.errors import CheckpointError, IrepError
 
-from conftest import randomize_arch_params, randomize_bn, rel_err
+from conftest import cli_env, randomize_arch_params, randomize_bn, rel_err
 
 NAME = "resnet18_cifar"
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -170,15 +169,14 @@ except Exception as exc:
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="RLIMIT_FSIZE (a full disk) needs a POSIX system")
+@pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="RLIMIT_FSIZE (a full disk) needs POSIX")
 def test_save_is_atomic(tmp_path, model):
     """The disk fills up halfway through the new checkpoint: the old one is intact, no temp file is left.
     (A writer that opened the checkpoint itself would have truncated it before the write failed.)"""
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model)
     before = path.read_bytes()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", _SAVE_ON_A_FULL_DISK, str(path), str(len(before) // 2)], env=env,
+    proc = subprocess.run([sys.executable, "-c", _SAVE_ON_A_FULL_DISK, str(path), str(len(before) // 2)], env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.stdout.startswith("failed"), (proc.stdout, proc.stderr)
     assert path.read_bytes() == before
