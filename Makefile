@@ -12,17 +12,17 @@ VENV38 ?= .venv38
 STAMP38 := $(VENV38)/.installed
 PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $$HOME/.pyenv)
 FIND_PY38 = ls -d $(PYENV_ROOT)/versions/3.8*/bin/python 2>/dev/null | sort -V | tail -n 1
-# Every test of the deploy path: blocks and fusion, models, codes, checkpoints, `fuse`, export,
+# Every test of the deploy path: blocks and fusion, models, codes, checkpoints, atomic writes, `fuse`, export,
 # build-trt (TensorRT stand-ins), bench, the CLI end to end (tests/deploy/test_cli_e2e.py), the same
 # for a network named by --model (tests/test_cli_model.py), the CLI's bad-input table and fuzzed
 # readers (cases that need train/search-only packages skip), and irepify of any network (torchvision
 # classifiers, a Faster R-CNN whose fused body is exported).
 DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tests/test_checkpoint.py \
 	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_cli_model.py tests/test_bad_input.py \
-	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py
+	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py tests/test_io.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
+.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ lint-docker: venv
 test: venv data check-py38 lint-docker
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-py38
+
+# The main lane without the end-to-end tests marked `slow` (subprocess CLI chains, trainings, searches,
+# the benchmark smoke runs): a quick check while editing. `make test` still runs everything.
+test-fast: venv data
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The CUDA suite (tests marked `cuda`, all of tests/gpu): on a machine without a GPU every test skips
 # with the reason, so this target is meant for a GPU host.

@@ -1,4 +1,4 @@
-"""Bad-input table (issue 10): every subcommand fed deliberately bad files and flags, in-process.
+"""Bad-input table: every subcommand fed deliberately bad files and flags, in-process.
 
 Each case must end with the promised outcome: the documented exit code, one line on stderr naming
 the file or flag, no traceback, every input byte-for-byte unchanged (sha256) and no new file in the
@@ -167,7 +167,7 @@ CASES: List[Case] = [
     C("run directory", "train -o {newdir} --dataset fashion-mnist --data-root {missing} --backbone resnet18_cifar --width 0.125 --epochs 1 --limit 64 --batch-size 32", 1, "{missing}"),
     # eval of a checkpoint: the dataset it was trained on
     C("eval dataset", "eval {deploy}", 1, "--dataset"),
-    # quantize (issue 12): calibration data that does not fit, too few images, a model that is not an FP32
+    # quantize: calibration data that does not fit, too few images, a model that is not an FP32
     # image classifier, an output that is the input; eval of ONNX files
     C("quantize", "quantize {onnx} --calib fashion-mnist -o {out_onnx}", 1, "{onnx}"),
     C("quantize", "quantize {onnx} --calib cifar10 --data-root {dir} -o {out_onnx}", 1, "{onnx}"),
@@ -198,7 +198,7 @@ CASES: List[Case] = [
     C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --model torchvision:resnet18", 1,
       "--model"),
     C("eval onnx", "eval {qdq_onnx} --dataset cifar10 --data-root {dir}", 1, "{qdq_onnx}"),
-    # --model (issue 11): a checkpoint of a network that is not built in needs its name, and only its own
+    # --model: a checkpoint of a network that is not built in needs its name, and only its own
     C("model spec", "fuse {s_multi} {s_arch} -o {out_pt}", 1, "--model"),
     C("model spec", "export {s_deploy} -o {out_onnx}", 1, "--model"),
     C("model spec", "bench {s_deploy} --duration 0.01 --iterations 1", 1, "--model"),
@@ -542,7 +542,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     pkg, root = Path(irep_deploy.__file__).resolve().parent, Path(__file__).resolve().parent.parent
     shown = pkg.relative_to(root) if root in pkg.parents else pkg  # another tree (e.g. the old code) in full
     bad = [o for o in outcomes if o.verdict != "one-line error"]
-    lines = ["# Bad-input table (issue 10)", "",
+    lines = ["# Bad-input table", "",
              "`python benchmarks/bad_input.py` ({} cases, in-process through `irep_deploy.cli.main`; package at "
              "`{}`). Verdict per case: the worst of hang (> {} s) > input destroyed > traceback > wrong success > leftover > "
              "not one line of at most {} characters > does not name the file/flag > wrong exit code.".format(
@@ -551,7 +551,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += ["## Cases without the promised outcome", ""]
         lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
                                                    (o.stderr.strip().splitlines() or [""])[-1][:160]) for o in bad]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    from irep_deploy._io import atomic_write  # not benchmarks/_common: tests load this file on its own
+    with atomic_write(args.out, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
     print(table(outcomes))
     print("wrote {}".format(args.out))
     return 0

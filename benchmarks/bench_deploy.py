@@ -1,4 +1,4 @@
-"""Fused vs plain backbone vs multi-branch latency on onnxruntime CPU (issue 4's performance targets).
+"""Fused vs plain backbone vs multi-branch latency on onnxruntime CPU (docs/performance.md).
 
 Every model goes through the same export (legacy exporter, opset 17, onnxslim) and the same
 onnxruntime CPU session; rounds interleave the models so that the drift of a shared machine hits
@@ -14,6 +14,8 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import write_json, write_text
 
 from irep_deploy import ArchCode, build_model, save_checkpoint
 from irep_deploy.bench.latency import bench, format_table
@@ -45,7 +47,7 @@ def main() -> int:
     data["model"] = "{} width {} (random weights; latency does not depend on them), all branches on".format(
         args.backbone, args.width)
     out = Path(args.out)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=2) + "\n")
+    write_json(out.with_suffix(".json"), data)
     env = report.environment
     lines = ["# Deploy latency on onnxruntime CPU", "", "Command: `{}`".format(command), "",
              "Machine: {} ({} logical CPUs, shared with other work), {}; Python {}, torch {}, onnxruntime {}, "
@@ -55,7 +57,7 @@ def main() -> int:
              "```", format_table(report), "```", ""]
     for w in report.warnings:
         lines.append("- warning: " + w)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(format_table(report))
     return 0
 

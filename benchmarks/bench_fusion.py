@@ -1,4 +1,4 @@
-"""Fusion benchmark (issue 2): is the fused network as fast as the plain backbone, how much faster
+"""Fusion benchmark (targets: docs/performance.md): is the fused network as fast as the plain backbone, how much faster
 than the multi-branch one, and how cheap is fusing compared with evaluating?
 
 All figures are ratios of medians measured in one run, with the models timed in interleaved rounds
@@ -22,8 +22,7 @@ import torch.nn as nn
 import torchvision
 from torch.utils.benchmark import Timer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, ratio_stats, write_results
 
 from irep_deploy import ArchCode, build_model, fuse_model  # noqa: E402
 
@@ -44,12 +43,6 @@ def interleaved_samples(models: Dict[str, nn.Module], x: torch.Tensor, rounds: i
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
-
-
-def ratio_stats(num: List[float], den: List[float]) -> Dict[str, float]:
-    """Median and range of per-round ratios: adjacent measurements share the machine's state."""
-    ratios = [a / b for a, b in zip(num, den)]
-    return {"median": median(ratios), "min": min(ratios), "max": max(ratios)}
 
 
 def latency_section(name: str, size: int, batches: List[int], rounds: int, min_time: float) -> List[dict]:

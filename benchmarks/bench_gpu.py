@@ -1,4 +1,4 @@
-"""The GPU record (issue 9): the CUDA suite's result, the paper's Table 1 at its own scale, and batch-1
+"""The GPU record: the CUDA suite's result, the paper's Table 1 at its own scale, and batch-1
 latency of fused vs plain vs multi-branch ResNet-18 in eager mode and with CUDA graphs.
 
 1. Suite: ``pytest -m cuda`` (tests/gpu and every test marked ``cuda``), its summary line recorded.
@@ -32,8 +32,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 
 from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint  # noqa: E402
 from irep_deploy.bench.latency import bench, format_table  # noqa: E402

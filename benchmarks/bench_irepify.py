@@ -1,4 +1,4 @@
-"""Your own network, deployed: fused irepified torchvision models vs the originals (issue 11's performance targets).
+"""Your own network, deployed: fused irepified torchvision models vs the originals (docs/performance.md).
 
 For each torchvision model (``weights=None``, every BatchNorm given random statistics so that
 folding is not the identity):
@@ -45,11 +45,9 @@ import torch.nn as nn
 import torchvision
 
 import irep_deploy
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine  # noqa: E402
+from _common import describe_machine, write_results
 
 from irep_deploy import ArchCode, apply_arch, fuse_model, irepify  # noqa: E402
-from irep_deploy._io import atomic_write  # noqa: E402
 from irep_deploy.bench.latency import (SPREAD_WARN, Job, Result, Samples, Variant, _to_onnx,  # noqa: E402
                                        ort_runner, run_rounds, spread, summarise)
 from irep_deploy.block import IrepConv  # noqa: E402
@@ -61,7 +59,7 @@ MODELS = ("resnet18", "resnet50", "mobilenet_v2", "vgg16_bn", "regnet_x_400mf")
 VARIANTS = ("fused", "original folded", "original")
 # original / original folded is an A/A control where the exporter folded BN itself (same graph twice)
 RATIOS = (("fused", "original"), ("fused", "original folded"), ("original", "original folded"))
-TARGET = (0.98, 1.02)  # the issue's latency target for fused / original
+TARGET = (0.98, 1.02)  # the latency target for fused / original (docs/performance.md)
 
 
 def randomise_bn(module: nn.Module, gen: torch.Generator) -> None:
@@ -298,15 +296,6 @@ def shown_path(path: Path) -> str:
     return str(path.relative_to(root)) if root in path.parents else str(path)
 
 
-def write(stem: Path, result: Dict[str, Any]) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(stem.with_suffix(".json"), "w") as handle:
-        handle.write(json.dumps(result, indent=2) + "\n")
-    with atomic_write(stem.with_suffix(".md"), "w") as handle:
-        handle.write(markdown(result))
-    print("wrote {} and {}".format(stem.with_suffix(".json"), stem.with_suffix(".md")))
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), help="torchvision.models.get_model names")
@@ -355,7 +344,7 @@ def main() -> int:
         "code": {"irep_deploy": shown_path(package), "commit": commit or None},
         "models": models, "irepify_fuse": irepify_fuse,
         "wall_s": round(time.perf_counter() - start, 1)}
-    write(Path(args.out), result)
+    write_results(args.out, result, markdown(result))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Population evaluation (issue 15, item 7): every code scored on the validation split decoded once
+"""Population evaluation: every code scored on the validation split decoded once
 (``_Search.evaluate_population``) against the old per-code path (fuse the code, then a fresh pass of
 the loader: the split read and transformed once per code), on real Fashion-MNIST.
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ from typing import Dict, List
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 
 from irep_deploy.data import eval_loader  # noqa: E402
 from irep_deploy.reparam import fuse_model  # noqa: E402

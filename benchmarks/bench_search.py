@@ -1,4 +1,4 @@
-"""Search benchmark (issue 3, "Performance"): what the SuperNet machinery costs, how much fusing
+"""Search benchmark (targets: docs/performance.md): what the SuperNet machinery costs, how much fusing
 saves when a population is scored, and what the CPU preset needs in memory and time.
 
 1. B-subnet step: one SuperNet step over B codes (forward all B, averaged loss, backward, SGD on the
@@ -35,8 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, ratio_stats, write_results
 
 from irep_deploy import ArchCode, build_model, fuse_model  # noqa: E402
 from irep_deploy.data import load_data  # noqa: E402
@@ -44,11 +43,6 @@ from irep_deploy.search.des import make_config  # noqa: E402
 from irep_deploy.search.supernet import SuperNet, averaged_loss  # noqa: E402
 
 NAME = "resnet18_cifar"
-
-
-def ratio_stats(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
-    ratios = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
 def clock(fn: Callable[[], object]) -> float:
@@ -80,7 +74,7 @@ def step_section(subnets: Sequence[int], width: float, batch: int, rounds: int, 
             w_opt.step()
             a_opt.step()
 
-        def plain_fwd_bwd() -> None:  # the issue's reference: B forward/backward passes, no optimizer
+        def plain_fwd_bwd() -> None:  # the target's reference: B forward/backward passes, no optimizer
             for m in standalone:
                 m.zero_grad(set_to_none=True)
                 criterion(m(x), y).backward()
@@ -255,7 +249,7 @@ def markdown(result: Dict[str, Any]) -> str:
                 cell(r["step_over_fwd_bwd"]), cell(r["step_over_train_steps"]), cell(r["aa_control"]),
                 "yes" if r["step_over_fwd_bwd"]["median"] <= 1.15 else "no"))
         lines += ["", "The SuperNet step includes the SGD step of the weights and the Adam step of alpha/beta; "
-                  "\"fwd-bwd\" is the issue's reference (B forward + backward passes, no optimizer), "
+                  "\"fwd-bwd\" is the target's reference (B forward + backward passes, no optimizer), "
                   "\"train steps\" adds one SGD step per standalone network.", ""]
     if result.get("population"):
         p = result["population"]

@@ -1,4 +1,4 @@
-"""Host syncs per step (issue 15, item 6): training and search steps/s with the running metrics and the
+"""Host syncs per step: training and search steps/s with the running metrics and the
 non-finite-loss flag read on the host every step (what the old code did: ``loss.item()``, the flag,
 ``int(correct)``) against once per ``LOG_EVERY`` steps (the code now), on real Fashion-MNIST.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 
 import irep_deploy.steps as steps_mod  # noqa: E402
 import irep_deploy.train as train_mod  # noqa: E402

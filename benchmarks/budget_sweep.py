@@ -25,12 +25,11 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 from runs import checkpoint_params, fmt, mean_std, rounds_text, run_search, run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402

@@ -1,4 +1,4 @@
-"""Evidence that the search works (issue 3): retrained Fashion-MNIST test accuracy of four codes.
+"""Evidence that the search works: retrained Fashion-MNIST test accuracy of four codes.
 
     (a) plain   the backbone with no branch (empty code)
     (b) full    every available branch
@@ -30,8 +30,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 from runs import fmt, mean_std, rounds_text, run_search, run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402

@@ -1,4 +1,4 @@
-"""INT8 accuracy of fused IREPS networks (issue 12, "Measured"): FP32 vs INT8 (onnxruntime) on real data.
+"""INT8 accuracy of fused IREPS networks (target: docs/performance.md): FP32 vs INT8 (onnxruntime) on real data.
 
 For each backbone (resnet18_cifar, vgg16_cifar at width 0.125 on Fashion-MNIST) and each code
 
@@ -39,8 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 from runs import run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
@@ -51,9 +50,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EVIDENCE = {"resnet18_cifar": RESULTS / "evidence_fmnist.json", "vgg16_cifar": RESULTS / "evidence_fmnist_vgg16.json"}
 CODES = ("plain", "full", "des", "random")
 METHODS = ("minmax", "entropy", "percentile")
-DEFAULT = ("minmax", True)  # quantize()'s defaults (minmax, per-channel): the issue's goal is stated for these
+DEFAULT = ("minmax", True)  # quantize()'s defaults (minmax, per-channel): the target is stated for these
 DATASET = "fashion-mnist"
-FULL_EPOCHS = 15  # the issue: at least one run with >= 15 epochs
+FULL_EPOCHS = 15  # the target's measurement: at least one run with >= 15 epochs
 
 
 def settings_name(method: str, per_channel: bool) -> str:
@@ -194,15 +193,15 @@ def markdown(result: Dict[str, Any]) -> str:
              "Command: `{}`".format(result["command"]), "", "Machine: {}".format(result["machine"]["summary"]), "",
              "Status: {}".format(result["status"]), ""]
     if r["epochs"] < FULL_EPOCHS:
-        lines += ["**Reduced run**: {} training epochs, fewer than the {} the issue asks for (the collapse grows "
-                  "with training); not the issue's measurement.".format(r["epochs"], FULL_EPOCHS), ""]
+        lines += ["**Reduced run**: {} training epochs, fewer than the {} the target asks for (the collapse grows "
+                  "with training); not the target's measurement.".format(r["epochs"], FULL_EPOCHS), ""]
     lines += ["Training: width {}, {} epochs, {} training images (`limit`), batch {}, lr {}, seed {}. Test: {} "
               "images of the test split. Calibration: {} training images (quantize's loader). DES codes from {}."
               .format(r["width"], r["epochs"], r["limit"], r["batch_size"], r["lr"], result["seed"],
                      result["test_limit"] or "all", result["calib_size"],
                      ", ".join(sorted({m["des_source"] for m in result["models"]})) or "-"), "",
               "## Test top-1 (%), FP32 vs INT8", "",
-              "Drop = FP32 - INT8 in points; changed = test images whose predicted class differs. The issue's goal "
+              "Drop = FP32 - INT8 in points; changed = test images whose predicted class differs. The target "
               "is a drop <= 0.5 under the defaults ({}).".format(settings_name(*DEFAULT)), "",
               "| backbone | code | branches | method | weights | FP32 | INT8 | drop | changed | cosine (calib batch) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -257,7 +256,7 @@ def main() -> None:
     parser.add_argument("--codes", nargs="+", default=["plain", "full", "des"], choices=CODES)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, default=FULL_EPOCHS,
-                        help="training epochs (default {}, the issue's minimum)".format(FULL_EPOCHS))
+                        help="training epochs (default {}, the target's minimum)".format(FULL_EPOCHS))
     parser.add_argument("--limit", type=int, default=3000, help="training examples (as in the evidence run)")
     parser.add_argument("--width", type=float, default=0.125)
     parser.add_argument("--batch-size", type=int, default=64)

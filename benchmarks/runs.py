@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from _common import write_json
+
 from irep_deploy import ArchCode, fuse_model, load_model
 from irep_deploy.search.des import make_config, search
 from irep_deploy.train import TrainConfig, train
@@ -36,7 +38,7 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any]) -> Dict[str, A
             "resumed": resume, "wall_s": round(time.time() - start, 1), "best_fitness_val_top1": report.best_fitness,
             "best_branches": report.best.count(), "budget": report.best.budget(config.budget),
             "capacity": report.best.capacity(), "rounds": report.rounds, "code": report.best.dumps()}
-    done.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(done, info)
     return info
 
 
@@ -60,7 +62,7 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
             "test_examples": report.multi_branch.examples, "fused_rel_error": report.fused_rel_error,
             "train_top1_last_epoch": report.history[-1]["train_top1"] if report.history else None,
             "wall_s": round(time.time() - start, 1), "resumed": resume, "recipe": recipe, "arch": arch}
-    done.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(done, info)
     print("  -> test top-1 {:.2f}% (fused {:.2f}%), {} branches, {:.0f} s".format(
         info["test_top1"], info["fused_test_top1"], info["branches"], info["wall_s"]), flush=True)
     return info

@@ -35,8 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_json, write_results
 from runs import fmt  # noqa: E402
 
 from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint  # noqa: E402
@@ -243,7 +242,7 @@ def main() -> None:
     if result["fmnist"]:
         pts = points(result["fmnist"], args.backends[-1], args.batches[0])
         fig_dir.mkdir(parents=True, exist_ok=True)
-        (fig_dir / "points.json").write_text(json.dumps(pts, indent=2) + "\n")
+        write_json(fig_dir / "points.json", pts)
         plot_points(pts, fig_dir)
         result["figure"] = "figures/{}/accuracy_latency.png".format(out.name)
     write_results(str(out), result, markdown(result))

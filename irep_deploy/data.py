@@ -22,7 +22,6 @@ then records the network's 3 channels, and export, bench and eval feed 3-channel
 from __future__ import annotations
 
 import gzip
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -391,8 +390,3 @@ def eval_loader(dataset: Dataset, batch_size: int, workers: int = 0, rank: int =
     shard = dataset if world_size == 1 else Subset(dataset, list(range(rank, len(dataset), world_size)))  # type: ignore[arg-type]
     return DataLoader(shard, batch_size=batch_size, sampler=SequentialSampler(shard), num_workers=workers,
                       pin_memory=pin_memory)
-
-
-def default_workers() -> int:
-    """Loader worker processes: none on small machines (the main process is faster there)."""
-    return 0 if (os.cpu_count() or 1) <= 2 else min(8, (os.cpu_count() or 1) // 2)

@@ -152,17 +152,16 @@ class OpSpec:
 
     name: str
     build: BranchFactory
-    lands_as: str
     identity_shaped: bool = False
 
     def available(self, in_channels: int, out_channels: int, stride: int) -> bool:
         return not self.identity_shaped or (stride == 1 and in_channels == out_channels)
 
 
-def _conv_op(name: str, kernel_size: Pair, padding: Pair, dilation: int, lands_as: str) -> OpSpec:
+def _conv_op(name: str, kernel_size: Pair, padding: Pair, dilation: int) -> OpSpec:
     def build(cin: int, cout: int, stride: int, groups: int) -> nn.Module:
         return ConvBN(cin, cout, kernel_size, stride, padding, dilation, groups)
-    return OpSpec(name, build, lands_as)
+    return OpSpec(name, build)
 
 
 REGISTRY: Dict[str, OpSpec] = {}
@@ -175,20 +174,17 @@ def register_op(spec: OpSpec) -> OpSpec:
     return spec
 
 
-for _spec in (
-    _conv_op("conv3x3", (3, 3), (1, 1), 1, "itself"),
-    _conv_op("conv1x3", (1, 3), (0, 1), 1, "middle row"),
-    _conv_op("conv3x1", (3, 1), (1, 0), 1, "middle column"),
-    _conv_op("conv1x1", (1, 1), (0, 0), 1, "centre tap"),
-    OpSpec("conv1x1_3x3", lambda i, o, s, g: OneByOneThen(i, o, s, g, pool=False),
-           "K3 (x) K1, bias through K3"),
-    OpSpec("conv1x1_avg", lambda i, o, s, g: OneByOneThen(i, o, s, g, pool=True),
-           "K1 spread as 1/9 over the window"),
-    _conv_op("dil2x2", (2, 2), (1, 1), 2, "four corners"),
-    _conv_op("dil2x1", (2, 1), (1, 0), 2, "top and bottom of the middle column"),
-    _conv_op("dil1x2", (1, 2), (0, 1), 2, "left and right of the middle row"),
-    OpSpec("identity", lambda i, o, s, g: IdentityBN(o, g), "identity at the centre tap",
-           identity_shaped=True),
+for _spec in (  # where each branch lands in the fused 3x3 kernel:
+    _conv_op("conv3x3", (3, 3), (1, 1), 1),  # itself
+    _conv_op("conv1x3", (1, 3), (0, 1), 1),  # the middle row
+    _conv_op("conv3x1", (3, 1), (1, 0), 1),  # the middle column
+    _conv_op("conv1x1", (1, 1), (0, 0), 1),  # the centre tap
+    OpSpec("conv1x1_3x3", lambda i, o, s, g: OneByOneThen(i, o, s, g, pool=False)),  # K3 (x) K1, bias through K3
+    OpSpec("conv1x1_avg", lambda i, o, s, g: OneByOneThen(i, o, s, g, pool=True)),  # K1 spread as 1/9 over the window
+    _conv_op("dil2x2", (2, 2), (1, 1), 2),  # the four corners
+    _conv_op("dil2x1", (2, 1), (1, 0), 2),  # top and bottom of the middle column
+    _conv_op("dil1x2", (1, 2), (0, 1), 2),  # left and right of the middle row
+    OpSpec("identity", lambda i, o, s, g: IdentityBN(o, g), identity_shaped=True),  # the centre tap
 ):
     register_op(_spec)
 

@@ -1,4 +1,13 @@
+"""Shared by the whole suite: the CUDA marker rule, the one-thread fixture, and helpers the test
+modules import (``from conftest import randomize_bn``; tests/train and tests/deploy are packages so that
+their own conftest files never shadow this one)."""
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -34,6 +43,34 @@ def randomize_arch_params(module: nn.Module, seed: int = 0) -> nn.Module:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     from irep_deploy.compare import compare
     return compare(a, b).rel_error
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> Dict[str, str]:
+    """The environment of a CLI run in its own process: one OpenMP thread (2 shared cores), the
+    repository root importable (``tests.byon_nets``) and Python's default warning filters."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    return env
+
+
+def run_cli(cwd: Path, *argv: str) -> Tuple[int, str, str]:
+    """``python -m irep_deploy ARGV`` in ``cwd``, as a user types it: (exit code, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "irep_deploy", *map(str, argv)], cwd=str(cwd), env=cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded 2-core machine a thread pool waits out whole time slices (~30 ms)
+    on its barrier, which swamps tiny models and short timings."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 NO_CUDA = "no CUDA GPU on this machine (torch.cuda.is_available() is False)"

@@ -21,6 +21,8 @@ import pytest
 from irep_deploy import build_model, fuse_model, save_checkpoint
 from irep_deploy.cli import main
 
+from conftest import cli_env
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bad_input", str(ROOT / "benchmarks" / "bad_input.py"))
 bad_input = importlib.util.module_from_spec(_spec)
@@ -59,13 +61,8 @@ def test_bad_input(case, table_env):
 
 
 # -- real processes ------------------------------------------------------------------------------------
-def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                OMP_NUM_THREADS="1")
-
-
 def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "irep_deploy"] + [str(a) for a in args], env=_env(),
+    return subprocess.run([sys.executable, "-m", "irep_deploy"] + [str(a) for a in args], env=cli_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
 
 
@@ -79,7 +76,7 @@ sys.stdout.write("%d %d\n%s" % (proc.returncode, resource.getrusage(resource.RUS
 def test_show_dev_zero_answers_in_one_short_line_with_bounded_memory():
     # a fresh parent, so that RUSAGE_CHILDREN holds the CLI's peak RSS alone
     proc = subprocess.run([sys.executable, "-c", _PEAK_RSS, sys.executable, "-m", "irep_deploy", "show", "/dev/zero"],
-                          env=_env(), stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
+                          env=cli_env(), stdout=subprocess.PIPE, universal_newlines=True, timeout=60)
     head, _, stderr = proc.stdout.partition("\n")
     rc, peak_kib = map(int, head.split())
     lines = stderr.strip().splitlines()
@@ -109,7 +106,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(table_env, delay):
     """SIGINT early (0.3 s: while torch imports) and later (while benchmarking): same outcome."""
     f = table_env[0]
     proc = subprocess.Popen([sys.executable, "-m", "irep_deploy", "bench", str(f["deploy"]), "--duration", "60",
-                             "--iterations", "1000000"], env=_env(), stdout=subprocess.PIPE,
+                             "--iterations", "1000000"], env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True)
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
@@ -125,7 +122,7 @@ def test_import_does_not_load_torch_and_public_names_still_work():
             "from irep_deploy.cli import build_parser; build_parser(); assert 'torch' not in sys.modules, 'parser'; "
             "from irep_deploy import ArchCode, Checkpoint, IrepError, build_model, fuse_model; "
             "print(ArchCode.__name__, sorted(n for n in irep_deploy.__all__ if not n.startswith('_'))[:2])")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("ArchCode")
@@ -148,7 +145,7 @@ except Terminated:
 
 def test_sigterm_inside_a_write_removes_the_temp_file_and_restores_the_handler(tmp_path):
     target = tmp_path / "out.pt"
-    proc = subprocess.run([sys.executable, "-c", _SIGTERM_WRITER, str(target)], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-c", _SIGTERM_WRITER, str(target)], env=cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
     assert proc.stdout.strip() == "terminated True", proc.stderr
     assert os.listdir(str(tmp_path)) == []
@@ -181,7 +178,7 @@ def test_a_killed_writer_leaves_a_temp_file_that_the_next_run_removes(table_env,
     target = tmp_path / "deploy.onnx"
     code = ("import os, signal, sys; from irep_deploy._io import atomic_write\n"
             "with atomic_write(sys.argv[1]) as h:\n    h.write(b'half'); h.flush(); os.kill(os.getpid(), 9)\n")
-    subprocess.run([sys.executable, "-c", code, str(target)], env=_env(), timeout=60)
+    subprocess.run([sys.executable, "-c", code, str(target)], env=cli_env(), timeout=60)
     left = [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
     assert len(left) == 1 and not target.exists()
     assert main(["export", str(f["deploy"]), "-o", str(target), "--simplify", "none"]) == 0

@@ -28,6 +28,7 @@ def test_without_cuda_it_refuses_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_section(tmp_path):
     out = tmp_path / "gpu_smoke"
     proc = run("--device", "cpu", "--smoke", "--out", str(out))

@@ -15,6 +15,8 @@ from irep_deploy import ArchCode
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
+pytestmark = pytest.mark.slow  # every test runs a benchmark script end to end (minutes in all)
+
 
 def run(script: str, *args: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")

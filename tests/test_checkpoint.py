@@ -1,7 +1,10 @@
 """Checkpoints: round trips, atomic writes, and refusal of tampered or unsafe files."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from irep_deploy import ArchCode, build_model, current_arch, fuse_model, load_ch
 from irep_deploy.checkpoint import FORMAT
 from irep_deploy.errors import CheckpointError, IrepError
 
-from conftest import randomize_arch_params, randomize_bn, rel_err
+from conftest import cli_env, randomize_arch_params, randomize_bn, rel_err
 
 NAME = "resnet18_cifar"
 
@@ -153,22 +156,31 @@ def test_files_that_are_not_checkpoints(tmp_path, model):
         load_checkpoint(text)
 
 
+_SAVE_ON_A_FULL_DISK = r"""
+import resource, signal, sys
+from irep_deploy import load_checkpoint, save_checkpoint
+model = load_checkpoint(sys.argv[1]).build()  # the same checkpoint, written again
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_checkpoint(sys.argv[1], model)
+except Exception as exc:
+    print("failed", type(exc).__name__)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("resource") is None, reason="RLIMIT_FSIZE (a full disk) needs POSIX")
 def test_save_is_atomic(tmp_path, model):
+    """The disk fills up halfway through the new checkpoint: the old one is intact, no temp file is left.
+    (A writer that opened the checkpoint itself would have truncated it before the write failed.)"""
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model)
     before = path.read_bytes()
-
-    class Boom(Exception):
-        pass
-
-    def failing_state_dict(*args, **kwargs):
-        raise Boom()
-
-    model.state_dict = failing_state_dict  # a failure in the middle of saving
-    with pytest.raises(Boom):
-        save_checkpoint(path, model)
+    proc = subprocess.run([sys.executable, "-c", _SAVE_ON_A_FULL_DISK, str(path), str(len(before) // 2)], env=cli_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert proc.stdout.startswith("failed"), (proc.stdout, proc.stderr)
     assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+    assert os.listdir(str(tmp_path)) == ["ckpt.pt"]  # the temporary file was removed
     with pytest.raises(IrepError, match="does not exist"):
         save_checkpoint(tmp_path / "no" / "dir" / "x.pt", build_model(NAME, width=0.125))
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -24,15 +22,15 @@ from irep_deploy import ArchCode, build_model, load_checkpoint
 from irep_deploy.data import FASHION_MNIST_ROOT, load_data
 from irep_deploy.precision import exact_fp32
 
+from conftest import run_cli
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (Path(FASHION_MNIST_ROOT) / "t10k-images-idx3-ubyte.gz").is_file(),
                        reason="Debian package dataset-fashion-mnist not installed (make data)"),
 ]
-ROOT = Path(__file__).resolve().parents[1]
-# the repository root on the path: `tests.byon_nets:small_cnn` is importable, as a user's own package
-ENV = dict({k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}, OMP_NUM_THREADS="1",
-           PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# conftest.run_cli puts the repository root on the path: `tests.byon_nets:small_cnn` is importable,
+# as a user's own package
 LIMIT = 256  # examples per split: a few steps, and the test images compared below
 TV = "torchvision:resnet18"
 OWN = "tests.byon_nets:small_cnn"
@@ -42,16 +40,10 @@ FAST_BENCH = ["--warmup", "0", "--duration", "0.05", "--iterations", "2", "--rou
 Result = Tuple[int, str, str]
 
 
-def irep(cwd: Path, *argv: str) -> Result:
-    proc = subprocess.run([sys.executable, "-m", "irep_deploy", *argv], cwd=str(cwd), env=ENV,
-                          capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def run_steps(d: Path, steps: Dict[str, List[str]]) -> Dict[str, Result]:
     results = {}
     for name, argv in steps.items():
-        results[name] = irep(d, *argv)
+        results[name] = run_cli(d, *argv)
         if results[name][0] != 0:  # later steps need this one's output
             break
     return results

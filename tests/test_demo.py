@@ -13,6 +13,8 @@ from irep_deploy.engines.onnx import FUSED_OP_TYPES, load_onnx, op_types
 from irep_deploy.engines.onnx_eval import evaluate_onnx
 from irep_deploy.engines.quantize import META_PREFIX
 
+pytestmark = pytest.mark.slow  # the whole demo runs once for the module (over a minute on 2 cores)
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

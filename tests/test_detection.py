@@ -71,6 +71,7 @@ class Features(nn.Module):
         return tuple(self.body(x).values())
 
 
+@pytest.mark.slow
 def test_irepified_detector_trains_fuses_equal_and_its_body_exports_to_onnx():
     torch.manual_seed(0)
     original = small_detector()

@@ -73,7 +73,7 @@ def parse_nvpmodel(text: str) -> Optional[Dict[str, Any]]:
     return {"name": m.group(1), "id": int(ident.group(1)) if ident else None}
 
 
-def clocks_locked(min_freq: str, max_freq: str, cur_freq: Optional[str] = None) -> Optional[bool]:
+def clocks_locked(min_freq: str, max_freq: str) -> Optional[bool]:
     """A devfreq/cpufreq domain is locked when its floor equals its ceiling (what jetson_clocks does)."""
     try:
         low, high = int(min_freq.strip()), int(max_freq.strip())

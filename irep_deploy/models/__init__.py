@@ -15,7 +15,8 @@ from ..errors import ArchMismatchError, UsageError
 from ..surgery import irepify, layer_specs
 from ..ops import SPACES, check_ops
 from .external import build_external, factory_kwargs, is_spec
-from .resnet import BasicBlock, Bottleneck, ConvFactory, ResNet
+from .common import ConvFactory
+from .resnet import BasicBlock, Bottleneck, ResNet
 from .vgg import VGG
 
 __all__ = ["MODELS", "ModelEntry", "build_model", "apply_arch", "current_arch", "searchable_layers",

@@ -8,32 +8,13 @@ factory), so BN sits inside each conv module and no separate ``bn1`` exists.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Type, Union
+from typing import List, Optional, Type, Union
 
 import torch
 import torch.nn as nn
 
 from ..ops import ConvBN
-
-ConvFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride) -> module
-
-
-def scale_channels(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
-
-
-def torchvision_init(model: nn.Module, linear_std: Optional[float] = None) -> None:
-    """torchvision's initialisation: Kaiming-normal convs (fan out), unit BN; linear layers N(0, std)
-    when ``linear_std`` is given (VGG), else PyTorch's default (ResNet)."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear) and linear_std is not None:
-            nn.init.normal_(m.weight, 0, linear_std)
-            nn.init.constant_(m.bias, 0)
+from .common import ConvFactory, scale_channels, torchvision_init
 
 
 class BasicBlock(nn.Module):

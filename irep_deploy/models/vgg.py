@@ -10,7 +10,7 @@ from typing import List, Union
 import torch
 import torch.nn as nn
 
-from .resnet import ConvFactory, scale_channels, torchvision_init
+from .common import ConvFactory, scale_channels, torchvision_init
 
 CFG_VGG16: List[Union[int, str]] = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
                                     512, 512, 512, "M", 512, 512, 512, "M"]

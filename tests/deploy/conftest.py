@@ -9,25 +9,9 @@ import torch
 import torch.nn as nn
 
 from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint
-from irep_deploy.block import IrepConv
 from irep_deploy.cli import main
 
-
-def _trained_look(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and alpha/beta, as after training, so fusion errors would show."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-            elif isinstance(m, IrepConv):
-                m.alpha.copy_(torch.randn(m.alpha.shape, generator=gen))
-                m.beta.copy_(torch.randn((), generator=gen))
-    return model
+from conftest import randomize_arch_params, randomize_bn
 
 
 @pytest.fixture(scope="session")
@@ -39,10 +23,13 @@ def ckpts(tmp_path_factory) -> Dict[str, Path]:
     other = ArchCode.random("resnet18_cifar", ratio=1 / 3, seed=9)
     other.save(d / "other.bin")
     ArchCode.full("vgg16_cifar").save(d / "vgg.bin")
-    multi = _trained_look(build_model("resnet18_cifar", arch=code, width=0.125, num_classes=10)).eval()
+    # non-trivial BN statistics and alpha/beta, as after training, so fusion errors would show
+    multi = build_model("resnet18_cifar", arch=code, width=0.125, num_classes=10)
+    multi = randomize_arch_params(randomize_bn(multi)).eval()
     save_checkpoint(d / "multi.pt", multi)
     save_checkpoint(d / "deploy.pt", fuse_model(multi))
-    supernet = _trained_look(build_model("resnet18_cifar", width=0.125, num_classes=10, supernet=True)).eval()
+    supernet = build_model("resnet18_cifar", width=0.125, num_classes=10, supernet=True)
+    supernet = randomize_arch_params(randomize_bn(supernet)).eval()
     save_checkpoint(d / "supernet.pt", supernet)
     (d / "junk.pt").write_bytes(b"not a checkpoint")
     return dict({p.name.split(".")[0]: p for p in d.iterdir()}, dir=d)

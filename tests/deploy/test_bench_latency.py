@@ -13,6 +13,7 @@ from irep_deploy.bench.latency import (Job, Result, Stats, Variant, _resolve_bac
                                        ratios, run_rounds, session_runner)
 from irep_deploy.engines import ort as ort_helpers
 from irep_deploy.engines.onnx import export_module
+from irep_deploy.engines.tensorrt import EngineMeta, write_meta
 from irep_deploy.errors import IrepError
 
 from .conftest import cli, leftovers, one_line_error
@@ -121,8 +122,11 @@ def test_bench_engine_without_tensorrt(tmp_path, capsys):
         pass
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"\0" * 16)
+    # the sidecar build-trt writes beside every engine, so bench gets past it to TensorRT itself
+    write_meta(engine, EngineMeta("10.3.0", "Orin", "8.7", "fp16", "input", "logits", [1, 3, 32, 32],
+                                  [1, 3, 32, 32], [8, 3, 32, 32], "ab" * 32, "m.onnx"))
     rc, _, err = cli(capsys, "bench", engine, *FAST)
-    assert rc == 1 and "m.engine" in one_line_error(err)
+    assert rc == 1 and "TensorRT is not installed" in one_line_error(err)
 
 
 def test_torch_jobs_leave_the_shared_module_where_it_is(ckpts):

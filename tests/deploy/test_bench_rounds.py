@@ -38,14 +38,8 @@ class Conv(nn.Module):
         return self.conv(x)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine a thread pool waits out whole time slices (~30 ms)
-    on its barrier, which would swamp a 0.05 ms convolution in any round."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+# one torch thread (tests/conftest.py): a thread pool's barrier would swamp a 0.05 ms convolution
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(models, rounds: int, iters: int = 5):

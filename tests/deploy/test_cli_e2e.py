@@ -7,10 +7,7 @@ what shows that torch's own banners and deprecation warnings do not reach the us
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -22,26 +19,21 @@ from irep_deploy import ArchCode, load_checkpoint
 from irep_deploy.data import FASHION_MNIST_ROOT, load_data
 from irep_deploy.precision import exact_fp32
 
+from conftest import run_cli
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not (Path(FASHION_MNIST_ROOT) / "t10k-images-idx3-ubyte.gz").is_file(),
                        reason="Debian package dataset-fashion-mnist not installed (make data)"),
 ]
-# Python's default warning filters, as on a user's console (UserWarnings show, DeprecationWarnings
-# raised outside __main__ do not); the library-level tests in test_onnx_export.py see every warning.
-ENV = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-ENV["OMP_NUM_THREADS"] = "1"
+# Each command runs with Python's default warning filters (conftest.run_cli), as on a user's console
+# (UserWarnings show, DeprecationWarnings raised outside __main__ do not); the library-level tests in
+# test_onnx_export.py see every warning.
 LIMIT = 512  # examples per split: one quick epoch, and the test images compared below
 FAST_BENCH = ["--warmup", "0", "--duration", "0.1", "--iterations", "3"]
 # What torch 2.0 prints on its own: the ONNX exporter's diagnostic summary, TypedStorage deprecation
 # warnings from torch.load(weights_only=True), and any other Python warning line.
 NOISE = re.compile(r"Diagnostic Run|TypedStorage|\w+Warning:|Traceback")
-
-
-def irep(cwd: Path, *argv: str) -> Tuple[int, str, str]:
-    proc = subprocess.run([sys.executable, "-m", "irep_deploy", *argv], cwd=str(cwd), env=ENV,
-                          capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def chain(tmp_path_factory) -> Tuple[Path, Dict[str, Tuple[int, str, str]]]:
     }
     results = {}
     for name, argv in steps.items():
-        results[name] = irep(d, *argv)
+        results[name] = run_cli(d, *argv)
     return d, results
 
 

@@ -33,13 +33,14 @@ def read_log(run: Path):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def reference(tmp_path_factory):  # a whole search: its users are marked slow
     run = tmp_path_factory.mktemp("search") / "ref"
     proc = subprocess.run(search_cmd("--run-dir", str(run), *TINY), env=ENV, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return run, proc.stdout
 
 
+@pytest.mark.slow
 def test_search_writes_every_output(reference):
     run, stdout = reference
     assert "best code:" in stdout
@@ -71,6 +72,7 @@ def test_search_writes_every_output(reference):
     assert main(["fuse", str(run / "supernet.pt"), str(run / "arch.bin"), "-o", str(run / "d.pt")]) == 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
     ref, _ = reference
     run = tmp_path / "killed"
@@ -101,6 +103,7 @@ def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
     assert [r["epoch"] for r in read_log(run) if r["event"] == "epoch"] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_under_torchrun(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -137,6 +140,7 @@ def test_nan_loss_stops_with_a_message(tmp_path, capsys):
     assert not (run / "arch.bin").exists()
 
 
+@pytest.mark.slow
 def test_resume_and_reuse_errors(reference, tmp_path, capsys):
     ref, _ = reference
     assert main(["search", "--resume", str(tmp_path / "none")]) == 1

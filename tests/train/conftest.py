@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+def _one_thread(one_thread):
+    """Every test here runs with one torch thread (the ``one_thread`` fixture of tests/conftest.py)."""

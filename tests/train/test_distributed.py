@@ -14,8 +14,9 @@ from irep_deploy.data import load_data
 
 pytest.importorskip("sklearn")  # the digits data of every test here ships with scikit-learn
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch built without gloo")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch built without gloo")]
 
 
 def test_torchrun_two_gloo_processes(tmp_path):

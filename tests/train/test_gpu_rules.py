@@ -199,6 +199,7 @@ def _nan_rank(rank: int, world: int, port: int, every: int, out) -> None:
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch built without gloo")
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_after_the_same_step():

@@ -214,6 +214,7 @@ def test_init_from_a_torchvision_state_dict(tmp_path):
         init_from_torchvision(build_model("resnet18_cifar", width=0.125), path)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch(tmp_path):
     """A real kill (SIGKILL, no cleanup) in the middle of epoch 2, then `train --resume`."""
     import os
