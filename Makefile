@@ -92,7 +92,7 @@ test-gpu: venv data
 # Removes an earlier report first (the demo refuses to overwrite a run).
 demo: venv data
 	rm -rf demo-out
-	$(BIN)/irep-deploy demo --out demo-out
+	$(BIN)/irep-deploy demo -o demo-out
 
 # Regenerates every file under benchmarks/results with the commands recorded in them (about two hours
 # on 2 cores; run it on an otherwise idle machine, the timings are compared within each script's run).
