@@ -19,6 +19,7 @@ from irep_deploy.engines.tensorrt import build_engine
 from irep_deploy.ops import REGISTRY
 from irep_deploy.pipeline import fuse
 from irep_deploy.search.des import PRESETS, SearchConfig, make_config, search
+from irep_deploy.search.population import SAMPLERS, STRATEGIES
 from irep_deploy.train import AMP_MODES, TrainConfig, evaluate, train
 from irep_deploy.viz import plot
 
@@ -35,7 +36,8 @@ CHOICES = {("search", "preset"): tuple(PRESETS), ("search", "amp"): AMP_MODES, (
            ("search", "dataset"): DATASETS, ("train", "dataset"): DATASETS, ("eval", "dataset"): DATASETS,
            ("search", "ops"): tuple(REGISTRY), ("bench", "device"): PROFILES, ("eval", "split"): SPLITS,
            ("quantize", "method"): METHODS, ("export", "simplify"): SIMPLIFIERS, ("quantize", "calib"): DATASETS,
-           ("build-trt", "calib"): DATASETS, ("bench", "calib"): DATASETS}
+           ("build-trt", "calib"): DATASETS, ("bench", "calib"): DATASETS, ("search", "sampler"): SAMPLERS,
+           ("search", "strategy"): STRATEGIES}
 
 
 def actions(command):
@@ -137,7 +139,8 @@ def test_resume_refuses_settings(argv, flag, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["search", "--arch-betas", "0.5"], ["search", "--ops", "conv9x9"],
-                                  ["search", "--p-mut", "1.5"], ["search", "--eval-batch-size", "0"]])
+                                  ["search", "--p-mut", "1.5"], ["search", "--eval-batch-size", "0"],
+                                  ["search", "--sampler", "eq8"], ["search", "--strategy", "grid"]])
 def test_bad_setting_values_are_usage_errors(argv, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
