@@ -9,6 +9,7 @@ import pytest
 from irep_deploy import cli, options
 from irep_deploy._io import read_arch_bytes
 from irep_deploy.bench.devices import PROFILES
+from irep_deploy.baseline import train_with_baseline
 from irep_deploy.bench.latency import bench
 from irep_deploy.data import DATASETS, SPLITS
 from irep_deploy.demo import run_demo
@@ -27,10 +28,11 @@ PARSER = cli.build_parser()
 CONFIGS = {"train": TrainConfig, "search": SearchConfig}
 # the library functions each command calls: every flag feeds one of their parameters or a settings field
 LIBRARY = {"fuse": [fuse], "export": [export], "quantize": [quantize], "build-trt": [build_engine],
-           "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train], "search": [search],
+           "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train, train_with_baseline], "search": [search],
            "demo": [run_demo], "plot": [plot], "show": [read_arch_bytes]}
-# flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True)
-COMMAND_ONLY = {"resume", "preset", "quick"}
+# flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True; --baseline picks
+# train_with_baseline)
+COMMAND_ONLY = {"resume", "preset", "quick", "baseline"}
 # a library constant for every flag with choices
 CHOICES = {("search", "preset"): tuple(PRESETS), ("search", "amp"): AMP_MODES, ("train", "amp"): AMP_MODES,
            ("search", "dataset"): DATASETS, ("train", "dataset"): DATASETS, ("eval", "dataset"): DATASETS,
