@@ -261,6 +261,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             from .arch import ArchCode
             given["arch"] = ArchCode.load(given["arch"]).dumps()
         run, config = args.run_dir, TrainConfig(**given)
+    if args.baseline:
+        from .baseline import BASELINE_FILE, train_with_baseline
+        comparison = _call(train_with_baseline, args, run_dir=run, config=config, resume=bool(args.resume))
+        print(comparison.table())
+        print(comparison.summary())
+        print("wrote {}/{}".format(run, BASELINE_FILE))
+        return 0
     report = _call(train, args, run_dir=run, config=config, resume=bool(args.resume))
     if not report.main_process:  # ranks > 0 under torchrun: rank 0 reports
         return 0
@@ -276,6 +283,9 @@ def _args_train(p: argparse.ArgumentParser) -> None:
     from .train import TrainConfig, train
     _flag(p, train, "run_dir", "-o", "--output", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train the plain backbone (no branches) with the same settings into RUN_DIR/baseline "
+                        "and report test top-1, training time and torch latency side by side (RUN_DIR/baseline.json)")
     _settings(p, TrainConfig, "settings of the run (saved in it; a resume uses them as saved)")
     _runtime(p, train, "data_root", "device", "workers", "progress", "channels_last")
 

@@ -1,10 +1,11 @@
 """The main job end to end on real data (``make demo``, ``irep-deploy demo``).
 
-search (DES, CPU preset) on Fashion-MNIST -> retrain the found code -> fuse (checked) -> export ONNX
+search (DES, CPU preset) on Fashion-MNIST -> retrain the found code -> train the plain backbone with the
+same recipe and seed (the baseline) -> fuse (checked) -> export ONNX
 (verified with onnxruntime) -> quantize to INT8 (QDQ) on real calibration images -> evaluate the FP32
 and INT8 ONNX on the test split -> bench them (onnxruntime CPU) -> TensorRT engine when TensorRT and a
 GPU are present -> benchmark the multi-branch, fused and plain networks -> a report directory
-(Markdown, JSON, figures).
+(Markdown, JSON, figures) whose first table sets the searched code beside the baseline.
 Every step is the same library function the CLI step calls.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ class DemoSettings:
 
     The defaults aim at about 15 minutes on 2 idle CPU cores: the ``cpu`` search preset on at most
     4000 images per split (the full preset alone takes about 8 minutes), 3 epochs of retraining on
-    8000 images (tested on 8000 of the 10 000 test images), and 2-second benchmarks.
+    8000 images (tested on 8000 of the 10 000 test images), the same for the plain backbone (about a
+    minute more), and 2-second benchmarks.
     """
 
     dataset: str = "fashion-mnist"
@@ -82,7 +84,7 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
 def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Optional[str], progress: bool,
                say: Callable[[str], None]) -> Dict[str, Any]:
     steps: List[Step] = []
-    total = 10
+    total = 11
 
     def step(n: int, title: str) -> float:
         say("\n[{}/{}] {}".format(n, total, title))
@@ -102,27 +104,36 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
 
     # 2. retrain
     t = step(2, "train: the found code from scratch ({} epochs)".format(settings.train_epochs))
-    trained = train(out / "train", TrainConfig(arch=code.dumps(), dataset=settings.dataset, width=settings.width,
-                                               epochs=settings.train_epochs, limit=settings.train_limit,
-                                               seed=settings.seed),
-                    data_root=data_root, device=device, progress=progress)
+    recipe = TrainConfig(arch=code.dumps(), dataset=settings.dataset, width=settings.width,
+                         epochs=settings.train_epochs, limit=settings.train_limit, seed=settings.seed)
+    trained = train(out / "train", recipe, data_root=data_root, device=device, progress=progress)
     steps.append(Step("train", time.perf_counter() - t, "done",
                       "test top-1 multi-branch {:.2f}%, fused {:.2f}% ({} examples)".format(
                           trained.multi_branch.top1, trained.fused.top1, trained.multi_branch.examples)))
     say(steps[-1].note)
 
-    # 3. fuse
+    # 3. the baseline: what the branches bought
+    from .baseline import compare, latencies, train_baseline, train_seconds
+    t = step(3, "baseline: the plain backbone (no branches), same recipe and seed")
+    base = train_baseline(out, recipe, data_root=data_root, device=device, progress=progress)
+    steps.append(Step("baseline", time.perf_counter() - t, "done",
+                      "test top-1 {:.2f}% (searched code, fused: {:.2f}%); training {:.1f} s (searched code: "
+                      "{:.1f} s)".format(base.fused.top1, trained.fused.top1, train_seconds(base),
+                                         train_seconds(trained))))
+    say(steps[-1].note)
+
+    # 4. fuse
     from .pipeline import fuse
-    t = step(3, "fuse: every block into one 3x3 conv, checked against the multi-branch network")
+    t = step(4, "fuse: every block into one 3x3 conv, checked against the multi-branch network")
     fused = fuse(trained.ckpt, out / "search" / "arch.bin", out=out / "deploy.pt")
     steps.append(Step("fuse", time.perf_counter() - t, "done",
                       "{:,} -> {:,} parameters, relative error {:.2e}".format(
                           fused.params_multi_branch, fused.params_fused, fused.rel_error)))
     say(steps[-1].note)
 
-    # 4. export
+    # 5. export
     from .engines.onnx import export
-    t = step(4, "export: ONNX (opset 17, dynamic batch), verified with onnxruntime")
+    t = step(5, "export: ONNX (opset 17, dynamic batch), verified with onnxruntime")
     exported = export(out / "deploy.pt", out / "model.onnx")
     steps.append(Step("export", time.perf_counter() - t, "done",
                       "ops {}; onnxruntime vs torch: {}".format(
@@ -130,20 +141,20 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
                           ", ".join("batch {} rel {:.1e}".format(c.batch, c.rel_error) for c in exported.checks))))
     say(steps[-1].note)
 
-    # 5-7. INT8
+    # 6-8. INT8
     int8 = _int8_steps(out, settings, data_root, steps, step, say)
 
-    # 8. TensorRT, where it can run
-    t = step(8, "build-trt: TensorRT FP16 engine")
+    # 9. TensorRT, where it can run
+    t = step(9, "build-trt: TensorRT FP16 engine")
     engine_note = _try_tensorrt(out)
     steps.append(Step("build-trt", time.perf_counter() - t, "done" if engine_note.startswith("built") else "skipped",
                       engine_note))
     say(steps[-1].note)
 
-    # 9. bench
+    # 10. bench
     from .bench.devices import bench_profile
     from .bench.latency import bench, format_table
-    t = step(9, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
+    t = step(10, "bench: multi-branch vs fused vs plain backbone (torch eager, onnxruntime)")
     # bench takes device profiles and runs on the current CUDA device: cuda:N selects that device
     with torch.cuda.device(torch.device(device)) if device.startswith("cuda:") else contextlib.nullcontext():
         report = bench(trained.ckpt, device=bench_profile(device), backends=["torch", "ort"],
@@ -153,9 +164,11 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     say(table)
     steps.append(Step("bench", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
 
-    # 10. figures
-    t = step(10, "figures")
-    figures = _try_figures(out, trained, report.results)
+    versus = compare(trained, base, latencies(report), settings.seed)
+
+    # 11. figures
+    t = step(11, "figures")
+    figures = _try_figures(out, trained, base, report.results)
     skipped = bool(figures) and figures[0].startswith("skipped")
     steps.append(Step("figures", time.perf_counter() - t, "skipped" if skipped else "done", ", ".join(figures)))
     say(steps[-1].note)
@@ -167,6 +180,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
         "accuracy": {"multi_branch_top1": trained.multi_branch.top1, "fused_top1": trained.fused.top1,
                      "test_examples": trained.multi_branch.examples, "fused_rel_error": trained.fused_rel_error,
                      "disagreements": trained.disagreements},
+        "baseline": dataclasses.asdict(versus),
         "fuse": dataclasses.asdict(fused),
         "export": {"op_types": exported.op_types, "checks": [dataclasses.asdict(c) for c in exported.checks]},
         "latency": {"results": [_result_row(r) for r in report.results], "ratios": report.ratios,
@@ -176,7 +190,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     }
     write_json(out / "report.json", summary)
     with atomic_write(out / "report.md", "w") as handle:
-        handle.write(_markdown(summary, table, code))
+        handle.write(_markdown(summary, table, code, versus.table()))
     say("\nreport: {} and {}".format(out / "report.md", out / "report.json"))
     return summary
 
@@ -190,7 +204,7 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
     from .errors import VerificationError
 
     fp32, int8 = out / "model.onnx", out / "model.int8.onnx"
-    t = step(5, "quantize: INT8 (QDQ, default settings) on {} real {} training images".format(
+    t = step(6, "quantize: INT8 (QDQ, default settings) on {} real {} training images".format(
         settings.calib_size, settings.dataset))
     try:
         q = quantize(fp32, settings.dataset, out=int8, data_root=data_root, calib_size=settings.calib_size)
@@ -211,7 +225,7 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
     say(steps[-1].note)
 
     # the test images train scored the fused network on (same limit and seed), so FP32 here matches it
-    t = step(6, "eval: FP32 and INT8 ONNX on the {} test split (onnxruntime)".format(settings.dataset))
+    t = step(7, "eval: FP32 and INT8 ONNX on the {} test split (onnxruntime)".format(settings.dataset))
     r = evaluate_onnx(int8, settings.dataset, data_root=data_root, limit=settings.train_limit, reference=fp32)
     evaluated = {"dataset": r.dataset, "examples": r.examples, "fp32_top1": r.reference_top1,
                  "fp32_top5": r.reference_top5, "int8_top1": r.top1, "int8_top5": r.top5, "differ": r.differ}
@@ -220,7 +234,7 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
                       "differ".format(r.reference_top1, r.top1, r.reference_top5, r.top5, r.differ, r.examples)))
     say(steps[-1].note)
 
-    t = step(7, "bench: FP32 vs INT8 ONNX (onnxruntime CPU, interleaved rounds)")
+    t = step(8, "bench: FP32 vs INT8 ONNX (onnxruntime CPU, interleaved rounds)")
     report = bench_onnx_files([("onnx", fp32), ("onnx-int8", int8)], batches=settings.bench_batches,
                               duration_s=settings.bench_duration_s, rounds=settings.bench_rounds,
                               json_out=out / "bench_int8.json")
@@ -248,11 +262,13 @@ def _try_tensorrt(out: Path) -> str:
     return "built {}".format(getattr(report, "out", out / "model.engine"))
 
 
-def _try_figures(out: Path, trained: Any, results: List[Any]) -> List[str]:
-    """Figures of the search run, plus accuracy vs latency (torch, batch 1) of the trained network."""
+def _try_figures(out: Path, trained: Any, base: Any, results: List[Any]) -> List[str]:
+    """Figures of the search run, plus accuracy vs latency (torch, batch 1) of the trained network
+    and of the baseline (the plain variant has the baseline's shape)."""
     from . import viz
-    top1 = {"multi-branch": trained.multi_branch.top1, "fused": trained.fused.top1}
-    points = [{"label": "DES code, {}".format(r.variant), "group": r.variant, "latency_ms": r.host.median,
+    top1 = {"multi-branch": trained.multi_branch.top1, "fused": trained.fused.top1, "plain": base.fused.top1}
+    names = {"multi-branch": "DES code, multi-branch", "fused": "DES code, fused", "plain": "plain backbone"}
+    points = [{"label": names[r.variant], "group": r.variant, "latency_ms": r.host.median,
                "accuracy": top1[r.variant]}
               for r in results if r.backend == "torch" and r.batch == 1 and r.variant in top1]
     write_json(out / "points.json", {"title": "test top-1 vs torch CPU latency, batch 1", "points": points})
@@ -263,12 +279,19 @@ def _try_figures(out: Path, trained: Any, results: List[Any]) -> List[str]:
     return [p.name for p in report.written if p.suffix == ".png"]
 
 
-def _markdown(s: Dict[str, Any], table: str, code: ArchCode) -> str:
+def _markdown(s: Dict[str, Any], table: str, code: ArchCode, versus: str) -> str:
     acc, srch = s["accuracy"], s["search"]
     lines = [
         "# irep-deploy demo report", "",
         "Dataset {}, backbone {} (width {}), seed {}.".format(s["settings"]["dataset"], srch["config"]["backbone"],
                                                                srch["config"]["width"], s["settings"]["seed"]), "",
+        "## What the branches bought", "",
+        "The searched code and the plain backbone (no branches), trained with the same recipe and seed "
+        "and tested on the same images; latency from the bench step (torch, batch 1). One seed: the "
+        "difference carries no interval (benchmarks/evidence_fmnist.py repeats it over seeds).", "",
+        versus, "",
+        "Test top-1 {:+.2f} points for {:.2f}x the training time.".format(
+            s["baseline"]["top1_gain"], s["baseline"]["train_cost"]), "",
         "## Search", "",
         "Best code: {} of {} available branches, validation top-1 (fused) {:.2f}%.".format(
             srch["branches"], srch["capacity"], srch["best_fitness"]), "",

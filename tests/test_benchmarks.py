@@ -212,3 +212,69 @@ def test_int8_accuracy_numbers_follow_the_written_onnx_files(tmp_path):
     for r in rows:
         assert r["int8_over_fp32"] == pytest.approx(r["int8_median_ms"] / r["fp32_median_ms"])
         assert len(r["rounds"]) == 2 and r["untrusted"] == (r["spread"] > 0.10)
+
+
+def test_search_phase_compares_the_three_searches_as_their_runs_recorded(tmp_path):
+    out = tmp_path / "res" / "search_phase"
+    run("search_phase.py", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["status"] == "complete" and len(result["searches"]) == 6  # 3 arms x 2 seeds
+    settings = {"des": ("des", "directional"), "undirected": ("des", "uniform"), "random": ("random", "directional")}
+    first = {}
+    for s in result["searches"]:
+        run_dir = Path(s["run_dir"])
+        config = json.loads((run_dir / "config.json").read_text())
+        assert (config["strategy"], config["sampler"]) == settings[s["arm"]]
+        log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        assert s["best"] == [r["best_fitness"] for r in log if r["event"] == "round"]
+        first.setdefault(s["seed"], set()).add(s["best"][0])
+        history = [len(c["history"]) for c in json.loads((run_dir / "population.json").read_text())["codes"]]
+        assert (max(history) == 1) == (s["arm"] == "random")  # random search carries no code over
+    # round 1 is shared by the arms of a seed (same SuperNet training, same initial population)
+    assert all(len(v) == 1 for v in first.values())
+    a = result["analysis"]
+    by = {(s["arm"], s["seed"]): s for s in result["searches"]}
+    for arm, curve in a["curves"].items():
+        assert curve["evaluations"] == [4, 8]
+        for i in range(2):
+            assert curve["best_so_far"][i]["mean"] == pytest.approx(
+                sum(max(by[arm, seed]["best"][:i + 1]) for seed in a["seeds"]) / len(a["seeds"]))
+    for other in ("undirected", "random"):
+        diffs = a["paired"]["des_vs_" + other]["evaluations_to_level"]["values"]
+        cost = a["evaluations_to_level"]
+        assert diffs == [cost["des"][str(s)] - cost[other][str(s)] for s in a["seeds"]]
+    md = out.with_suffix(".md").read_text()
+    assert "## Does DES converge faster?" in md and "des vs random" in md
+    assert (out.parent / "figures" / "search_phase.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ranking_correlates_supernet_fitness_with_its_retrained_runs(tmp_path):
+    from scipy import stats
+    out = tmp_path / "res" / "ranking"
+    run("ranking.py", "--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out))
+    result = json.loads(out.with_suffix(".json").read_text())
+    codes = result["codes"]
+    assert result["status"] == "complete" and len(result["runs"]) == 2 * len(codes) == 14
+    assert [c["group"] for c in codes] == ["best", "best", "worst", "worst", "population", "random", "random"]
+    population = json.loads((tmp_path / "work" / "search" / "population.json").read_text())
+    in_population = {"".join(c["bits"]) for c in population["codes"]}
+    for c in codes:
+        bits = "".join("".join(map(str, row)) for row in ArchCode.loads(c["code"]).bits)
+        assert (bits in in_population) == (c["group"] != "random")
+        if c["recorded_fitness"] is not None:  # rescored with supernet.pt exactly as the search scored it
+            assert c["fitness"] == c["recorded_fitness"]
+    for r in result["runs"]:
+        assert ArchCode.load(Path(r["run_dir"]) / "arch.bin") == ArchCode.loads(codes[r["index"]]["code"])
+    acc = {}
+    for r in result["runs"]:
+        acc.setdefault(r["index"], []).append(r["test_top1"])
+    fitness = [c["fitness"] for c in codes]
+    mean = [sum(acc[i]) / 2 for i in range(len(codes))]
+    a = result["analysis"]
+    assert a["kendall_tau"] == pytest.approx(stats.kendalltau(fitness, mean)[0])
+    assert a["spearman_rho"] == pytest.approx(stats.spearmanr(fitness, mean)[0])
+    lo, hi = a["kendall_tau_ci"]
+    assert -1 <= lo <= hi <= 1
+    assert a["top_k"] == 1 and a["top_k_overlap"] == int(max(range(7), key=fitness.__getitem__) ==
+                                                        max(range(7), key=mean.__getitem__))
+    assert (out.parent / "figures" / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,6 +9,7 @@ import pytest
 from irep_deploy import cli, options
 from irep_deploy._io import read_arch_bytes
 from irep_deploy.bench.devices import PROFILES
+from irep_deploy.baseline import train_with_baseline
 from irep_deploy.bench.latency import bench
 from irep_deploy.data import DATASETS, SPLITS
 from irep_deploy.demo import run_demo
@@ -19,6 +20,7 @@ from irep_deploy.engines.tensorrt import build_engine
 from irep_deploy.ops import REGISTRY
 from irep_deploy.pipeline import fuse
 from irep_deploy.search.des import PRESETS, SearchConfig, make_config, search
+from irep_deploy.search.population import SAMPLERS, STRATEGIES
 from irep_deploy.train import AMP_MODES, TrainConfig, evaluate, train
 from irep_deploy.viz import plot
 
@@ -26,16 +28,18 @@ PARSER = cli.build_parser()
 CONFIGS = {"train": TrainConfig, "search": SearchConfig}
 # the library functions each command calls: every flag feeds one of their parameters or a settings field
 LIBRARY = {"fuse": [fuse], "export": [export], "quantize": [quantize], "build-trt": [build_engine],
-           "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train], "search": [search],
+           "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train, train_with_baseline], "search": [search],
            "demo": [run_demo], "plot": [plot], "show": [read_arch_bytes]}
-# flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True)
-COMMAND_ONLY = {"resume", "preset", "quick"}
+# flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True; --baseline picks
+# train_with_baseline)
+COMMAND_ONLY = {"resume", "preset", "quick", "baseline"}
 # a library constant for every flag with choices
 CHOICES = {("search", "preset"): tuple(PRESETS), ("search", "amp"): AMP_MODES, ("train", "amp"): AMP_MODES,
            ("search", "dataset"): DATASETS, ("train", "dataset"): DATASETS, ("eval", "dataset"): DATASETS,
            ("search", "ops"): tuple(REGISTRY), ("bench", "device"): PROFILES, ("eval", "split"): SPLITS,
            ("quantize", "method"): METHODS, ("export", "simplify"): SIMPLIFIERS, ("quantize", "calib"): DATASETS,
-           ("build-trt", "calib"): DATASETS, ("bench", "calib"): DATASETS}
+           ("build-trt", "calib"): DATASETS, ("bench", "calib"): DATASETS, ("search", "sampler"): SAMPLERS,
+           ("search", "strategy"): STRATEGIES}
 
 
 def actions(command):
@@ -137,7 +141,8 @@ def test_resume_refuses_settings(argv, flag, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv", [["search", "--arch-betas", "0.5"], ["search", "--ops", "conv9x9"],
-                                  ["search", "--p-mut", "1.5"], ["search", "--eval-batch-size", "0"]])
+                                  ["search", "--p-mut", "1.5"], ["search", "--eval-batch-size", "0"],
+                                  ["search", "--sampler", "eq8"], ["search", "--strategy", "grid"]])
 def test_bad_setting_values_are_usage_errors(argv, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -26,16 +26,17 @@ def demo(tmp_path_factory):
 
 def test_every_step_leaves_its_output(demo):
     out, summary, log = demo
-    for path in ("search/arch.bin", "search/population.json", "train/ckpt.pt", "deploy.pt", "model.onnx",
+    for path in ("search/arch.bin", "search/population.json", "train/ckpt.pt", "baseline/ckpt.pt", "deploy.pt",
+                 "model.onnx",
                  "model.int8.onnx", "bench.json", "bench_int8.json", "report.md", "report.json"):
         assert (out / path).is_file(), path
-    assert [s["name"] for s in summary["steps"]] == ["search", "train", "fuse", "export", "quantize", "eval-int8",
-                                                     "bench-int8", "build-trt", "bench", "figures"]
-    assert "[1/10] search" in log and "[5/10] quantize" in log and "[10/10] figures" in log
+    assert [s["name"] for s in summary["steps"]] == ["search", "train", "baseline", "fuse", "export", "quantize",
+                                                     "eval-int8", "bench-int8", "build-trt", "bench", "figures"]
+    assert "[1/11] search" in log and "[6/11] quantize" in log and "[11/11] figures" in log
     for name in ("arch_code.png", "alpha_beta.png", "asym_minus_dil.png", "fitness.png", "accuracy_latency.png"):
         assert (out / "figures" / name).stat().st_size > 1000, name
     points = json.loads((out / "points.json").read_text())["points"]
-    assert {p["group"] for p in points} == {"multi-branch", "fused"}
+    assert {p["group"] for p in points} == {"multi-branch", "fused", "plain"}
     assert load_checkpoint(out / "deploy.pt").kind == "deploy"
     assert set(op_types(out / "model.onnx")) <= FUSED_OP_TYPES
 
@@ -53,6 +54,26 @@ def test_report_numbers_agree_with_the_files(demo):
     assert trt["status"] in ("done", "skipped") and (trt["status"] == "done" or trt["note"].startswith("skipped:"))
     md = (out / "report.md").read_text()
     assert "{:.2f}".format(acc["fused_top1"]) in md and "## Latency" in md
+
+
+def test_report_sets_the_searched_code_beside_the_baseline(demo):
+    """The plain backbone is trained with the searched code's recipe and seed; the report's numbers
+    are those of the two run directories and of the bench step."""
+    out, summary, _ = demo
+    ours = json.loads((out / "train" / "config.json").read_text())
+    base = json.loads((out / "baseline" / "config.json").read_text())
+    assert base.pop("arch") is None and ours.pop("arch") is not None and base == ours
+    rows = {r["model"]: r for r in summary["baseline"]["rows"]}
+    assert rows["plain backbone (baseline)"]["test_top1"] == json.loads(
+        (out / "baseline" / "metrics.json").read_text())["fused_test_top1"]
+    assert rows["searched code, fused"]["test_top1"] == summary["accuracy"]["fused_top1"]
+    bench = {(r["variant"], r["backend"], r["batch"]): r["median_ms"] for r in summary["latency"]["results"]}
+    assert rows["plain backbone (baseline)"]["latency_ms"] == bench["plain", "torch", 1]
+    assert rows["searched code, fused"]["latency_ms"] == bench["fused", "torch", 1]
+    assert rows["plain backbone (baseline)"]["train_seconds"] > 0
+    md = (out / "report.md").read_text()
+    assert md.index("## What the branches bought") < md.index("## Search")
+    assert "| plain backbone (baseline) | {:.2f} |".format(rows["plain backbone (baseline)"]["test_top1"]) in md
 
 
 def test_demo_refuses_to_overwrite_an_earlier_run(demo, capsys):

@@ -41,7 +41,7 @@ from ..runs import build_run_model, check_model_settings, read_run_state, state_
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
-from .population import EvolutionConfig, initial_population, next_population
+from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
                       PopulationCode, RoundRecord, append_record, write_population)
 from .supernet import SuperNet, averaged_loss
@@ -84,6 +84,11 @@ class SearchConfig:
     keep: float = setting(0.25, "share of the population kept as parents each round", type=opt.float_in(0.0, 1.0))
     sampled: float = setting(0.25, "share of the next population sampled from the SuperNet (Eq. 8-10)",
                              type=opt.float_in(0.0, 1.0))
+    sampler: str = setting("directional", "how the --sampled share is drawn: directional (Eq. 8-10, from alpha/beta) "
+                                          "or uniform (random codes of the same size; the ablation)", choices=SAMPLERS)
+    strategy: str = setting("des", "des (Algorithm 1) or random (random search: every round scores fresh random "
+                                   "codes at the budget, same SuperNet training and number of evaluations)",
+                            choices=STRATEGIES)
     val_fraction: float = setting(0.1, "fraction of the training set held out to score codes",
                                   type=opt.float_in(0.0, 1.0, lo_open=True, hi_open=True))
     split_seed: int = setting(0, "seed of the train/val split", type=opt.SEED)
@@ -114,7 +119,9 @@ class SearchConfig:
                 ("batch size", self.batch_size, self.batch_size >= 1),
                 ("width", self.width, self.width > 0),
                 ("validation fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0),
-                ("amp", self.amp, self.amp in AMP_MODES)):
+                ("amp", self.amp, self.amp in AMP_MODES),
+                ("sampler", self.sampler, self.sampler in SAMPLERS),
+                ("strategy", self.strategy, self.strategy in STRATEGIES)):
             if not ok:
                 raise IrepError("invalid {}: {}".format(name, value))
 
@@ -124,7 +131,7 @@ class SearchConfig:
 
     def evolution(self) -> EvolutionConfig:
         return EvolutionConfig(population=self.population, keep=self.keep, sampled=self.sampled,
-                               p_cross=self.p_cross, p_mut=self.p_mut)
+                               p_cross=self.p_cross, p_mut=self.p_mut, sampler=self.sampler)
 
 
 #: Named settings. ``cpu`` finishes a real Fashion-MNIST search on 2 cores in a few minutes.
@@ -349,12 +356,20 @@ class _Search:
             self.write_outputs(round_no, best, alpha, beta)
             self.tensorboard_round(record)
         if round_no < self.config.rounds:
-            self.population = next_population(
-                self.population, fitness, self.budget, self.config.evolution(),
-                random.Random(epoch_seed(self.config.seed, round_no, 1)),
-                torch.Generator().manual_seed(epoch_seed(self.config.seed, round_no, 2)), alpha, beta)
+            self.population = self.next_population(round_no, fitness, alpha, beta)
             self.fitness = None
         return record
+
+    def next_population(self, round_no: int, fitness: List[float], alpha: torch.Tensor,
+                        beta: torch.Tensor) -> List[ArchCode]:
+        """The population of round ``round_no + 1``, seeded from (seed, round) alone (resumable)."""
+        seed = self.config.seed
+        if self.config.strategy == "random":  # nothing carried over: as many fresh codes as DES evaluates
+            return initial_population(self.template, self.config.population, self.budget,
+                                      random.Random(epoch_seed(seed, round_no, 3)))
+        return next_population(self.population, fitness, self.budget, self.config.evolution(),
+                               random.Random(epoch_seed(seed, round_no, 1)),
+                               torch.Generator().manual_seed(epoch_seed(seed, round_no, 2)), alpha, beta)
 
     def write_outputs(self, round_no: int, best: int, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         self.population[best].save(self.run / "arch.bin")

@@ -16,6 +16,11 @@ from ..arch import ArchCode
 
 Slot = Tuple[int, int]
 
+#: How the SuperNet-sampled share of a population is drawn: Eq. 8-10, or uniformly (the ablation).
+SAMPLERS = ("directional", "uniform")
+#: How a round's population is formed: DES (Algorithm 1), or random search (fresh random codes every round).
+STRATEGIES = ("des", "random")
+
 
 def repair(code: ArchCode, budget: int, rng: random.Random,
            scores: Optional[torch.Tensor] = None) -> ArchCode:
@@ -84,6 +89,15 @@ def sample_from_supernet(template: ArchCode, alpha: torch.Tensor, beta: torch.Te
     return template.with_bits(bits.view_as(mask).tolist())
 
 
+def uniform_code(template: ArchCode, budget: int, generator: torch.Generator) -> ArchCode:
+    """The undirected counterpart of :func:`sample_from_supernet`: ``budget`` available slots chosen
+    uniformly at random (same count of branches, no use of alpha/beta)."""
+    slots = template.available_slots()
+    chosen = {slots[i] for i in torch.randperm(len(slots), generator=generator)[:budget].tolist()}
+    return template.with_bits([[int((l, o) in chosen) for o in range(len(row))]
+                               for l, row in enumerate(template.bits)])
+
+
 def _uniform(shape, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
     return torch.rand(shape, generator=generator) * (high - low) + low
 
@@ -92,7 +106,8 @@ def _uniform(shape, low: float, high: float, generator: torch.Generator) -> torc
 class EvolutionConfig:
     """How the next population is made (paper: p_mut = p_cross = 0.5).
 
-    ``keep`` parents survive, ``sampled`` codes come from the SuperNet (Eq. 8-10), the rest are
+    ``keep`` parents survive, ``sampled`` codes come from the SuperNet (Eq. 8-10; with ``sampler``
+    ``uniform`` they are uniform random codes of the same size instead), the rest are
     offspring of parents chosen by tournament: a crossover with probability ``p_cross``, then a
     mutation with probability ``p_mut``, independently. A code already in the new population is
     rejected and drawn again, so the population holds distinct codes.
@@ -105,6 +120,7 @@ class EvolutionConfig:
     p_mut: float = 0.5
     tournament: int = 2
     max_tries: int = 50
+    sampler: str = "directional"
 
 
 def initial_population(template: ArchCode, size: int, budget: int, rng: random.Random) -> List[ArchCode]:
@@ -153,7 +169,10 @@ def next_population(parents: Sequence[ArchCode], fitness: Sequence[float], budge
     for _ in range(n_sampled * config.max_tries):
         if len(out) >= n_keep + n_sampled:
             break
-        add(sample_from_supernet(template, alpha, beta, budget, generator))
+        if config.sampler == "uniform":
+            add(uniform_code(template, budget, generator))
+        else:
+            add(sample_from_supernet(template, alpha, beta, budget, generator))
 
     def pick() -> ArchCode:
         contenders = [rng.randrange(len(parents)) for _ in range(config.tournament)]

@@ -1,6 +1,7 @@
 """Algorithm 1 end to end on real data (sklearn digits): outputs, resume after SIGKILL, torchrun, NaN."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -161,9 +162,30 @@ def test_bf16_autocast_and_channels_last_search_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("field, value, label", [("round_epochs", 0, "round epochs"), ("batch_size", 0, "batch size"),
-                                                 ("val_fraction", 1.5, "validation fraction")])
+                                                 ("val_fraction", 1.5, "validation fraction"),
+                                                 ("sampler", "eq8", "sampler"), ("strategy", "grid", "strategy")])
 def test_invalid_settings_name_the_setting_and_its_value(field, value, label):
     from irep_deploy.errors import IrepError
     from irep_deploy.search.des import make_config
     with pytest.raises(IrepError, match="invalid {}: {}$".format(label, value)):
         make_config("cpu", **{field: value})
+
+
+def test_ablation_search_runs_records_its_settings_and_refuses_a_changed_resume(tmp_path, capsys):
+    from irep_deploy.errors import IrepError
+    from irep_deploy.search.des import search
+    run = tmp_path / "ablation"
+    short = TINY + ["--rounds", "2", "--round-epochs", "1", "--warmup-epochs", "0"]
+    assert main(["search", "-o", str(run), "--sampler", "uniform", "--strategy", "random"] + short) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["sampler"], config["strategy"]) == ("uniform", "random")
+    pop = json.loads((run / "population.json").read_text())
+    assert pop["round"] == 2 and len(pop["codes"]) == 6  # the same outputs as DES
+    assert all(len(c["history"]) == 1 for c in pop["codes"])  # fresh codes, scored once
+    assert main(["search", "--resume", str(run), "--strategy", "des"]) == 1
+    assert "drop --strategy" in capsys.readouterr().err
+    from irep_deploy.runs import read_run_state
+    from irep_deploy.search.des import SearchConfig
+    _, saved = read_run_state(run, "search", SearchConfig)
+    with pytest.raises(IrepError, match="strategy differs"):
+        search(run, dataclasses.replace(saved, strategy="des"), resume=True, device="cpu", progress=False)

@@ -7,7 +7,7 @@ import torch
 
 from irep_deploy import ArchCode
 from irep_deploy.search.population import (EvolutionConfig, crossover, initial_population, mutate,
-                                           next_population, repair, sample_from_supernet)
+                                           next_population, repair, sample_from_supernet, uniform_code)
 
 NAME = "vgg16_cifar"  # has unavailable slots (identity where channels change)
 FULL = ArchCode.full(NAME)
@@ -95,3 +95,38 @@ def test_initial_population_at_full_budget_is_as_large_as_asked():
     assert all(unavailable_clear(c) for c in pop)
     # a space smaller than the population (budget 0: only the empty code) is returned once
     assert initial_population(FULL, 16, 0, random.Random(0)) == [ArchCode.empty(NAME)]
+
+
+def _sampled_share(sampler: str):
+    """The SuperNet-sampled part of a next population, with alpha strongly favouring conv1x1."""
+    L, O = len(FULL.layers), len(FULL.ops)
+    alpha = torch.full((L, O), -5.0)
+    alpha[:, 2] = 5.0
+    pop = initial_population(FULL, 16, BUDGET, random.Random(4))
+    config = EvolutionConfig(population=16, keep=0.25, sampled=0.5, sampler=sampler)
+    nxt = next_population(pop, [float(i) for i in range(16)], BUDGET, config, random.Random(5),
+                          torch.Generator().manual_seed(5), alpha, torch.zeros(L))
+    return nxt[4:12]  # after the 4 kept parents, 8 sampled codes
+
+
+def test_uniform_sampler_ignores_the_direction_but_keeps_the_budget():
+    directional, uniform = _sampled_share("directional"), _sampled_share("uniform")
+    assert all(c.count() == BUDGET and unavailable_clear(c) for c in directional + uniform)
+    assert not set(directional) & set(uniform)
+    # alpha favours conv1x1: the directional samples fill every layer's conv1x1 slot, uniform ones do not
+    L = len(FULL.layers)
+    assert all(c.op_counts()["conv1x1"] == L for c in directional)
+    assert sum(c.op_counts()["conv1x1"] for c in uniform) < 8 * L * 0.8
+    assert _sampled_share("uniform") == uniform  # seeded: the same codes again
+
+
+def test_uniform_code_is_uniform_over_available_slots():
+    gen = torch.Generator().manual_seed(2)
+    hits = torch.zeros(len(FULL.layers), len(FULL.ops))
+    codes = [uniform_code(FULL, BUDGET, gen) for _ in range(200)]
+    for code in codes:
+        hits += torch.tensor(code.bits, dtype=torch.float)
+    assert len(set(codes)) == 200 and all(c.count() == BUDGET and unavailable_clear(c) for c in codes)
+    expected = 200 * BUDGET / FULL.capacity()
+    used = hits[hits > 0]
+    assert len(used) == FULL.capacity() and (used - expected).abs().max() < 0.5 * expected

@@ -87,3 +87,27 @@ def test_fp16_scaler_steps_when_no_sampled_code_has_a_branch(tmp_path):
     assert math.isfinite(record.train_loss)
     assert all(torch.equal(a, p) for a, p in zip(arch_before, job.supernet.arch_parameters()))
     assert any(not torch.equal(w, p) for w, p in zip(weights_before, job.supernet.weight_parameters()))
+
+
+def _rounds(tmp_path, strategy: str):
+    """The populations a search scores in three rounds (untrained SuperNet: only the bookkeeping matters)."""
+    job = _job(tmp_path / strategy, population=8, rounds=3, strategy=strategy)
+    scored = []
+    for round_no in (1, 2, 3):
+        scored.append(list(job.population))
+        job.finish_round(round_no)
+    return job, scored
+
+
+def test_random_strategy_scores_as_many_fresh_codes_as_des(tmp_path):
+    des, des_rounds = _rounds(tmp_path, "des")
+    rnd, rnd_rounds = _rounds(tmp_path, "random")
+    assert [len(set(p)) for p in rnd_rounds] == [len(set(p)) for p in des_rounds] == [8, 8, 8]
+    assert rnd_rounds[0] == des_rounds[0]  # the same initial population
+    budget = rnd.budget
+    assert all(c.count() == budget for p in rnd_rounds for c in p)  # fresh codes at the budget
+    for before, after in zip(rnd_rounds, rnd_rounds[1:]):
+        assert not set(before) & set(after)  # nothing carried over
+    for before, after in zip(des_rounds, des_rounds[1:]):
+        assert set(before) & set(after)  # DES keeps its fittest parents
+    assert sum(len(h) for h in rnd.history.values()) == 24  # every scored code is in the history

@@ -1,0 +1,250 @@
+"""Ranking fidelity: does the SuperNet's fused fitness rank codes as stand-alone training does? (issue 14)
+
+One DES search; then a set of codes spanning its final population and beyond it: the population's
+best and worst, others of it drawn at random, and fresh random codes at the budget (never in the
+population). Each code gets
+
+    fitness   its fused top-1 on the search's validation split, scored here with the final SuperNet
+              (``supernet.pt``) exactly as the search scores (the population's recorded fitness
+              is checked against it)
+    accuracy  its test top-1 retrained from scratch, stand-alone, with one recipe, for >= 2 seeds
+              (the mean over seeds is ranked)
+
+and the agreement is measured with Kendall's tau and Spearman's rho (scipy.stats) with a 95%
+percentile bootstrap interval over codes, and the top-k overlap (k = n / 4) against the k^2 / n
+expected by chance. The seed-to-seed Kendall tau of the stand-alone accuracies is the noise
+ceiling: no proxy can rank codes more consistently than retraining ranks them itself.
+
+Resumable like the other accuracy benchmarks (``runs``: finished runs are not redone).
+
+    OMP_NUM_THREADS=1 python benchmarks/ranking.py --jobs 2          # the full protocol
+    python benchmarks/ranking.py --quick --work-dir /tmp/rk --out /tmp/rk/res/ranking   # smoke run
+
+Writes ``results/ranking.{json,md}`` and ``results/figures/ranking.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine, write_results  # noqa: E402
+from runs import run_search, run_training  # noqa: E402
+from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
+
+from irep_deploy import ArchCode, load_checkpoint  # noqa: E402
+from irep_deploy.data import eval_loader, load_data  # noqa: E402
+from irep_deploy.evaluation import evaluate_models  # noqa: E402
+from irep_deploy.reparam import fuse_model  # noqa: E402
+from irep_deploy.search.des import make_config  # noqa: E402
+
+BOOTSTRAP = 2000
+
+
+def pick_codes(population: Dict[str, Any], template: ArchCode, budget_ratio: float, n_best: int, n_worst: int,
+               n_middle: int, n_random: int, seed: int) -> List[Dict[str, Any]]:
+    """Codes of the final population (best first in population.json) and random codes beyond it."""
+    codes = [template.with_bits([[int(ch) for ch in row] for row in c["bits"]]) for c in population["codes"]]
+    rng = random.Random(seed)
+    middle = list(range(n_best, max(n_best, len(codes) - n_worst)))
+    chosen = ([("best", i) for i in range(min(n_best, len(codes)))]
+              + [("worst", i) for i in range(max(n_best, len(codes) - n_worst), len(codes))]
+              + [("population", i) for i in sorted(rng.sample(middle, min(n_middle, len(middle))))])
+    out = [{"group": g, "code": codes[i].dumps(), "recorded_fitness": population["codes"][i]["fitness"]}
+           for g, i in chosen]
+    seen = set(codes)
+    while sum(1 for c in out if c["group"] == "random") < n_random:
+        code = ArchCode.random(template.backbone, ratio=budget_ratio, seed=rng.getrandbits(63), ops=template.ops)
+        if code not in seen:
+            seen.add(code)
+            out.append({"group": "random", "code": code.dumps(), "recorded_fitness": None})
+    return out
+
+
+def supernet_fitness(search_dir: Path, config: Dict[str, Any], codes: Sequence[ArchCode]) -> List[float]:
+    """Fused validation top-1 of every code under the final SuperNet, on the search's own split."""
+    supernet = load_checkpoint(search_dir / "supernet.pt").build()
+    val = load_data(config["dataset"], val_fraction=config["val_fraction"], split_seed=config["split_seed"],
+                    limit=config["limit"], parts=("val",)).val
+    results, _, _ = evaluate_models([fuse_model(supernet, arch=c) for c in codes],
+                                    eval_loader(val, config["eval_batch_size"]), torch.device("cpu"))
+    return [r.top1 for r in results]
+
+
+def train_task(job: Dict[str, Any]) -> Dict[str, Any]:
+    torch.set_num_threads(job["threads"])
+    run = Path(job["work_dir"]) / "train" / "code{}-seed{}".format(job["index"], job["seed"])
+    info = run_training(run, job["group"], job["seed"], job["code"], job["recipe"])
+    return dict(info, index=job["index"])
+
+
+def _tau(x: Sequence[float], y: Sequence[float]) -> float:
+    from scipy import stats
+    return float(stats.kendalltau(x, y)[0])
+
+
+def _rho(x: Sequence[float], y: Sequence[float]) -> float:
+    from scipy import stats
+    return float(stats.spearmanr(x, y)[0])
+
+
+def bootstrap(x: Sequence[float], y: Sequence[float], statistic: Any, seed: int = 0) -> Tuple[float, float]:
+    """95% percentile interval of ``statistic`` over codes resampled with replacement (undefined
+    resamples, all of one value, are dropped)."""
+    rng = np.random.default_rng(seed)
+    xs, ys = np.asarray(x), np.asarray(y)
+    values = []
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(0, len(xs), len(xs))
+        v = statistic(xs[i], ys[i])
+        if np.isfinite(v):
+            values.append(v)
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def top_k_overlap(x: Sequence[float], y: Sequence[float], k: int) -> int:
+    """How many of the k codes ranked highest by x are among the k ranked highest by y."""
+    top = lambda v: set(sorted(range(len(v)), key=lambda i: -v[i])[:k])  # noqa: E731
+    return len(top(x) & top(y))
+
+
+def analyse(codes: List[Dict[str, Any]], runs: List[Dict[str, Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+    acc = {(r["index"], r["seed"]): r["test_top1"] for r in runs}
+    done = [i for i in range(len(codes)) if all((i, s) in acc for s in seeds)]
+    fitness = [codes[i]["fitness"] for i in done]
+    accuracy = [statistics.mean(acc[i, s] for s in seeds) for i in done]
+    out: Dict[str, Any] = {"codes_done": len(done), "fitness": fitness, "accuracy": accuracy}
+    if len(done) < 3:
+        return out
+    k = max(1, len(done) // 4)
+    out.update(kendall_tau=_tau(fitness, accuracy), kendall_tau_ci=bootstrap(fitness, accuracy, _tau),
+               spearman_rho=_rho(fitness, accuracy), spearman_rho_ci=bootstrap(fitness, accuracy, _rho),
+               top_k=k, top_k_overlap=top_k_overlap(fitness, accuracy, k), top_k_chance=k * k / len(done),
+               seed_tau=[{"seeds": [a, b], "kendall_tau": _tau([acc[i, a] for i in done], [acc[i, b] for i in done])}
+                         for a, b in combinations(seeds, 2)])
+    return out
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    a, s = result["analysis"], result["search"]
+    lines = ["# Ranking fidelity: SuperNet fused fitness vs stand-alone retrained accuracy", "",
+             "Command: `{}`".format(result["command"]), "", "Machine: {}".format(result["machine"]["summary"]), "",
+             "Status: {}".format(result["status"]), "",
+             "Search: preset `{}`, overrides `{}`; {:.0f} s; best fused validation top-1 {:.2f}%.".format(
+                 s["preset"], json.dumps(s["overrides"]), s["wall_s"], s["best_fitness_val_top1"]),
+             "Retraining recipe: `{}`, seeds {}.".format(json.dumps(result["recipe"]), result["seeds"]), ""]
+    if "kendall_tau" in a:
+        lo, hi = a["kendall_tau_ci"]
+        rlo, rhi = a["spearman_rho_ci"]
+        lines += ["| measure | value | 95% bootstrap interval (over codes) |", "|---|---|---|",
+                  "| Kendall tau | {:.3f} | [{:.3f}, {:.3f}] |".format(a["kendall_tau"], lo, hi),
+                  "| Spearman rho | {:.3f} | [{:.3f}, {:.3f}] |".format(a["spearman_rho"], rlo, rhi),
+                  "| top-{} overlap | {} of {} (chance {:.2f}) | - |".format(a["top_k"], a["top_k_overlap"], a["top_k"],
+                                                                           a["top_k_chance"]), "",
+                  "Noise ceiling, Kendall tau of stand-alone accuracies between seeds: " + ", ".join(
+                      "seeds {}/{}: {:.3f}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"])
+                      for p in a["seed_tau"]) + ".", ""]
+    lines += ["| # | group | branches | SuperNet fitness % | test top-1 % per seed | mean |", "|---|---|---|---|---|---|"]
+    by = {(r["index"], r["seed"]): r["test_top1"] for r in result["runs"]}
+    for i, c in enumerate(result["codes"]):
+        per = [by.get((i, seed)) for seed in result["seeds"]]
+        shown = " / ".join("-" if v is None else "{:.2f}".format(v) for v in per)
+        mean = "-" if None in per else "{:.2f}".format(statistics.mean(per))
+        lines.append("| {} | {} | {} | {:.2f} | {} | {} |".format(i, c["group"], c["branches"], c["fitness"], shown,
+                                                                  mean))
+    lines += ["", "Compute: search {:.0f} s, retraining {:.0f} s ({} runs); {:.0f} s wall with {} jobs.".format(
+                  s["wall_s"], sum(r["wall_s"] for r in result["runs"]), len(result["runs"]), result["wall_s"],
+                  result["jobs"]), "", "![fitness vs accuracy]({})".format(result["figure"]), ""]
+    return "\n".join(lines)
+
+
+def figure(result: Dict[str, Any], path: Path) -> None:
+    by: Dict[int, List[float]] = {}
+    for r in result["runs"]:
+        by.setdefault(r["index"], []).append(r["test_top1"])
+    fig, ax = pyplot().subplots(figsize=(5.5, 4), dpi=120)
+    for group, marker in (("best", "^"), ("worst", "v"), ("population", "o"), ("random", "s")):
+        idx = [i for i, c in enumerate(result["codes"]) if c["group"] == group and i in by]
+        if not idx:
+            continue
+        xs = [result["codes"][i]["fitness"] for i in idx]
+        ys = [statistics.mean(by[i]) for i in idx]
+        err = [[y - min(by[i]) for i, y in zip(idx, ys)], [max(by[i]) - y for i, y in zip(idx, ys)]]
+        ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle="none", capsize=2, label=group)
+    a = result["analysis"]
+    title = "tau {:.2f}, rho {:.2f}".format(a["kendall_tau"], a["spearman_rho"]) if "kendall_tau" in a else ""
+    ax.set_title("SuperNet fitness vs stand-alone accuracy; " + title, fontsize=9)
+    ax.set_xlabel("SuperNet fused validation top-1 (%)")
+    ax.set_ylabel("retrained test top-1 (%), mean and range over seeds")
+    save_figure(fig, [ax], path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="retraining seeds (>= 2)")
+    parser.add_argument("--search-rounds", type=int, default=8)
+    parser.add_argument("--search-limit", type=int, default=3000)
+    parser.add_argument("--search-seed", type=int, default=0)
+    parser.add_argument("--best", type=int, default=4, help="codes from the top of the population")
+    parser.add_argument("--worst", type=int, default=4, help="codes from the bottom of the population")
+    parser.add_argument("--middle", type=int, default=4, help="other population codes, drawn at random")
+    parser.add_argument("--random", type=int, default=4, help="random codes at the budget, outside the population")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--limit", type=int, default=3000, help="examples per split for retraining")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.1)
+    common_flags(parser, "ranking", "retraining runs in parallel (processes)")
+    args = parser.parse_args()
+    overrides: Dict[str, Any] = {"seed": args.search_seed, "rounds": args.search_rounds, "limit": args.search_limit}
+    if args.quick:
+        overrides.update(rounds=1, warmup_epochs=0, limit=256, population=6)
+        args.best, args.worst, args.middle, args.random = 2, 2, 1, 2
+        args.epochs, args.limit, args.seeds = 1, 256, args.seeds[:2]
+    config = make_config(args.preset, **overrides)
+    recipe = {"backbone": config.backbone, "dataset": config.dataset, "width": config.width, "epochs": args.epochs,
+              "batch_size": args.batch_size, "lr": args.lr, "limit": args.limit}
+    work, out = Path(args.work_dir), Path(args.out)
+    fig_path = out.parent / "figures" / (out.name + ".png")
+    t0 = time.time()
+    search = run_search(work / "search", args.preset, overrides)
+    population = json.loads((work / "search" / "population.json").read_text())
+    template = ArchCode.loads(search["code"])
+    codes = pick_codes(population, template, config.budget, args.best, args.worst, args.middle, args.random,
+                       args.search_seed)
+    parsed = [ArchCode.loads(c["code"]) for c in codes]
+    for c, code, f in zip(codes, parsed, supernet_fitness(work / "search", search["config"], parsed)):
+        c.update(fitness=f, branches=code.count())
+    result: Dict[str, Any] = {"command": "OMP_NUM_THREADS={} python {}".format(torch.get_num_threads(),
+                                                                               " ".join(sys.argv)),
+                              "machine": describe_machine(), "search": search, "recipe": recipe, "seeds": args.seeds,
+                              "codes": codes, "runs": [], "jobs": args.jobs, "status": "started",
+                              "figure": "figures/" + fig_path.name}
+    jobs = [{"index": i, "group": c["group"], "code": c["code"], "seed": s, "recipe": recipe,
+             "work_dir": str(work), "threads": args.threads} for s in args.seeds for i, c in enumerate(codes)]
+
+    def finished(trained: Dict[str, Any]) -> None:
+        result["runs"].append(trained)
+        n = len(result["runs"])
+        result["status"] = "complete" if n == len(jobs) else "partial: {} of {} retraining runs".format(n, len(jobs))
+        result["wall_s"] = time.time() - t0
+        result["analysis"] = analyse(codes, result["runs"], args.seeds)
+        figure(result, fig_path)
+        write_results(str(out), result, markdown(result))
+
+    run_jobs(train_task, jobs, args.jobs, finished)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Does the search phase work? DES vs undirected evolution vs random search at equal compute (issue 14).
+
+    des         Algorithm 1 (``--strategy des --sampler directional``)
+    undirected  the same evolution, its SuperNet-sampled share drawn uniformly (``--sampler uniform``)
+    random      random search: every round scores fresh random codes at the budget (``--strategy random``)
+
+Every arm runs the same searches (preset, overrides, SuperNet training, population size, rounds) for
+each search seed, so every round costs the same epochs and evaluates the same number of codes
+(``population``): codes evaluated after round r = r * population for all three. A seed fixes the
+SuperNet's initial weights, the data order and the initial population, which all arms share, so
+arms are compared paired by seed.
+
+Per round and per codes evaluated: the best and the mean fused validation fitness of the round's
+population, and the best so far. The paper's claim "DES converges faster" is tested as stated:
+per seed, the level is the best-so-far fitness that every arm reaches by its last round (the lowest
+of the arms' final best-so-far values); each arm's cost is the number of codes it evaluated before its
+best so far first reached that level. DES minus each other arm, paired by seed, with a 95% t interval
+(n - 1 degrees of freedom); negative means DES got there with fewer evaluations. The area under the
+best-so-far curve (its mean over rounds) is the second measure, higher is faster.
+
+Resumable like the other accuracy benchmarks (``runs.run_search``: a finished search is not redone).
+
+    OMP_NUM_THREADS=1 python benchmarks/search_phase.py --jobs 2        # the full protocol
+    python benchmarks/search_phase.py --quick --work-dir /tmp/sp --out /tmp/sp/res/search_phase  # smoke run
+
+Writes ``results/search_phase.{json,md}`` and ``results/figures/search_phase.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine, write_results  # noqa: E402
+from runs import run_search  # noqa: E402
+from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
+
+from irep_deploy.search.des import make_config  # noqa: E402
+
+#: arm -> the SearchConfig settings that make it
+ARMS: Dict[str, Dict[str, str]] = {"des": {"strategy": "des", "sampler": "directional"},
+                                   "undirected": {"strategy": "des", "sampler": "uniform"},
+                                   "random": {"strategy": "random", "sampler": "directional"}}
+
+
+def search_task(job: Dict[str, Any]) -> Dict[str, Any]:
+    """One search (arm, seed), in a worker process; its per-round records."""
+    torch.set_num_threads(job["threads"])
+    overrides = dict(job["overrides"], seed=job["seed"], **ARMS[job["arm"]])
+    info = run_search(Path(job["work_dir"]) / "{}-seed{}".format(job["arm"], job["seed"]), job["preset"], overrides)
+    return {"arm": job["arm"], "seed": job["seed"], "run_dir": info["run_dir"], "wall_s": info["wall_s"],
+            "population": info["config"]["population"],
+            "best": [r["best_fitness"] for r in info["rounds"]], "mean": [r["mean_fitness"] for r in info["rounds"]]}
+
+
+def best_so_far(values: Sequence[float]) -> List[float]:
+    out: List[float] = []
+    for v in values:
+        out.append(max(v, out[-1]) if out else v)
+    return out
+
+
+def evaluations_to_reach(curve: Sequence[float], level: float, population: int) -> int:
+    """Codes evaluated until the best so far first reaches ``level`` (the round's whole population counts)."""
+    for r, v in enumerate(best_so_far(curve), start=1):
+        if v >= level:
+            return r * population
+    raise ValueError("level {} never reached".format(level))
+
+
+def interval(values: Sequence[float]) -> Dict[str, Any]:
+    """Mean with a two-sided 95% t interval (None where n < 2), and the values."""
+    from scipy import stats
+    n = len(values)
+    mean = statistics.mean(values) if values else None
+    if n < 2:
+        return {"n": n, "mean": mean, "lo": None, "hi": None, "values": list(values)}
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "values": list(values)}
+
+
+def verdict(diff: Dict[str, Any], fewer_is_faster: bool) -> str:
+    """What a paired difference (DES minus other) says about "DES converges faster"."""
+    if diff["lo"] is None:
+        return "not tested (fewer than 2 seeds)"
+    faster = diff["hi"] < 0 if fewer_is_faster else diff["lo"] > 0
+    slower = diff["lo"] > 0 if fewer_is_faster else diff["hi"] < 0
+    return "DES faster (interval excludes 0)" if faster else ("DES slower (interval excludes 0)" if slower
+                                                              else "no difference shown (interval contains 0)")
+
+
+def analyse(searches: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Curves per arm (mean and 95% band over seeds) and the paired convergence comparison."""
+    by = {(s["arm"], s["seed"]): s for s in searches}
+    arms = [a for a in ARMS if any(s["arm"] == a for s in searches)]
+    seeds = sorted({s["seed"] for s in searches if all((a, s["seed"]) in by for a in arms)})
+    curves: Dict[str, Any] = {}
+    for arm in arms:
+        runs = [by[arm, s] for s in seeds]
+        rounds = min((len(r["best"]) for r in runs), default=0)
+        curves[arm] = {key: [interval([f(r)[i] for r in runs]) for i in range(rounds)]
+                       for key, f in (("best", lambda r: r["best"]), ("mean", lambda r: r["mean"]),
+                                      ("best_so_far", lambda r: best_so_far(r["best"])))}
+        curves[arm]["evaluations"] = [(i + 1) * runs[0]["population"] for i in range(rounds)] if runs else []
+    paired: Dict[str, Any] = {}
+    levels = {s: min(best_so_far(by[a, s]["best"])[-1] for a in arms) for s in seeds}
+    cost = {(a, s): evaluations_to_reach(by[a, s]["best"], levels[s], by[a, s]["population"])
+            for a in arms for s in seeds}
+    auc = {(a, s): statistics.mean(best_so_far(by[a, s]["best"])) for a in arms for s in seeds}
+    for other in [a for a in arms if a != "des"] if "des" in arms else []:
+        evals = interval([cost["des", s] - cost[other, s] for s in seeds])
+        area = interval([auc["des", s] - auc[other, s] for s in seeds])
+        paired["des_vs_" + other] = {
+            "evaluations_to_level": dict(evals, verdict=verdict(evals, fewer_is_faster=True)),
+            "area_best_so_far": dict(area, verdict=verdict(area, fewer_is_faster=False))}
+    return {"seeds": seeds, "levels": {str(s): levels[s] for s in seeds},
+            "evaluations_to_level": {a: {str(s): cost[a, s] for s in seeds} for a in arms},
+            "curves": curves, "paired": paired}
+
+
+def _num(x: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _ci(d: Dict[str, Any], fmt: str = "{:+.2f}") -> str:
+    return "{} [{}, {}]".format(_num(d["mean"], fmt), _num(d["lo"], fmt), _num(d["hi"], fmt))
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    a = result["analysis"]
+    lines = ["# Search phase: DES vs undirected evolution vs random search (equal compute)", "",
+             "Command: `{}`".format(result["command"]), "", "Machine: {}".format(result["machine"]["summary"]), "",
+             "Status: {}".format(result["status"]), "",
+             "Search settings (every arm): preset `{}`, overrides `{}`; search seeds {}.".format(
+                 result["preset"], result["overrides"], a["seeds"]), "",
+             "## Fitness per round (fused validation top-1 %, mean over seeds [95% t interval])", ""]
+    for key, title in (("best_so_far", "best so far"), ("best", "best of the round"), ("mean", "population mean")):
+        lines += ["### " + title, "", "| round | codes evaluated | " + " | ".join(a["curves"]) + " |",
+                  "|---|---|" + "---|" * len(a["curves"])]
+        first = next(iter(a["curves"].values()), {"evaluations": []})
+        for i, evals in enumerate(first["evaluations"]):
+            lines.append("| {} | {} | {} |".format(i + 1, evals, " | ".join(
+                _ci(c[key][i], "{:.2f}") for c in a["curves"].values())))
+        lines.append("")
+    lines += ["## Does DES converge faster?", "",
+              "Level per seed (the best so far every arm reaches): " + ", ".join(
+                  "seed {}: {:.2f}%".format(s, v) for s, v in a["levels"].items()), "",
+              "Codes evaluated to reach it: " + "; ".join(
+                  "{} {}".format(arm, "/".join(str(v) for v in per.values()))
+                  for arm, per in a["evaluations_to_level"].items()), "",
+              "| comparison | measure | DES minus other, mean [95% t interval] | per seed | verdict |",
+              "|---|---|---|---|---|"]
+    for name, p in a["paired"].items():
+        for measure, label, fmt in (("evaluations_to_level", "codes evaluated to the level", "{:+.1f}"),
+                                    ("area_best_so_far", "mean best-so-far fitness (points)", "{:+.2f}")):
+            d = p[measure]
+            lines.append("| {} | {} | {} | {} | {} |".format(
+                name.replace("_", " "), label, _ci(d, fmt), ", ".join(fmt.format(v) for v in d["values"]),
+                d["verdict"]))
+    lines += ["", "Compute: {:.0f} s of searches ({} searches), {:.0f} s wall with {} parallel jobs.".format(
+                  result["compute_s"], len(result["searches"]), result["wall_s"], result["jobs"]), "",
+              "![fitness per codes evaluated]({})".format(result["figure"]), ""]
+    return "\n".join(lines)
+
+
+def figure(result: Dict[str, Any], path: Path) -> None:
+    curves = result["analysis"]["curves"]
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    for ax, key, title in ((axes[0], "best_so_far", "best so far"), (axes[1], "mean", "population mean")):
+        for arm, c in curves.items():
+            xs, pts = c["evaluations"], c[key]
+            ax.plot(xs, [p["mean"] for p in pts], marker="o", label=arm)
+            if all(p["lo"] is not None for p in pts):
+                ax.fill_between(xs, [p["lo"] for p in pts], [p["hi"] for p in pts], alpha=0.2)
+        ax.set_xlabel("codes evaluated")
+        ax.set_ylabel("fused validation top-1 (%)")
+        ax.set_title("{} (mean, 95% band over {} seeds)".format(title, len(result["analysis"]["seeds"])), fontsize=9)
+    save_figure(fig, axes, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="search seeds (>= 5)")
+    parser.add_argument("--rounds", type=int, default=8, help="search rounds (default 8)")
+    parser.add_argument("--limit", type=int, default=3000, help="examples per split (default 3000)")
+    common_flags(parser, "search_phase", "searches run in parallel (processes)")
+    args = parser.parse_args()
+    overrides: Dict[str, Any] = {"rounds": args.rounds, "limit": args.limit}
+    if args.quick:
+        overrides.update(rounds=2, warmup_epochs=0, limit=256, population=4)
+        args.seeds = args.seeds[:2]
+    make_config(args.preset, **overrides)  # bad settings stop here, before any search
+    out = Path(args.out)
+    fig_path = out.parent / "figures" / (out.name + ".png")
+    result: Dict[str, Any] = {"command": "OMP_NUM_THREADS={} python {}".format(torch.get_num_threads(),
+                                                                               " ".join(sys.argv)),
+                              "machine": describe_machine(), "preset": args.preset, "overrides": overrides,
+                              "arms": {a: ARMS[a] for a in args.arms}, "jobs": args.jobs,
+                              "threads_per_job": args.threads, "searches": [], "status": "started",
+                              "figure": "figures/" + fig_path.name}
+    jobs = [{"arm": a, "seed": s, "work_dir": args.work_dir, "preset": args.preset, "overrides": overrides,
+             "threads": args.threads} for s in args.seeds for a in args.arms]
+    t0 = time.time()
+
+    def finished(search: Dict[str, Any]) -> None:
+        result["searches"].append(search)
+        n = len(result["searches"])
+        result["status"] = "complete" if n == len(jobs) else "partial: {} of {} searches done".format(n, len(jobs))
+        result["wall_s"] = time.time() - t0
+        result["compute_s"] = sum(s["wall_s"] for s in result["searches"])
+        result["analysis"] = analyse(result["searches"])
+        figure(result, fig_path)
+        write_results(str(out), result, markdown(result))
+
+    run_jobs(search_task, jobs, args.jobs, finished)
+
+
+if __name__ == "__main__":
+    main()

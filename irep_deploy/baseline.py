@@ -1,0 +1,119 @@
+"""What the branches bought: a searched code's training run beside the plain backbone's.
+
+The baseline is the same :class:`~irep_deploy.train.TrainConfig` (recipe, data, seed) with no
+architecture code, i.e. the empty code: the backbone's own 3x3 convs, no branches. It trains into
+``RUN_DIR/baseline``. The comparison holds both test accuracies, both training times (the
+branches' training cost) and the torch latency of the multi-branch, fused and plain networks
+measured in one bench run (the fused network has the plain one's shape, so their latency should
+match: that is the point of re-parameterization).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from ._io import write_json
+from .bench.devices import bench_profile
+from .bench.latency import BenchReport, bench
+from .errors import IrepError
+from .runs import read_run_state, state_path
+from .train import TrainConfig, TrainReport, train
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+BASELINE_DIR = "baseline"
+BASELINE_FILE = "baseline.json"
+
+
+def baseline_config(config: TrainConfig) -> TrainConfig:
+    """The same recipe and seed without branches (the backbone named, since no code names it)."""
+    code = config.code()
+    backbone = config.backbone or (code.backbone if code is not None else None)
+    return dataclasses.replace(config, arch=None, backbone=backbone)
+
+
+def train_seconds(report: TrainReport) -> float:
+    """Training time of a run over all its epochs (a resumed run's earlier epochs included)."""
+    return float(sum(r.get("seconds", 0.0) for r in report.history))
+
+
+@dataclass
+class ModelRow:
+    """One network of the comparison: test top-1, training seconds, torch latency at batch 1 (ms)."""
+
+    model: str
+    test_top1: float
+    train_seconds: Optional[float]
+    latency_ms: Optional[float]
+
+
+@dataclass
+class BaselineComparison:
+    rows: List[ModelRow]
+    top1_gain: float  # searched fused minus baseline, percentage points (one seed: not an interval)
+    train_cost: float  # searched training time / baseline training time
+    test_examples: int
+    seed: int
+
+    def table(self) -> str:
+        lines = ["| model | test top-1 % | training s | torch latency, batch 1 (ms) |", "|---|---|---|---|"]
+        lines += ["| {} | {:.2f} | {} | {} |".format(r.model, r.test_top1, _num(r.train_seconds, "{:.1f}"),
+                                                    _num(r.latency_ms, "{:.3f}")) for r in self.rows]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        return ("searched code vs plain backbone (seed {}, {} test examples): top-1 {:+.2f} points, training "
+                "time x{:.2f}".format(self.seed, self.test_examples, self.top1_gain, self.train_cost))
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def latencies(bench_report: BenchReport, batch: int = 1) -> Dict[str, float]:
+    """Median torch latency (ms) per variant at ``batch`` from a ``bench(..., compare=True)`` run."""
+    return {r.variant: r.host.median for r in bench_report.results if r.backend == "torch" and r.batch == batch}
+
+
+def compare(searched: TrainReport, baseline: TrainReport, latency: Optional[Dict[str, float]] = None,
+            seed: int = 0) -> BaselineComparison:
+    latency = latency or {}
+    base_s, ours_s = train_seconds(baseline), train_seconds(searched)
+    rows = [ModelRow("searched code, multi-branch", searched.multi_branch.top1, ours_s, latency.get("multi-branch")),
+            ModelRow("searched code, fused", searched.fused.top1, None, latency.get("fused")),
+            ModelRow("plain backbone (baseline)", baseline.fused.top1, base_s, latency.get("plain"))]
+    return BaselineComparison(rows, searched.fused.top1 - baseline.fused.top1, ours_s / max(base_s, 1e-9),
+                              searched.multi_branch.examples, seed)
+
+
+def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[str] = None, device: str = "auto",
+                   workers: int = 0, progress: bool = True, channels_last: bool = False) -> TrainReport:
+    """Train (or resume) the baseline of ``config`` in ``run_dir/baseline``."""
+    where = Path(run_dir) / BASELINE_DIR
+    return train(where, None if state_path(where).exists() else baseline_config(config),
+                 resume=state_path(where).exists(), data_root=data_root, device=device, workers=workers,
+                 progress=progress, channels_last=channels_last)
+
+
+def train_with_baseline(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
+                        data_root: Optional[str] = None, device: str = "auto", workers: int = 0,
+                        progress: bool = True, channels_last: bool = False,
+                        bench_duration_s: float = 0.5, bench_rounds: int = 3) -> BaselineComparison:
+    """``train`` the code, then the plain backbone with the same settings, bench both (torch, batch 1),
+    write ``baseline.json`` into ``run_dir``; returns the comparison. Resumable as ``train`` is."""
+    settings = read_run_state(run_dir, "train", TrainConfig)[1] if resume else config
+    if settings is None or settings.arch is None:  # checked before any training starts
+        raise IrepError("--baseline compares an architecture code with the plain backbone; give --arch")
+    searched = train(run_dir, config, resume=resume, data_root=data_root, device=device, workers=workers,
+                     progress=progress, channels_last=channels_last)
+    if not searched.main_process:
+        raise IrepError("train --baseline runs in one process (not under torchrun)")
+    base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last)
+    report = bench(searched.ckpt, device=bench_profile(device), backends=["torch"], batches=[1],
+                   duration_s=bench_duration_s, rounds=bench_rounds, compare=True)
+    result = compare(searched, base, latencies(report), settings.seed)
+    write_json(Path(run_dir) / BASELINE_FILE, dataclasses.asdict(result))
+    return result
