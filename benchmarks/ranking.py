@@ -37,8 +37,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 from runs import run_search, run_training  # noqa: E402
 from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 

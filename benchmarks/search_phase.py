@@ -36,8 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe_machine, write_results  # noqa: E402
+from _common import describe_machine, write_results
 from runs import run_search  # noqa: E402
 from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 

@@ -8,6 +8,8 @@ import multiprocessing
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List
 
+from irep_deploy._io import atomic_write
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -44,5 +46,6 @@ def save_figure(fig: Any, axes: Iterable[Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path))
+    with atomic_write(path, "wb") as handle:  # results files are never half-written
+        fig.savefig(handle, format=path.suffix.lstrip(".") or "png")
     pyplot().close(fig)
