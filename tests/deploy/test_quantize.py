@@ -7,6 +7,7 @@ onnxruntime on real test images.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -244,3 +245,33 @@ def test_eval_of_onnx_files_reports_what_onnxruntime_computes(fp32, capsys, test
     # the FP32 file against itself: nothing differs
     rc, out, _ = cli(capsys, "eval", fp32, "--dataset", "fashion-mnist", "--limit", TEST_LIMIT, "--reference", fp32)
     assert rc == 0 and "; 0 of {} predictions differ".format(TEST_LIMIT) in out
+
+
+def test_a_kl_search_that_ends_on_its_smallest_candidate_keeps_the_full_range():
+    """A spike far below the maximum (the first conv's response to a uniform background) drives
+    onnxruntime's KL search to its smallest threshold; the wrapper keeps the full range instead, and
+    leaves an interior optimum (a genuine tail of outliers) alone."""
+    pytest.importorskip("scipy")
+    from onnxruntime.quantization.calibrate import HistogramCollector
+    from irep_deploy.engines.quantize import ENTROPY_BINS, ENTROPY_QUANTIZED_BINS, _unless_degenerate
+
+    options = dict(method="entropy", symmetric=True, num_bins=ENTROPY_BINS, num_quantized_bins=ENTROPY_QUANTIZED_BINS,
+                   percentile=99.999)
+    if "scenario" in inspect.signature(HistogramCollector.__init__).parameters:
+        options["scenario"] = "same"  # onnxruntime >= 1.16 (float 8 only; its calibrator's default)
+    collector = HistogramCollector(**options)
+    rng = np.random.default_rng(0)
+    spiky = np.concatenate([np.full(50000, 0.3), np.full(40000, 0.2), rng.uniform(0, 8, 200)]).astype(np.float32)
+    smooth = np.abs(rng.standard_normal(50000)).astype(np.float32)
+    smooth[:20] = 40.0  # a few outliers: worth clipping
+    for data, degenerate in ((spiky, True), (smooth, False)):
+        amax = float(np.abs(data).max())
+        hist, edges = np.histogram(data, bins=ENTROPY_BINS, range=(-amax, amax))
+        histogram = (hist, edges.astype(np.float32), np.float32(data.min()), np.float32(data.max()))
+        raw = collector.get_entropy_threshold(histogram, ENTROPY_QUANTIZED_BINS)
+        kept = _unless_degenerate(raw, histogram, ENTROPY_QUANTIZED_BINS)
+        smallest = edges[ENTROPY_BINS // 2 + ENTROPY_QUANTIZED_BINS // 2 + 1]
+        if degenerate:
+            assert float(raw[1]) <= smallest + 1e-6 and float(kept[1]) == pytest.approx(amax)
+        else:
+            assert smallest < float(raw[1]) < amax / 2 and kept == raw
