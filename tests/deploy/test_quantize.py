@@ -159,6 +159,11 @@ def test_entropy_clips_some_tails_and_never_collapses_a_relu_output(fp32, capsys
     assert min(ratios.values()) < 0.99, ratios  # some tail is clipped: not minmax under another name
     relu = {name: r for name, r in ratios.items() if "Relu" in name}
     assert relu and min(relu.values()) > 0.25, relu
+    # the first convolution's output (shaped by the images, not smooth) keeps its whole range
+    from irep_deploy.engines.quantize import first_conv_outputs
+    first = first_conv_outputs(onnx.load(str(fp32)))
+    assert first == ["/conv1/Conv_output_0", "/relu/Relu_output_0"]
+    assert all(ratios[name] == pytest.approx(1.0, rel=1e-6) for name in first), {n: ratios[n] for n in first}
 
 
 def test_the_zero_spike_is_cut_to_its_neighbours():
