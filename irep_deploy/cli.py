@@ -646,9 +646,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = _set_sigint(on_sigint)
     try:
         try:
+            # numpy before torch: torch's C initialisation imports it and swallows any error of that
+            # import, a KeyboardInterrupt included (seen on torch 2.0: Ctrl-C ignored, the work ran on)
+            import numpy  # noqa: F401
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
             return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+        if interrupted:  # an interrupt some library swallowed while the parser imported it
+            raise KeyboardInterrupt
         command += " " + args.command
         return args.handler(args)
     except IrepError as exc:
