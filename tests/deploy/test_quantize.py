@@ -50,6 +50,10 @@ def fp32(tmp_path_factory) -> Path:
 
 
 _MADE: Dict[str, Path] = {}
+# Entropy clips tails: on this one-epoch model its logits' cosine with FP32 on the 32-image check batch
+# sits at the 0.99 default (0.988 seen with multi-threaded training); accuracy is tested on 1000 real
+# test images instead, and the default gate by test_a_check_it_cannot_pass_writes_nothing.
+GATE = {"entropy": ("--min-cosine", "0.95")}
 
 
 def quantized(fp32: Path, capsys, name: str, *flags: str) -> Path:
@@ -104,7 +108,7 @@ def methods():
 
 @pytest.mark.parametrize("method", methods())
 def test_each_method_gives_symmetric_int8_qdq_that_keeps_fp32_accuracy(fp32, capsys, test_images, method):
-    path = quantized(fp32, capsys, method, "--method", method, "--per-tensor")
+    path = quantized(fp32, capsys, method, "--method", method, "--per-tensor", *GATE.get(method, ()))
     model = onnx.load(str(path))
     values = inits(model)
     ops = [n.op_type for n in model.graph.node]
@@ -152,7 +156,8 @@ def test_entropy_clips_some_tails_and_never_collapses_a_relu_output(fp32, capsys
     """Entropy calibration searches thresholds below the full range (onnxruntime's quantize_static
     default of 128 bins and 128 quantized bins leaves only the full range: minmax's scales), and
     ReLU's spike at exactly 0 does not drive a threshold to the smallest candidate (1/8 of the range)."""
-    entropy = activation_scales(quantized(fp32, capsys, method, "--method", method, "--per-tensor"))
+    entropy = activation_scales(quantized(fp32, capsys, method, "--method", method, "--per-tensor",
+                                          *GATE.get(method, ())))
     minmax = activation_scales(quantized(fp32, capsys, "minmax", "--method", "minmax", "--per-tensor"))
     assert set(entropy) == set(minmax)
     ratios = {name: entropy[name] / minmax[name] for name in minmax}
