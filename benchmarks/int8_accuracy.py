@@ -44,6 +44,7 @@ from runs import run_training  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
 from irep_deploy.bench.latency import SPREAD_WARN, bench_onnx_files, spread  # noqa: E402
+from irep_deploy.engines.quantize import weight_scales
 from irep_deploy.errors import IrepError  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +57,7 @@ FULL_EPOCHS = 15  # the target's measurement: at least one run with >= 15 epochs
 
 
 def settings_name(method: str, per_channel: bool) -> str:
-    return "{}, {}".format(method, "per-channel" if per_channel else "per-tensor")
+    return "{}, {}".format(method, weight_scales(per_channel))
 
 
 def evidence_code(backbone: str) -> Dict[str, Any]:
@@ -208,7 +209,7 @@ def markdown(result: Dict[str, Any]) -> str:
     for m in result["models"]:
         for q in m["quantized"]:
             head = "| {} | {} | {} | {} | {} |".format(m["backbone"], m["code"], m["branches"], q["method"],
-                                                       "per-channel" if q["per_channel"] else "per-tensor")
+                                                       weight_scales(q["per_channel"]))
             if "error" in q:
                 lines.append(head + " - | - | - | - | {} |".format(q["error"][:120]))
             else:

@@ -343,10 +343,10 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from .engines.quantize import quantize
+    from .engines.quantize import quantize, weight_scales
     report = _call(quantize, args)
     print("quantized to INT8 (QDQ, symmetric, {} weights), {} calibration on {} {} training images".format(
-        "per-channel" if report.per_channel else "per-tensor", report.method, report.calib_size, report.calib_dataset))
+        weight_scales(report.per_channel), report.method, report.calib_size, report.calib_dataset))
     if report.excluded:
         print("kept in float: {} node(s): {}".format(len(report.excluded), ", ".join(report.excluded)))
     print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))

@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from ._io import atomic_write, run_directory, write_json
 from .arch import ArchCode
+from .engines.quantize import weight_scales
 from .errors import IrepError
 from .search.des import make_config, search
 from .train import TrainConfig, train
@@ -219,7 +220,7 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
                  "fp32_size_bytes": fp32.stat().st_size}
     steps.append(Step("quantize", time.perf_counter() - t, "done",
                       "{}: {}, {} weights, {} QuantizeLinear; {:,} -> {:,} bytes; cosine {:.4f} vs FP32 on a "
-                      "calibration batch".format(int8.name, q.method, "per-channel" if q.per_channel else "per-tensor",
+                      "calibration batch".format(int8.name, q.method, weight_scales(q.per_channel),
                                                  q.op_types.get("QuantizeLinear", 0), quantized["fp32_size_bytes"],
                                                  q.size_bytes, q.cosine)))
     say(steps[-1].note)
@@ -330,7 +331,7 @@ def _int8_markdown(i: Dict[str, Any]) -> List[str]:
     q, e = i["quantize"], i["eval"]
     lines += ["`{}`: QDQ, {} calibration on {} {} training images, {} weights; {:,} bytes (FP32 {:,}).".format(
                   q["out"], q["method"], q["calib_size"], q["calib_dataset"],
-                  "per-channel" if q["per_channel"] else "per-tensor", q["size_bytes"], q["fp32_size_bytes"]), "",
+                  weight_scales(q["per_channel"]), q["size_bytes"], q["fp32_size_bytes"]), "",
               "| model | test top-1 % | test top-5 % |", "|---|---|---|",
               "| FP32 ONNX | {:.2f} | {:.2f} |".format(e["fp32_top1"], e["fp32_top5"]),
               "| INT8 ONNX | {:.2f} | {:.2f} |".format(e["int8_top1"], e["int8_top5"]), "",

@@ -63,6 +63,11 @@ class QuantizeReport:
     size_bytes: int = 0
 
 
+def weight_scales(per_channel: bool) -> str:
+    """How the weights are scaled, as reports and metadata readers name it."""
+    return "per-channel" if per_channel else "per-tensor"
+
+
 def default_int8_path(model: PathLike) -> Path:
     p = Path(model)
     return p.with_name(p.stem + ".int8.onnx")
