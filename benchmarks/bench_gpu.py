@@ -56,14 +56,15 @@ def sizes(smoke: bool) -> Dict[str, Any]:
 
 # -- 1. the CUDA suite ------------------------------------------------------------------------------
 def suite(path: str) -> Dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rs", "-p", "no:cacheprovider", path],
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "--tb=line", "-p",
+                           "no:cacheprovider", path],
                           cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     lines = [l for l in proc.stdout.splitlines() if l.strip()]
     summary = next((l.strip("= ") for l in reversed(lines) if re.search(r"\d+ (passed|failed|skipped|error)", l)),
                    lines[-1] if lines else "no output")
     print("CUDA suite: " + summary, flush=True)
-    return {"command": "pytest -m cuda -q -rs " + path, "returncode": proc.returncode, "summary": summary,
-            "tail": lines[-40:]}
+    return {"command": "pytest -m cuda -q -rfEs --tb=line " + path, "returncode": proc.returncode,
+            "summary": summary, "tail": lines[-60:]}
 
 
 # -- 2. Table 1: population evaluation -------------------------------------------------------------
@@ -135,9 +136,14 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = ["# GPU record: CUDA suite, Table 1, batch-1 latency", "", "Command: `{}`".format(result["command"]), "",
              "Machine: " + result["machine"]["summary"], "", "## CUDA suite", "",
              "`{}`: **{}** (exit status {})".format(result["suite"]["command"], result["suite"]["summary"],
-                                                    result["suite"]["returncode"]), "",
-             "## Table 1: population evaluation, fused vs multi-branch", ""]
-    t = result["table1"]
+                                                    result["suite"]["returncode"]), ""]
+    failed = [l for l in result["suite"].get("tail", []) if l.startswith(("FAILED", "ERROR"))]
+    lines += ["- " + l for l in failed] + ([""] if failed else [])
+    lines += ["## Table 1: population evaluation, fused vs multi-branch", ""]
+    t = result["table1"] or {"model": "-", "width": "-", "branches_per_code": "-", "images": "-", "batch": "-",
+                             "rows": []}
+    if result["table1"] is None:
+        lines += ["(not measured yet)", ""]
     lines += ["{} width {}, {} branches per code, {} validation images, batch {} (random tensors).".format(
         t["model"], t["width"], t["branches_per_code"], t["images"], t["batch"]), "",
         "| population | multi-branch s | fused s | speedup |", "|---|---|---|---|"]
@@ -180,7 +186,10 @@ def main(argv: Sequence[str] = ()) -> int:
     result: Dict[str, Any] = {"command": command, "machine": machine, "smoke": args.smoke, "sizes": size}
     result["suite"] = ({"command": "(skipped)", "returncode": None, "summary": "not run (--skip-suite)"}
                        if args.skip_suite else suite(size["suite"]))
+    result["table1"], result["latency"] = None, []
+    write_results(stem, result, markdown(result))  # each section is kept as soon as it is measured
     result["table1"] = table1(device, size["width"], size["populations"], size["batch"], size["images"])
+    write_results(stem, result, markdown(result))
     with tempfile.TemporaryDirectory() as tmp:
         result["latency"] = latency(device, size["layouts"], size["latency_width"], size["duration"], size["rounds"],
                                     size["min_iters"], Path(tmp))

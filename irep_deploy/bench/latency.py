@@ -173,8 +173,14 @@ def torch_runner(model: nn.Module, shape: Sequence[int], device: Union[str, torc
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():
-        model(x)
-    return graph.replay, sync, True
+        out = model(x)
+    # a graph replays raw addresses: the model, its input and its output must outlive it
+    captured = (model, x, out)
+
+    def replay() -> Any:
+        graph.replay()
+        return captured[2]
+    return replay, sync, True
 
 
 def ort_runner(onnx_model: Union[str, bytes], shape: Sequence[int], providers: Optional[Sequence[str]],
