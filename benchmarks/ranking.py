@@ -83,7 +83,7 @@ def supernet_fitness(search_dir: Path, config: Dict[str, Any], codes: Sequence[A
 def train_task(job: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_num_threads(job["threads"])
     run = Path(job["work_dir"]) / "train" / "code{}-seed{}".format(job["index"], job["seed"])
-    info = run_training(run, job["group"], job["seed"], job["code"], job["recipe"])
+    info = run_training(run, job["group"], job["seed"], job["code"], job["recipe"], job["device"], job["workers"])
     return dict(info, index=job["index"])
 
 
@@ -217,7 +217,7 @@ def main() -> None:
     work, out = Path(args.work_dir), Path(args.out)
     fig_path = out.parent / "figures" / (out.name + ".png")
     t0 = time.time()
-    search = run_search(work / "search", args.preset, overrides)
+    search = run_search(work / "search", args.preset, overrides, args.device, args.workers)
     population = json.loads((work / "search" / "population.json").read_text())
     template = ArchCode.loads(search["code"])
     codes = pick_codes(population, template, config.budget, args.best, args.worst, args.middle, args.random,
@@ -231,7 +231,8 @@ def main() -> None:
                               "codes": codes, "runs": [], "jobs": args.jobs, "status": "started",
                               "figure": "figures/" + fig_path.name}
     jobs = [{"index": i, "group": c["group"], "code": c["code"], "seed": s, "recipe": recipe,
-             "work_dir": str(work), "threads": args.threads} for s in args.seeds for i, c in enumerate(codes)]
+             "work_dir": str(work), "threads": args.threads, "device": args.device, "workers": args.workers}
+            for s in args.seeds for i, c in enumerate(codes)]
 
     def finished(trained: Dict[str, Any]) -> None:
         result["runs"].append(trained)

@@ -20,8 +20,10 @@ from irep_deploy.search.des import make_config, search
 from irep_deploy.train import TrainConfig, train
 
 
-def run_search(run: Path, preset: str, overrides: Dict[str, Any]) -> Dict[str, Any]:
-    """A DES search in ``run`` (resumed if interrupted); its summary, with the best code as text."""
+def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = "cpu",
+               workers: int = 0) -> Dict[str, Any]:
+    """A DES search in ``run`` (resumed if interrupted) on ``device``; its summary, with the best code as text.
+    ``workers``: data-loading processes (0: in the main process; a GPU run wants a few)."""
     done = run / "report.json"
     config = make_config(preset, **overrides)
     if done.is_file():
@@ -33,8 +35,9 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any]) -> Dict[str, A
     resume = (run / "state.pt").is_file()
     print("search: {} ({})".format("resuming " + str(run) if resume else "starting in " + str(run),
                                    json.dumps(dataclasses.asdict(config))), flush=True)
-    report = search(run, None if resume else config, resume=resume, device="cpu", progress=False)
+    report = search(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers)
     info = {"run_dir": str(run), "preset": preset, "overrides": overrides, "config": dataclasses.asdict(config),
+            "device": device,
             "resumed": resume, "wall_s": round(time.time() - start, 1), "best_fitness_val_top1": report.best_fitness,
             "best_branches": report.best.count(), "budget": report.best.budget(config.budget),
             "capacity": report.best.capacity(), "rounds": report.rounds, "code": report.best.dumps()}
@@ -42,8 +45,10 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any]) -> Dict[str, A
     return info
 
 
-def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe: Dict[str, Any]) -> Dict[str, Any]:
-    """Retrain ``arch`` (None: the plain backbone) in ``run`` with ``recipe``; test accuracy and costs."""
+def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe: Dict[str, Any],
+                 device: str = "cpu", workers: int = 0) -> Dict[str, Any]:
+    """Retrain ``arch`` (None: the plain backbone) in ``run`` with ``recipe`` on ``device``; test accuracy
+    and costs. ``workers`` as for :func:`run_search`."""
     done = run / "result.json"
     if done.is_file():
         info = json.loads(done.read_text())
@@ -55,17 +60,29 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
     start = time.time()
     config = TrainConfig(arch=arch, seed=seed, **recipe)
     print("train {} seed {}: {}".format(variant, seed, "resuming" if resume else "starting"), flush=True)
-    report = train(run, None if resume else config, resume=resume, device="cpu", progress=False)
+    report = train(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers)
     code = ArchCode.loads(arch) if arch is not None else ArchCode.empty(recipe["backbone"])
     info = {"variant": variant, "seed": seed, "run_dir": str(run), "branches": code.count(),
             "test_top1": report.multi_branch.top1, "fused_test_top1": report.fused.top1,
             "test_examples": report.multi_branch.examples, "fused_rel_error": report.fused_rel_error,
             "train_top1_last_epoch": report.history[-1]["train_top1"] if report.history else None,
-            "wall_s": round(time.time() - start, 1), "resumed": resume, "recipe": recipe, "arch": arch}
+            "wall_s": round(time.time() - start, 1), "resumed": resume, "recipe": recipe, "arch": arch,
+            "device": device}
     write_json(done, info)
     print("  -> test top-1 {:.2f}% (fused {:.2f}%), {} branches, {:.0f} s".format(
         info["test_top1"], info["fused_test_top1"], info["branches"], info["wall_s"]), flush=True)
     return info
+
+
+def interval(values: Sequence[float]) -> Dict[str, Any]:
+    """Mean with a two-sided 95% t interval (None where n < 2), and the values."""
+    from scipy import stats
+    n = len(values)
+    mean = statistics.mean(values) if values else None
+    if n < 2:
+        return {"n": n, "mean": mean, "lo": None, "hi": None, "values": list(values)}
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5
+    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "values": list(values)}
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, Optional[float]]:

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from _common import describe_machine, write_results
-from runs import run_search  # noqa: E402
+from runs import interval, run_search  # noqa: E402
 from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 
 from irep_deploy.search.des import make_config  # noqa: E402
@@ -52,7 +52,8 @@ def search_task(job: Dict[str, Any]) -> Dict[str, Any]:
     """One search (arm, seed), in a worker process; its per-round records."""
     torch.set_num_threads(job["threads"])
     overrides = dict(job["overrides"], seed=job["seed"], **ARMS[job["arm"]])
-    info = run_search(Path(job["work_dir"]) / "{}-seed{}".format(job["arm"], job["seed"]), job["preset"], overrides)
+    info = run_search(Path(job["work_dir"]) / "{}-seed{}".format(job["arm"], job["seed"]), job["preset"], overrides,
+                      job["device"], job["workers"])
     return {"arm": job["arm"], "seed": job["seed"], "run_dir": info["run_dir"], "wall_s": info["wall_s"],
             "population": info["config"]["population"],
             "best": [r["best_fitness"] for r in info["rounds"]], "mean": [r["mean_fitness"] for r in info["rounds"]]}
@@ -71,17 +72,6 @@ def evaluations_to_reach(curve: Sequence[float], level: float, population: int) 
         if v >= level:
             return r * population
     raise ValueError("level {} never reached".format(level))
-
-
-def interval(values: Sequence[float]) -> Dict[str, Any]:
-    """Mean with a two-sided 95% t interval (None where n < 2), and the values."""
-    from scipy import stats
-    n = len(values)
-    mean = statistics.mean(values) if values else None
-    if n < 2:
-        return {"n": n, "mean": mean, "lo": None, "hi": None, "values": list(values)}
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / n ** 0.5
-    return {"n": n, "mean": mean, "lo": mean - half, "hi": mean + half, "values": list(values)}
 
 
 def verdict(diff: Dict[str, Any], fewer_is_faster: bool) -> str:
@@ -201,11 +191,12 @@ def main() -> None:
     result: Dict[str, Any] = {"command": "OMP_NUM_THREADS={} python {}".format(torch.get_num_threads(),
                                                                                " ".join(sys.argv)),
                               "machine": describe_machine(), "preset": args.preset, "overrides": overrides,
-                              "arms": {a: ARMS[a] for a in args.arms}, "jobs": args.jobs,
+                              "arms": {a: ARMS[a] for a in args.arms}, "jobs": args.jobs, "device": args.device,
                               "threads_per_job": args.threads, "searches": [], "status": "started",
                               "figure": "figures/" + fig_path.name}
     jobs = [{"arm": a, "seed": s, "work_dir": args.work_dir, "preset": args.preset, "overrides": overrides,
-             "threads": args.threads} for s in args.seeds for a in args.arms]
+             "threads": args.threads, "device": args.device, "workers": args.workers}
+            for s in args.seeds for a in args.arms]
     t0 = time.time()
 
     def finished(search: Dict[str, Any]) -> None:

@@ -14,8 +14,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def common_flags(parser: argparse.ArgumentParser, name: str, jobs_help: str) -> None:
-    """--preset, --jobs, --threads, --quick, --work-dir and --out (default results/<name>)."""
+    """--preset, --jobs, --threads, --device, --workers, --quick, --work-dir and --out (default results/<name>)."""
     parser.add_argument("--preset", default="cpu", help="search preset (default cpu)")
+    parser.add_argument("--device", default="cpu", help="where every search and training runs (default cpu; "
+                        "cuda: several jobs share the GPU)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes per job (default 0)")
     parser.add_argument("--jobs", type=int, default=1, help=jobs_help)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
