@@ -37,9 +37,10 @@ from sweeps import run_jobs  # noqa: E402
 from irep_deploy import ArchCode  # noqa: E402
 from irep_deploy.search.des import make_config  # noqa: E402
 
-VARIANTS = ("plain", "full", "random", "des")
+VARIANTS = ("plain", "full", "random", "des", "rsearch")
 LABELS = {"plain": "(a) plain backbone (empty code)", "full": "(b) all branches (full code)",
-          "random": "(c) random code at C", "des": "(d) DES code at C"}
+          "random": "(c) random code at C", "des": "(d) DES code at C",
+          "rsearch": "(e) random-search code at C (same compute as (d))"}
 
 
 def code_for(variant: str, backbone: str, seed: int, budget_ratio: float, des_code: Optional[str]) -> Optional[str]:
@@ -55,7 +56,7 @@ def code_for(variant: str, backbone: str, seed: int, budget_ratio: float, des_co
 
 def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     table: Dict[str, Any] = {}
-    for v in VARIANTS:
+    for v in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
         vals = [r["test_top1"] for r in runs if r["variant"] == v]
         table[v] = {"n": len(vals), "per_seed": {str(r["seed"]): r["test_top1"] for r in runs if r["variant"] == v},
                     **mean_std(vals),
@@ -65,8 +66,11 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     paired: Dict[str, Any] = {}
     by = {(r["variant"], r["seed"]): r["test_top1"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
-    for a, b in (("des", "plain"), ("des", "full"), ("des", "random"), ("full", "plain"), ("random", "plain")):
+    for a, b in (("des", "plain"), ("des", "full"), ("des", "random"), ("des", "rsearch"), ("full", "plain"),
+                 ("random", "plain")):
         diffs = [by[(a, s)] - by[(b, s)] for s in seeds if (a, s) in by and (b, s) in by]
+        if not any(v == b for v, _ in by):
+            continue
         ci = interval(diffs)
         paired["{}_minus_{}".format(a, b)] = {"per_seed": diffs, **mean_std(diffs), "ci95": [ci["lo"], ci["hi"]]}
     return {"variants": table, "paired": paired}
@@ -84,7 +88,7 @@ def markdown(result: Dict[str, Any]) -> str:
              "## Retrained test top-1 (%)", "",
              "| variant | branches | mean +- std | " + " | ".join("seed {}".format(x) for x in seeds) + " |",
              "|---|---|---|" + "---|" * len(seeds)]
-    for v in VARIANTS:
+    for v in summary["variants"]:
         t = summary["variants"][v]
         branches = sorted(set(t["branches"].values()))
         lines.append("| {} | {} | {} | {} |".format(
@@ -116,7 +120,7 @@ def markdown(result: Dict[str, Any]) -> str:
               "- Random codes: `ArchCode.random(backbone, ratio={:.4f}, seed=10000 + seed)`.".format(result["budget_ratio"]),
               "- Wall times (s) of the retraining runs: " + "; ".join(
                   "{} {}".format(v, "/".join(str(x) for x in summary["variants"][v]["train_wall_s"].values()))
-                  for v in VARIANTS),
+                  for v in summary["variants"]),
               "- Compute so far (the search and every retraining run, summed over resumed invocations): {:.0f} s; "
               "this invocation: {:.0f} s{}.".format(
                   sum(x["wall_s"] for x in searches) + sum(r["wall_s"] for r in result["runs"]), result["wall_s"],
@@ -168,6 +172,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per job")
     parser.add_argument("--device", default="cpu", help="where the runs go (default cpu)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes per run (default 0)")
+    parser.add_argument("--searches-in", metavar="DIR",
+                        help="take the searches from search_phase.py's work dir instead of running them: retraining "
+                             "seed s uses DIR/des-seed<s> for (d) and DIR/random-seed<s> for (e), random search "
+                             "at the same compute (one independent search per seed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     parser.add_argument("--work-dir", default="runs/evidence_fmnist")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "evidence_fmnist"))
@@ -206,7 +214,8 @@ def main() -> None:
                               "machine": describe_machine(), "device": args.device, "jobs": args.jobs,
                               "seeds": args.seeds, "recipe": recipe, "budget_ratio": search_config.budget,
                               "searches": [], "search": None, "runs": [], "status": "started"}
-    total = args.searches + len(args.seeds) * len(VARIANTS)
+    variants = VARIANTS if args.searches_in else VARIANTS[:4]
+    total = (0 if args.searches_in else args.searches) + len(args.seeds) * len(variants)
 
     def flush() -> None:
         done = len(result["searches"]) + len(result["runs"])
@@ -221,16 +230,26 @@ def main() -> None:
         flush()
 
     common = {"threads": args.threads, "device": args.device, "workers": args.workers}
-    search_seeds = [args.search_seed + k for k in range(args.searches)]
-    run_jobs(search_task, [dict(common, index=k, preset=args.preset, overrides=dict(overrides, seed=seed),
-                                run=str(work / ("search" if k == 0 else "search{}".format(k))))
-                           for k, seed in enumerate(search_seeds)], args.jobs, search_done)
+    rsearch: Dict[int, str] = {}
+    if args.searches_in:
+        for index, seed in enumerate(args.seeds):
+            found = {arm: json.loads((Path(args.searches_in) / "{}-seed{}".format(arm, seed) / "report.json").read_text())
+                     for arm in ("des", "random")}
+            result["searches"].append(dict(found["des"], index=index))
+            rsearch[seed] = found["random"]["code"]
+        result["search"] = result["searches"][0]
+    else:
+        search_seeds = [args.search_seed + k for k in range(args.searches)]
+        run_jobs(search_task, [dict(common, index=k, preset=args.preset, overrides=dict(overrides, seed=seed),
+                                    run=str(work / ("search" if k == 0 else "search{}".format(k))))
+                               for k, seed in enumerate(search_seeds)], args.jobs, search_done)
     codes = [s["code"] for s in result["searches"]]
     jobs = []
     for i, seed in enumerate(args.seeds):
-        for variant in VARIANTS:
-            jobs.append(dict(common, variant=variant, seed=seed, recipe=recipe,
-                             arch=code_for(variant, backbone, seed, search_config.budget, codes[i % len(codes)]),
+        for variant in variants:
+            arch = rsearch[seed] if variant == "rsearch" else code_for(variant, backbone, seed, search_config.budget,
+                                                                       codes[i % len(codes)])
+            jobs.append(dict(common, variant=variant, seed=seed, recipe=recipe, arch=arch,
                              run=str(work / "train" / "{}-seed{}".format(variant, seed))))
     order = {(j["variant"], j["seed"]): n for n, j in enumerate(jobs)}
 

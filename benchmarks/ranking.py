@@ -25,6 +25,7 @@ Writes ``results/ranking.{json,md}`` and ``results/figures/ranking.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -45,7 +46,8 @@ from irep_deploy import ArchCode, load_checkpoint  # noqa: E402
 from irep_deploy.data import eval_loader, load_data  # noqa: E402
 from irep_deploy.evaluation import evaluate_models  # noqa: E402
 from irep_deploy.reparam import fuse_model  # noqa: E402
-from irep_deploy.search.des import make_config  # noqa: E402
+from irep_deploy.search.des import make_config, recalibration_batches  # noqa: E402
+from irep_deploy.search.supernet import SuperNet, recalibrated  # noqa: E402
 
 BOOTSTRAP = 2000
 
@@ -70,13 +72,21 @@ def pick_codes(population: Dict[str, Any], template: ArchCode, budget_ratio: flo
     return out
 
 
-def supernet_fitness(search_dir: Path, config: Dict[str, Any], codes: Sequence[ArchCode]) -> List[float]:
-    """Fused validation top-1 of every code under the final SuperNet, on the search's own split."""
-    supernet = load_checkpoint(search_dir / "supernet.pt").build()
-    val = load_data(config["dataset"], val_fraction=config["val_fraction"], split_seed=config["split_seed"],
-                    limit=config["limit"], parts=("val",)).val
-    results, _, _ = evaluate_models([fuse_model(supernet, arch=c) for c in codes],
-                                    eval_loader(val, config["eval_batch_size"]), torch.device("cpu"))
+def supernet_fitness(search_dir: Path, config: Dict[str, Any], codes: Sequence[ArchCode],
+                     recalibrate: int = 0) -> List[float]:
+    """Fused validation top-1 of every code under the final SuperNet, on the search's own split; with
+    ``recalibrate`` > 0, each code's BatchNorm statistics re-estimated first on that many training
+    batches (the search's ``recalibrate`` setting)."""
+    supernet = SuperNet(load_checkpoint(search_dir / "supernet.pt").build())
+    data = load_data(config["dataset"], val_fraction=config["val_fraction"], split_seed=config["split_seed"],
+                     limit=config["limit"], parts=("train", "val"))
+    batches = recalibration_batches(data.train, config["batch_size"], recalibrate, config["seed"], torch.device("cpu"))
+    models = []
+    for code in codes:
+        supernet.activate(code)
+        with recalibrated(supernet.model, batches) if recalibrate else contextlib.nullcontext():
+            models.append(fuse_model(supernet.model, arch=code))
+    results, _, _ = evaluate_models(models, eval_loader(data.val, config["eval_batch_size"]), torch.device("cpu"))
     return [r.top1 for r in results]
 
 
@@ -119,10 +129,12 @@ def top_k_overlap(x: Sequence[float], y: Sequence[float], k: int) -> int:
     return len(top(x) & top(y))
 
 
-def analyse(codes: List[Dict[str, Any]], runs: List[Dict[str, Any]], seeds: Sequence[int]) -> Dict[str, Any]:
+def analyse(codes: List[Dict[str, Any]], runs: List[Dict[str, Any]], seeds: Sequence[int],
+            proxy: str = "fitness") -> Dict[str, Any]:
+    """How well ``proxy`` (a key of every code) ranks the codes' mean stand-alone accuracy."""
     acc = {(r["index"], r["seed"]): r["test_top1"] for r in runs}
     done = [i for i in range(len(codes)) if all((i, s) in acc for s in seeds)]
-    fitness = [codes[i]["fitness"] for i in done]
+    fitness = [codes[i][proxy] for i in done]
     accuracy = [statistics.mean(acc[i, s] for s in seeds) for i in done]
     out: Dict[str, Any] = {"codes_done": len(done), "fitness": fitness, "accuracy": accuracy}
     if len(done) < 3:
@@ -144,26 +156,33 @@ def markdown(result: Dict[str, Any]) -> str:
              "Search: preset `{}`, overrides `{}`; {:.0f} s; best fused validation top-1 {:.2f}%.".format(
                  s["preset"], json.dumps(s["overrides"]), s["wall_s"], s["best_fitness_val_top1"]),
              "Retraining recipe: `{}`, seeds {}.".format(json.dumps(result["recipe"]), result["seeds"]), ""]
+    r = result.get("analysis_recalibrated", {})
     if "kendall_tau" in a:
-        lo, hi = a["kendall_tau_ci"]
-        rlo, rhi = a["spearman_rho_ci"]
-        lines += ["| measure | value | 95% bootstrap interval (over codes) |", "|---|---|---|",
-                  "| Kendall tau | {:.3f} | [{:.3f}, {:.3f}] |".format(a["kendall_tau"], lo, hi),
-                  "| Spearman rho | {:.3f} | [{:.3f}, {:.3f}] |".format(a["spearman_rho"], rlo, rhi),
-                  "| top-{} overlap | {} of {} (chance {:.2f}) | - |".format(a["top_k"], a["top_k_overlap"], a["top_k"],
-                                                                           a["top_k_chance"]), "",
+        def row(name: str, key: str) -> str:
+            return "| {} | {} | {} |".format(name, *("{:.3f} [{:.3f}, {:.3f}]".format(x[key], *x[key + "_ci"])
+                                                     if key in x else "-" for x in (a, r)))
+        lines += ["Proxies: the SuperNet's fused fitness as the search scores it (its running BatchNorm "
+                  "statistics), and the same with each code's BatchNorm statistics recalibrated on {} training "
+                  "batches (`--recalibrate`).".format(result.get("recalibrate", "-")), "",
+                  "| measure, value [95% bootstrap interval over codes] | SuperNet fitness | recalibrated |",
+                  "|---|---|---|", row("Kendall tau", "kendall_tau"), row("Spearman rho", "spearman_rho"),
+                  "| top-{} overlap (chance {:.2f}) | {} | {} |".format(
+                      a["top_k"], a["top_k_chance"], a["top_k_overlap"], r.get("top_k_overlap", "-")), "",
                   "Noise ceiling, Kendall tau of stand-alone accuracies between seeds: " + ", ".join(
                       "seeds {}/{}: {:.3f}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"])
                       for p in a["seed_tau"]) + ".", ""]
-    lines += ["| # | group | branches | SuperNet fitness % | test top-1 % per seed | mean |", "|---|---|---|---|---|---|"]
+    lines += ["| # | group | branches | SuperNet fitness % | recalibrated % | test top-1 % per seed | mean |",
+              "|---|---|---|---|---|---|---|"]
     by = {(r["index"], r["seed"]): r["test_top1"] for r in result["runs"]}
     for i, c in enumerate(result["codes"]):
         per = [by.get((i, seed)) for seed in result["seeds"]]
         shown = " / ".join("-" if v is None else "{:.2f}".format(v) for v in per)
         mean = "-" if None in per else "{:.2f}".format(statistics.mean(per))
-        lines.append("| {} | {} | {} | {:.2f} | {} | {} |".format(i, c["group"], c["branches"], c["fitness"], shown,
-                                                                  mean))
-    lines += ["", "Compute: search {:.0f} s, retraining {:.0f} s ({} runs); {:.0f} s wall with {} jobs.".format(
+        recal = c.get("fitness_recalibrated")
+        lines.append("| {} | {} | {} | {:.2f} | {} | {} | {} |".format(
+            i, c["group"], c["branches"], c["fitness"], "-" if recal is None else "{:.2f}".format(recal), shown, mean))
+    lines += ["", "Compute: search {:.0f} s, retraining {:.0f} s ({} runs, each run's own wall time); this invocation "
+              "{:.0f} s wall with {} jobs (finished runs are read back, not redone).".format(
                   s["wall_s"], sum(r["wall_s"] for r in result["runs"]), len(result["runs"]), result["wall_s"],
                   result["jobs"]), "", "![fitness vs accuracy]({})".format(result["figure"]), ""]
     return "\n".join(lines)
@@ -173,21 +192,23 @@ def figure(result: Dict[str, Any], path: Path) -> None:
     by: Dict[int, List[float]] = {}
     for r in result["runs"]:
         by.setdefault(r["index"], []).append(r["test_top1"])
-    fig, ax = pyplot().subplots(figsize=(5.5, 4), dpi=120)
-    for group, marker in (("best", "^"), ("worst", "v"), ("population", "o"), ("random", "s")):
-        idx = [i for i, c in enumerate(result["codes"]) if c["group"] == group and i in by]
-        if not idx:
-            continue
-        xs = [result["codes"][i]["fitness"] for i in idx]
-        ys = [statistics.mean(by[i]) for i in idx]
-        err = [[y - min(by[i]) for i, y in zip(idx, ys)], [max(by[i]) - y for i, y in zip(idx, ys)]]
-        ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle="none", capsize=2, label=group)
-    a = result["analysis"]
-    title = "tau {:.2f}, rho {:.2f}".format(a["kendall_tau"], a["spearman_rho"]) if "kendall_tau" in a else ""
-    ax.set_title("SuperNet fitness vs stand-alone accuracy; " + title, fontsize=9)
-    ax.set_xlabel("SuperNet fused validation top-1 (%)")
-    ax.set_ylabel("retrained test top-1 (%), mean and range over seeds")
-    save_figure(fig, [ax], path)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), dpi=120)
+    for ax, proxy, analysis, label in ((axes[0], "fitness", "analysis", "SuperNet fitness"),
+                                       (axes[1], "fitness_recalibrated", "analysis_recalibrated", "recalibrated")):
+        for group, marker in (("best", "^"), ("worst", "v"), ("population", "o"), ("random", "s")):
+            idx = [i for i, c in enumerate(result["codes"]) if c["group"] == group and i in by and proxy in c]
+            if not idx:
+                continue
+            xs = [result["codes"][i][proxy] for i in idx]
+            ys = [statistics.mean(by[i]) for i in idx]
+            err = [[y - min(by[i]) for i, y in zip(idx, ys)], [max(by[i]) - y for i, y in zip(idx, ys)]]
+            ax.errorbar(xs, ys, yerr=err, marker=marker, linestyle="none", capsize=2, label=group)
+        a = result.get(analysis, {})
+        title = "tau {:.2f}, rho {:.2f}".format(a["kendall_tau"], a["spearman_rho"]) if "kendall_tau" in a else ""
+        ax.set_title("{} vs stand-alone accuracy; {}".format(label, title), fontsize=9)
+        ax.set_xlabel("{}: fused validation top-1 (%)".format(label))
+        ax.set_ylabel("retrained test top-1 (%), mean and range over seeds")
+    save_figure(fig, axes, path)
 
 
 def main() -> None:
@@ -204,6 +225,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=3000, help="examples per split for retraining")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--recalibrate", type=int, default=8,
+                        help="training batches for the second proxy, BatchNorm recalibrated per code (default 8)")
     common_flags(parser, "ranking", "retraining runs in parallel (processes)")
     args = parser.parse_args()
     overrides: Dict[str, Any] = {"seed": args.search_seed, "rounds": args.search_rounds, "limit": args.search_limit}
@@ -223,12 +246,14 @@ def main() -> None:
     codes = pick_codes(population, template, config.budget, args.best, args.worst, args.middle, args.random,
                        args.search_seed)
     parsed = [ArchCode.loads(c["code"]) for c in codes]
-    for c, code, f in zip(codes, parsed, supernet_fitness(work / "search", search["config"], parsed)):
-        c.update(fitness=f, branches=code.count())
+    for c, code, f, fr in zip(codes, parsed, supernet_fitness(work / "search", search["config"], parsed),
+                              supernet_fitness(work / "search", search["config"], parsed, args.recalibrate)):
+        c.update(fitness=f, fitness_recalibrated=fr, branches=code.count())
     result: Dict[str, Any] = {"command": "OMP_NUM_THREADS={} python {}".format(torch.get_num_threads(),
                                                                                " ".join(sys.argv)),
                               "machine": describe_machine(), "search": search, "recipe": recipe, "seeds": args.seeds,
                               "codes": codes, "runs": [], "jobs": args.jobs, "status": "started",
+                              "recalibrate": args.recalibrate,
                               "figure": "figures/" + fig_path.name}
     jobs = [{"index": i, "group": c["group"], "code": c["code"], "seed": s, "recipe": recipe,
              "work_dir": str(work), "threads": args.threads, "device": args.device, "workers": args.workers}
@@ -240,6 +265,7 @@ def main() -> None:
         result["status"] = "complete" if n == len(jobs) else "partial: {} of {} retraining runs".format(n, len(jobs))
         result["wall_s"] = time.time() - t0
         result["analysis"] = analyse(codes, result["runs"], args.seeds)
+        result["analysis_recalibrated"] = analyse(codes, result["runs"], args.seeds, "fitness_recalibrated")
         figure(result, fig_path)
         write_results(str(out), result, markdown(result))
 

@@ -28,7 +28,10 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = 
     config = make_config(preset, **overrides)
     if done.is_file():
         info = json.loads(done.read_text())
-        if info["config"] != json.loads(json.dumps(dataclasses.asdict(config))):
+        # a setting added after the search ran was at its default then
+        stored = dict({f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(config)
+                       if f.name not in info["config"]}, **info["config"])
+        if stored != json.loads(json.dumps(dataclasses.asdict(config))):
             raise SystemExit("{}: holds a search with other settings; pick another --work-dir or delete it".format(run))
         return info
     start = time.time()

@@ -239,10 +239,15 @@ def test_search_phase_compares_the_three_searches_as_their_runs_recorded(tmp_pat
         for i in range(2):
             assert curve["best_so_far"][i]["mean"] == pytest.approx(
                 sum(max(by[arm, seed]["best"][:i + 1]) for seed in a["seeds"]) / len(a["seeds"]))
+    assert list(a["paired"]) == ["des vs undirected", "des vs random"]
     for other in ("undirected", "random"):
-        diffs = a["paired"]["des_vs_" + other]["evaluations_to_level"]["values"]
-        cost = a["evaluations_to_level"]
-        assert diffs == [cost["des"][str(s)] - cost[other][str(s)] for s in a["seeds"]]
+        pair = a["paired"]["des vs " + other]
+        cost = pair["evaluations"]
+        assert pair["evaluations_to_level"]["values"] == [cost["des"][str(s)] - cost[other][str(s)] for s in a["seeds"]]
+        for seed in a["seeds"]:  # the level is the lower final best so far of the two; each reaches it there
+            finals = [max(by[arm, seed]["best"]) for arm in ("des", other)]
+            assert pair["levels"][str(seed)] == min(finals)
+            assert all(4 <= cost[arm][str(seed)] <= 8 for arm in ("des", other))
     md = out.with_suffix(".md").read_text()
     assert "## Does DES converge faster?" in md and "des vs random" in md
     assert (out.parent / "figures" / "search_phase.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -277,4 +282,7 @@ def test_ranking_correlates_supernet_fitness_with_its_retrained_runs(tmp_path):
     assert -1 <= lo <= hi <= 1
     assert a["top_k"] == 1 and a["top_k_overlap"] == int(max(range(7), key=fitness.__getitem__) ==
                                                         max(range(7), key=mean.__getitem__))
+    recal = [c["fitness_recalibrated"] for c in codes]  # the second proxy, ranked the same way
+    assert result["recalibrate"] == 8 and all(0 <= v <= 100 for v in recal) and recal != fitness
+    assert result["analysis_recalibrated"]["kendall_tau"] == pytest.approx(stats.kendalltau(recal, mean)[0])
     assert (out.parent / "figures" / "ranking.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from ..steps import run_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
                       PopulationCode, RoundRecord, append_record, write_population)
-from .supernet import SuperNet, averaged_loss
+from .supernet import SuperNet, averaged_loss, recalibrated
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -95,6 +96,9 @@ class SearchConfig:
     limit: Optional[int] = setting(None, "use at most N examples per split (CPU-scale runs)", type=opt.COUNT,
                                    metavar="N")
     eval_batch_size: int = setting(256, "batch size of the fitness evaluation", type=opt.GLOBAL_BATCH)
+    recalibrate: int = setting(0, "training batches that re-estimate each code's BatchNorm statistics before it is "
+                                  "scored (0: score with the SuperNet's own statistics, as the paper does)",
+                               type=opt.int_in(0, 100000), metavar="N")
     seed: int = setting(0, "seed of the SuperNet, the populations and the data order", type=opt.SEED)
     amp: str = setting("none", "autocast the SuperNet forward (fp16: CUDA only, with a gradient scaler)",
                        choices=AMP_MODES)
@@ -183,6 +187,17 @@ VAL_CACHE_GPU_SHARE = 0.25
 Batches = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
+def recalibration_batches(dataset: Any, batch_size: int, count: int, seed: int, dev: torch.device,
+                          layout: torch.memory_format = torch.contiguous_format) -> List[torch.Tensor]:
+    """``count`` augmented training batches, a function of ``seed`` alone, on ``dev``: what
+    ``recalibrate`` re-estimates BatchNorm statistics on. The caller's random stream is left as it was."""
+    seed = epoch_seed(seed, -2)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # augmentation draws from the global generator
+        loader = train_loader(dataset, batch_size, seed)
+        return [x.to(dev).contiguous(memory_format=layout) for x, _ in itertools.islice(loader, count)]
+
+
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
                  progress: bool, workers: int = 0, resuming: bool = False) -> None:
@@ -209,6 +224,7 @@ class _Search:
         self.loader = train_loader(self.data.train, per_rank, config.seed, workers, dist.enabled, pin)
         self.val_loader = eval_loader(self.data.val, config.eval_batch_size, workers, pin_memory=pin)
         self._val_cache: Optional[Batches] = None  # the decoded validation split, when it fits
+        self._recal: Optional[List[torch.Tensor]] = None  # the batches that recalibrate BatchNorm
         self.w_opt = torch.optim.SGD(self.supernet.weight_parameters(), lr=config.lr, momentum=config.momentum,
                                      weight_decay=config.weight_decay)
         self.a_opt = torch.optim.Adam(self.supernet.arch_parameters(), lr=config.arch_lr,
@@ -319,6 +335,17 @@ class _Search:
         if chunk:
             yield chunk
 
+    def fused(self, code: ArchCode) -> nn.Module:
+        """``code`` fused from the SuperNet, with its own BatchNorm statistics where ``recalibrate`` asks."""
+        if not self.config.recalibrate:
+            return fuse_model(self.supernet.model, arch=code).eval()
+        if self._recal is None:  # the same training batches for every code and round
+            self._recal = recalibration_batches(self.data.train, self.loader.batch_size, self.config.recalibrate,
+                                                self.config.seed, self.dev, self.layout)
+        self.supernet.activate(code)
+        with recalibrated(self.supernet.model, self._recal):  # float32 forwards: the statistics fusion folds
+            return fuse_model(self.supernet.model, arch=code).eval()
+
     @torch.no_grad()
     def evaluate_population(self) -> List[float]:
         """Top-1 (percent) of every code, fused, on the validation split; codes split across ranks,
@@ -330,7 +357,7 @@ class _Search:
         for chunk in self._val_chunks():
             seen += sum(int(y.numel()) for _, y in chunk)
             for i in mine:
-                fused = fuse_model(self.supernet.model, arch=self.population[i]).eval()
+                fused = self.fused(self.population[i])
                 for x, y in chunk:
                     correct[i] += topk_hits(fused(x).float(), y)[0].sum()
         # The same arithmetic as evaluate_models' top-1, so fitness values do not depend on the path.

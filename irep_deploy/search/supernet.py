@@ -1,6 +1,7 @@
 """The SuperNet: every branch of the space built, codes switched per forward (Algorithm 1, Eq. 3-5)."""
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Iterator, List, Sequence, Tuple
 
@@ -68,3 +69,37 @@ class SuperNet(nn.Module):
 def averaged_loss(outputs: Sequence[torch.Tensor], target: torch.Tensor, criterion: nn.Module) -> torch.Tensor:
     """Eq. 3-5: the loss of one step is the mean of the B subnets' losses on the same batch."""
     return torch.stack([criterion(out, target) for out in outputs]).mean()
+
+
+@contextlib.contextmanager
+def recalibrated(model: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ``model``'s BatchNorm statistics are re-estimated for the code now active:
+    the cumulative average over train-mode forwards of ``batches`` (no gradients). On exit the
+    model's own statistics, momenta and mode come back.
+
+    A SuperNet's running statistics average over every code it trained, weighted by how often it
+    sampled them; a code it rarely or never sampled normalises with statistics that are not its own
+    and scores far below what it can do (the remedy of SPOS, Guo et al. 2020: recalibrate before
+    scoring). Fuse inside the block: the fused copy keeps the recalibrated statistics.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+             for m in bns]
+    was_training = model.training
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # None: a cumulative average over the batches, not an exponential one
+        model.train()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.train(was_training)
+        yield
+    finally:
+        for m, (mean, var, count, momentum) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+            m.momentum = momentum
+        model.train(was_training)
