@@ -22,7 +22,7 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py tests/test_io.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks clean
+.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks benchmarks-gpu clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -94,7 +94,7 @@ demo: venv data
 	rm -rf demo-out
 	$(BIN)/irep-deploy demo -o demo-out
 
-# Regenerates every file under benchmarks/results with the commands recorded in them (about three hours
+# Regenerates every CPU file under benchmarks/results with the commands recorded in them (about five hours
 # on 2 cores; run it on an otherwise idle machine, the timings are compared within each script's run).
 # int8_accuracy_before_guard.* records an older quantizer's entropy calibration: kept, not remade.
 benchmarks: venv data
@@ -119,6 +119,18 @@ benchmarks: venv data
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bad_input.py
 	rm -rf runs/int8_accuracy
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/int8_accuracy.py
+	rm -rf runs/ranking runs/search_phase runs/evidence_5seeds
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/ranking.py --jobs 2
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/search_phase.py --jobs 2 --rounds 6
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/evidence_fmnist.py --searches-in runs/search_phase --seeds 0 1 2 3 4 \
+		--limit 4000 --epochs 4 --jobs 2 --work-dir runs/evidence_5seeds --out benchmarks/results/evidence_fmnist_5seeds
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/search_phase.py --arms des-recal random-recal --seeds 0 1 2 \
+		--rounds 6 --jobs 2 --out benchmarks/results/search_phase_recal
+
+# The GPU records (a CUDA GPU; TensorRT is used where installed): results/gpu_<gpu>.* and gpu_train_<gpu>.*
+benchmarks-gpu: venv data
+	$(BIN)/python benchmarks/bench_gpu.py
+	$(BIN)/python benchmarks/gpu_train_probe.py
 
 clean:
 	rm -rf $(VENV) $(VENV38) .pytest_cache .hypothesis
