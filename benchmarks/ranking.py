@@ -7,10 +7,12 @@ population). Each code gets
     fitness   its fused top-1 on the search's validation split, scored here with the final SuperNet
               (``supernet.pt``) exactly as the search scores (the population's recorded fitness
               is checked against it)
+    recalibrated  the same, each code's BatchNorm statistics first re-estimated on ``--recalibrate``
+              training batches (the search's ``recalibrate`` setting: the second proxy)
     accuracy  its test top-1 retrained from scratch, stand-alone, with one recipe, for >= 2 seeds
               (the mean over seeds is ranked)
 
-and the agreement is measured with Kendall's tau and Spearman's rho (scipy.stats) with a 95%
+and the agreement of each proxy is measured with Kendall's tau and Spearman's rho (scipy.stats) with a 95%
 percentile bootstrap interval over codes, and the top-k overlap (k = n / 4) against the k^2 / n
 expected by chance. The seed-to-seed Kendall tau of the stand-alone accuracies is the noise
 ceiling: no proxy can rank codes more consistently than retraining ranks them itself.

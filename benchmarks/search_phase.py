@@ -23,7 +23,9 @@ second measure and the final best so far the third, higher is better for both.
 
 Resumable like the other accuracy benchmarks (``runs.run_search``: a finished search is not redone).
 
-    OMP_NUM_THREADS=1 python benchmarks/search_phase.py --jobs 2        # the full protocol
+    OMP_NUM_THREADS=1 python benchmarks/search_phase.py --jobs 2 --rounds 6       # the recorded protocol
+    OMP_NUM_THREADS=1 python benchmarks/search_phase.py --arms des-recal random-recal --seeds 0 1 2 --rounds 6 \
+        --jobs 2 --out benchmarks/results/search_phase_recal                       # the recalibrated pair
     python benchmarks/search_phase.py --quick --work-dir /tmp/sp --out /tmp/sp/res/search_phase  # smoke run
 
 Writes ``results/search_phase.{json,md}`` and ``results/figures/search_phase.png``.
