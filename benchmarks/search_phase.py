@@ -37,7 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -87,14 +87,15 @@ def evaluations_to_reach(curve: Sequence[float], level: float, population: int) 
     raise ValueError("level {} never reached".format(level))
 
 
-def verdict(diff: Dict[str, Any], fewer_is_faster: bool) -> str:
-    """What a paired difference (DES minus other) says about "DES converges faster"."""
+def verdict(diff: Dict[str, Any], fewer_is_faster: bool, words: Tuple[str, str] = ("faster", "slower")) -> str:
+    """What a paired difference (DES minus other) says: DES ``words[0]`` or ``words[1]`` where the
+    interval excludes 0."""
     if diff["lo"] is None:
         return "not tested (fewer than 2 seeds)"
-    faster = diff["hi"] < 0 if fewer_is_faster else diff["lo"] > 0
-    slower = diff["lo"] > 0 if fewer_is_faster else diff["hi"] < 0
-    return "DES faster (interval excludes 0)" if faster else ("DES slower (interval excludes 0)" if slower
-                                                              else "no difference shown (interval contains 0)")
+    better = diff["hi"] < 0 if fewer_is_faster else diff["lo"] > 0
+    worse = diff["lo"] > 0 if fewer_is_faster else diff["hi"] < 0
+    return ("DES {} (interval excludes 0)".format(words[0]) if better else
+            "DES {} (interval excludes 0)".format(words[1]) if worse else "no difference shown (interval contains 0)")
 
 
 def analyse(searches: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -127,7 +128,7 @@ def analyse(searches: List[Dict[str, Any]]) -> Dict[str, Any]:
             "evaluations": {a: {str(s): cost[a, s] for s in seeds} for a in (ref, other)},
             "evaluations_to_level": dict(evals, verdict=verdict(evals, fewer_is_faster=True)),
             "area_best_so_far": dict(area, verdict=verdict(area, fewer_is_faster=False)),
-            "final_best": dict(best, verdict=verdict(best, fewer_is_faster=False))}
+            "final_best": dict(best, verdict=verdict(best, fewer_is_faster=False, words=("higher", "lower")))}
     return {"seeds": seeds, "curves": curves, "paired": paired}
 
 
