@@ -106,15 +106,16 @@ def markdown(result: Dict[str, Any]) -> str:
     searches = result.get("searches") or ([s] if s else [])
     if searches:
         lines += ["- Searches ({} independent DES searches; retraining seed number i uses search i mod {}): preset "
-                  "`{}` with overrides {}.".format(len(searches), len(searches), s["preset"],
-                                                   json.dumps(s["overrides"]) if s["overrides"] else "none")]
+                  "`{}` with overrides {} (search 0's; the others differ in their seed).".format(
+                      len(searches), len(searches), s["preset"],
+                      json.dumps(s["overrides"]) if s["overrides"] else "none")]
         for k, x in enumerate(searches):
             lines.append("  - search {} (seed {}): {} wall s; best validation top-1 (fused, on the search's val "
                          "split) {:.2f}% with {} of {} available branches (budget C = {}); rounds (best / mean): {}"
                          .format(k, x["config"]["seed"], x["wall_s"], x["best_fitness_val_top1"],
                                  x["best_branches"], x["capacity"], x["budget"], rounds_text(x["rounds"])))
         lines.append("- Search config (search 0): `{}`".format(json.dumps(s["config"])))
-    lines += ["- Retraining recipe (identical for all four variants): `{}`; the test set is limited by the "
+    lines += ["- Retraining recipe (identical for every variant): `{}`; the test set is limited by the "
               "same `limit` (a seeded subset of the 10 000 test images; `irep_deploy.data.load_data`; no limit: "
               "all of them).".format(json.dumps(result["recipe"])),
               "- Random codes: `ArchCode.random(backbone, ratio={:.4f}, seed=10000 + seed)`.".format(result["budget_ratio"]),
@@ -218,7 +219,7 @@ def main() -> None:
     total = (0 if args.searches_in else args.searches) + len(args.seeds) * len(variants)
 
     def flush() -> None:
-        done = len(result["searches"]) + len(result["runs"])
+        done = (0 if args.searches_in else len(result["searches"])) + len(result["runs"])
         result["status"] = "complete" if done == total else "partial: {} of {} runs done".format(done, total)
         result["wall_s"] = time.time() - t0
         result["summary"] = summarise(result["runs"])
