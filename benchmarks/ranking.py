@@ -27,7 +27,6 @@ Writes ``results/ranking.{json,md}`` and ``results/figures/ranking.png``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import statistics
@@ -47,9 +46,8 @@ from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 from irep_deploy import ArchCode, load_checkpoint  # noqa: E402
 from irep_deploy.data import eval_loader, load_data  # noqa: E402
 from irep_deploy.evaluation import evaluate_models  # noqa: E402
-from irep_deploy.reparam import fuse_model  # noqa: E402
 from irep_deploy.search.des import make_config, recalibration_batches  # noqa: E402
-from irep_deploy.search.supernet import SuperNet, recalibrated  # noqa: E402
+from irep_deploy.search.supernet import SuperNet, fuse_code  # noqa: E402
 
 BOOTSTRAP = 2000
 
@@ -75,21 +73,18 @@ def pick_codes(population: Dict[str, Any], template: ArchCode, budget_ratio: flo
 
 
 def supernet_fitness(search_dir: Path, config: Dict[str, Any], codes: Sequence[ArchCode],
-                     recalibrate: int = 0) -> List[float]:
-    """Fused validation top-1 of every code under the final SuperNet, on the search's own split; with
-    ``recalibrate`` > 0, each code's BatchNorm statistics re-estimated first on that many training
-    batches (the search's ``recalibrate`` setting)."""
+                     recalibrate: int) -> Tuple[List[float], List[float]]:
+    """Fused validation top-1 of every code under the final SuperNet, on the search's own split: as the
+    search scores it, and with each code's BatchNorm statistics first re-estimated on ``recalibrate``
+    training batches (the search's ``recalibrate`` setting)."""
     supernet = SuperNet(load_checkpoint(search_dir / "supernet.pt").build())
     data = load_data(config["dataset"], val_fraction=config["val_fraction"], split_seed=config["split_seed"],
                      limit=config["limit"], parts=("train", "val"))
     batches = recalibration_batches(data.train, config["batch_size"], recalibrate, config["seed"], torch.device("cpu"))
-    models = []
-    for code in codes:
-        supernet.activate(code)
-        with recalibrated(supernet.model, batches) if recalibrate else contextlib.nullcontext():
-            models.append(fuse_model(supernet.model, arch=code))
+    models = [fuse_code(supernet, code) for code in codes] + [fuse_code(supernet, code, batches) for code in codes]
     results, _, _ = evaluate_models(models, eval_loader(data.val, config["eval_batch_size"]), torch.device("cpu"))
-    return [r.top1 for r in results]
+    top1 = [r.top1 for r in results]
+    return top1[:len(codes)], top1[len(codes):]
 
 
 def train_task(job: Dict[str, Any]) -> Dict[str, Any]:
@@ -248,8 +243,8 @@ def main() -> None:
     codes = pick_codes(population, template, config.budget, args.best, args.worst, args.middle, args.random,
                        args.search_seed)
     parsed = [ArchCode.loads(c["code"]) for c in codes]
-    for c, code, f, fr in zip(codes, parsed, supernet_fitness(work / "search", search["config"], parsed),
-                              supernet_fitness(work / "search", search["config"], parsed, args.recalibrate)):
+    for c, code, f, fr in zip(codes, parsed, *supernet_fitness(work / "search", search["config"], parsed,
+                                                               args.recalibrate)):
         c.update(fitness=f, fitness_recalibrated=fr, branches=code.count())
     result: Dict[str, Any] = {"command": "OMP_NUM_THREADS={} python {}".format(torch.get_num_threads(),
                                                                                " ".join(sys.argv)),

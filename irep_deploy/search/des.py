@@ -37,7 +37,6 @@ from .. import options as opt
 from ..data import DATASETS
 from ..ops import REGISTRY
 from ..options import BACKBONE_HELP, model_setting, setting
-from ..reparam import fuse_model
 from ..runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, make_scaler, resolve_device, wrap_ddp)
@@ -45,7 +44,7 @@ from ..steps import run_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
                       PopulationCode, RoundRecord, append_record, write_population)
-from .supernet import SuperNet, averaged_loss, recalibrated
+from .supernet import SuperNet, averaged_loss, fuse_code
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -337,14 +336,10 @@ class _Search:
 
     def fused(self, code: ArchCode) -> nn.Module:
         """``code`` fused from the SuperNet, with its own BatchNorm statistics where ``recalibrate`` asks."""
-        if not self.config.recalibrate:
-            return fuse_model(self.supernet.model, arch=code).eval()
-        if self._recal is None:  # the same training batches for every code and round
+        if self.config.recalibrate and self._recal is None:  # the same training batches for every code and round
             self._recal = recalibration_batches(self.data.train, self.loader.batch_size, self.config.recalibrate,
                                                 self.config.seed, self.dev, self.layout)
-        self.supernet.activate(code)
-        with recalibrated(self.supernet.model, self._recal):  # float32 forwards: the statistics fusion folds
-            return fuse_model(self.supernet.model, arch=code).eval()
+        return fuse_code(self.supernet, code, self._recal)
 
     @torch.no_grad()
     def evaluate_population(self) -> List[float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..arch import ArchCode
 from ..block import IrepConv
 from ..models import plan_arch, searchable_layers
+from ..reparam import fuse_model
 
 
 class SuperNet(nn.Module):
@@ -103,3 +104,14 @@ def recalibrated(model: nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[
             m.num_batches_tracked.copy_(count)
             m.momentum = momentum
         model.train(was_training)
+
+
+def fuse_code(supernet: SuperNet, code: ArchCode, batches: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:
+    """``code`` fused from ``supernet`` into a new plain network in eval mode: with the SuperNet's own
+    BatchNorm statistics, or, given ``batches``, with the code's own recalibrated on them (float32
+    forwards: the statistics fusion folds)."""
+    if not batches:
+        return fuse_model(supernet.model, arch=code).eval()
+    supernet.activate(code)
+    with recalibrated(supernet.model, batches):
+        return fuse_model(supernet.model, arch=code).eval()
