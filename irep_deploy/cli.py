@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 from . import __version__
 from . import options as opt
 from ._io import read_arch_bytes
-from .errors import IrepError, Terminated
+from .errors import IrepError, Terminated, forget_interrupts, interrupt_noted, note_interrupt, raise_if_interrupted
 
 Handler = Callable[[argparse.Namespace], int]
 Build = Callable[[argparse.ArgumentParser], None]
@@ -636,11 +636,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     130 Ctrl-C, 143 SIGTERM. Parsing is inside the try: Ctrl-C while torch imports is one line too."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     command = "irep-deploy"
-    interrupted: List[bool] = []
 
     def on_sigint(signum: int, frame: Any) -> None:
         # remembered, because some libraries turn the KeyboardInterrupt into another error on its way up
-        interrupted.append(True)
+        note_interrupt()
         raise KeyboardInterrupt
 
     previous = _set_sigint(on_sigint)
@@ -652,11 +651,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
             return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-        if interrupted:  # an interrupt some library swallowed while the parser imported it
-            raise KeyboardInterrupt
+        raise_if_interrupted()  # an interrupt some library swallowed while the parser imported it
         command += " " + args.command
         return args.handler(args)
     except IrepError as exc:
+        if interrupt_noted() and not debug:  # e.g. onnxruntime's import, cut by Ctrl-C, reads as "not installed"
+            return _interrupted(command)
         if debug:
             raise
         print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
@@ -667,12 +667,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("{}: terminated (SIGTERM); nothing half-written was left".format(command), file=sys.stderr)
         return Terminated.exit_code
     except BaseException:
-        if not (interrupted or sys.exc_info()[0] is KeyboardInterrupt) or debug:
+        if not (interrupt_noted() or sys.exc_info()[0] is KeyboardInterrupt) or debug:
             raise
-        print("{}: interrupted".format(command), file=sys.stderr)
-        return 130
+        return _interrupted(command)
     finally:
         _set_sigint(previous)
+        forget_interrupts()
+
+
+def _interrupted(command: str) -> int:
+    print("{}: interrupted".format(command), file=sys.stderr)
+    _forget_caught_interrupt()
+    return 130
+
+
+def _forget_caught_interrupt() -> None:
+    """Make ``python -m irep_deploy`` exit with our 130, not die by SIGINT.
+
+    When Ctrl-C lands in code run from a string (``exec`` of source text: dataclasses and torch build
+    functions that way while torch imports), CPython records an unhandled KeyboardInterrupt even though
+    we catch it, and on the ``-m`` path kills the process with SIGINT at exit whatever ``sys.exit`` said
+    (CPython 3.8 to 3.13). Every string ``exec`` clears that record first; an empty one clears it."""
+    exec("")
 
 
 def _set_sigint(handler: Any) -> Any:

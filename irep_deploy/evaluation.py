@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .checkpoint import load_checkpoint, recorded_dataset
 from .data import DataError, channel_adapter, eval_loader, load_data
-from .errors import IrepError
+from .errors import IrepError, raise_if_interrupted
 from .compare import compare
 from .runtime import Dist, all_reduce, all_sum, resolve_device
 
@@ -52,6 +52,7 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
     sums = [[0.0, 0.0, 0.0] for _ in models]  # loss, top1, top5
     worst, disagree = 0.0, 0
     for x, y in loader:
+        raise_if_interrupted()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         outs = [m(x).float() for m in models]
         n += y.numel()

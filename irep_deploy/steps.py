@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .errors import raise_if_interrupted
 from .runtime import Dist, all_reduce, autocast
 
 LOG_EVERY = 10  # training steps between host reads of the running metrics and the non-finite-loss flag
@@ -135,6 +136,7 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist.main))
     bad: Optional[Tuple[int, float]] = None
     for step, (x, y) in enumerate(bar):
+        raise_if_interrupted()
         x = x.to(dev, non_blocking=True).contiguous(memory_format=layout)
         y = y.to(dev, non_blocking=True)
         with autocast(amp, dev):

@@ -34,7 +34,7 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable
 from ..checkpoint import load_checkpoint, multi_branch_model
 from ..compare import ONNX_EXPORT
-from ..errors import IrepError, first_line
+from ..errors import IrepError, first_line, raise_if_interrupted
 from ..reparam import fuse_model
 from . import devices
 
@@ -93,12 +93,14 @@ def measure_samples(step: Callable[[], Any], sync: Callable[[], None], warmup_ms
     step()
     sync()
     while time.perf_counter() < end:
+        raise_if_interrupted()
         step()
         sync()
     host: List[float] = []
     events: List[Tuple[Any, Any]] = []
     stop = time.perf_counter() + duration_s
     while len(host) < min_iters or time.perf_counter() < stop:
+        raise_if_interrupted()
         if cuda_events:
             begin_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0 = time.perf_counter()

@@ -29,7 +29,7 @@ from .._io import run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
-from ..errors import IrepError, TrainingDiverged
+from ..errors import IrepError, TrainingDiverged, raise_if_interrupted
 from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
 from ..ops import SPACES
@@ -323,6 +323,7 @@ class _Search:
         chunk: Batches = []
         size, whole = 0, True
         for x, y in self.val_loader:
+            raise_if_interrupted()
             chunk.append((x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)))
             size += x.numel() * x.element_size()
             if size >= limit:
