@@ -654,41 +654,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise_if_interrupted()  # an interrupt some library swallowed while the parser imported it
         command += " " + args.command
         return args.handler(args)
-    except IrepError as exc:
-        if interrupt_noted() and not debug:  # e.g. onnxruntime's import, cut by Ctrl-C, reads as "not installed"
-            return _interrupted(command)
-        if debug:
-            raise
-        print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
-        return exc.exit_code
     except Terminated:
         if debug:
             raise
         print("{}: terminated (SIGTERM); nothing half-written was left".format(command), file=sys.stderr)
         return Terminated.exit_code
-    except BaseException:
-        if not (interrupt_noted() or sys.exc_info()[0] is KeyboardInterrupt) or debug:
+    except BaseException as exc:
+        if debug:
             raise
-        return _interrupted(command)
+        # after a Ctrl-C any error is the interrupt, however a library dressed it ("onnxruntime is not installed")
+        if interrupt_noted() or isinstance(exc, KeyboardInterrupt):
+            return _interrupted(command)
+        if not isinstance(exc, IrepError):
+            raise
+        print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
+        return exc.exit_code
     finally:
         _set_sigint(previous)
         forget_interrupts()
 
 
 def _interrupted(command: str) -> int:
-    print("{}: interrupted".format(command), file=sys.stderr)
-    _forget_caught_interrupt()
-    return 130
-
-
-def _forget_caught_interrupt() -> None:
-    """Make ``python -m irep_deploy`` exit with our 130, not die by SIGINT.
+    """One line and 130, under ``python -m irep_deploy`` too.
 
     When Ctrl-C lands in code run from a string (``exec`` of source text: dataclasses and torch build
     functions that way while torch imports), CPython records an unhandled KeyboardInterrupt even though
     we catch it, and on the ``-m`` path kills the process with SIGINT at exit whatever ``sys.exit`` said
     (CPython 3.8 to 3.13). Every string ``exec`` clears that record first; an empty one clears it."""
+    print("{}: interrupted".format(command), file=sys.stderr)
     exec("")
+    return 130
 
 
 def _set_sigint(handler: Any) -> Any:

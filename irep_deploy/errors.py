@@ -11,7 +11,7 @@ the first line of it (:func:`first_line`) and is raised ``from`` it: the user re
 """
 from __future__ import annotations
 
-from typing import List
+import threading
 
 
 class IrepError(Exception):
@@ -84,25 +84,16 @@ class Terminated(BaseException):
 # Ctrl-C seen by the CLI's SIGINT handler. Remembered because library code can swallow the
 # KeyboardInterrupt the handler raises (a C++ callback into Python, a ``hasattr`` from C, an import
 # that reports failure as ImportError); the long loops then raise it again at their next step.
-_interrupts: List[bool] = []
-
-
-def note_interrupt() -> None:
-    _interrupts.append(True)
-
-
-def forget_interrupts() -> None:
-    del _interrupts[:]
-
-
-def interrupt_noted() -> bool:
-    return bool(_interrupts)
+_INTERRUPT = threading.Event()
+note_interrupt = _INTERRUPT.set
+forget_interrupts = _INTERRUPT.clear
+interrupt_noted = _INTERRUPT.is_set
 
 
 def raise_if_interrupted() -> None:
     """Raise KeyboardInterrupt if Ctrl-C arrived and was swallowed on its way up: called once per step
     of every long loop (training, evaluation, search scoring, latency timing)."""
-    if _interrupts:
+    if _INTERRUPT.is_set():
         raise KeyboardInterrupt
 
 

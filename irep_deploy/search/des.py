@@ -323,7 +323,6 @@ class _Search:
         chunk: Batches = []
         size, whole = 0, True
         for x, y in self.val_loader:
-            raise_if_interrupted()
             chunk.append((x.to(self.dev, non_blocking=True), y.to(self.dev, non_blocking=True)))
             size += x.numel() * x.element_size()
             if size >= limit:
@@ -353,6 +352,7 @@ class _Search:
         for chunk in self._val_chunks():
             seen += sum(int(y.numel()) for _, y in chunk)
             for i in mine:
+                raise_if_interrupted()  # once per code scored: the split is cached after the first round
                 fused = self.fused(self.population[i])
                 for x, y in chunk:
                     correct[i] += topk_hits(fused(x).float(), y)[0].sum()
