@@ -528,35 +528,118 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows)
 
 
+TOTALS = ("cases", "one-line errors", "clean successes", "skipped", "tracebacks", "wrong successes",
+          "changed inputs", "hangs", "imports", "other problems")
+
+
+def totals(verdicts: Sequence[str], changed: Sequence[bool]) -> Dict[str, int]:
+    """The counts the issue asks for, from each case's verdict (its worst problem) and whether it
+    changed a file that existed before (counted even when a worse problem is its verdict)."""
+    count = {k: 0 for k in TOTALS}
+    count["cases"] = len(verdicts)
+    names = {"one-line error": "one-line errors", "clean": "clean successes", "skipped": "skipped",
+             "traceback": "tracebacks", "wrong success": "wrong successes", "hang": "hangs", "import": "imports"}
+    for verdict in verdicts:
+        key = names.get(verdict)
+        if key is not None:
+            count[key] += 1
+        elif verdict != "input destroyed":
+            count["other problems"] += 1
+    count["changed inputs"] = sum(1 for c in changed if c)
+    return count
+
+
+def _provenance(argv: Sequence[str]) -> List[str]:
+    import platform
+    import subprocess
+    root = HERE.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git"] + list(args), cwd=str(root), stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
+        except OSError:
+            return ""
+    import torch
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = " (tree dirty)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return ["Commit {}{}, command `python benchmarks/bad_input.py{}`, {} UTC, Python {}, torch {}, {}.".format(
+        commit, dirty, "".join(" " + a for a in argv), time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        platform.python_version(), torch.__version__, platform.platform())]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results" / "bad_input.md"))
     ap.add_argument("--skip", action="append", default=[],
                     help="skip cases whose command contains this text (old code: `show /dev/zero` is OOM-killed)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--first-only", action="store_true",
+                    help="only the first table (the second, benchmarks/hostile.py, writes its own file too)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as tmp:
         cases = [c for c in CASES if not any(s in " ".join(c.argv) for s in args.skip)]
         outcomes = run_all(cases, Path(tmp), progress=True)
+    second = []
+    if not args.first_only:
+        hostile = _hostile()
+        with tempfile.TemporaryDirectory() as tmp:
+            hcases = [c for c in hostile.all_cases() if not any(s in " ".join(c.argv) for s in args.skip)]
+            second = hostile.run_all(hcases, Path(tmp), progress=True)
     import irep_deploy
     pkg, root = Path(irep_deploy.__file__).resolve().parent, Path(__file__).resolve().parent.parent
     shown = pkg.relative_to(root) if root in pkg.parents else pkg  # another tree (e.g. the old code) in full
+    rows = [("first: bad files and flags", totals([o.verdict for o in outcomes], [bool(o.changed) for o in outcomes]))]
+    if second:
+        rows.append(("second: environment faults, hostile files, two writers",
+                     totals([o.verdict for o in second], ["input destroyed" in o.problems for o in second])))
+    if len(rows) > 1:
+        rows.append(("both", {k: rows[0][1][k] + rows[1][1][k] for k in TOTALS}))
+    summary = ["| table | " + " | ".join(TOTALS) + " |", "|---" * (len(TOTALS) + 1) + "|"]
+    summary += ["| {} | {} |".format(name, " | ".join(str(t[k]) for k in TOTALS)) for name, t in rows]
     bad = [o for o in outcomes if o.verdict != "one-line error"]
-    lines = ["# Bad-input table", "",
+    lines = ["# Bad-input tables", ""] + _provenance(args_list(argv)) + ["", "## Totals", "", "\n".join(summary), "",
+             "Tracebacks, wrong successes, changed inputs, hangs and imports must all be 0; a skipped case is one "
+             "this machine cannot stage (its reason is in results/hostile.md).", "",
+             "## First table", "",
              "`python benchmarks/bad_input.py` ({} cases, in-process through `irep_deploy.cli.main`; package at "
              "`{}`). Verdict per case: the worst of hang (> {} s) > input destroyed > traceback > wrong success > leftover > "
              "not one line of at most {} characters > does not name the file/flag > wrong exit code.".format(
                  len(outcomes), shown, CASE_SECONDS, MAX_LINE), "", table(outcomes), ""]
     if bad:
-        lines += ["## Cases without the promised outcome", ""]
+        lines += ["### Cases without the promised outcome", ""]
         lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
                                                    (o.stderr.strip().splitlines() or [""])[-1][:160]) for o in bad]
+    if second:
+        lines += ["", "## Second table (benchmarks/hostile.py; per-case detail in results/hostile.md)", "",
+                  hostile.table(second), ""]
+        hbad = [o for o in second if o.problems]
+        if hbad:
+            lines += ["### Cases without the promised outcome", ""]
+            lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
+                                                       (o.stderr.strip().splitlines() or [""])[-1][:160]) for o in hbad]
     from irep_deploy._io import atomic_write  # not benchmarks/_common: tests load this file on its own
     with atomic_write(args.out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    print(table(outcomes))
+    print("\n".join(summary))
     print("wrote {}".format(args.out))
     return 0
+
+
+def args_list(argv: Optional[List[str]]) -> List[str]:
+    return list(sys.argv[1:] if argv is None else argv)
+
+
+def _hostile():
+    """benchmarks/hostile.py, loaded by path (tests load this file on its own, without sys.path)."""
+    import importlib.util
+    if "hostile" in sys.modules:
+        return sys.modules["hostile"]
+    spec = importlib.util.spec_from_file_location("hostile", str(HERE / "hostile.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["hostile"] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
 
 
 if __name__ == "__main__":
