@@ -12,6 +12,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 import types
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
