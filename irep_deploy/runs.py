@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, no_typed_storage_warning, quote
+from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .data import DataSplits
 from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
@@ -239,5 +239,8 @@ def load_part(path: PathLike, what: str, load: Callable[[], Any]) -> Any:
     try:
         return load()
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's "Error(s) in loading state_dict for X:" says the detail on the next line
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else first_line(exc)
         raise CheckpointError("{}: the saved {} does not fit the run's network ({})".format(
-            path, what, first_line(exc, 120))) from exc
+            path, what, clip(detail, 160))) from exc
