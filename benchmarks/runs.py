@@ -38,7 +38,9 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = 
     resume = (run / "state.pt").is_file()
     print("search: {} ({})".format("resuming " + str(run) if resume else "starting in " + str(run),
                                    json.dumps(dataclasses.asdict(config))), flush=True)
-    report = search(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers)
+    # a resume names the network again (the script's own setting): a run's saved settings never do
+    report = search(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers,
+                    model=config.backbone if resume else None)
     info = {"run_dir": str(run), "preset": preset, "overrides": overrides, "config": dataclasses.asdict(config),
             "device": device,
             "resumed": resume, "wall_s": round(time.time() - start, 1), "best_fitness_val_top1": report.best_fitness,
@@ -63,7 +65,8 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
     start = time.time()
     config = TrainConfig(arch=arch, seed=seed, **recipe)
     print("train {} seed {}: {}".format(variant, seed, "resuming" if resume else "starting"), flush=True)
-    report = train(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers)
+    report = train(run, None if resume else config, resume=resume, device=device, progress=False, workers=workers,
+                   model=config.backbone if resume else None)
     code = ArchCode.loads(arch) if arch is not None else ArchCode.empty(recipe["backbone"])
     info = {"variant": variant, "seed": seed, "run_dir": str(run), "branches": code.count(),
             "test_top1": report.multi_branch.top1, "fused_test_top1": report.fused.top1,

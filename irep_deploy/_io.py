@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
-from .errors import IrepError, Terminated, UsageError
+from .errors import IrepError, Terminated, UsageError, first_line
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -275,17 +275,27 @@ def append_jsonl(path: PathLike, record: Dict[str, Any]) -> None:
 
 
 def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
-    """Keep only the records ``keep`` accepts, dropping lines a kill cut short (resumed runs)."""
+    """Keep only the records ``keep`` accepts, dropping lines a kill cut short (resumed runs). A log
+    that is not a file of UTF-8 text (a directory, binary bytes: not what the run wrote) is refused
+    in one line naming it, before anything is written."""
     path = Path(path)
     if not path.exists():
         return
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IrepError("{}: not a log of this run (not UTF-8 text at byte {}); move it away to resume".format(
+            path, exc.start)) from exc
+    except OSError as exc:  # a directory, an unreadable file
+        raise IrepError("{}: cannot read the run's log ({}); move it away to resume".format(
+            path, exc.strerror or first_line(exc))) from exc
     lines = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if keep(record):
+        if isinstance(record, dict) and keep(record):
             lines.append(line)
     with atomic_write(path, "w") as handle:
         handle.write("".join(line + "\n" for line in lines))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 from . import __version__
 from . import options as opt
 from ._io import read_arch_bytes
-from .errors import IrepError, Terminated, forget_interrupts, interrupt_noted, note_interrupt, raise_if_interrupted
+from .errors import IrepError, Terminated, UsageError, forget_interrupts, interrupt_noted, note_interrupt, raise_if_interrupted
 
 Handler = Callable[[argparse.Namespace], int]
 Build = Callable[[argparse.ArgumentParser], None]
@@ -117,15 +117,23 @@ def _given(args: argparse.Namespace, config: type, *also: str) -> Dict[str, Any]
     """The settings given on the command line; with --resume there may be none (nor the flags ``also``):
     a resumed run continues with its saved settings."""
     fields = [f for f in dataclasses.fields(config) if getattr(args, f.name) is not None]
-    named = [opt.flag_names(f)[0] for f in fields] + list(also)
+    # --model may come with --resume: a run whose settings name a model spec needs the user to name it
+    named = [opt.flag_names(f)[0] for f in fields if f.name != "backbone"] + list(also)
     if args.resume and named:
         raise IrepError("--resume continues with the run's saved settings; drop {}".format(named[0]))
     return {f.name: getattr(args, f.name) for f in fields}
 
 
+def _resume_dir(args: argparse.Namespace) -> Optional[str]:
+    """The run --resume continues, in place: an output directory beside it is a contradiction."""
+    if args.resume and args.run_dir is not None:
+        raise UsageError("--resume {} continues that run in place; drop -o {}".format(args.resume, args.run_dir))
+    return args.resume
+
+
 # Where/how options of train, search, eval and demo: not settings of a run, may change on resume.
 _RUNTIME: Dict[str, Any] = {
-    "data_root": (("--data-root",), dict(metavar="DIR", help="dataset directory (default: the Debian package's "
+    "data_root": (("--data-root",), dict(metavar="DIR", type=opt.directory, help="dataset directory (default: the Debian package's "
                                                              "for fashion-mnist)")),
     "device": (("--device",), dict(type=opt.device, help="auto, cpu, cuda or cuda:N (under torchrun: the local "
                                                          "rank's GPU)")),
@@ -227,8 +235,10 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
 def _cmd_search(args: argparse.Namespace) -> int:
     from .search.des import SearchConfig, make_config, search
     given = _given(args, SearchConfig, *(["--preset"] if args.preset else []))
-    config = None if args.resume else make_config(args.preset, **given)
-    report = _call(search, args, run_dir=args.resume or args.run_dir, config=config, resume=bool(args.resume))
+    resume = _resume_dir(args)
+    config = None if resume else make_config(args.preset, **given)
+    report = _call(search, args, run_dir=resume or args.run_dir or "runs/search", config=config, resume=bool(resume),
+                   model=given.get("backbone") if resume else None)
     if report.main_process:
         print("best code: {} branches, fitness {:.2f}% (validation top-1, fused)".format(
             report.best.count(), report.best_fitness))
@@ -238,8 +248,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 def _args_search(p: argparse.ArgumentParser) -> None:
     from .search.des import PRESETS, SearchConfig, search
-    _flag(p, search, "run_dir", "-o", "--output", default="runs/search", metavar="RUN_DIR",
-          help="run directory to create (default runs/search)")
+    _flag(p, search, "run_dir", "-o", "--output", metavar="RUN_DIR", help="run directory to create (default runs/search)")
     _alias(p, "run_dir", "--run-dir")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the search saved in RUN_DIR (its settings are used)")
     p.add_argument("--preset", choices=tuple(PRESETS),
@@ -252,23 +261,24 @@ def _args_search(p: argparse.ArgumentParser) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train
     given = _given(args, TrainConfig)
-    if args.resume:
-        run, config = args.resume, None
+    model = None
+    if _resume_dir(args):
+        run, config, model = args.resume, None, given.get("backbone")
     else:
         if args.run_dir is None:
             raise IrepError("give a run directory (-o RUN_DIR) or --resume RUN_DIR")
         if "arch" in given:  # the flag names a file; the run stores the code's text
-            from .arch import ArchCode
-            given["arch"] = ArchCode.load(given["arch"]).dumps()
+            from .train import arch_setting
+            given["arch"], given["backbone"] = arch_setting(given["arch"], given.get("backbone"))
         run, config = args.run_dir, TrainConfig(**given)
     if args.baseline:
         from .baseline import BASELINE_FILE, train_with_baseline
-        comparison = _call(train_with_baseline, args, run_dir=run, config=config, resume=bool(args.resume))
+        comparison = _call(train_with_baseline, args, run_dir=run, config=config, resume=bool(args.resume), model=model)
         print(comparison.table())
         print(comparison.summary())
         print("wrote {}/{}".format(run, BASELINE_FILE))
         return 0
-    report = _call(train, args, run_dir=run, config=config, resume=bool(args.resume))
+    report = _call(train, args, run_dir=run, config=config, resume=bool(args.resume), model=model)
     if not report.main_process:  # ranks > 0 under torchrun: rank 0 reports
         return 0
     print("test top-1 {:.2f}% top-5 {:.2f}% (multi-branch); fused {:.2f}% / {:.2f}% on {} examples "
@@ -360,7 +370,7 @@ def _calib_flags(p: argparse.ArgumentParser, func: Callable[..., Any], help: str
     """--calib DATASET and --data-root of the commands that read real images (quantize, build-trt, bench)."""
     from .data import DATASETS
     _flag(p, func, "calib", "--calib", choices=DATASETS, metavar="DATASET", help="%(choices)s: " + help, **kwargs)
-    _flag(p, func, "data_root", "--data-root", metavar="DIR",
+    _flag(p, func, "data_root", "--data-root", metavar="DIR", type=opt.directory,
           help="dataset directory of --calib (default: the Debian package's Fashion-MNIST)")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-from .errors import DataError, first_line
+from .errors import DataError, UsageError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "val", "test")
@@ -249,6 +249,8 @@ def raw_dataset(name: str, part: str, root: Optional[str] = None) -> Dataset:
     """The untransformed ``train`` or ``test`` part of a dataset, read from local files."""
     spec = dataset_spec(name)
     name = spec.name
+    if root is not None and not str(root).strip():  # "" would silently mean the default root
+        raise UsageError("--data-root is an empty path; give a directory, or leave it out for the default")
     if name == "digits":
         return _digits(part)
     where = root or spec.default_root

@@ -105,7 +105,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
 
     # 2. retrain
     t = step(2, "train: the found code from scratch ({} epochs)".format(settings.train_epochs))
-    recipe = TrainConfig(arch=code.dumps(), dataset=settings.dataset, width=settings.width,
+    recipe = TrainConfig(arch=code.dumps(), backbone=settings.backbone, dataset=settings.dataset, width=settings.width,
                          epochs=settings.train_epochs, limit=settings.train_limit, seed=settings.seed)
     trained = train(out / "train", recipe, data_root=data_root, device=device, progress=progress)
     steps.append(Step("train", time.perf_counter() - t, "done",

@@ -98,6 +98,10 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     parts = ("test",) if split == "test" else ("train",)
     data = load_data(dataset, data_root, val_fraction=val_fraction, split_seed=split_seed, augment=False,
                      limit=limit, parts=parts, in_channels=h["in_channels"])
+    if data.input_size != h["input_size"]:  # a conv net runs on any size, but its accuracy there means nothing
+        raise IrepError("{}: the model takes {}x{} images (its input_size), {} has {}x{} images; evaluate it on "
+                        "data of its own size".format(ckpt, h["input_size"], h["input_size"], dataset,
+                                                      data.input_size, data.input_size))
     if data.num_classes > h["num_classes"]:
         raise IrepError("{}: the model has {} classes, {} has {}".format(ckpt, h["num_classes"], dataset,
                                                                        data.num_classes))

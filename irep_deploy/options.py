@@ -94,6 +94,13 @@ def device(text: str) -> str:
     return text
 
 
+def directory(text: str) -> str:
+    """A directory argument: an empty one would silently mean the default (or the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a directory, got an empty path")
+    return text
+
+
 def name(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,127}", text):
         raise argparse.ArgumentTypeError("expected a name of letters, digits and _.:/- (not starting with a digit), "

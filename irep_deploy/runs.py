@@ -9,19 +9,22 @@ on resume, a setting that differs from the saved one are refused with one line n
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import os
+import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, no_typed_storage_warning
+from ._io import atomic_write, clip, no_typed_storage_warning, quote
 from .data import DataSplits
 from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
-from .models.external import check_spec
+from .models.external import check_spec, named_spec
 
 PathLike = Union[str, "os.PathLike[str]"]
 Config = TypeVar("Config")
@@ -78,25 +81,83 @@ def write_run_state(run_dir: PathLike, kind: str, config: Any, **parts: Any) -> 
 
 
 def config_from_dict(cls: Type[Config], data: Any, source: str) -> Config:
-    """A settings dataclass from its saved dict; an unknown key (a newer writer) is refused. Tuples
-    come back as lists from some writers and are made tuples again where the default is one."""
+    """A settings dataclass from its saved dict; an unknown key (a newer writer) is refused, and so is
+    a value of the wrong type or one its flag would refuse (an edited or corrupt file), naming it.
+    Tuples come back as lists from some writers and are made tuples again where the default is one."""
     if not isinstance(data, dict):
         raise CheckpointError("{}: the saved settings are not a dict".format(source))
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise CheckpointError("{}: unknown setting {!r} (written by a newer irep-deploy?)".format(source, unknown[0]))
+        raise CheckpointError("{}: unknown setting {} (written by a newer irep-deploy?)".format(source, quote(unknown[0])))
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        problem = _type_problem(value, hints[key]) or _flag_problem(value, fields[key])
+        if problem:
+            raise CheckpointError("{}: saved setting {} is {}: {}".format(source, key, quote(value), problem))
     values = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
               for k, v in data.items()}
     return cls(**values)  # type: ignore[call-arg]
 
 
-def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config],
-                   given: Optional[Config] = None) -> Tuple[Dict[str, Any], Config]:
+def _type_problem(value: Any, hint: Any) -> str:
+    """Why ``value`` is not of the annotated type ``hint`` ("" when it is): plain data only."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return ""
+    if origin is Union:
+        problems = [_type_problem(value, h) for h in args]
+        return "" if "" in problems else problems[-1] if value is not None else "not set"
+    if hint is type(None):
+        return "" if value is None else "expected nothing"
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return "expected a list"
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            return "expected {} values".format(len(args))
+        items = args[:1] * len(value) if origin is list or args[-1:] == (Ellipsis,) else args
+        return next((p for p in (_type_problem(v, h) for v, h in zip(value, items)) if p), "")
+    if origin is dict:
+        return "" if isinstance(value, dict) and all(isinstance(k, str) for k in value) else "expected a dict"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return "" if ok and math.isfinite(value) else "expected a finite number"
+    if hint is int:
+        return "" if isinstance(value, int) and not isinstance(value, bool) else "expected an integer"
+    return "" if isinstance(value, hint) else "expected {}".format(getattr(hint, "__name__", hint))
+
+
+def _flag_problem(value: Any, field: "dataclasses.Field[Any]") -> str:
+    """Why the setting's flag would refuse ``value`` ("" when it takes it): the same ranges and choices."""
+    meta = field.metadata
+    if value is None or isinstance(value, dict):
+        return ""
+    for item in value if isinstance(value, list) and meta.get("nargs") else [value]:
+        if meta.get("choices") is not None and item not in meta["choices"]:
+            return "not one of {}".format(", ".join(meta["choices"]))
+        if meta.get("type") is not None:
+            try:
+                meta["type"](_as_flag(item))
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as exc:
+                return first_line(exc, 120)
+    return ""
+
+
+def _as_flag(value: Any) -> str:
+    """A saved value as its flag's text (floats exactly: a range check must see the value itself)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_as_flag, value))
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config], given: Optional[Config] = None,
+                   model: Optional[str] = None) -> Tuple[Dict[str, Any], Config]:
     """The state of a ``kind`` run (``train`` or ``search``) to resume, and its saved settings.
 
     ``given``: settings the caller was asked to resume with; they must equal the saved ones (a
-    resume continues the run it finds, it does not change what the run computes).
+    resume continues the run it finds, it does not change what the run computes). ``model``: the
+    network the user names (``--model``); a run whose settings name a model spec resumes only when
+    the user names the same one (a file never decides what is imported).
     """
     noun = KINDS[kind]
     path = state_path(run_dir)
@@ -121,6 +182,10 @@ def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config],
         raise CheckpointError("{}: {} state version {} is newer than this irep-deploy reads (up to {})".format(
             path, noun, version, STATE_VERSION))
     saved = config_from_dict(config_type, state.get("config"), str(path))
+    backbone = getattr(saved, "backbone")
+    if not isinstance(backbone, str):
+        raise CheckpointError("{}: the saved settings name no network (backbone {})".format(path, quote(backbone)))
+    named_spec(backbone, model if model is not None else getattr(given, "backbone", None), str(path), CheckpointError)
     if given is not None:
         ours, theirs = dataclasses.asdict(saved), dataclasses.asdict(given)  # type: ignore[call-overload]
         diff: List[str] = [k for k in ours if ours[k] != theirs[k]]
@@ -128,3 +193,54 @@ def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config],
             raise IrepError("{}: resume uses the run's own settings; {} differs ({!r} saved, {!r} given)".format(
                 run_dir, diff[0], ours[diff[0]], theirs[diff[0]]))
     return state, saved
+
+
+# -- checks of a state's parts, shared by the train and search validations ------------------------------
+def state_part(state: Dict[str, Any], key: str, kind: Union[type, Tuple[type, ...]], path: PathLike) -> Any:
+    """``state[key]``, refused (one line naming the file) when missing or not of ``kind``."""
+    if key not in state:
+        raise CheckpointError("{}: the run state has no {} entry (damaged or edited file)".format(path, quote(key)))
+    value = state[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CheckpointError("{}: the run state's {} entry is {}, not a {}".format(
+            path, quote(key), quote(value), names))
+    return value
+
+
+def check_epoch(state: Dict[str, Any], total: int, path: PathLike) -> int:
+    """The finished epochs a state records: an integer from 0 to the run's ``total``."""
+    epoch = state_part(state, "epoch", int, path)
+    if not 0 <= epoch <= total:
+        raise CheckpointError("{}: the run state's epoch is {}, outside 0 to {} (the run's epochs)".format(
+            path, epoch, total))
+    return epoch
+
+
+def check_tensors(state: Dict[str, Any], key: str, path: PathLike) -> Dict[str, torch.Tensor]:
+    """A state dict of tensors (a model's)."""
+    tensors = state_part(state, key, dict, path)
+    bad = next((k for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError("{}: the run state's {} entry {} is not a tensor".format(path, quote(key), quote(bad)))
+    return tensors
+
+
+def check_settings(config: Any, path: PathLike) -> None:
+    """The saved settings' own consistency (``config.check()``), refused naming the file."""
+    try:
+        dataclasses.replace(config).check()
+    except IrepError as exc:
+        raise CheckpointError("{}: the saved settings are unusable: {}".format(path, first_line(exc, 200))) from exc
+
+
+def load_part(path: PathLike, what: str, load: Callable[[], Any]) -> Any:
+    """Call ``load`` (a ``load_state_dict`` of a saved part); a part that does not fit is one line."""
+    try:
+        return load()
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # torch's "Error(s) in loading state_dict for X:" says the detail on the next line
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else first_line(exc)
+        raise CheckpointError("{}: the saved {} does not fit the run's network ({})".format(
+            path, what, clip(detail, 160))) from exc

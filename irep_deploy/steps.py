@@ -109,6 +109,7 @@ class EpochTotals:
     top1: float  # percent
     seconds: float
     diverged: Optional[Tuple[int, float]] = None  # (step, loss) of the first non-finite loss
+    overflowed: bool = False  # the weight update itself left float32's range (a learning rate such as 1e300)
 
     def divergence(self, epoch: int, state_file: Path) -> str:
         """The one-line message of a diverged epoch (``epoch`` counted from 0)."""
@@ -118,8 +119,8 @@ class EpochTotals:
         # (a search writes none before its first epoch ends, and its run directory is then removed).
         kept = ("the last good state (after epoch {}) is kept in {}".format(epoch, state_file)
                 if state_file.is_file() else "no state was saved yet")
-        return "loss became {} at epoch {} step {}; stopped, {} (try a lower --lr)".format(
-            value, epoch + 1, step + 1, kept)
+        what = "the weight update overflowed float32" if self.overflowed else "loss became {}".format(value)
+        return "{} at epoch {} step {}; stopped, {} (try a lower --lr)".format(what, epoch + 1, step + 1, kept)
 
 
 def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Sequence[torch.optim.Optimizer],
@@ -135,6 +136,7 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
     monitor = StepMonitor(dev, dist)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist.main))
     bad: Optional[Tuple[int, float]] = None
+    overflow: Optional[Tuple[int, float]] = None
     for step, (x, y) in enumerate(bar):
         raise_if_interrupted()
         x = x.to(dev, non_blocking=True).contiguous(memory_format=layout)
@@ -144,14 +146,21 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         # fp16: the scaler scales the loss so small gradients survive and skips steps with inf/nan gradients
-        optimizer_step(loss, optimizers, scheduler, scaler)
+        try:
+            optimizer_step(loss, optimizers, scheduler, scaler)
+        except RuntimeError as exc:  # torch refuses a step of lr * grad beyond float32 ("without overflow")
+            if "overflow" not in str(exc):
+                raise
+            overflow = (step, float("inf"))
+            break
         bad = monitor.update(step, loss, logits, y)  # reads the host only every LOG_EVERY steps
         if bad is not None:
             break
         if (step + 1) % monitor.every == 0:
             bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
-    bad = bad or monitor.check()
+    bad = bad or monitor.check() or overflow  # a non-finite loss before the overflow is the first problem
     bar.close()
     n, loss_sum, correct = monitor.totals()
     d = max(n, 1)
-    return EpochTotals(int(n), loss_sum / d, 100.0 * correct / d, round(time.time() - t0, 3), bad)
+    return EpochTotals(int(n), loss_sum / d, 100.0 * correct / d, round(time.time() - t0, 3), bad,
+                       overflow is not None and bad is overflow)

@@ -24,7 +24,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,16 +33,18 @@ from ._io import append_jsonl, check_writable, run_directory, trim_jsonl, write_
 from .arch import ArchCode
 from .checkpoint import save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
-from .errors import CheckpointError, IrepError, TrainingDiverged, UsageError, VerificationError, first_line
+from .errors import ArchMismatchError, CheckpointError, IrepError, TrainingDiverged, UsageError, VerificationError, first_line
 from . import options as opt
 from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
 from .models import is_spec, searchable_layers
+from .models.external import named_spec
 from .options import BACKBONE_HELP, model_setting, setting
 from .precision import exact_fp32
 from .reparam import fuse_model, init_from_torchvision
-from .runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
+from .runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
+                   read_run_state, state_part, state_path, write_run_state)
 from .runtime import (AMP_MODES, Dist, barrier, broadcast_buffers, close_distributed, deterministic_mode,
                       init_distributed, make_scaler, resolve_device, rng_state, set_rng_state, wrap_ddp)
 from .steps import run_epoch
@@ -105,17 +107,16 @@ class TrainConfig:
         if self.backbone is None and self.arch is None:
             raise IrepError("give an architecture code (--arch) or a backbone (--backbone)")
         code = self.code()
-        if code is not None:
-            if self.backbone is None:
-                self.backbone = code.backbone
-            elif self.backbone != code.backbone:
-                raise IrepError("--backbone {} differs from the architecture code's backbone {}".format(
-                    self.backbone, code.backbone))
+        if code is not None:  # the code's text came from a file: it names no network by itself
+            self.backbone = named_spec(code.backbone, self.backbone, "the run's architecture code (--arch)",
+                                       ArchMismatchError)
         check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include,
                              self.exclude)
         if self.init_from is not None and is_spec(self.backbone):
             raise UsageError("--init-from {} applies to the built-in backbones; give the weights of {} with "
                              "--weights".format(self.init_from, self.backbone))
+        if self.batch_size == 1:  # train-mode BatchNorm normalises over the batch: one example has no spread
+            raise UsageError("--batch-size 1: BatchNorm needs at least 2 examples per batch in training; give 2 or more")
         for name, value, ok in (("epochs", self.epochs, self.epochs >= 1),
                                 ("batch size", self.batch_size, self.batch_size >= 1),
                                 ("learning rate", self.lr, self.lr > 0), ("width", self.width, self.width > 0),
@@ -124,6 +125,14 @@ class TrainConfig:
                 raise IrepError("invalid {}: {}".format(name, value))
         if self.amp not in AMP_MODES:
             raise IrepError("invalid --amp {!r} (choose from {})".format(self.amp, ", ".join(AMP_MODES)))
+
+
+def arch_setting(path: PathLike, backbone: Optional[str] = None) -> Tuple[str, str]:
+    """The ``arch`` and ``backbone`` settings of a run on the code file at ``path``: the code's text,
+    and the network, which a model spec the code records does not name by itself (``backbone``, what
+    the user named, must; :func:`~irep_deploy.models.external.named_spec`)."""
+    code = ArchCode.load(path)
+    return code.dumps(), named_spec(code.backbone, backbone, str(path), ArchMismatchError)
 
 
 @dataclass
@@ -144,7 +153,7 @@ class TrainReport:
 def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
           data_root: Optional[str] = None, device: str = "auto", workers: int = 0, progress: bool = True,
           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-          channels_last: bool = False) -> TrainReport:
+          channels_last: bool = False, model: Optional[str] = None) -> TrainReport:
     """Train a multi-branch network (the pipeline's data + arch.bin -> ckpt.pt step).
 
     New run: ``config`` says what to train; ``run_dir`` must not hold a run yet. ``resume=True``:
@@ -153,10 +162,15 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     between a run and its resume. ``on_epoch_end(epoch, record)`` is called (every rank) after each
     epoch's state is saved; an exception from it stops the run, which stays resumable.
     ``channels_last`` stores activations and weights NHWC (faster convolutions on recent GPUs).
+    ``model``: on resume, the network the user names; required (and must be the same) when the run's
+    settings name a model spec, since a file never decides what is imported.
     Under torchrun (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
     """
     run = Path(run_dir)
-    state, saved = read_run_state(run, "train", TrainConfig, config) if resume else (None, None)
+    state, saved = None, None
+    if resume:
+        state, saved = read_run_state(run, "train", TrainConfig, config, model)
+        validate_train_state(state, saved, state_path(run))
     # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
     settings = saved or config
     with deterministic_mode(settings is not None and settings.deterministic):
@@ -187,8 +201,9 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
         if not run.parent.is_dir():
             raise IrepError("{}: cannot create: directory {} does not exist".format(run, run.parent))
     assert config is not None
-    if config.batch_size % dist.world_size:
-        raise IrepError("batch size {} does not split evenly over {} processes".format(config.batch_size, dist.world_size))
+    if config.batch_size % dist.world_size or config.batch_size // dist.world_size < 2:
+        raise UsageError("batch size {} does not split evenly over {} processes into batches of at least 2 (what "
+                         "BatchNorm needs)".format(config.batch_size, dist.world_size))
 
     # Data errors come before anything is written: a failed start leaves no run directory behind.
     data = load_data(config.dataset, data_root, val_fraction=config.val_fraction, split_seed=config.split_seed,
@@ -220,17 +235,14 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     history: List[Dict[str, Any]] = []
     start = 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise CheckpointError("{}: does not fit the model of its own settings ({})".format(
-                state_path(run), first_line(exc, 120))) from exc
+        path = state_path(run)
+        load_part(path, "model", lambda: model.load_state_dict(state["model"], strict=True))
+        load_part(path, "optimizer state", lambda: optimizer.load_state_dict(state["optimizer"]))
+        load_part(path, "scheduler state", lambda: scheduler.load_state_dict(state["scheduler"]))
+        if scaler is not None and state.get("scaler"):
+            load_part(path, "gradient scaler state", lambda: scaler.load_state_dict(state["scaler"]))
         set_rng_state(state["rng"])
-        start, history = int(state["epoch"]), list(state["history"])
+        start, history = state["epoch"], list(state["history"])
         if dist.main:
             trim_jsonl(run / "log.jsonl", lambda r: r.get("event") == "epoch" and r.get("epoch", 0) <= start)
     elif dist.main:
@@ -266,6 +278,32 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
             on_epoch_end(epoch + 1, record)
 
     return _finish(run, config, model, test_loader, dev, dist, start, history, data)
+
+
+def validate_train_state(state: Dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Everything a resume uses from ``state`` (read by runs.read_run_state), checked before any of it
+    is used: the settings, the finished epochs, the parts' types and the RNG states. A damaged or
+    edited file is one line naming it; whether the parts fit the network is checked as they load."""
+    check_settings(config, path)
+    epoch = check_epoch(state, config.epochs, path)
+    check_tensors(state, "model", path)
+    for key in ("optimizer", "scheduler"):
+        state_part(state, key, dict, path)
+    history = state_part(state, "history", list, path)
+    if len(history) != epoch or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError("{}: the run state's history does not hold one record per finished epoch ({})".format(
+            path, epoch))
+    if state.get("scaler") is not None:
+        state_part(state, "scaler", dict, path)
+    rng = state_part(state, "rng", dict, path)
+    current = rng_state()
+    try:  # the states are set exactly as the resume will set them, then put back
+        set_rng_state(rng)
+    except Exception as exc:  # whatever a damaged entry makes torch, numpy or random raise
+        raise CheckpointError("{}: the run state's random-number states are unusable ({}: {})".format(
+            path, type(exc).__name__, first_line(exc, 100))) from exc
+    finally:
+        set_rng_state(current)
 
 
 def _save_state(run: Path, config: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,

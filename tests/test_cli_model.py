@@ -84,7 +84,8 @@ def own_chain(tmp_path_factory) -> Tuple[Path, Dict[str, Result]]:
         os.rename(str(d / "init.pt"), str(d / "init.moved"))  # a resume needs its state, not the weights
         os.rename(str(d / "run" / "metrics.json"), str(d / "metrics.before-resume.json"))
         results.update(run_steps(d, {
-            "resume": ["train", "--resume", "run", "--no-progress"],
+            # the run's settings name a spec: a resume runs only when the user names it again
+            "resume": ["train", "--resume", "run", "--model", OWN, "--no-progress"],
             "fuse": ["fuse", "run/ckpt.pt", "search/arch.bin", "-o", "deploy.pt", "--model", OWN],
             "export": ["export", "deploy.pt", "-o", "model.onnx", "--model", OWN],
             "bench": ["bench", "deploy.pt", "--compare", "--json", "bench.json", "--model", OWN, *FAST_BENCH],

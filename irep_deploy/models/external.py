@@ -1,22 +1,27 @@
 """Networks named by a model spec: ``torchvision:<name>`` or ``package.module:factory``.
 
-A spec is only ever resolved because the user named it (a flag or a Python call); a checkpoint that
-records a spec is refused unless the user names the same one (:mod:`irep_deploy.checkpoint`).
+A spec is only ever resolved because the user named it (a flag or a Python call); a file that records
+a spec (a checkpoint, an architecture code, a run's saved settings) is refused unless the user names
+the same one (:func:`named_spec`, :mod:`irep_deploy.checkpoint`). What a spec names is checked before
+it is called (:func:`factory_problem`).
 """
 from __future__ import annotations
 
+import builtins
 import importlib
 import inspect
 import json
 import os
+import re
+import types
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 
 import torch
 import torch.nn as nn
 
 from .._io import no_typed_storage_warning, quote
-from ..errors import CheckpointError, UsageError, first_line
+from ..errors import CheckpointError, IrepError, UsageError, first_line
 
 
 def is_spec(name: str) -> bool:
@@ -25,7 +30,9 @@ def is_spec(name: str) -> bool:
 
 
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """The callable a spec names; every failure is one :class:`UsageError` naming the spec."""
+    """The callable a spec names, checked before anything calls it (:func:`check_factory`); every
+    failure is one :class:`UsageError` naming the spec. The module is imported: only ever because
+    the user named the spec (a flag or a Python call), never because a file did (:func:`named_spec`)."""
     source, _, target = spec.partition(":")
     if not source or not target:
         raise UsageError("model spec {} is not 'torchvision:<name>' or 'package.module:factory'".format(quote(spec)))
@@ -36,17 +43,82 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
             raise UsageError("model spec {}: torchvision {} has no model {} (see torchvision.models.list_models())".format(
                 quote(spec), torchvision.__version__.split("+")[0], quote(target)))
         return lambda **kwargs: torchvision.models.get_model(target, **kwargs)
+    parts = target.split(".")
+    private = [p for p in parts if not p.isidentifier() or p.startswith("_")]
+    if private:  # checked before the import: a private or dunder name is no factory of a public API
+        raise UsageError("model spec {}: {} is not a public name (a factory's path has no '_' names)".format(
+            quote(spec), quote(private[0])))
     try:
         module = importlib.import_module(source)
     except Exception as exc:  # ImportError, or whatever the user's module raises while importing
         raise UsageError("model spec {}: cannot import {} ({}: {})".format(
-            quote(spec), source, type(exc).__name__, first_line(exc, 120))) from exc
+            quote(spec), quote(source), type(exc).__name__, first_line(exc, 120))) from exc
     factory: Any = module
-    for part in target.split("."):
+    for part in parts:
         factory = getattr(factory, part, None)
-    if not callable(factory):
-        raise UsageError("model spec {}: {} has no callable {}".format(quote(spec), source, quote(target)))
+    if factory is None:
+        raise UsageError("model spec {}: {} has no {}".format(quote(spec), quote(source), quote(target)))
+    problem = factory_problem(factory)
+    if problem:
+        raise UsageError("model spec {}: {} {}; a spec names an nn.Module subclass or a function annotated to "
+                         "return one".format(quote(spec), quote(target), problem))
     return factory
+
+
+def factory_problem(obj: Any) -> str:
+    """Why ``obj`` is no network factory ("" when it is one), decided without calling it.
+
+    A factory is an ``nn.Module`` subclass with its own ``forward`` (not ``nn.Module`` itself), or a
+    Python function whose return annotation names such a class (``def make(...) -> nn.Module``).
+    Builtins (``os:system``, ``builtins:eval``), other classes and unannotated functions
+    (``os:popen``, ``shutil:rmtree``) are refused: whatever they would do, they would do it before
+    their result could be found not to be a network."""
+    if isinstance(obj, type):
+        if not issubclass(obj, nn.Module):
+            return "is a class that is not an nn.Module"
+        if getattr(obj, "forward", None) is getattr(nn.Module, "forward", None):
+            return "is an nn.Module without a forward"
+        return ""
+    if not isinstance(obj, types.FunctionType):
+        return "is a {}, not a Python function or class".format(type(obj).__name__)
+    returns = _annotation(obj)
+    if returns is None:
+        return "is a function without a return annotation naming an nn.Module"
+    if not (isinstance(returns, type) and issubclass(returns, nn.Module)):
+        return "is annotated to return {}, not an nn.Module".format(quote(getattr(returns, "__name__", returns)))
+    return ""
+
+
+def _annotation(func: types.FunctionType) -> Any:
+    """The return annotation of ``func`` as an object: a string annotation (``from __future__ import
+    annotations``) is looked up name by name in the function's module, never evaluated."""
+    returns = func.__annotations__.get("return")
+    if not isinstance(returns, str):
+        return returns
+    value: Any = None
+    for i, name in enumerate(returns.strip("'\"").split(".")):
+        if not name.isidentifier():
+            return None
+        scope = func.__globals__ if i == 0 else vars(value) if hasattr(value, "__dict__") else {}
+        value = scope.get(name) if i else scope.get(name, getattr(builtins, name, None))
+        if value is None:
+            return None
+    return value
+
+
+def named_spec(recorded: str, named: Optional[str], source: str, error: Type[IrepError] = IrepError) -> str:
+    """The network of a file that records ``recorded`` (an architecture code, a run's saved settings),
+    given what the user named (``--model`` or a Python argument; None: nothing).
+
+    A file never decides what is imported: a model spec it records is used only when the user names
+    the same one, and a name differing from the file's is refused. Built-in backbones need no name."""
+    if named is not None and named != recorded:
+        raise error("{}: names the network {}, not {} (--model)".format(source, quote(recorded), quote(named)))
+    if named is None and is_spec(recorded):
+        shown = recorded if re.fullmatch(r"[\w.:-]{1,120}", recorded) else quote(recorded)
+        raise error("{}: names the network {}; name it with --model {} to use it: a file never imports "
+                    "code".format(source, quote(recorded), shown))
+    return recorded
 
 
 def _accepts(factory: Callable[..., Any], name: str) -> bool:

@@ -29,7 +29,7 @@ from .._io import run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
-from ..errors import IrepError, TrainingDiverged, raise_if_interrupted
+from ..errors import CheckpointError, IrepError, UsageError, TrainingDiverged, first_line, raise_if_interrupted
 from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
 from ..ops import SPACES
@@ -37,7 +37,8 @@ from .. import options as opt
 from ..data import DATASETS
 from ..ops import REGISTRY
 from ..options import BACKBONE_HELP, model_setting, setting
-from ..runs import build_run_model, check_model_settings, read_run_state, state_path, write_run_state
+from ..runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
+                    read_run_state, state_part, state_path, write_run_state)
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
@@ -112,6 +113,8 @@ class SearchConfig:
 
     def check(self) -> None:
         check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include, self.exclude)
+        if self.batch_size == 1:  # train-mode BatchNorm normalises over the batch: one example has no spread
+            raise UsageError("--batch-size 1: BatchNorm needs at least 2 examples per batch in training; give 2 or more")
         for name, value, ok in (
                 ("population", self.population, self.population >= 2),
                 ("subnets (B)", self.subnets, self.subnets >= 1),
@@ -218,7 +221,10 @@ class _Search:
         self.budget = self.template.budget(config.budget)
         # branches no sampled code uses get no gradient
         self.net = wrap_ddp(self.supernet, dev, dist, find_unused=True)
-        per_rank = max(1, config.batch_size // dist.world_size)
+        per_rank = config.batch_size // dist.world_size
+        if per_rank < 2:
+            raise UsageError("batch size {} over {} processes leaves fewer than the 2 examples per batch BatchNorm "
+                             "needs".format(config.batch_size, dist.world_size))
         pin = dev.type == "cuda"
         self.loader = train_loader(self.data.train, per_rank, config.seed, workers, dist.enabled, pin)
         self.val_loader = eval_loader(self.data.val, config.eval_batch_size, workers, pin_memory=pin)
@@ -258,14 +264,21 @@ class _Search:
         }
 
     def restore(self, state: Dict[str, Any]) -> None:
-        self.supernet.model.load_state_dict(state["model"])
-        self.w_opt.load_state_dict(state["w_opt"])
-        self.a_opt.load_state_dict(state["a_opt"])
-        self.sched.load_state_dict(state["sched"])
+        """Continue from ``state`` (checked by :func:`validate_search_state`); a part that does not fit
+        the network of the run's settings is one line naming the file."""
+        path = state_path(self.run)
+        load_part(path, "SuperNet", lambda: self.supernet.model.load_state_dict(state["model"]))
+        load_part(path, "weight optimizer state", lambda: self.w_opt.load_state_dict(state["w_opt"]))
+        load_part(path, "alpha/beta optimizer state", lambda: self.a_opt.load_state_dict(state["a_opt"]))
+        load_part(path, "scheduler state", lambda: self.sched.load_state_dict(state["sched"]))
         if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch = int(state["epoch"])
-        self.population = _codes_from_data(self.template, state["population"])
+            load_part(path, "gradient scaler state", lambda: self.scaler.load_state_dict(state["scaler"]))
+        self.epoch = state["epoch"]
+        try:
+            self.population = _codes_from_data(self.template, state["population"])
+        except (ValueError, IrepError) as exc:  # rows or bits that are not the network's
+            raise CheckpointError("{}: the saved population does not fit the run's network ({})".format(
+                path, first_line(exc, 120))) from exc
         self.fitness = state["fitness"]
         self.rounds = list(state["rounds"])
         self.history = {k: [list(v) for v in vs] for k, vs in state["history"].items()}
@@ -449,15 +462,49 @@ def _key(code: ArchCode) -> str:
     return "|".join("".join(map(str, row)) for row in code.bits)
 
 
+def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Path) -> None:
+    """Everything a resume uses from ``state`` (read by runs.read_run_state), checked before any of it
+    is used: the settings, the finished epochs, the parts' types, the population's codes, fitness and
+    records. A damaged or edited file is one line naming it; whether the parts fit the network is
+    checked as they load (:meth:`_Search.restore`)."""
+    check_settings(config, path)
+    epoch = check_epoch(state, config.total_epochs, path)
+    check_tensors(state, "model", path)
+    for key in ("w_opt", "a_opt", "sched"):
+        state_part(state, key, dict, path)
+    if state.get("scaler") is not None:
+        state_part(state, "scaler", dict, path)
+    population = state_part(state, "population", list, path)
+    shapes = {(len(rows), tuple(len(r) for r in rows)) if isinstance(rows, list) and all(
+        isinstance(r, str) and set(r) <= {"0", "1"} for r in rows) else None for rows in population}
+    if len(population) != config.population or None in shapes or len(shapes) != 1:
+        raise CheckpointError("{}: the saved population is not {} codes of one shape (rows of 0/1 bits)".format(
+            path, config.population))
+    fitness = state.get("fitness")
+    if fitness is not None and not (isinstance(fitness, list) and len(fitness) == len(population) and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) for f in fitness)):
+        raise CheckpointError("{}: the saved fitness is not one number per code".format(path))
+    rounds = state_part(state, "rounds", list, path)
+    if not all(isinstance(r, dict) for r in rounds):
+        raise CheckpointError("{}: the saved round records are not records".format(path))
+    history = state_part(state, "history", dict, path)
+    if not all(isinstance(v, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v)
+               for v in history.values()):
+        raise CheckpointError("{}: the saved fitness history is not [round, fitness] pairs".format(path))
+
+
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
            data_root: Optional[str] = None, device: str = "auto", progress: bool = True,
-           workers: int = 0) -> SearchReport:
+           workers: int = 0, model: Optional[str] = None) -> SearchReport:
     """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
-    ``workers`` loader processes (where/how, not what: it may change on resume)."""
+    ``workers`` loader processes (where/how, not what: it may change on resume). ``model``: on
+    resume, the network the user names; required (and the same) when the run's settings name a
+    model spec, since a file never decides what is imported."""
     run = Path(run_dir)
     state: Optional[Dict[str, Any]] = None
     if resume:  # the run's own settings; a differing ``config`` is refused
-        state, config = read_run_state(run, "search", SearchConfig, config)
+        state, config = read_run_state(run, "search", SearchConfig, config, model)
+        validate_search_state(state, config, state_path(run))
     else:
         config = config or make_config()
         if state_path(run).exists():
