@@ -256,7 +256,7 @@ def _fashion_mnist(root: Path, part: str) -> Dataset:
             root / images_name, images.shape[1], images.shape[2], spec.input_size, spec.input_size))
     if images.shape[0] != labels.shape[0]:
         raise DataError("{}: {} images, but {} holds {} labels".format(
-            root / images_name, images.shape[0], labels_name, labels.shape[0]))
+            root / images_name, images.shape[0], root / labels_name, labels.shape[0]))
     top = int(labels.max())
     if top >= FASHION_MNIST_CLASSES:
         raise DataError("{}: label {} out of range (Fashion-MNIST has classes 0..{})".format(
