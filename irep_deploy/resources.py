@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, IrepError, UsageError
+from .precision import exact_fp32
 
 MEMORY_LIMIT_ENV = "IREP_DEPLOY_MEMORY_LIMIT"
 AVAILABLE_FRACTION = 0.5
@@ -133,7 +134,8 @@ def largest_activation(model: nn.Module, in_channels: int, size: int) -> Optiona
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     try:
-        with torch.no_grad():
+        # exact_fp32: a check's every forward runs in true float32, the probe's too (tests observe it)
+        with torch.no_grad(), exact_fp32():
             model(torch.zeros(1, in_channels, probe, probe, device=device))
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
