@@ -119,7 +119,7 @@ def _rgb_checkpoint(path: Path) -> None:
     save_checkpoint(path, fuse_model(net))
 
 
-def images(breaker: Optional[Callable[[Path], Optional[Path]]], part: str = "val"):
+def images(breaker: Optional[Callable[[Path], Optional[Path]]], part: str = "val", n: int = 2):
     """Setup: {case}/if, a two-class image folder (train/ and val/) with one file of ``part`` broken by
     ``breaker`` (given the class folder, returns the file it broke: {bad}); {rgb}: a 3-channel deploy
     checkpoint that can evaluate it."""
@@ -128,7 +128,7 @@ def images(breaker: Optional[Callable[[Path], Optional[Path]]], part: str = "val
         for p in ("train", "val"):
             for cls in ("a", "b"):
                 (root / p / cls).mkdir(parents=True)
-                for i in range(2):
+                for i in range(n):
                     _png(root / p / cls / "{}.png".format(i))
         extra = {"rgb": case / "rgb.pt"}
         _rgb_checkpoint(extra["rgb"])
@@ -184,6 +184,47 @@ def _no_classes(folder: Path) -> Path:
     shutil.rmtree(str(val))
     val.mkdir()
     return val
+
+
+class _ImportsEvil:
+    """Pickles to "import evilmod" (what a hostile CIFAR-10 batch would carry)."""
+
+    def __reduce__(self):
+        import importlib
+        return importlib.import_module, ("evilmod",)
+
+
+def cifar(kind: str):
+    """Setup: {case}/cifar/cifar-10-batches-py holding the six batch files and the meta file, one of
+    them (data_batch_1: {bad}) a pickle that imports evilmod ("pickle") or a FIFO ("fifo")."""
+    def setup(case: Path, f: Dict[str, Path]):
+        import pickle
+        d = case / "cifar" / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for name in ["data_batch_{}".format(i) for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+            (d / name).write_bytes(pickle.dumps({"data": b"", "labels": []}))
+        _rgb_checkpoint(case / "rgb.pt")
+        bad = d / "data_batch_1"
+        if kind == "fifo":
+            _fifo(bad)
+        else:
+            bad.write_bytes(pickle.dumps({"data": _ImportsEvil(), "labels": []}))
+        return {"bad": bad, "rgb": case / "rgb.pt"}, None
+    return setup
+
+
+def rgb_onnx(case: Path, f: Dict[str, Path]):
+    """{case}/if with a corrupt PNG in train/ (as :func:`images`) and {rgb_onnx}: a 3-channel 224 x 224 ONNX."""
+    import contextlib
+    import io
+    from irep_deploy.cli import main
+    extra, _ = images(_corrupt_png, part="train", n=16)(case, f)  # quantize calibrates on at least 32
+    extra["rgb_onnx"] = case / "rgb.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        if main(["export", str(extra["rgb"]), "-o", str(extra["rgb_onnx"]), "--simplify", "none",
+                 "--input-size", "224"]) != 0:
+            raise _hostile_skip("could not export the 3-channel ONNX here")
+    return extra, None
 
 
 # -- resources ------------------------------------------------------------------------------------------
@@ -277,6 +318,18 @@ def cases(H):
         C(AREA, img, "train -o {case}/run --dataset imagefolder --data-root {case}/if --backbone resnet18_cifar "
           "--epochs 1 --limit 4 --width 0.125 --batch-size 4 --quiet", 1, "{bad}", setup=images(_bomb(20000), part="train"),
           own=("{case}/run",), label="train imagefolder: PNG bomb"),
+        C(AREA, img, "quantize {rgb_onnx} --calib imagefolder --data-root {case}/if --calib-size 32 -o {out_onnx}", 1,
+          "{bad}", setup=rgb_onnx, label="quantize --calib imagefolder: corrupt PNG"),
+        C(AREA, img, "search -o {case}/s --dataset imagefolder --data-root {case}/if --backbone resnet18_cifar "
+          "--width 0.125 --batch-size 1 --rounds 1 --warmup-epochs 1 --population 4 --val-fraction 0.5 "
+          "--quiet", 1, "{bad}", setup=images(_truncated_jpeg, part="train"), own=("{case}/s",),
+          label="search imagefolder: truncated JPEG"),
+        # CIFAR-10's batches are pickles: torchvision unpickles them only after their md5 matches the official files
+        C(AREA, "corrupt CIFAR-10", "eval {rgb} --dataset cifar10 --data-root {case}/cifar", 1,
+          "{case}/cifar/cifar-10-batches-py", setup=cifar("pickle"), label="eval cifar10: a batch that imports a module"),
+        C(AREA, "corrupt CIFAR-10", "train -o {case}/run --dataset cifar10 --data-root {case}/cifar --backbone "
+          "resnet18_cifar " + TINY, 1, "{case}/cifar/cifar-10-batches-py", setup=cifar("fifo"),
+          label="train cifar10: FIFO as a batch"),
         # resources refused up front
         C(AREA, res, "fuse {multi} {arch} -o {out_pt} --batch 4096 --input-size 4096", 2, "--batch 4096 --input-size 4096"),
         C(AREA, res, "fuse {multi} {arch} -o {out_pt} --batch 64 --input-size 1024", 2, "--batch 64 --input-size 1024"),
