@@ -169,6 +169,9 @@ class TensorImages(Dataset):
 
 # -- raw sources ------------------------------------------------------------------------------------
 _IDX_DTYPES = {0x08: torch.uint8}
+#: The most data one IDX file may announce (1 GiB): Fashion-MNIST's largest holds 47 MB, and a small gzip
+#: can expand to gigabytes of zeros under a header that claims them.
+MAX_IDX_BYTES = 1 << 30
 _READ_CHUNK = 1 << 20
 
 
@@ -217,10 +220,11 @@ def read_idx_gz(path: Path) -> torch.Tensor:
             count = 1
             for d in dims:
                 count *= d
+            if count > MAX_IDX_BYTES:
+                raise DataError("{}: its header announces {} values, more than the {} this reader accepts".format(
+                    path, count, MAX_IDX_BYTES))
             data = _read_exactly(handle, count)
-            extra = handle.read(1)  # also reads to the end, where gzip checks the CRC and length
-            if extra:
-                handle.read()  # the rest, for its CRC check; the size is reported below anyway
+            extra = handle.read(1)  # at the end this is where gzip checks the CRC and length
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError("{}: unreadable or corrupt gzip data ({}); reinstall it".format(
             path, first_line(exc))) from exc

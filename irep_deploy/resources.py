@@ -176,6 +176,11 @@ def require_memory(shape: Sequence[int], model: Optional[nn.Module], purpose: st
     return need
 
 
+def size_flags(batch_flag: str, batch: int, input_size: Optional[int]) -> str:
+    """The flags that sized a batch, as the user typed them (``--input-size`` only when given)."""
+    return "{} {}".format(batch_flag, batch) + (" --input-size {}".format(input_size) if input_size else "")
+
+
 def require_input_memory(model: Optional[nn.Module], batch: int, in_channels: int, size: int,
                          header_size: Optional[int], source: str, purpose: str, flags: str,
                          check: bool = False) -> int:

@@ -36,7 +36,7 @@ from ..checkpoint import load_checkpoint, multi_branch_model
 from ..compare import ONNX_EXPORT
 from ..errors import IrepError, UsageError, first_line, raise_if_interrupted
 from ..reparam import fuse_model
-from ..resources import require_input_memory
+from ..resources import require_input_memory, size_flags
 from . import devices
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -573,7 +573,7 @@ def _require_memory(variant: Variant, shape: Tuple[int, ...], shape_info: Dict[s
     """Refuse a bench input too large for this machine before it is allocated (see ``resources``)."""
     header = shape_info.get("input_size") if variant.path is None and not input_size else None
     require_input_memory(variant.module, shape[0], shape[1], shape[-1], header, source, "the bench input",
-                         "--batch {} --input-size {}".format(shape[0], shape[-1]))
+                         size_flags("--batch", shape[0], input_size))
 
 
 def _fixed_size(path: str, spatial: Sequence[Any], input_size: Optional[int]) -> None:

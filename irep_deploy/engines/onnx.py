@@ -28,7 +28,7 @@ from ..compare import FUSE_FP32, ONNX_EXPORT, compare
 from ..errors import CheckpointError, IrepError, VerificationError, first_line
 from ..precision import exact_fp32
 from ..reparam import fuse_model
-from ..resources import require_input_memory, require_memory
+from ..resources import require_input_memory, require_memory, size_flags
 from . import ort as ort_helpers
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -310,8 +310,8 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
     shape = (batch or 1, checkpoint.header["in_channels"], size, size)
     largest = batch or verify_batch
     require_input_memory(net, largest, shape[1], size, None if input_size else checkpoint.header["input_size"],
-                         str(ckpt), "the verification batch", "{} {} --input-size {}".format(
-                             "--batch" if batch else "--verify-batch", largest, size))
+                         str(ckpt), "the verification batch",
+                         size_flags("--batch" if batch else "--verify-batch", largest, input_size))
     _check_runs(net, shape, ckpt)
     proto = export_module(net, shape, opset, batch is None, input_name, output_name)
     proto, used = simplify_model(proto, simplify)

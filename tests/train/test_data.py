@@ -217,9 +217,17 @@ def test_wrong_magic_and_wrong_image_size_are_refused(tmp_path):
 
 def test_a_header_larger_than_the_data_is_truncation_not_an_allocation(tmp_path):
     path = tmp_path / "t.gz"
-    with gzip.open(str(path), "wb") as handle:  # claims 4 G values, holds 10
-        handle.write(bytes([0, 0, 8, 2]) + (65536).to_bytes(4, "big") * 2 + bytes(10))
+    with gzip.open(str(path), "wb") as handle:  # claims 100 M values, holds 10
+        handle.write(bytes([0, 0, 8, 2]) + (10000).to_bytes(4, "big") * 2 + bytes(10))
     with pytest.raises(DataError, match="truncated"):
+        read_idx_gz(path)
+    with gzip.open(str(path), "wb") as handle:  # claims 4 G values: refused from the header
+        handle.write(bytes([0, 0, 8, 2]) + (65536).to_bytes(4, "big") * 2 + bytes(10))
+    with pytest.raises(DataError, match="more than the"):
+        read_idx_gz(path)
+    with gzip.open(str(path), "wb") as handle:  # more data than announced
+        handle.write(bytes([0, 0, 8, 1]) + (4).to_bytes(4, "big") + bytes(10))
+    with pytest.raises(DataError, match="more data"):
         read_idx_gz(path)
 
 
