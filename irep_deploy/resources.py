@@ -133,6 +133,8 @@ def largest_activation(model: nn.Module, in_channels: int, size: int) -> Optiona
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    training = model.training
+    model.eval()  # in training mode the probe would move BatchNorm's running statistics
     try:
         # exact_fp32: a check's every forward runs in true float32, the probe's too (tests observe it)
         with torch.no_grad(), exact_fp32():
@@ -140,6 +142,7 @@ def largest_activation(model: nn.Module, in_channels: int, size: int) -> Optiona
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
     finally:
+        model.train(training)
         for h in handles:
             h.remove()
     return int(largest[0] * (size / probe) ** 2)

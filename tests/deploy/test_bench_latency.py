@@ -260,3 +260,13 @@ def test_the_memory_limit_can_be_set_and_is_checked(ckpts, tmp_path, capsys, mon
     assert estimate_bytes((4, 3, 32, 32), net) == 4 * small
     assert estimate_bytes((1, 3, 64, 64), net) >= 4 * small - 4 * 3 * 64 * 64
     assert small >= 4 * (3 * 32 * 32 + 8 * 32 * 32)
+
+
+def test_the_memory_probe_leaves_the_model_as_it_was():
+    from irep_deploy import build_model
+    from irep_deploy.resources import estimate_bytes
+
+    net = build_model("resnet18_cifar", width=0.125, num_classes=10).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    estimate_bytes((2, 3, 32, 32), net)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
