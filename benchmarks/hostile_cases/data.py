@@ -21,6 +21,8 @@ TINY = "--epochs 1 --limit 64 --width 0.125 --batch-size 32"
 TRAIN = "train -o {case}/run --dataset fashion-mnist --data-root {case}/fm --backbone resnet18_cifar " + TINY
 SEARCH = ("search -o {case}/s --dataset fashion-mnist --data-root {case}/fm --backbone resnet18_cifar --limit 64 "
           "--width 0.125 --batch-size 32 --rounds 1 --warmup-epochs 1 --population 4 --val-fraction 0.25")
+EVAL_CKPT = "eval {deploy} --dataset fashion-mnist --data-root {case}/fm"
+EVAL_ONNX = "eval {onnx28} --dataset fashion-mnist --data-root {case}/fm"
 QUANT = "quantize {onnx28} --calib fashion-mnist --data-root {case}/fm --calib-size 32 -o {out_onnx}"
 TRAIN_IMAGES = "train-images-idx3-ubyte.gz"
 TRAIN_LABELS = "train-labels-idx1-ubyte.gz"
@@ -281,18 +283,13 @@ def cases(H):
         C(AREA, fmc, SEARCH, 1, "{bad}", setup=fm(TRAIN_IMAGES, _zero_images), label="search: zero images"),
         C(AREA, fmc, SEARCH, 1, "{bad}", setup=fm(TRAIN_IMAGES, _wrong_magic), label="search: wrong IDX magic"),
         # ... through eval of a checkpoint and of an ONNX file
-        C(AREA, fmc, "eval {deploy} --dataset fashion-mnist --data-root {case}/fm", 1, "{bad}",
-          setup=fm(TEST_IMAGES, _truncated), label="eval ckpt: truncated test gz"),
-        C(AREA, fmc, "eval {deploy} --dataset fashion-mnist --data-root {case}/fm", 1, "{bad}",
-          setup=fm(TEST_LABELS, _labels_250), label="eval ckpt: test labels 250"),
-        C(AREA, fmc, "eval {deploy} --dataset fashion-mnist --data-root {case}/fm", 1, "{bad}",
-          setup=fm(TEST_LABELS, _count_39), label="eval ckpt: count mismatch"),
-        C(AREA, fmc, "eval {deploy} --dataset fashion-mnist --data-root {case}/fm --split train", 1, "{bad}",
-          setup=fm(TRAIN_IMAGES, _empty_file), label="eval ckpt: empty gz file"),
-        C(AREA, fmc, "eval {onnx28} --dataset fashion-mnist --data-root {case}/fm", 1, "{bad}",
-          setup=fm(TEST_IMAGES, _deflate_broken), label="eval onnx: broken deflate"),
-        C(AREA, fmc, "eval {onnx28} --dataset fashion-mnist --data-root {case}/fm", 1, "{bad}",
-          setup=fm(TEST_LABELS, _fifo), label="eval onnx: FIFO as the labels"),
+        C(AREA, fmc, EVAL_CKPT, 1, "{bad}", setup=fm(TEST_IMAGES, _truncated), label="eval ckpt: truncated test gz"),
+        C(AREA, fmc, EVAL_CKPT, 1, "{bad}", setup=fm(TEST_LABELS, _labels_250), label="eval ckpt: test labels 250"),
+        C(AREA, fmc, EVAL_CKPT, 1, "{bad}", setup=fm(TEST_LABELS, _count_39), label="eval ckpt: count mismatch"),
+        C(AREA, fmc, EVAL_CKPT + " --split train", 1, "{bad}", setup=fm(TRAIN_IMAGES, _empty_file),
+          label="eval ckpt: empty gz file"),
+        C(AREA, fmc, EVAL_ONNX, 1, "{bad}", setup=fm(TEST_IMAGES, _deflate_broken), label="eval onnx: broken deflate"),
+        C(AREA, fmc, EVAL_ONNX, 1, "{bad}", setup=fm(TEST_LABELS, _fifo), label="eval onnx: FIFO as the labels"),
         # ... through quantize's and bench --int8's calibration, and the demo
         C(AREA, fmc, QUANT, 1, "{bad}", setup=fm(TRAIN_IMAGES, _deflate_broken), label="quantize: broken deflate"),
         C(AREA, fmc, QUANT, 1, "{bad}", setup=fm(TRAIN_LABELS, _labels_250), label="quantize: labels 250"),
