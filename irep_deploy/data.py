@@ -22,13 +22,19 @@ then records the network's 3 channels, and export, bench and eval feed 3-channel
 from __future__ import annotations
 
 import gzip
+import os
+import stat
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
+from ._io import quote
 from .errors import DataError, UsageError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -163,29 +169,74 @@ class TensorImages(Dataset):
 
 # -- raw sources ------------------------------------------------------------------------------------
 _IDX_DTYPES = {0x08: torch.uint8}
+#: The most data one IDX file may announce (1 GiB): Fashion-MNIST's largest holds 47 MB, and a small gzip
+#: can expand to gigabytes of zeros under a header that claims them.
+MAX_IDX_BYTES = 1 << 30
+_READ_CHUNK = 1 << 20
+
+
+def require_regular_file(path: Union[str, Path], what: str, error: Type[DataError] = DataError) -> None:
+    """Refuse, before opening it, a ``path`` that is missing or is not a regular file: a FIFO would
+    block the open forever, a device would be read without end, a directory is not ``what``."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except FileNotFoundError as exc:
+        raise error("{}: {} missing".format(path, what)) from exc
+    except OSError as exc:
+        raise error("{}: cannot read {}: {}".format(path, what, exc.strerror or exc)) from exc
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise error("{}: is {}, not a regular file ({})".format(path, kind, what))
+
+
+def _read_exactly(handle: Any, count: int) -> bytes:
+    """``count`` bytes (fewer at the end of the stream), read in chunks: a header that lies about the
+    size costs no more memory than the stream really holds."""
+    parts = bytearray()
+    while len(parts) < count:
+        chunk = handle.read(min(_READ_CHUNK, count - len(parts)))
+        if not chunk:
+            break
+        parts += chunk
+    return bytes(parts)
 
 
 def read_idx_gz(path: Path) -> torch.Tensor:
-    """One gzipped IDX file (the MNIST format: big-endian magic, dims, then uint8 data)."""
+    """One gzipped IDX file (the MNIST format: big-endian magic, dims, then uint8 data).
+
+    The stream is decompressed as it is read, so every gzip or deflate fault (bad magic, a broken
+    deflate stream, a truncated file, a bad CRC at the end) is caught here and named in one line."""
+    require_regular_file(path, "a gzipped IDX file")
     try:
         with gzip.open(str(path), "rb") as handle:
-            data = handle.read()
-    except (OSError, EOFError) as exc:
-        raise DataError("{}: unreadable ({}); reinstall it".format(path, exc)) from exc
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError("{}: not an IDX file of unsigned bytes".format(path))
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    count = 1
-    for d in dims:
-        count *= d
-    if len(data) - offset != count:
-        raise DataError("{}: truncated (header says {} values, file holds {})".format(
-            path, count, len(data) - offset))
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=offset).view(*dims)
+            head = handle.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DataError("{}: not an IDX file of unsigned bytes".format(path))
+            ndim = head[3]
+            raw_dims = handle.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError("{}: truncated IDX header ({} dimensions announced)".format(path, ndim))
+            dims = [int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            count = 1
+            for d in dims:
+                count *= d
+            if count > MAX_IDX_BYTES:
+                raise DataError("{}: its header announces {} values, more than the {} this reader accepts".format(
+                    path, count, MAX_IDX_BYTES))
+            data = _read_exactly(handle, count)
+            extra = handle.read(1)  # at the end this is where gzip checks the CRC and length
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError("{}: unreadable or corrupt gzip data ({}); reinstall it".format(
+            path, first_line(exc))) from exc
+    if len(data) < count:
+        raise DataError("{}: truncated (header says {} values, file holds {})".format(path, count, len(data)))
+    if extra:
+        raise DataError("{}: holds more data than its header's {} values".format(path, count))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*dims) if count else \
+        torch.zeros(dims, dtype=torch.uint8)
 
 
+FASHION_MNIST_CLASSES = 10
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
@@ -194,12 +245,26 @@ def _fashion_mnist(root: Path, part: str) -> Dataset:
     spec = SPECS["fashion-mnist"]
     images_name, labels_name = _FASHION_FILES[part]
     for name in (images_name, labels_name):
-        if not (root / name).is_file():
+        if not os.path.lexists(str(root / name)):
             raise DataError("{}: Fashion-MNIST file missing; {}".format(root / name, spec.how_to_get))
     images, labels = read_idx_gz(root / images_name), read_idx_gz(root / labels_name)
-    if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-        raise DataError("{}: images {} and labels {} do not match".format(
-            root, tuple(images.shape), tuple(labels.shape)))
+    if images.dim() != 3:
+        raise DataError("{}: holds an array of shape {}, not images N x H x W".format(
+            root / images_name, tuple(images.shape)))
+    if labels.dim() != 1:
+        raise DataError("{}: holds an array of shape {}, not N labels".format(root / labels_name, tuple(labels.shape)))
+    if images.shape[0] == 0:
+        raise DataError("{}: holds no images".format(root / images_name))
+    if tuple(images.shape[1:]) != (spec.input_size, spec.input_size):
+        raise DataError("{}: images are {} x {}, Fashion-MNIST's are {} x {}".format(
+            root / images_name, images.shape[1], images.shape[2], spec.input_size, spec.input_size))
+    if images.shape[0] != labels.shape[0]:
+        raise DataError("{}: {} images, but {} holds {} labels".format(
+            root / images_name, images.shape[0], root / labels_name, labels.shape[0]))
+    top = int(labels.max())
+    if top >= FASHION_MNIST_CLASSES:
+        raise DataError("{}: label {} out of range (Fashion-MNIST has classes 0..{})".format(
+            root / labels_name, top, FASHION_MNIST_CLASSES - 1))
     return TensorImages(images.unsqueeze(1), labels.long())
 
 
@@ -215,6 +280,51 @@ def _cifar10(root: Path, part: str) -> Dataset:
             root / "cifar-10-batches-py", first_line(exc))) from exc
 
 
+#: The largest image decoded, in pixels (width x height): PIL's documented default
+#: (``PIL.Image.MAX_IMAGE_PIXELS``, 89,478,485: about 9459 x 9459). A larger image is refused as a likely
+#: decompression bomb from its header, before a pixel is decoded; ImageNet's largest is far below it.
+MAX_IMAGE_PIXELS = 89_478_485
+# what a decoder raises on a hostile or damaged file (PIL formats differ in which)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+class ImageFileError(DataError):
+    """An image of an image folder cannot be decoded, or is too large.
+
+    Raised inside a DataLoader worker it comes back as ``ImageFileError(text)`` where ``text`` is the
+    worker's whole traceback ("Caught ImageFileError in DataLoader worker process 0. Original
+    Traceback ..."); the message kept is the original one line, the traceback's last line."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "\n" in message:
+            last = message.rstrip("\n").rsplit("\n", 1)[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(message)
+
+
+def load_image(path: str) -> Any:
+    """An image file as an RGB PIL image; every fault is one line naming the file (ImageFileError)."""
+    from PIL import Image
+
+    name = quote(path, 300)
+    require_regular_file(path, "an image", ImageFileError)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with open(path, "rb") as handle:
+                image = Image.open(handle)
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImageFileError("{}: {} x {} pixels, more than the limit of {} (a decompression "
+                                         "bomb?)".format(name, width, height, MAX_IMAGE_PIXELS))
+                return image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageFileError("{}: more pixels than the limit of {} (a decompression bomb?)".format(
+            name, MAX_IMAGE_PIXELS)) from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageFileError("{}: not a readable image ({})".format(name, first_line(exc, 120))) from exc
+
+
 def _imagefolder(root: Path, part: str) -> Dataset:
     from torchvision.datasets import ImageFolder
 
@@ -222,7 +332,9 @@ def _imagefolder(root: Path, part: str) -> Dataset:
     if not folder.is_dir():
         raise DataError("{}: no such directory; {}".format(folder, SPECS["imagefolder"].how_to_get))
     try:
-        return ImageFolder(str(folder))
+        # images are decoded when a batch needs them (ImageNet is too large to decode up front):
+        # load_image names the file of any fault, also from a DataLoader worker
+        return ImageFolder(str(folder), loader=load_image)
     except (FileNotFoundError, OSError) as exc:
         raise DataError("{}: {}".format(folder, first_line(exc))) from exc
 
@@ -258,7 +370,8 @@ def raw_dataset(name: str, part: str, root: Optional[str] = None) -> Dataset:
         raise DataError("{} needs --data-root: {}".format(name, spec.how_to_get))
     path = Path(where)
     if not path.is_dir():
-        raise DataError("{}: no such directory; {}".format(path, spec.how_to_get))
+        problem = "not a directory" if os.path.lexists(str(path)) else "no such directory"
+        raise DataError("{}: {}; {}".format(path, problem, spec.how_to_get))
     return {"fashion-mnist": _fashion_mnist, "cifar10": _cifar10, "imagefolder": _imagefolder}[name](path, part)
 
 

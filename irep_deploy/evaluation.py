@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, recorded_dataset
 from .data import DataError, channel_adapter, eval_loader, load_data
 from .errors import IrepError, raise_if_interrupted
 from .compare import compare
+from .resources import require_input_memory
 from .runtime import Dist, all_reduce, all_sum, resolve_device
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -105,8 +106,11 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
     if data.num_classes > h["num_classes"]:
         raise IrepError("{}: the model has {} classes, {} has {}".format(ckpt, h["num_classes"], dataset,
                                                                        data.num_classes))
+    images = data.split(split)
+    require_input_memory(net, min(batch_size, max(1, len(images))), data.in_channels,  # type: ignore[arg-type]
+                         data.input_size, None, str(ckpt), "an evaluation batch", "--batch-size {}".format(batch_size))
     dev = resolve_device(device)
-    loader = eval_loader(data.split(split), batch_size, workers, pin_memory=dev.type == "cuda")
+    loader = eval_loader(images, batch_size, workers, pin_memory=dev.type == "cuda")
     results, _, _ = evaluate_models([net.to(dev)], loader, dev)
     if not math.isfinite(results[0].loss):
         raise IrepError("{}: the model's outputs are NaN or inf on {} (overflowing weights?); no result".format(

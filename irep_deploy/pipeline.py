@@ -18,6 +18,7 @@ from .errors import IrepError, UsageError, VerificationError
 from .models import MODELS, current_arch
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
+from .resources import require_input_memory, size_flags
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,6 +70,10 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     code = current_arch(net)
     plain = fuse_model(net)
     size = input_size or checkpoint.header["input_size"]
+    # both networks run on the check batch; the multi-branch one needs more
+    require_input_memory(net, batch, checkpoint.header["in_channels"], size,
+                         None if input_size else checkpoint.header["input_size"], str(ckpt),
+                         "the check batch", size_flags("--batch", batch, input_size), check=True)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, checkpoint.header["in_channels"], size, size, generator=gen)
     with torch.no_grad(), exact_fp32():

@@ -131,3 +131,28 @@ def test_console_script_and_module_entry_points(tmp_path):
         exe = cmd if cmd[0] != "irep-deploy" else [str(__import__("pathlib").Path(sys.executable).with_name("irep-deploy"))]
         proc = subprocess.run(exe + ["--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "fuse" in proc.stdout and "show" in proc.stdout
+
+
+def test_a_check_batch_too_large_for_memory_is_refused_before_it_is_allocated(trained, capsys):
+    tmp, _, _ = trained
+    rc, out, err = run(capsys, "fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", tmp / "d.pt",
+                       "--batch", 4096, "--input-size", 4096)
+    assert rc == 2
+    one_line_error(err, "--batch 4096 --input-size 4096", "more than the limit")
+    assert not (tmp / "d.pt").exists()
+
+
+def test_a_header_input_size_too_large_is_the_files_fault(tmp_path, capsys):
+    """An 8x8 network whose header says 4096: the check batch at that size would take minutes and
+    gigabytes; refused naming the file, and checked at a size the user gives instead."""
+    code = ArchCode.random("resnet18_cifar", ratio=2 / 3, seed=3)
+    code.save(tmp_path / "arch.bin")
+    net = build_model("resnet18_cifar", arch=code, width=0.125, num_classes=10, in_channels=1, input_size=4096)
+    save_checkpoint(tmp_path / "big.pt", net.eval())
+    rc, out, err = run(capsys, "fuse", tmp_path / "big.pt", tmp_path / "arch.bin", "-o", tmp_path / "d.pt")
+    assert rc == 1
+    one_line_error(err, str(tmp_path / "big.pt"), "input_size 4096")
+    assert not (tmp_path / "d.pt").exists()
+    rc, out, err = run(capsys, "fuse", tmp_path / "big.pt", tmp_path / "arch.bin", "-o", tmp_path / "d.pt",
+                       "--input-size", 8)
+    assert rc == 0, err

@@ -34,8 +34,9 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable
 from ..checkpoint import load_checkpoint, multi_branch_model
 from ..compare import ONNX_EXPORT
-from ..errors import IrepError, first_line, raise_if_interrupted
+from ..errors import IrepError, UsageError, first_line, raise_if_interrupted
 from ..reparam import fuse_model
+from ..resources import require_input_memory, size_flags
 from . import devices
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -490,6 +491,7 @@ def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Se
             onnx_bytes: Optional[bytes] = None
             for batch in batches:
                 shape = _input_shape(variant, shape_info, input_size, batch)
+                _require_memory(variant, shape, shape_info, input_size, source)
                 label = backend
                 try:
                     if backend in ("torch", "cudagraph"):
@@ -566,6 +568,22 @@ def summarise(jobs: Sequence[Job], samples: Sequence[Sequence[Samples]], cv_warn
     return results
 
 
+def _require_memory(variant: Variant, shape: Tuple[int, ...], shape_info: Dict[str, Any], input_size: Optional[int],
+                    source: str) -> None:
+    """Refuse a bench input too large for this machine before it is allocated (see ``resources``)."""
+    header = shape_info.get("input_size") if variant.path is None and not input_size else None
+    require_input_memory(variant.module, shape[0], shape[1], shape[-1], header, source, "the bench input",
+                         size_flags("--batch", shape[0], input_size))
+
+
+def _fixed_size(path: str, spatial: Sequence[Any], input_size: Optional[int]) -> None:
+    """A file whose spatial input is fixed cannot take another --input-size: refused, not ignored."""
+    fixed = [int(d) for d in spatial if isinstance(d, int) and d > 0]
+    if input_size is not None and fixed and any(d != input_size for d in fixed):
+        raise UsageError("--input-size {}: {} has a fixed input of {}; drop --input-size or export the model at "
+                         "that size".format(input_size, path, " x ".join(str(d) for d in spatial)))
+
+
 def _input_shape(variant: Variant, shape_info: Dict[str, Any], input_size: Optional[int], batch: int) -> Tuple[int, ...]:
     if variant.path is None:
         size = input_size or shape_info["input_size"]
@@ -573,11 +591,14 @@ def _input_shape(variant: Variant, shape_info: Dict[str, Any], input_size: Optio
     if _kind(variant.path) == "engine":
         from ..engines.tensorrt import read_meta
         meta = read_meta(variant.path)
+        _fixed_size(variant.path, meta.opt_shape[2:], input_size)
         return (batch,) + tuple(int(d) for d in meta.opt_shape[1:])
     from ..engines.onnx import io_spec, load_onnx
     _, _, dims = io_spec(load_onnx(variant.path))
     if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
-        raise IrepError("{}: has a fixed batch of {}, cannot bench batch {}".format(variant.path, dims[0], batch))
+        raise UsageError("--batch {}: {} has a fixed batch of {}; bench that batch or export with a dynamic "
+                         "batch".format(batch, variant.path, dims[0]))
+    _fixed_size(variant.path, dims[2:], input_size)
     rest = [d if isinstance(d, int) and d > 0 else input_size for d in dims[1:]]
     if any(d is None for d in rest):
         raise IrepError("{}: has a dynamic spatial size; pass --input-size".format(variant.path))

@@ -25,9 +25,10 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable, quote
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare
-from ..errors import IrepError, VerificationError, first_line
+from ..errors import CheckpointError, IrepError, VerificationError, first_line
 from ..precision import exact_fp32
 from ..reparam import fuse_model
+from ..resources import require_input_memory, require_memory, size_flags
 from . import ort as ort_helpers
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -91,6 +92,9 @@ def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance
                 ckpt, arch))
         return checkpoint.build(model).eval(), checkpoint, False
     net = multi_branch_model(checkpoint, arch, model).eval()
+    size = checkpoint.header["input_size"]
+    require_memory((2, checkpoint.header["in_channels"], size, size), net, "the fusion check batch",
+                   "{}: header input_size {}".format(ckpt, size), CheckpointError, check=True)
     plain = fuse_model(net)
     x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
                     checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
@@ -304,6 +308,10 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
     net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model)
     size = input_size or checkpoint.header["input_size"]
     shape = (batch or 1, checkpoint.header["in_channels"], size, size)
+    largest = batch or verify_batch
+    require_input_memory(net, largest, shape[1], size, None if input_size else checkpoint.header["input_size"],
+                         str(ckpt), "the verification batch",
+                         size_flags("--batch" if batch else "--verify-batch", largest, input_size))
     _check_runs(net, shape, ckpt)
     proto = export_module(net, shape, opset, batch is None, input_name, output_name)
     proto, used = simplify_model(proto, simplify)

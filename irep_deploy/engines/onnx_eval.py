@@ -14,7 +14,8 @@ import numpy as np
 
 from .._io import quote
 from ..data import channel_adapter, dataset_spec, eval_loader, load_data
-from ..errors import DataError, IrepError, first_line
+from ..errors import DataError, IrepError, UsageError, first_line
+from ..resources import require_memory
 from . import ort as ort_helpers
 from .onnx import load_onnx
 
@@ -151,10 +152,15 @@ def evaluate_onnx(path: PathLike, dataset: str, split: str = "test", data_root: 
     if len(fixed) > 1:
         raise IrepError("{}: fixed batch {} differs from --reference {}'s {}; export one with a dynamic batch".format(
             path, inp.batch, reference, ref[1].batch if ref else None))
+    images = data.split(split)
+    step = min(fixed) if fixed else min(batch_size, max(1, len(images)))
+    require_memory((step, inp.channels, data.input_size, data.input_size), None, "an evaluation batch",
+                   "{}: its fixed batch {}".format(path, step) if fixed else "--batch-size {}".format(batch_size),
+                   IrepError if fixed else UsageError)
     n, differ = 0, 0
     sums = [0, 0, 0.0]
     ref_sums = [0, 0, 0.0]
-    for x, y in batches(data.split(split), min(fixed) if fixed else batch_size):
+    for x, y in batches(images, min(fixed) if fixed else batch_size):
         logits = _checked(run_batch(session, inp, x, path), path, data.num_classes)
         for i, v in enumerate(_hits(logits, y)):
             sums[i] += v

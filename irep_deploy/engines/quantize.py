@@ -287,6 +287,10 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
     _check_settings(model, method, calib_size, inp.batch)
     size = check_fits(inp, calib, model, flag="--calib")
     excluded = match_nodes(proto, exclude, model)
+    if inp.batch:  # a dynamic batch is calibrated in batches of at most CALIB_BATCH
+        from ..resources import require_memory
+        require_memory((inp.batch, inp.channels, size, size), None, "a calibration batch",
+                       "{}: its fixed batch {}".format(model, inp.batch))
     data = _calibration_batches(inp, calib, size, data_root, calib_size, model)
     fp32 = ort_helpers.make_session(str(model), source=str(model))
     with tempfile.TemporaryDirectory(prefix="irep-quantize.") as tmp:

@@ -210,3 +210,63 @@ def test_onnxruntime_failure_while_timing_is_one_line(ckpts):
         run_rounds([Job("onnx", label, 2, runner)], rounds=1, warmup_ms=0, duration_s=0, min_iters=1,
                    source="m.onnx")
     assert str(info.value).startswith("m.onnx: ort:CPU failed at batch 2: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["{onnx}", "--input-size", "4096"], "--input-size 4096"),  # a fixed 32 x 32 input: not silently ignored
+    (["{onnx}", "--input-size", "16"], "fixed input of 32 x 32"),
+    (["{deploy}", "--batch", "4096", "--input-size", "2048"], "--batch 4096 --input-size 2048"),
+    (["{deploy}", "--batch", "1,512", "--input-size", "1024"], "more than the limit"),
+])
+def test_bench_refuses_what_the_input_cannot_be_exit_2(ckpts, fused_onnx, tmp_path, capsys, argv, expect):
+    names = dict({k: str(v) for k, v in ckpts.items()}, onnx=str(fused_onnx))
+    rc, out, err = cli(capsys, "bench", *[a.format(**names) for a in argv], "--json", tmp_path / "r.json", *FAST)
+    assert rc == 2, err
+    line = one_line_error(err)
+    assert expect in line, line
+    assert leftovers(tmp_path, ["r.json"]) == []
+
+
+def test_bench_of_a_fixed_batch_onnx_names_the_batch_flag(fused_onnx, tmp_path, capsys):
+    import onnx
+
+    model = onnx.load(str(fused_onnx))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 2
+    onnx.save(model, str(tmp_path / "fixed.onnx"))
+    rc, out, err = cli(capsys, "bench", tmp_path / "fixed.onnx", "--batch", "4", *FAST)
+    assert rc == 2 and "--batch 4" in one_line_error(err) and "fixed batch of 2" in err
+    rc, out, err = cli(capsys, "bench", tmp_path / "fixed.onnx", "--batch", "2", "--input-size", "32", *FAST)
+    assert rc == 0, err
+
+
+def test_the_memory_limit_can_be_set_and_is_checked(ckpts, tmp_path, capsys, monkeypatch):
+    from irep_deploy.resources import MEMORY_LIMIT_ENV, estimate_bytes, memory_limit
+
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "64K")
+    assert memory_limit() == 64 << 10 and memory_limit(check=True) == 64 << 10
+    rc, out, err = cli(capsys, "bench", ckpts["deploy"], *FAST)
+    assert rc == 1 and str(ckpts["deploy"]) in one_line_error(err) and MEMORY_LIMIT_ENV in err
+    monkeypatch.setenv(MEMORY_LIMIT_ENV, "lots")
+    rc, out, err = cli(capsys, "bench", ckpts["deploy"], *FAST)
+    assert rc == 2 and MEMORY_LIMIT_ENV in one_line_error(err)
+    monkeypatch.delenv(MEMORY_LIMIT_ENV)
+    from irep_deploy import build_model
+
+    net = build_model("resnet18_cifar", width=0.125, num_classes=10).eval()
+    small = estimate_bytes((1, 3, 32, 32), net)
+    # the estimate grows with the batch and the area, and errs high: at least the input and the stem's output
+    assert estimate_bytes((4, 3, 32, 32), net) == 4 * small
+    assert estimate_bytes((1, 3, 64, 64), net) >= 4 * small - 4 * 3 * 64 * 64
+    assert small >= 4 * (3 * 32 * 32 + 8 * 32 * 32)
+
+
+def test_the_memory_probe_leaves_the_model_as_it_was():
+    from irep_deploy import build_model
+    from irep_deploy.resources import estimate_bytes
+
+    net = build_model("resnet18_cifar", width=0.125, num_classes=10).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    estimate_bytes((2, 3, 32, 32), net)
+    assert net.training and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
