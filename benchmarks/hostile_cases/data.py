@@ -117,7 +117,8 @@ def _bomb_png(path: Path, side: int) -> None:
 
 def _rgb_checkpoint(path: Path) -> None:
     from irep_deploy import build_model, fuse_model, save_checkpoint
-    net = build_model("resnet18_cifar", width=0.125, num_classes=10, in_channels=3).eval()
+    # 224 px: the image-folder transforms crop to 224, and eval refuses data of another size
+    net = build_model("resnet18_cifar", width=0.125, num_classes=10, in_channels=3, input_size=224).eval()
     save_checkpoint(path, fuse_model(net))
 
 
@@ -318,7 +319,7 @@ def cases(H):
         C(AREA, img, "quantize {rgb_onnx} --calib imagefolder --data-root {case}/if --calib-size 32 -o {out_onnx}", 1,
           "{bad}", setup=rgb_onnx, label="quantize --calib imagefolder: corrupt PNG"),
         C(AREA, img, "search -o {case}/s --dataset imagefolder --data-root {case}/if --backbone resnet18_cifar "
-          "--width 0.125 --batch-size 1 --rounds 1 --warmup-epochs 1 --population 4 --val-fraction 0.5 "
+          "--width 0.125 --batch-size 2 --rounds 1 --warmup-epochs 1 --population 4 --val-fraction 0.5 "
           "--quiet", 1, "{bad}", setup=images(_truncated_jpeg, part="train"), own=("{case}/s",),
           label="search imagefolder: truncated JPEG"),
         # CIFAR-10's batches are pickles: torchvision unpickles them only after their md5 matches the official files
