@@ -199,7 +199,7 @@ def recalibration_batches(dataset: Any, batch_size: int, count: int, seed: int, 
 
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
-                 progress: bool, workers: int = 0, resuming: bool = False) -> None:
+                 progress: bool, workers: int = 0, resuming: bool = False, trust_pickle: bool = False) -> None:
         self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
         data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
                          split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
@@ -208,7 +208,7 @@ class _Search:
         model = build_run_model(config.backbone, data, config.width, ops=ops, supernet=True,
                                 model_kwargs=config.model_kwargs, include=config.include,
                                 weights=None if resuming else config.weights,  # a resume loads its own state
-                                exclude=config.exclude).to(dev)
+                                exclude=config.exclude, trust_pickle=trust_pickle).to(dev)
         self.data = data.with_channels(model.irep_config["in_channels"])
         self.layout = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.layout)
@@ -451,13 +451,14 @@ def _key(code: ArchCode) -> str:
 
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
            data_root: Optional[str] = None, device: str = "auto", progress: bool = True,
-           workers: int = 0) -> SearchReport:
+           workers: int = 0, trust_pickle: bool = False) -> SearchReport:
     """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
-    ``workers`` loader processes (where/how, not what: it may change on resume)."""
+    ``workers`` loader processes (where/how, not what: it may change on resume). ``trust_pickle``:
+    read old pickle-format files (a state of an earlier version, ``--weights``) on torch < 2.10 too."""
     run = Path(run_dir)
     state: Optional[Dict[str, Any]] = None
     if resume:  # the run's own settings; a differing ``config`` is refused
-        state, config = read_run_state(run, "search", SearchConfig, config)
+        state, config = read_run_state(run, "search", SearchConfig, config, trust_pickle)
     else:
         config = config or make_config()
         if state_path(run).exists():
@@ -468,7 +469,8 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
         try:
             # a failed start leaves no run directory behind (nothing resumable: no state.pt)
             with run_directory(run, keep=lambda p: state_path(p).exists()) if dist.main else contextlib.nullcontext():
-                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None)
+                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None,
+                              trust_pickle=trust_pickle)
                 if state is not None:
                     job.restore(state)
                 elif dist.main:
