@@ -228,11 +228,26 @@ def checkpoint_parts(obj: Any, name: str) -> Tuple[Dict[str, Any], Dict[str, tor
     if header["kind"] not in KINDS:
         raise CheckpointError("{}: unknown checkpoint kind {}".format(name, quote(header["kind"])))
     check_header(header, name)
+    if header.get("model") is None:
+        _check_code_backbone(header, name)
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError("{}: state_dict entry {} is not a named tensor".format(name, quote(bad[0])))
     check_finite(state, name)
     return header, state
+
+
+def _check_code_backbone(header: Mapping[str, Any], name: str) -> None:
+    """A built-in backbone's header and its architecture code name the same network (a header edited to
+    name another one would otherwise fail later, on the first layer that differs)."""
+    try:
+        code = ArchCode.loads(header["arch"], source=name + " (embedded architecture code)")
+    except IrepError as exc:
+        raise CheckpointError("{}: {}".format(name, exc) if name not in str(exc) else str(exc)) from exc
+    if code.backbone != header["backbone"]:
+        raise CheckpointError("{}: the header names the network {} but its architecture code and tensors are of {} "
+                              "(an edited or mixed-up header)".format(name, quote(header["backbone"]),
+                                                                     quote(code.backbone)))
 
 
 def _what_it_is(obj: Any) -> str:

@@ -221,7 +221,7 @@ def load_tree(path: PathLike, what: str, trust_pickle: bool = False,
         size = struct.unpack("<Q", data[:8])[0]
         raise error("{}: a truncated or damaged safetensors file (its header claims {:,} bytes, the file has {:,})"
                     .format(name, size, len(data) - 8))
-    raise error("{}: not a {} (neither a safetensors file nor an old torch.save file{})".format(
+    raise error("{}: not a readable {} (neither a safetensors file nor an old torch.save file{})".format(
         name, what, ", it is empty" if not data else ""))
 
 

@@ -155,7 +155,7 @@ def test_files_that_are_not_checkpoints(tmp_path, model):
         load_checkpoint(bare)
     text = tmp_path / "arch.bin"
     ArchCode.full(NAME).save(text)
-    with pytest.raises(CheckpointError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(text)
 
 
