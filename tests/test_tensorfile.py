@@ -27,6 +27,8 @@ from irep_deploy.models.external import load_weights
 from irep_deploy.runs import read_run_state, write_run_state
 from irep_deploy.tensorfile import load_tree, save_tree, torch_reads_pickle_safely
 
+from test_checkpoint import _RunsCode, tampered  # _RunsCode: unpickling it creates a marker file
+
 NAME = "resnet18_cifar"
 SAFE_TORCH = torch_reads_pickle_safely()
 
@@ -186,18 +188,9 @@ def test_special_files_are_refused_unread(tmp_path):
 
 
 # -- validation of checkpoint contents -----------------------------------------------------------------
-def _edited(tmp_path: Path, model, edit) -> Path:
-    path = tmp_path / "ckpt.pt"
-    save_checkpoint(path, model)
-    tree = load_tree(path, "checkpoint").tree
-    edit(tree)
-    save_tree(path, tree)
-    return path
-
-
 @pytest.mark.parametrize("version", [-5, 0, "1", True, 1.0, None])
 def test_a_format_version_that_is_not_a_positive_int_is_refused(tmp_path, model, version):
-    path = _edited(tmp_path, model, lambda t: t.__setitem__("format_version", version))
+    path = tampered(tmp_path, model, lambda t: t.__setitem__("format_version", version))
     with pytest.raises(CheckpointError, match="format version .* is not a positive integer"):
         load_checkpoint(path)
 
@@ -217,34 +210,24 @@ def test_complex_and_sparse_tensors_are_refused(tmp_path, model):
 
 
 def test_header_faults_are_named(tmp_path, model):
-    path = _edited(tmp_path, model, lambda t: t["header"].__setitem__("ops", ["conv3x3", "evil_op"]))
+    path = tampered(tmp_path, model, lambda t: t["header"].__setitem__("ops", ["conv3x3", "evil_op"]))
     with pytest.raises(CheckpointError, match="unknown op 'evil_op'"):
         load_checkpoint(path)
     assert main(["fuse", str(path), str(tmp_path / "arch.bin")]) == 1  # a bad file: 1, not a usage error
 
     key = next(k for k in model.state_dict() if k.endswith("running_var"))
-    path = _edited(tmp_path, model, lambda t: t["state_dict"][key].fill_(-1.0))
+    path = tampered(tmp_path, model, lambda t: t["state_dict"][key].fill_(-1.0))
     with pytest.raises(CheckpointError, match=r"tensor '{}' \(a BatchNorm running variance\) holds negative".format(
             key.replace(".", r"\."))):
         load_checkpoint(path)
 
-    path = _edited(tmp_path, model, lambda t: t["header"].__setitem__("backbone", "vgg16_cifar"))
+    path = tampered(tmp_path, model, lambda t: t["header"].__setitem__("backbone", "vgg16_cifar"))
     with pytest.raises(CheckpointError, match="header names the network 'vgg16_cifar' but its architecture code "
                                               "and tensors are of 'resnet18_cifar'"):
         load_checkpoint(path)
 
 
 # -- old pickle files ---------------------------------------------------------------------------------
-class _RunsCode:
-    """Unpickling this object creates a marker file: a stand-in for malicious code."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 @contextlib.contextmanager
 def unpickler_calls() -> Iterator[List[str]]:
     """Records every Python function called in torch's serialization, its weights_only unpickler and
