@@ -38,6 +38,7 @@ import os
 import pickle
 import stat
 import struct
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
@@ -384,7 +385,9 @@ def _load_pickle(data: bytes, name: str, what: str, trust_pickle: bool, error: T
                     "weights_only: convert it once with `irep-deploy convert {} -o NEW --trust-pickle` if you trust "
                     "it (or pass --trust-pickle)".format(name, what, torch.__version__.split("+")[0], name))
     try:
-        with no_typed_storage_warning():
+        with no_typed_storage_warning(), warnings.catch_warnings():
+            # torch's note on its own check of a sparse tensor; the tensor is refused just below anyway
+            warnings.filterwarnings("ignore", "Validating sparse tensor invariants", UserWarning)
             tree = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise error("{}: refused: it holds objects other than tensors and plain data, which could run code when "

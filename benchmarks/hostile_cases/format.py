@@ -211,7 +211,8 @@ def cases(H) -> list:
         C("old pickle file", "convert {old} -o {case}/new.pt --trust-pickle", 0, "", setup=old_multi, own=own),
         C("old pickle file", "convert {old} -o {old} --trust-pickle", 2, "{old}", setup=old_multi),
         C("old pickle file", "fuse {old} {arch} -o {case}/d.pt --trust-pickle", 1, "sparse",
-          setup=_stage("old", _old(_sparse)), label="fuse old.pt with a sparse tensor --trust-pickle"),
+          setup=_stage("old", _old(_sparse)), process=True,  # a real process: torch's warnings reach stderr
+          label="fuse old.pt with a sparse tensor --trust-pickle"),
         C("old pickle file", "fuse {old} {arch} -o {case}/d.pt --trust-pickle", 1, "complex64",
           setup=_stage("old", _old(_complex)), label="fuse old.pt with a complex64 tensor --trust-pickle"),
         # silent corruption: one bit, anywhere
