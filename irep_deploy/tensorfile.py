@@ -98,7 +98,7 @@ def dumps(tree: Any) -> Tuple[bytes, str]:
     from safetensors.torch import save
 
     tensors: Dict[str, torch.Tensor] = {}
-    structure = _encode(tree, [], tensors, 0)
+    structure = _encode(tree, [], tensors, set(), 0)
     text = json.dumps(structure, separators=(",", ":"))
     digest = checksum(tensors, text)
     return save(tensors, metadata={FORMAT_KEY: CONTAINER_VERSION, TREE_KEY: text, SHA_KEY: digest}), digest
@@ -112,7 +112,7 @@ def save_tree(path: PathLike, tree: Any) -> str:
     return digest
 
 
-def _encode(value: Any, where: List[str], tensors: Dict[str, torch.Tensor], depth: int) -> Any:
+def _encode(value: Any, where: List[str], tensors: Dict[str, torch.Tensor], storages: Set[int], depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise CheckpointError("{}: nested deeper than {} levels".format(_path(where), MAX_DEPTH))
     if value is None or isinstance(value, (bool, int, str)):
@@ -121,7 +121,7 @@ def _encode(value: Any, where: List[str], tensors: Dict[str, torch.Tensor], dept
         return value  # json writes NaN/inf as NaN/Infinity and reads them back
     if isinstance(value, torch.Tensor):
         name = _unique(".".join(where) or "tensor", tensors)
-        tensors[name] = _storable(value, name, tensors)
+        tensors[name] = _storable(value, name, storages)
         return {"t": name}
     if isinstance(value, dict):
         pairs = []
@@ -129,10 +129,10 @@ def _encode(value: Any, where: List[str], tensors: Dict[str, torch.Tensor], dept
             if not (key is None or isinstance(key, (bool, int, float, str))):
                 raise CheckpointError("{}: a dict key of type {} cannot be stored".format(
                     _path(where), type(key).__name__))
-            pairs.append([key, _encode(item, where + [str(key)], tensors, depth + 1)])
+            pairs.append([key, _encode(item, where + [str(key)], tensors, storages, depth + 1)])
         return {"D": pairs}
     if isinstance(value, (list, tuple)):
-        items = [_encode(item, where + [str(i)], tensors, depth + 1) for i, item in enumerate(value)]
+        items = [_encode(item, where + [str(i)], tensors, storages, depth + 1) for i, item in enumerate(value)]
         return {"T" if isinstance(value, tuple) else "L": items}
     raise CheckpointError("{}: a {} cannot be stored (only tensors and plain data)".format(
         _path(where), type(value).__name__))
@@ -152,17 +152,18 @@ def _unique(name: str, taken: Dict[str, torch.Tensor]) -> str:
     return "{}#{}".format(name, n)
 
 
-def _storable(tensor: torch.Tensor, name: str, taken: Dict[str, torch.Tensor]) -> torch.Tensor:
+def _storable(tensor: torch.Tensor, name: str, storages: Set[int]) -> torch.Tensor:
+    """A dense CPU tensor owning its storage: safetensors refuses views and tensors sharing memory
+    (tied weights), so those are copied. ``storages``: the storages of the tensors taken so far."""
     check_tensor(tensor, name, "the value to save", CheckpointError)
     t = tensor.detach().cpu().contiguous()
-    if t.numel() and (t.untyped_storage().nbytes() != t.numel() * t.element_size()
-                      or any(_same_storage(t, other) for other in taken.values())):
-        t = t.clone()  # safetensors refuses views and tensors sharing memory (tied weights)
+    if not t.numel():
+        return t
+    storage = t.untyped_storage()
+    if storage.nbytes() != t.numel() * t.element_size() or storage.data_ptr() in storages:
+        t = t.clone()
+    storages.add(t.untyped_storage().data_ptr())
     return t
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def checksum(tensors: Dict[str, torch.Tensor], tree_text: str) -> str:
