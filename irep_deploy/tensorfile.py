@@ -191,13 +191,18 @@ def check_tensor(tensor: torch.Tensor, name: str, source: str, error: Type[IrepE
 
 
 def tensors_of(tree: Any) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(key path, tensor) of every tensor in ``tree``."""
+    """(key path, tensor) of every tensor in ``tree``; each container once (a pickle can hold cycles)."""
     stack: List[Tuple[str, Any]] = [("", tree)]
+    visited: Set[int] = set()
     while stack:
         where, value = stack.pop()
         if isinstance(value, torch.Tensor):
             yield where or "tensor", value
-        elif isinstance(value, dict):
+            continue
+        if id(value) in visited:
+            continue
+        visited.add(id(value))
+        if isinstance(value, dict):
             stack.extend((_join(where, k), v) for k, v in value.items())
         elif isinstance(value, (list, tuple)):
             stack.extend((_join(where, i), v) for i, v in enumerate(value))

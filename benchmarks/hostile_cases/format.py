@@ -178,6 +178,13 @@ def _complex(f: Dict[str, Path]) -> Any:
     return _sdict(f, "fc.bias", torch.zeros(10, dtype=torch.complex64))
 
 
+def _cyclic(f: Dict[str, Path]) -> Any:
+    """A run state whose history holds itself (a pickle's memo can build cycles)."""
+    history: list = []
+    history.append(history)
+    return {"format": "irep-deploy-train-state", "format_version": 1, "config": {}, "history": history}
+
+
 def cases(H) -> list:
     def C(category: str, argv: str, code: int, names: str, **kwargs: Any):
         kwargs.setdefault("label", "{} [{}]".format(argv, names or "ok"))  # many argv alike: the text tells them apart
@@ -284,6 +291,8 @@ def cases(H) -> list:
         C("convert", "convert {arch} -o {case}/new.pt", 1, "not a readable"),
         C("convert", "convert {old} -o {case}/new.pt --trust-pickle", 1, "not an irep-deploy checkpoint",
           setup=_stage("old", _old(lambda f: [1, 2, 3]))),
+        C("convert", "convert {old} -o {case}/new.pt --trust-pickle", 1, "nested deeper",
+          setup=_stage("old", _old(_cyclic)), label="convert a cyclic old run state --trust-pickle"),
         C("convert", "convert {old} -o {missing}/sub/new.pt --trust-pickle", 1, "does not exist", setup=old_multi),
         C("convert", "convert {old}", 2, "-o", setup=old_multi),
     ]
