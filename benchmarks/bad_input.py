@@ -295,12 +295,13 @@ def make_fixtures(d: Path) -> Dict[str, Path]:
     put("afile", d / "a-file").write_text("not a directory\n")
     f["rodir"] = Path("/proc")  # not writable even for root (tests run as root in containers)
     # edited headers: the file stays a valid checkpoint, only one header field is wrong
-    payload_multi = torch.load(str(f["multi"]), weights_only=True)
-    payload_deploy = torch.load(str(f["deploy"]), weights_only=True)
+    from irep_deploy.tensorfile import load_tree, save_tree
+    payload_multi = load_tree(f["multi"], "checkpoint").tree
+    payload_deploy = load_tree(f["deploy"], "checkpoint").tree
 
     def edited(name: str, payload: dict, **changes: object) -> None:
         new = dict(payload, header=dict(payload["header"], **changes))
-        torch.save(new, str(put(name, d / (name + ".pt"))))
+        save_tree(put(name, d / (name + ".pt")), new)
 
     edited("h_width0", payload_multi, width=0)
     edited("h_widthabc", payload_multi, width="abc")
@@ -318,7 +319,7 @@ def make_fixtures(d: Path) -> Dict[str, Path]:
                                  float("inf")), ("nan_multi", payload_multi, float("nan"))):
         state = {k: (v.fill_(value) if v.is_floating_point() else v) for k, v in
                  ((k, v.clone()) for k, v in payload["state_dict"].items())}
-        torch.save(dict(payload, state_dict=state), str(put(name, d / (name + ".pt"))))
+        save_tree(put(name, d / (name + ".pt")), dict(payload, state_dict=state))
     put("empty_onnx", d / "empty.onnx").write_bytes(b"")
     _onnx_fixtures(d, f)
     engine = put("engine_badshape", d / "bad.engine")

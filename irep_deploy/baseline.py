@@ -90,7 +90,8 @@ def compare(searched: TrainReport, baseline: TrainReport, latency: Optional[Dict
 
 
 def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[str] = None, device: str = "auto",
-                   workers: int = 0, progress: bool = True, channels_last: bool = False) -> TrainReport:
+                   workers: int = 0, progress: bool = True, channels_last: bool = False,
+                   trust_pickle: bool = False) -> TrainReport:
     """Train (or resume) the baseline of ``config`` in ``run_dir/baseline``. ``config`` is the searched
     run's (checked, or named by the caller): its network names the baseline's on resume too."""
     where = Path(run_dir) / BASELINE_DIR
@@ -98,24 +99,25 @@ def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[s
     resume = state_path(where).exists()
     return train(where, None if resume else base, resume=resume, data_root=data_root, device=device,
                  workers=workers, progress=progress, channels_last=channels_last,
-                 model=base.backbone if resume else None)
+                 model=base.backbone if resume else None, trust_pickle=trust_pickle)
 
 
 def train_with_baseline(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
                         data_root: Optional[str] = None, device: str = "auto", workers: int = 0,
                         progress: bool = True, channels_last: bool = False,
                         bench_duration_s: float = 0.5, bench_rounds: int = 3,
-                        model: Optional[str] = None) -> BaselineComparison:
+                        model: Optional[str] = None, trust_pickle: bool = False) -> BaselineComparison:
     """``train`` the code, then the plain backbone with the same settings, bench both (torch, batch 1),
     write ``baseline.json`` into ``run_dir``; returns the comparison. Resumable as ``train`` is."""
-    settings = read_run_state(run_dir, "train", TrainConfig, model=model)[1] if resume else config
+    settings = read_run_state(run_dir, "train", TrainConfig, model=model,
+                              trust_pickle=trust_pickle)[1] if resume else config
     if settings is None or settings.arch is None:  # checked before any training starts
         raise IrepError("--baseline compares an architecture code with the plain backbone; give --arch")
     searched = train(run_dir, config, resume=resume, data_root=data_root, device=device, workers=workers,
-                     progress=progress, channels_last=channels_last, model=model)
+                     progress=progress, channels_last=channels_last, model=model, trust_pickle=trust_pickle)
     if not searched.main_process:
         raise IrepError("train --baseline runs in one process (not under torchrun)")
-    base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last)
+    base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last, trust_pickle)
     report = bench(searched.ckpt, device=bench_profile(device), backends=["torch"], batches=[1],
                    duration_s=bench_duration_s, rounds=bench_rounds, compare=True)
     result = compare(searched, base, latencies(report), settings.seed)

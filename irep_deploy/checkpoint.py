@@ -1,7 +1,8 @@
 """Checkpoints: a versioned header plus tensors, written atomically, read without running pickled code.
 
-The file is an ordinary ``torch.save`` archive holding only plain data (str/int/float/bool/list/dict)
-and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anything else. Layout::
+The file is a safetensors file (:mod:`irep_deploy.tensorfile`): the tensors in its tensor table, the
+header as JSON in its metadata, with a sha256 of both that reading verifies. No pickle is involved
+in writing or reading it, on any torch. Layout of the tree it holds::
 
     {"format": "irep-deploy-checkpoint", "format_version": 1,
      "header": {kind, backbone, num_classes, width, in_channels, input_size, ops, arch, supernet,
@@ -9,7 +10,9 @@ and tensors, so ``torch.load(..., weights_only=True)`` reads it and refuses anyt
      "state_dict": {name: tensor}}
 
 ``kind`` is ``multi-branch`` (training form; ``supernet`` says whether every branch is held) or
-``deploy`` (fused); ``arch`` is the architecture code in its text format.
+``deploy`` (fused); ``arch`` is the architecture code in its text format. Checkpoints of earlier
+versions (the same tree in a ``torch.save`` pickle) are read on torch >= 2.10, or with
+``trust_pickle`` (``--trust-pickle``); ``irep-deploy convert`` rewrites them.
 
 A network that is not built in (a model spec such as ``torchvision:resnet50``, or a user's module
 passed through :func:`~irep_deploy.irepify`) adds ``model``: {kwargs, weights, include,
@@ -20,22 +23,22 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import __version__
-from ._io import atomic_write, clip, no_typed_storage_warning, quote
+from ._io import quote
 from .arch import ArchCode, fingerprint, first_layer_difference
-from .errors import ArchFormatError, ArchMismatchError, CheckpointError, IrepError, first_line
+from .errors import ArchFormatError, ArchMismatchError, CheckpointError, IrepError
+from .ops import REGISTRY
 from .surgery import irepify, layer_specs
 from .models import MODELS, activate, apply_arch, build_model, current_arch, is_external, model_config
 from .reparam import fuse_model
+from .tensorfile import load_tree, save_tree
 
 FORMAT = "irep-deploy-checkpoint"
 FORMAT_VERSION = 1
@@ -68,14 +71,12 @@ def checkpoint_header(model: nn.Module, extra: Optional[Mapping[str, Any]] = Non
 
 def save_checkpoint(path: PathLike, model: nn.Module, extra: Optional[Mapping[str, Any]] = None) -> None:
     """Write ``model`` (multi-branch or fused) with its header; atomic: all or nothing."""
-    payload = {
+    save_tree(path, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "header": checkpoint_header(model, extra),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-    }
-    with atomic_write(path, "wb") as handle:
-        torch.save(payload, handle)
+    })
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Checkpoint:
     path: str
     header: Dict[str, Any]
     state_dict: Dict[str, torch.Tensor]
+    sha256: Optional[str] = None  # the file's checksum (tensorfile); None for an old pickle file
 
     @property
     def kind(self) -> str:
@@ -193,32 +195,29 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
-    """Read a checkpoint safely (``weights_only=True``); every problem is one :class:`CheckpointError`."""
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu",
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read a checkpoint without running pickled code; every problem is one :class:`CheckpointError`.
+
+    ``trust_pickle``: also read an old pickle-format checkpoint on torch < 2.10, whose unpickler can
+    run code even with ``weights_only`` (on torch >= 2.10 such files are read without it)."""
     name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError("{}: no such file".format(name))
-    if p.is_dir():
-        raise CheckpointError("{}: is a directory, not a checkpoint".format(name))
-    if not zipfile.is_zipfile(name):  # torch.save writes zip archives; anything else is damaged or foreign
-        raise CheckpointError("{}: not a readable checkpoint (not a torch archive, or truncated)".format(name))
-    try:
-        with no_typed_storage_warning():
-            obj = torch.load(name, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError("{}: refused: it holds objects other than tensors and plain data, which "
-                              "could run code when unpickled ({})".format(name, clip(first_line(exc)))) from exc
-    except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError... for damaged archives
-        raise CheckpointError("{}: not a readable checkpoint (truncated or not a torch file: {})".format(
-            name, clip(first_line(exc)))) from exc
+    loaded = load_tree(name, "checkpoint", trust_pickle)
+    header, state = checkpoint_parts(loaded.tree, name)
+    if str(map_location) != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
+    return Checkpoint(name, header, state, loaded.sha256)
+
+
+def checkpoint_parts(obj: Any, name: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """The header and tensors of a checkpoint's tree, every field validated (one line naming ``name``)."""
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        hint = " (it looks like a bare state dict)" if isinstance(obj, dict) and obj and all(
-            isinstance(v, torch.Tensor) for v in obj.values()) else ""
-        raise CheckpointError("{}: not an irep-deploy checkpoint{}".format(name, hint))
+        raise CheckpointError("{}: not an irep-deploy checkpoint{}".format(name, _what_it_is(obj)))
     version = obj.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError("{}: checkpoint format version {!r} is newer than this irep-deploy reads ({})".format(
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError("{}: checkpoint format version {} is not a positive integer".format(name, quote(version)))
+    if version > FORMAT_VERSION:
+        raise CheckpointError("{}: checkpoint format version {} is newer than this irep-deploy reads ({})".format(
             name, version, FORMAT_VERSION))
     header, state = obj.get("header"), obj.get("state_dict")
     if not isinstance(header, dict) or not isinstance(state, dict):
@@ -229,11 +228,35 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     if header["kind"] not in KINDS:
         raise CheckpointError("{}: unknown checkpoint kind {}".format(name, quote(header["kind"])))
     check_header(header, name)
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if header.get("model") is None:
+        _check_code_backbone(header, name)
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError("{}: state_dict entry {} is not a tensor".format(name, quote(bad[0])))
+        raise CheckpointError("{}: state_dict entry {} is not a named tensor".format(name, quote(bad[0])))
     check_finite(state, name)
-    return Checkpoint(name, header, state)
+    return header, state
+
+
+def _check_code_backbone(header: Mapping[str, Any], name: str) -> None:
+    """A built-in backbone's header and its architecture code name the same network (a header edited to
+    name another one would otherwise fail later, on the first layer that differs)."""
+    try:
+        code = ArchCode.loads(header["arch"], source=name + " (embedded architecture code)")
+    except IrepError as exc:
+        raise CheckpointError("{}: {}".format(name, exc) if name not in str(exc) else str(exc)) from exc
+    if code.backbone != header["backbone"]:
+        raise CheckpointError("{}: the header names the network {} but its architecture code and tensors are of {} "
+                              "(an edited or mixed-up header)".format(name, quote(header["backbone"]),
+                                                                     quote(code.backbone)))
+
+
+def _what_it_is(obj: Any) -> str:
+    """A hint for a file that is not a checkpoint: a bare state dict, or a run's state."""
+    if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].endswith("-state"):
+        return " (it is a run's resume state, {})".format(quote(obj["format"]))
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return " (it looks like a bare state dict)"
+    return ""
 
 
 # (type, low, high) of the numeric header fields; bool is refused although it is an int in Python
@@ -262,6 +285,12 @@ def check_header(header: Mapping[str, Any], name: str) -> None:
     ops = header["ops"]
     if not isinstance(ops, list) or not ops or not all(isinstance(op, str) for op in ops):
         raise CheckpointError("{}: header field 'ops' is {}, not a list of op names".format(name, quote(ops)))
+    unknown = [op for op in ops if op not in REGISTRY]
+    if unknown:
+        raise CheckpointError("{}: header field 'ops' names unknown op {} (known: {})".format(
+            name, quote(unknown[0]), " ".join(REGISTRY)))
+    if len(set(ops)) != len(ops):
+        raise CheckpointError("{}: header field 'ops' lists an op twice".format(name))
     if not isinstance(header["arch"], str):
         raise CheckpointError("{}: header field 'arch' is {}, not architecture-code text".format(
             name, quote(header["arch"])))
@@ -284,16 +313,20 @@ def _check_model_field(spec: Any, name: str) -> None:
 
 
 def check_finite(state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Refuse NaN/inf weights (a diverged run): they would give NaN outputs, not a result."""
+    """Refuse NaN/inf weights (a diverged run): they would give NaN outputs, not a result; and a
+    negative BatchNorm variance, which no training produces (its square root would be NaN)."""
     for key, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError("{}: tensor {} holds NaN or inf values (a diverged run?)".format(name, quote(key)))
+        if key.endswith("running_var") and tensor.is_floating_point() and bool((tensor < 0).any()):
+            raise CheckpointError("{}: tensor {} (a BatchNorm running variance) holds negative values".format(
+                name, quote(key)))
 
 
-def load_model(path: PathLike, model: Union[str, nn.Module, None] = None) -> nn.Module:
+def load_model(path: PathLike, model: Union[str, nn.Module, None] = None, trust_pickle: bool = False) -> nn.Module:
     """Shorthand: read a checkpoint and rebuild its model (multi-branch or fused); ``model`` names a
     network that is not built in (see :meth:`Checkpoint.build`)."""
-    return load_checkpoint(path).build(model)
+    return load_checkpoint(path, trust_pickle=trust_pickle).build(model)
 
 
 def multi_branch_model(checkpoint: Checkpoint, arch: Optional[PathLike] = None,

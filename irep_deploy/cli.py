@@ -168,6 +168,17 @@ def _checkpoint_model(p: argparse.ArgumentParser, func: Callable[..., Any], para
                "with; required for such a checkpoint (a checkpoint never imports code)")
 
 
+TRUST_PICKLE_HELP = (
+    "also read old pickle-format .pt files (checkpoints and run states of earlier irep-deploy versions, "
+    "torch.save state dicts such as torchvision's) on torch < 2.10. RISK: their unpickler can run code "
+    "or corrupt memory there even with weights_only=True (CVE-2025-32434, CVE-2026-24747); use it only for "
+    "files you trust, or better convert them once (irep-deploy convert). torch >= 2.10 reads them without it")
+
+
+def _trust_pickle(p: argparse.ArgumentParser, func: Callable[..., Any]) -> None:
+    _flag(p, func, "trust_pickle", "--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+
+
 def _batches(text: str) -> List[int]:
     values = [opt.BATCH(t) for t in opt.csv(text)]
     if not values:
@@ -203,6 +214,7 @@ def _args_fuse(p: argparse.ArgumentParser) -> None:
           help="largest relative error accepted, max|a-b|/max|a|")
     _flag(p, fuse, "seed", "--seed", type=opt.SEED, help="seed of the random check batch")
     _checkpoint_model(p, fuse)
+    _trust_pickle(p, fuse)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -256,6 +268,7 @@ def _args_search(p: argparse.ArgumentParser) -> None:
                         "(without one: the defaults below, the paper's CIFAR settings); settings flags override it")
     _settings(p, SearchConfig, "settings of the search (saved in the run; defaults without --preset)")
     _runtime(p, search, "data_root", "device", "workers", "progress")
+    _trust_pickle(p, search)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -298,6 +311,7 @@ def _args_train(p: argparse.ArgumentParser) -> None:
                         "and report test top-1, training time and torch latency side by side (RUN_DIR/baseline.json)")
     _settings(p, TrainConfig, "settings of the run (saved in it; a resume uses them as saved)")
     _runtime(p, train, "data_root", "device", "workers", "progress", "channels_last")
+    _trust_pickle(p, train)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -350,6 +364,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
                                                                       help=fields[name].metadata["help"]))
     _runtime(p, evaluate, "data_root", "device", "workers")
     _checkpoint_model(p, evaluate)
+    _trust_pickle(p, evaluate)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -430,6 +445,7 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     _flag(p, export, "input_name", "--input-name", type=opt.name, help="name of the graph input")
     _flag(p, export, "output_name", "--output-name", type=opt.name, help="name of the graph output")
     _checkpoint_model(p, export)
+    _trust_pickle(p, export)
 
 
 def _cmd_build_trt(args: argparse.Namespace) -> int:
@@ -547,6 +563,7 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
           help="CPU threads for torch and onnxruntime (default: theirs)")
     _flag(p, bench, "json_out", "--json", metavar="PATH", help="also write the full report as JSON")
     _checkpoint_model(p, bench, "network")
+    _trust_pickle(p, bench)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -567,6 +584,23 @@ def _args_plot(p: argparse.ArgumentParser) -> None:
           help="directory for the figures (default: RUN_DIR/figures, or figures/ beside the file)")
     _flag(p, plot, "points", "--points", metavar="POINTS_JSON",
           help='accuracy/latency points: [{"label", "latency_ms", "accuracy"}, ...] (docs/figures.md)')
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    report = _call(convert, args)
+    print("converted the {} {} ({} tensors) to the safetensors format, sha256 {}".format(
+        report.kind, report.src, report.tensors, report.sha256))
+    print("wrote {}".format(report.out))
+    return 0
+
+
+def _args_convert(p: argparse.ArgumentParser) -> None:
+    from .convert import convert
+    _flag(p, convert, "src", metavar="OLD", help="old torch.save file: a checkpoint, a run's state.pt, or a state dict")
+    _flag(p, convert, "out", "-o", "--output", metavar="NEW", required=True,
+          help="safetensors file to write (any name: the format is recognized by content)")
+    _trust_pickle(p, convert)
 
 
 # name, handler, flags, help, description
@@ -606,6 +640,11 @@ COMMANDS: List[Any] = [
     ("bench", _cmd_bench, _args_bench, "latency/throughput of a checkpoint, ONNX file or TensorRT engine",
      "trtexec-like benchmark: warm-up, timed run with a minimum iteration count, min/mean/median/p90/p95/p99 "
      "latency, throughput, GPU compute time apart from host latency on a GPU."),
+    ("convert", _cmd_convert, _args_convert, "rewrite an old pickle .pt file (checkpoint, state, state dict) as "
+                                             "safetensors",
+     "Read an old torch.save file (an irep-deploy checkpoint or run state of an earlier version, or a plain state "
+     "dict such as torchvision's) and write the same content in the safetensors format, which is read without "
+     "pickle on any torch. Reading the old file needs torch >= 2.10 or --trust-pickle."),
     ("plot", _cmd_plot, _args_plot, "figures (PNG + data) of a search run, an arch.bin, accuracy vs latency",
      "Make every figure the inputs allow, each a PNG plus its data as JSON: from a search run directory the "
      "architecture code matrix, the alpha/beta heatmaps with the asymmetric-minus-dilated map and the fitness "

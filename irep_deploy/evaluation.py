@@ -78,13 +78,15 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
 
 def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test", data_root: Optional[str] = None,
              batch_size: int = 256, val_fraction: float = 0.0, split_seed: int = 0, limit: Optional[int] = None,
-             device: str = "auto", workers: int = 0, model: Union[str, nn.Module, None] = None) -> EvalResult:
+             device: str = "auto", workers: int = 0, model: Union[str, nn.Module, None] = None,
+             trust_pickle: bool = False) -> EvalResult:
     """Top-1/top-5 accuracy (percent) and mean loss of a checkpoint (multi-branch or deploy) on a
     split of a dataset (default: the one ``train`` recorded in the checkpoint). ``val`` needs the
     ``val_fraction``/``split_seed`` the split was made with. ``model`` names the network of a
     checkpoint that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`); grey images
-    are copied into every channel of a network that takes more (as ``train`` did)."""
-    checkpoint = load_checkpoint(ckpt)
+    are copied into every channel of a network that takes more (as ``train`` did). ``trust_pickle``:
+    read an old pickle-format checkpoint on torch < 2.10 too (:func:`~irep_deploy.load_checkpoint`)."""
+    checkpoint = load_checkpoint(ckpt, trust_pickle=trust_pickle)
     if dataset is None:
         dataset = recorded_dataset(checkpoint)
         if dataset is None:

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, check_writable, same_file
+from ._io import check_writable, same_file
 from .checkpoint import load_checkpoint, multi_branch_model, recorded_dataset, save_checkpoint
 from .compare import FUSE_FP32, compare
 from .errors import IrepError, UsageError, VerificationError
@@ -19,6 +19,7 @@ from .models import MODELS, current_arch
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
 from .resources import require_input_memory, size_flags
+from .tensorfile import save_tree
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -42,7 +43,8 @@ def default_deploy_path(ckpt: PathLike) -> Path:
 
 def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
          torchvision_out: Optional[PathLike] = None, batch: int = 2, input_size: Optional[int] = None,
-         tolerance: float = FUSE_FP32.max_rel_error, seed: int = 0, model: Union[str, nn.Module, None] = None) -> FuseReport:
+         tolerance: float = FUSE_FP32.max_rel_error, seed: int = 0, model: Union[str, nn.Module, None] = None,
+         trust_pickle: bool = False) -> FuseReport:
     """Fuse a multi-branch checkpoint under an architecture code into a deploy checkpoint.
 
     The code must be the one the checkpoint was trained with, or (for a SuperNet checkpoint) any
@@ -50,7 +52,9 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     seeded random batch, in true float32 (TF32 off: the 1e-5 tolerance assumes float32 rounding);
     beyond ``tolerance`` (relative error) nothing is written. ``model`` names the network of a
     checkpoint that is not built in (a model spec, or the user's module; see
-    :meth:`~irep_deploy.checkpoint.Checkpoint.build`).
+    :meth:`~irep_deploy.checkpoint.Checkpoint.build`). ``trust_pickle``: read an old pickle-format
+    checkpoint on torch < 2.10 too. The ``torchvision_out`` state dict is a safetensors file
+    (``safetensors.torch.load_file`` reads it for torchvision's ``load_state_dict``).
     """
     out = Path(out) if out is not None else default_deploy_path(ckpt)
     for target in (out, torchvision_out):
@@ -59,7 +63,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     if torchvision_out is not None and same_file(Path(out), Path(torchvision_out)):
         raise UsageError("{}: --torchvision and the deploy checkpoint name the same file; one would overwrite "
                          "the other".format(torchvision_out))
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = load_checkpoint(ckpt, trust_pickle=trust_pickle)
     if checkpoint.kind == "deploy":
         raise IrepError("{}: already a deploy (fused) checkpoint".format(ckpt))
     entry = MODELS.get(checkpoint.header["backbone"])
@@ -88,9 +92,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     save_checkpoint(out, plain, extra=dict({"fused_from": str(ckpt), "fuse_rel_error": err},
                                            **({"dataset": dataset} if dataset else {})))
     if torchvision_out is not None:
-        state = to_torchvision(plain)
-        with atomic_write(torchvision_out, "wb") as handle:
-            torch.save(state, handle)
+        save_tree(torchvision_out, to_torchvision(plain))
     return FuseReport(str(out), str(torchvision_out) if torchvision_out else None, tuple(x.shape),
                       check.max_abs_error, err, _params(net), _params(plain),
                       code.count())

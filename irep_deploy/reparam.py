@@ -10,12 +10,13 @@ import torch.nn as nn
 
 from .arch import ArchCode
 from .block import IrepConv
-from .errors import CheckpointError, IrepError, first_line
+from .errors import CheckpointError, IrepError
 from .fusion import fold_bn
 from .surgery import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
-from ._io import PathLike, no_typed_storage_warning
+from ._io import PathLike
+from .tensorfile import load_tree
 from .models import searchable_layers
 
 
@@ -160,17 +161,12 @@ def to_torchvision(plain: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
+def init_from_torchvision(model: nn.Module, path: PathLike, trust_pickle: bool = False) -> int:
     """Copy a torchvision-layout state dict into the fixed 3x3 conv-BNs (and the other plain layers
-    whose names match); branches, alpha and beta stay freshly initialised. Returns tensors copied."""
-    try:
-        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise IrepError("{}: no such file".format(path)) from exc
-    except Exception as exc:
-        raise CheckpointError("{}: not a readable state dict ({})".format(
-            path, first_line(exc, 120))) from exc
+    whose names match); branches, alpha and beta stay freshly initialised. Returns tensors copied.
+    The file is a safetensors state dict; a ``torch.save`` pickle (torchvision's own downloads) is
+    read only on torch >= 2.10 or with ``trust_pickle``."""
+    state = load_tree(path, "state dict", trust_pickle).tree
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

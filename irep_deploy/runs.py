@@ -3,7 +3,9 @@ resumable state file.
 
 ``state.pt`` in a run directory holds ``{"format": "irep-deploy-<kind>-state", "format_version": 1,
 "config": {...the run's settings...}, ...}`` plus the kind's own parts (model, optimizers, ...),
-only tensors and plain data, written atomically and read with ``weights_only=True``. One reader
+only tensors and plain data, written atomically as a safetensors file (:mod:`irep_deploy.tensorfile`:
+no pickle, a checksum); a state of an earlier version (a ``torch.save`` pickle) is read on torch >=
+2.10 or with ``trust_pickle``. One reader
 serves both kinds with one set of rules: a newer version, an unknown setting (a newer writer) and,
 on resume, a setting that differs from the saved one are refused with one line naming the file.
 """
@@ -20,11 +22,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, clip, no_typed_storage_warning, quote
+from ._io import clip, quote
 from .data import DataSplits
 from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
 from .models.external import check_spec, named_spec
+from .tensorfile import load_tree, save_tree
 
 PathLike = Union[str, "os.PathLike[str]"]
 Config = TypeVar("Config")
@@ -76,8 +79,7 @@ def write_run_state(run_dir: PathLike, kind: str, config: Any, **parts: Any) -> 
     """Write ``state.pt`` atomically: the format header, ``config`` (a dataclass) and ``parts``."""
     payload = {"format": _format(kind), "format_version": STATE_VERSION, "config": dataclasses.asdict(config)}
     payload.update(parts)
-    with atomic_write(state_path(run_dir), "wb") as handle:
-        torch.save(payload, handle)
+    save_tree(state_path(run_dir), payload)
 
 
 def config_from_dict(cls: Type[Config], data: Any, source: str) -> Config:
@@ -151,25 +153,21 @@ def _as_flag(value: Any) -> str:
 
 
 def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config], given: Optional[Config] = None,
-                   model: Optional[str] = None) -> Tuple[Dict[str, Any], Config]:
+                   model: Optional[str] = None, trust_pickle: bool = False) -> Tuple[Dict[str, Any], Config]:
     """The state of a ``kind`` run (``train`` or ``search``) to resume, and its saved settings.
 
     ``given``: settings the caller was asked to resume with; they must equal the saved ones (a
     resume continues the run it finds, it does not change what the run computes). ``model``: the
     network the user names (``--model``); a run whose settings name a model spec resumes only when
-    the user names the same one (a file never decides what is imported).
+    the user names the same one (a file never decides what is imported). ``trust_pickle``: also read a
+    state of an earlier version (a pickle) on torch < 2.10.
     """
     noun = KINDS[kind]
     path = state_path(run_dir)
     if not path.is_file():
         raise CheckpointError("{}: no {} state to resume ({} missing); not a run directory of `irep-deploy {}`".format(
             run_dir, noun, STATE_FILE, kind))
-    try:
-        with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refusals, truncation, not a zip: all mean "unusable file"
-        raise CheckpointError("{}: unreadable {} state ({})".format(
-            path, noun, first_line(exc, 120))) from exc
+    state = load_tree(path, "{} state".format(noun), trust_pickle).tree
     if not isinstance(state, dict) or state.get("format") != _format(kind):
         other = [k for k in KINDS if isinstance(state, dict) and state.get("format") == _format(k)]
         raise CheckpointError("{}: {}, not an irep-deploy {} state".format(

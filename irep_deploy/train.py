@@ -153,7 +153,7 @@ class TrainReport:
 def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
           data_root: Optional[str] = None, device: str = "auto", workers: int = 0, progress: bool = True,
           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-          channels_last: bool = False, model: Optional[str] = None) -> TrainReport:
+          channels_last: bool = False, model: Optional[str] = None, trust_pickle: bool = False) -> TrainReport:
     """Train a multi-branch network (the pipeline's data + arch.bin -> ckpt.pt step).
 
     New run: ``config`` says what to train; ``run_dir`` must not hold a run yet. ``resume=True``:
@@ -165,11 +165,13 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     ``model``: on resume, the network the user names; required (and must be the same) when the run's
     settings name a model spec, since a file never decides what is imported.
     Under torchrun (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
+    ``trust_pickle``: read old pickle-format files (a state of an earlier version, ``--weights``,
+    ``--init-from``) on torch < 2.10 too, whose unpickler can run code even with ``weights_only``.
     """
     run = Path(run_dir)
     state, saved = None, None
     if resume:
-        state, saved = read_run_state(run, "train", TrainConfig, config, model)
+        state, saved = read_run_state(run, "train", TrainConfig, config, model, trust_pickle)
         validate_train_state(state, saved, state_path(run))
     # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
     settings = saved or config
@@ -178,14 +180,15 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
         dist = init_distributed(dev)
         try:
             return _train(run, config, state, saved, data_root, dev, dist, workers, progress, on_epoch_end,
-                          channels_last)
+                          channels_last, trust_pickle)
         finally:
             close_distributed(dist)
 
 
 def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, Any]], saved: Optional[TrainConfig],
            data_root: Optional[str], dev: torch.device, dist: Dist, workers: int, progress: bool,
-           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]], channels_last: bool) -> TrainReport:
+           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]], channels_last: bool,
+           trust_pickle: bool = False) -> TrainReport:
     if saved is not None:  # read_run_state refused a config that differs from it
         config = saved
     else:
@@ -215,7 +218,7 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     torch.manual_seed(config.seed)  # the same initial weights on every rank and every run of this seed
     model = build_run_model(config.backbone, data, config.width, arch=config.code(), model_kwargs=config.model_kwargs,
                             weights=config.weights if state is None else None,  # a resume loads its own state
-                            include=config.include, exclude=config.exclude)
+                            include=config.include, exclude=config.exclude, trust_pickle=trust_pickle)
     data = data.with_channels(model.irep_config["in_channels"])
     per_rank = config.batch_size // dist.world_size
     pin = dev.type == "cuda"
@@ -223,7 +226,7 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     val_loader = eval_loader(data.val, per_rank, workers, dist.rank, dist.world_size, pin) if data.val else None
     test_loader = eval_loader(data.test, per_rank, workers, dist.rank, dist.world_size, pin)
     if config.init_from and state is None:
-        init_from_torchvision(model, config.init_from)
+        init_from_torchvision(model, config.init_from, trust_pickle)
     model.to(dev)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)

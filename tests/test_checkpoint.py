@@ -8,10 +8,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from irep_deploy import ArchCode, build_model, current_arch, fuse_model, load_checkpoint, save_checkpoint
 from irep_deploy.checkpoint import FORMAT
 from irep_deploy.errors import CheckpointError, IrepError
+from irep_deploy.tensorfile import load_tree, save_tree
 
 from conftest import cli_env, randomize_arch_params, randomize_bn, rel_err
 
@@ -79,9 +81,9 @@ def test_an_old_checkpoint_with_the_backbone_size_still_loads(tmp_path, model):
 def tampered(tmp_path, model, edit):
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, model)
-    payload = torch.load(str(path), weights_only=True)
+    payload = load_tree(path, "checkpoint").tree
     edit(payload)
-    torch.save(payload, str(path))
+    save_tree(path, payload)
     return path
 
 
@@ -117,7 +119,7 @@ def test_truncated_file_is_refused(tmp_path, model):
     save_checkpoint(path, model)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(path)
 
 
@@ -136,7 +138,8 @@ def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, mode
     path = tmp_path / "evil.pt"
     payload = {"format": FORMAT, "format_version": 1, "header": {}, "state_dict": {}, "x": _RunsCode(str(marker))}
     torch.save(payload, str(path))
-    with pytest.raises(CheckpointError, match="refused"):
+    # torch >= 2.10: its weights_only unpickler refuses the object; older: no unpickler is reached
+    with pytest.raises(CheckpointError, match="refused|old pickle-format checkpoint"):
         load_checkpoint(path)
     assert not marker.exists()
 
@@ -147,7 +150,7 @@ def test_files_that_are_not_checkpoints(tmp_path, model):
     with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
     bare = tmp_path / "bare.pt"
-    torch.save(model.state_dict(), str(bare))
+    save_file(model.state_dict(), str(bare))  # a plain safetensors state dict, as other tools write
     with pytest.raises(CheckpointError, match="bare state dict"):
         load_checkpoint(bare)
     text = tmp_path / "arch.bin"

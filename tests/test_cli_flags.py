@@ -18,6 +18,7 @@ from irep_deploy.engines.onnx_eval import evaluate_onnx
 from irep_deploy.engines.quantize import METHODS, quantize
 from irep_deploy.engines.tensorrt import build_engine
 from irep_deploy.ops import REGISTRY
+from irep_deploy.convert import convert
 from irep_deploy.pipeline import fuse
 from irep_deploy.search.des import PRESETS, SearchConfig, make_config, search
 from irep_deploy.search.population import SAMPLERS, STRATEGIES
@@ -29,7 +30,7 @@ CONFIGS = {"train": TrainConfig, "search": SearchConfig}
 # the library functions each command calls: every flag feeds one of their parameters or a settings field
 LIBRARY = {"fuse": [fuse], "export": [export], "quantize": [quantize], "build-trt": [build_engine],
            "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train, train_with_baseline], "search": [search],
-           "demo": [run_demo], "plot": [plot], "show": [read_arch_bytes]}
+           "demo": [run_demo], "plot": [plot], "show": [read_arch_bytes], "convert": [convert]}
 # flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True; --baseline picks
 # train_with_baseline)
 COMMAND_ONLY = {"resume", "preset", "quick", "baseline"}

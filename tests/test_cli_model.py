@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from irep_deploy import ArchCode, build_model, load_checkpoint
 from irep_deploy.data import FASHION_MNIST_ROOT, load_data
@@ -72,7 +73,7 @@ def own_chain(tmp_path_factory) -> Tuple[Path, Dict[str, Result]]:
     from tests.byon_nets import small_cnn
 
     torch.manual_seed(5)
-    torch.save(small_cnn(num_classes=10, **OWN_KWARGS).state_dict(), str(d / "init.pt"))  # "pretrained" weights
+    save_file(small_cnn(num_classes=10, **OWN_KWARGS).state_dict(), str(d / "init.pt"))  # "pretrained" weights
     spec = ["--model", OWN, "--model-kwargs", json.dumps(OWN_KWARGS), "--exclude", "0.6"]
     results = run_steps(d, {
         "search": ["search", "--run-dir", "search", *spec, *DATA, "--population", "4", "--subnets", "2",

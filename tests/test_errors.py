@@ -31,11 +31,12 @@ def _cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_debug_shows_the_chained_cause(unsafe_ckpt):
-    plain = _cli("fuse", str(unsafe_ckpt), "arch.txt", cwd=unsafe_ckpt.parent)
+    # --trust-pickle: the unpickler is reached on every torch (without it torch < 2.10 refuses unread)
+    plain = _cli("fuse", str(unsafe_ckpt), "arch.txt", "--trust-pickle", cwd=unsafe_ckpt.parent)
     assert plain.returncode == 1 and len(plain.stderr.strip().splitlines()) == 1, plain.stderr
     assert "refused" in plain.stderr and "Traceback" not in plain.stderr
     assert "argparse.Namespace" not in plain.stderr  # torch names the class on a later line of its message
-    debug = _cli("--debug", "fuse", str(unsafe_ckpt), "arch.txt", cwd=unsafe_ckpt.parent)
+    debug = _cli("--debug", "fuse", str(unsafe_ckpt), "arch.txt", "--trust-pickle", cwd=unsafe_ckpt.parent)
     assert debug.returncode != 0
     assert "The above exception was the direct cause of the following exception" in debug.stderr
     assert "UnpicklingError" in debug.stderr and "argparse.Namespace" in debug.stderr  # the whole cause
@@ -45,9 +46,9 @@ def test_debug_shows_the_chained_cause(unsafe_ckpt):
 
 def test_in_process_error_is_chained_and_one_line(unsafe_ckpt, capsys):
     with pytest.raises(errors.CheckpointError) as info:
-        main(["--debug", "fuse", str(unsafe_ckpt), str(unsafe_ckpt.parent / "arch.txt")])
+        main(["--debug", "fuse", str(unsafe_ckpt), str(unsafe_ckpt.parent / "arch.txt"), "--trust-pickle"])
     assert type(info.value.__cause__).__name__ == "UnpicklingError"
-    assert main(["fuse", str(unsafe_ckpt), str(unsafe_ckpt.parent / "arch.txt")]) == 1
+    assert main(["fuse", str(unsafe_ckpt), str(unsafe_ckpt.parent / "arch.txt"), "--trust-pickle"]) == 1
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 import torchvision
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.ops import FrozenBatchNorm2d
+from safetensors.torch import save_file
 
 from irep_deploy import ArchCode, build_model, fuse_model, load_checkpoint, load_model, save_checkpoint
-from irep_deploy._io import no_typed_storage_warning
+from irep_deploy.tensorfile import load_tree, save_tree
 from irep_deploy.arch import HEADER, backbone_info
 from irep_deploy.block import IrepConv
 from irep_deploy.errors import ArchFormatError, ArchMismatchError, CheckpointError
@@ -190,14 +191,14 @@ def _pretrained_style(tmp_path: Path) -> Path:
         for p in model.parameters():
             p.mul_(1.0 + 0.1 * torch.randn_like(p))
     path = tmp_path / "resnet18_weights.pt"
-    torch.save(model.state_dict(), path)
+    save_file(model.state_dict(), str(path))  # a plain safetensors state dict
     return path
 
 
 def test_irepify_at_initialisation_equals_the_pretrained_network(tmp_path):
     weights = _pretrained_style(tmp_path)
     reference = _torchvision("resnet18")
-    load_weights(reference, weights)  # strict, weights_only
+    load_weights(reference, weights)  # strict, no pickle
     reference.eval()
     x, _ = _inputs(64, True, 8)
     want = _outputs(reference, x)
@@ -367,10 +368,9 @@ def test_a_checkpoint_never_imports_code(tmp_path, user_packages):
     assert _imports(user) == 2
 
     # a header edited to name another spec: refused, and the other spec is never imported
-    with no_typed_storage_warning():
-        raw = torch.load(path, weights_only=True)
+    raw = load_tree(path, "checkpoint").tree
     raw["header"]["backbone"] = "byon_evilpkg.net:make"
-    torch.save(raw, tmp_path / "edited.pt")
+    save_tree(tmp_path / "edited.pt", raw)
     edited = load_checkpoint(tmp_path / "edited.pt")
     with pytest.raises(CheckpointError, match=r"holds a byon_evilpkg\.net:make network, not byon_userpkg\.net:make"):
         edited.build(spec)

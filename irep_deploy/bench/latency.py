@@ -257,8 +257,8 @@ def _kind(path: str) -> str:
     return "checkpoint"
 
 
-def _variants(path: str, arch: Optional[PathLike], compare: bool,
-              network: Union[str, nn.Module, None] = None) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
+def _variants(path: str, arch: Optional[PathLike], compare: bool, network: Union[str, nn.Module, None] = None,
+              trust_pickle: bool = False) -> Tuple[List[Variant], Dict[str, Any], List[str]]:
     """Models to bench, the input description (channels, size) and notes."""
     notes: List[str] = []
     kind = _kind(path)
@@ -272,7 +272,7 @@ def _variants(path: str, arch: Optional[PathLike], compare: bool,
             raise IrepError("{}: --model names the network of a checkpoint; an {} file holds its own".format(
                 path, kind))
         return [Variant(kind + ("-int8" if _is_int8_file(path, kind) else ""), path=path)], {}, notes
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_checkpoint(path, trust_pickle=trust_pickle)
     h = checkpoint.header
     shape = {"in_channels": h["in_channels"], "input_size": h["input_size"]}
     if checkpoint.kind == "deploy" and arch is not None:
@@ -349,11 +349,12 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
           cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = DEFAULT_ROUNDS,
           spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None,
           network: Union[str, nn.Module, None] = None, int8: bool = False, calib: Optional[str] = None,
-          data_root: Optional[str] = None, calib_size: int = 512) -> BenchReport:
+          data_root: Optional[str] = None, calib_size: int = 512, trust_pickle: bool = False) -> BenchReport:
     """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring.
 
     ``network`` names the network of a checkpoint that is not built in (a model spec or the user's
-    module; :meth:`~irep_deploy.checkpoint.Checkpoint.build`).
+    module; :meth:`~irep_deploy.checkpoint.Checkpoint.build`). ``trust_pickle``: read an old
+    pickle-format checkpoint on torch < 2.10 too.
 
     ``device`` is a profile name (:data:`devices.PROFILES`); a torch device string (``cuda``,
     ``cuda:0``) is mapped by :func:`devices.bench_profile` first.
@@ -388,7 +389,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     if int8 and kind != "checkpoint":
         raise IrepError("{}: --int8 quantizes a checkpoint's fused model; an {} file is benched as it is "
                         "(a QDQ ONNX is labelled onnx-int8)".format(path, kind))
-    variants, shape_info, notes = _variants(path, arch, compare, network)
+    variants, shape_info, notes = _variants(path, arch, compare, network, trust_pickle)
     if int8:
         _add_int8(path, variants, shape_info, input_size, calib, data_root, calib_size, chosen)
         notes.append("fused-int8: the fused model's ONNX quantized to QDQ INT8 (symmetric, per-channel weights) "

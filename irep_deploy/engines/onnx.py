@@ -78,14 +78,15 @@ class ExportReport:
 
 # -- model loading -----------------------------------------------------------------------------------
 def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance: Optional[float] = None,
-                      model: Union[str, nn.Module, None] = None) -> Tuple[nn.Module, Checkpoint, bool]:
+                      model: Union[str, nn.Module, None] = None,
+                      trust_pickle: bool = False) -> Tuple[nn.Module, Checkpoint, bool]:
     """The fused network of a checkpoint, in eval mode: a deploy checkpoint as it is, a multi-branch one
     fused under ``arch`` (default: the code it was trained with) and checked against itself. ``model``
     names a network that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`). The check is
     ``fuse``'s, on the same seeded batch of 2 (``tolerance`` default: ``compare.FUSE_FP32``).
 
     Returns (model, checkpoint, fused_here)."""
-    checkpoint = load_checkpoint(ckpt)
+    checkpoint = load_checkpoint(ckpt, trust_pickle=trust_pickle)
     if checkpoint.kind == "deploy":
         if arch is not None:
             raise IrepError("{}: is already fused (a deploy checkpoint); drop the architecture code {}".format(
@@ -280,9 +281,10 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
            opset: int = DEFAULT_OPSET, input_size: Optional[int] = None, batch: Optional[int] = None,
            simplify: str = "auto", verify_batch: int = 4, tolerance: float = ONNX_EXPORT.max_rel_error, seed: int = 0,
            input_name: str = "input", output_name: str = "logits",
-           model: Union[str, nn.Module, None] = None) -> ExportReport:
+           model: Union[str, nn.Module, None] = None, trust_pickle: bool = False) -> ExportReport:
     """Export a deploy checkpoint (or a multi-branch one, fused first under ``arch``) to ONNX.
     ``model`` names the network of a checkpoint that is not built in (a model spec or the user's module).
+    ``trust_pickle``: read an old pickle-format checkpoint on torch < 2.10 too.
 
     ``batch=None`` makes the batch axis dynamic and checks batch 1 and ``verify_batch``; a fixed
     ``batch`` exports and checks that size only. Nothing is written unless every check passes.
@@ -305,7 +307,7 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
         raise IrepError("input and output names must differ (both {!r})".format(input_name))
     require_onnx()
     ort_helpers.require_onnxruntime()
-    net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model)
+    net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model, trust_pickle=trust_pickle)
     size = input_size or checkpoint.header["input_size"]
     shape = (batch or 1, checkpoint.header["in_channels"], size, size)
     largest = batch or verify_batch

@@ -94,7 +94,7 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
                 ops: Optional[Sequence[str]] = None, supernet: bool = False,
                 input_size: Optional[int] = None, model_kwargs: Optional[Dict[str, Any]] = None,
                 weights: Optional[str] = None, include: Optional[Sequence[str]] = None,
-                exclude: Optional[Sequence[str]] = None) -> nn.Module:
+                exclude: Optional[Sequence[str]] = None, trust_pickle: bool = False) -> nn.Module:
     """Build a multi-branch network.
 
     ``arch`` (an :class:`ArchCode` or a path to one) says which branches each searchable 3x3 conv
@@ -109,7 +109,8 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     network is built by that factory (``model_kwargs``, JSON data; ``weights``, a state-dict file or
     a torchvision weights name) and made searchable by :func:`~irep_deploy.irepify`
     (``include``/``exclude``: module-path patterns). Such networks keep their own width and input
-    channels.
+    channels. ``trust_pickle``: a ``weights`` file in the old pickle format is read on torch < 2.10 too
+    (:func:`~irep_deploy.models.external.load_weights`).
     """
     code = _as_code(arch)
     if code is not None and ops is not None and tuple(ops) != code.ops:
@@ -121,7 +122,7 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     if is_spec(name):
         space = code.ops if code is not None else check_ops(ops if ops is not None else SPACES["any"])
         model = _build_spec(name, space, num_classes, width, in_channels, input_size, model_kwargs, weights,
-                            include, exclude)
+                            include, exclude, trust_pickle)
     else:
         try:
             entry = MODELS[name]
@@ -158,11 +159,12 @@ def activate(model: nn.Module, code: Optional[ArchCode], supernet: bool = False)
 
 def _build_spec(spec: str, space: Sequence[str], num_classes: Optional[int], width: float,
                 in_channels: Optional[int], input_size: Optional[int], model_kwargs: Optional[Dict[str, Any]],
-                weights: Optional[str], include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]) -> nn.Module:
+                weights: Optional[str], include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
+                trust_pickle: bool = False) -> nn.Module:
     if width != 1.0:
         raise UsageError("--width applies to the built-in backbones; {} keeps its own channels".format(spec))
     kwargs = factory_kwargs(spec, model_kwargs or {}, num_classes)
-    net = build_external(spec, kwargs, weights)
+    net = build_external(spec, kwargs, weights, trust_pickle)
     model = irepify(net, space, include, exclude, inplace=True, name=spec, input_size=input_size or 224)
     config = model.irep_config
     if in_channels is not None and in_channels != config["in_channels"]:

@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 import torch
 import torch.nn as nn
 
-from .._io import no_typed_storage_warning, quote
+from .._io import quote
 from ..errors import CheckpointError, IrepError, UsageError, first_line
+from ..tensorfile import load_tree
 
 
 def is_spec(name: str) -> bool:
@@ -172,10 +173,11 @@ def check_spec(spec: str, kwargs: Optional[Mapping[str, Any]] = None, weights: O
     weights_file(weights, spec)
 
 
-def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] = None) -> nn.Module:
-    """Call the spec's factory with ``kwargs``. ``weights``: a state-dict file (read with
-    ``weights_only=True``) or, for torchvision, a weights name such as ``IMAGENET1K_V1``
-    (torchvision's weights API)."""
+def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] = None,
+                   trust_pickle: bool = False) -> nn.Module:
+    """Call the spec's factory with ``kwargs``. ``weights``: a state-dict file (safetensors; a
+    ``torch.save`` pickle only where :func:`load_weights` allows it) or, for torchvision, a weights
+    name such as ``IMAGENET1K_V1`` (torchvision's weights API)."""
     factory = resolve_factory(spec)
     args = check_kwargs(spec, kwargs)
     from_file = weights_file(weights, spec)
@@ -189,19 +191,15 @@ def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] 
     if not isinstance(model, nn.Module):
         raise UsageError("model spec {}: the factory returned {}, not an nn.Module".format(quote(spec), type(model).__name__))
     if from_file:
-        load_weights(model, weights)
+        load_weights(model, weights, trust_pickle)
     return model
 
 
-def load_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> None:
-    """Load a plain state dict (the user's pretrained weights) strictly, without running pickled code."""
+def load_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"], trust_pickle: bool = False) -> None:
+    """Load a plain state dict (the user's pretrained weights) strictly, without running pickled code:
+    a safetensors file; a ``torch.save`` pickle only on torch >= 2.10 or with ``trust_pickle``."""
     name = str(path)
-    try:
-        with no_typed_storage_warning():
-            state = torch.load(name, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError("{}: not a readable state dict ({})".format(
-            name, first_line(exc, 120))) from exc
+    state = load_tree(name, "state dict", trust_pickle).tree
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

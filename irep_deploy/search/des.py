@@ -202,7 +202,7 @@ def recalibration_batches(dataset: Any, batch_size: int, count: int, seed: int, 
 
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
-                 progress: bool, workers: int = 0, resuming: bool = False) -> None:
+                 progress: bool, workers: int = 0, resuming: bool = False, trust_pickle: bool = False) -> None:
         self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
         data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
                          split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
@@ -211,7 +211,7 @@ class _Search:
         model = build_run_model(config.backbone, data, config.width, ops=ops, supernet=True,
                                 model_kwargs=config.model_kwargs, include=config.include,
                                 weights=None if resuming else config.weights,  # a resume loads its own state
-                                exclude=config.exclude).to(dev)
+                                exclude=config.exclude, trust_pickle=trust_pickle).to(dev)
         self.data = data.with_channels(model.irep_config["in_channels"])
         self.layout = torch.channels_last if config.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.layout)
@@ -495,15 +495,16 @@ def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Pat
 
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
            data_root: Optional[str] = None, device: str = "auto", progress: bool = True,
-           workers: int = 0, model: Optional[str] = None) -> SearchReport:
+           workers: int = 0, model: Optional[str] = None, trust_pickle: bool = False) -> SearchReport:
     """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
     ``workers`` loader processes (where/how, not what: it may change on resume). ``model``: on
     resume, the network the user names; required (and the same) when the run's settings name a
-    model spec, since a file never decides what is imported."""
+    model spec, since a file never decides what is imported. ``trust_pickle``: read old
+    pickle-format files (a state of an earlier version, ``--weights``) on torch < 2.10 too."""
     run = Path(run_dir)
     state: Optional[Dict[str, Any]] = None
     if resume:  # the run's own settings; a differing ``config`` is refused
-        state, config = read_run_state(run, "search", SearchConfig, config, model)
+        state, config = read_run_state(run, "search", SearchConfig, config, model, trust_pickle)
         validate_search_state(state, config, state_path(run))
     else:
         config = config or make_config()
@@ -515,7 +516,8 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
         try:
             # a failed start leaves no run directory behind (nothing resumable: no state.pt)
             with run_directory(run, keep=lambda p: state_path(p).exists()) if dist.main else contextlib.nullcontext():
-                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None)
+                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None,
+                              trust_pickle=trust_pickle)
                 if state is not None:
                     job.restore(state)
                 elif dist.main:

@@ -15,6 +15,7 @@ import torch
 
 from irep_deploy import ArchCode, load_checkpoint
 from irep_deploy.cli import main
+from irep_deploy.tensorfile import load_tree
 
 TINY = ["--dataset", "digits", "--backbone", "resnet18_cifar", "--width", "0.125", "--population", "6",
         "--subnets", "2", "--warmup-epochs", "1", "--rounds", "2", "--round-epochs", "2", "--batch-size", "64",
@@ -88,7 +89,7 @@ def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the search finished before it could be killed"
-    state = torch.load(str(run / "state.pt"), weights_only=True)
+    state = load_tree(run / "state.pt", "state").tree
     # killed during epoch 4 or 5: either way round 1 is scored and round 2 is under way
     assert state["epoch"] in (3, 4) and len(state["rounds"]) == 1
     # same thread count as the reference: float reductions differ between thread counts
@@ -98,8 +99,8 @@ def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
     assert (run / "arch.bin").read_text() == (ref / "arch.bin").read_text()
     assert (run / "population.json").read_text() == (ref / "population.json").read_text()
     assert (run / "alpha_beta.jsonl").read_text() == (ref / "alpha_beta.jsonl").read_text()
-    a = torch.load(str(run / "state.pt"), weights_only=True)["model"]
-    b = torch.load(str(ref / "state.pt"), weights_only=True)["model"]
+    a = load_tree(run / "state.pt", "state").tree["model"]
+    b = load_tree(ref / "state.pt", "state").tree["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in read_log(run) if r["event"] == "epoch"] == [1, 2, 3, 4, 5]
 

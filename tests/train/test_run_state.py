@@ -15,6 +15,9 @@ from irep_deploy import ArchCode
 from irep_deploy.cli import main
 from irep_deploy.errors import CheckpointError, IrepError, TrainingDiverged, UsageError
 from irep_deploy.runs import read_run_state, state_path, write_run_state
+from irep_deploy.tensorfile import load_tree, save_tree, torch_reads_pickle_safely
+
+SAFE_TORCH = torch_reads_pickle_safely()
 from irep_deploy.search.des import SearchConfig, make_config, search
 from irep_deploy.steps import EpochTotals
 from irep_deploy.train import TrainConfig, train, validate_train_state
@@ -31,14 +34,14 @@ def _state(tmp_path, kind, **edits):
     run = tmp_path / kind
     run.mkdir()
     write_run_state(run, kind, KINDS[kind][0], epoch=0)
-    state = torch.load(str(state_path(run)), weights_only=True)
+    state = load_tree(state_path(run), "state").tree
     state["config"].update(edits.pop("config", {}))
     for key, value in edits.items():
         if value is None:
             state.pop(key)
         else:
             state[key] = value
-    torch.save(state, str(state_path(run)))
+    save_tree(state_path(run), state)
     return run
 
 
@@ -97,7 +100,9 @@ def test_cli_resume_errors_are_one_line_naming_the_file(tmp_path, kind, capsys):
     state_path(run).write_bytes(b"PK\x03\x04 cut short")
     assert main([kind, "--resume", str(run)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unreadable {} state".format("training" if kind == "train" else kind) in err
+    assert err.count("\n") == 1 and str(state_path(run)) in err
+    assert ("not a readable {} state" if SAFE_TORCH else "old pickle-format {} state").format(
+        "training" if kind == "train" else kind) in err
 
 
 def test_the_divergence_message_says_whether_a_state_was_kept(tmp_path):
