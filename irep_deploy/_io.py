@@ -318,7 +318,7 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool], command: Optiona
         yield path
         return
     if path.exists() and not path.is_dir():
-        raise IrepError("{}: is a file, not a run directory".format(path))
+        raise IrepError("{}: is {}, not a run directory".format(path, file_kind(os.stat(str(path)).st_mode)))
     top = _make_directories(path) if new else None
     if not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: the run directory is not writable".format(path))

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._io import atomic_write, clip, no_typed_storage_warning, quote
+from ._io import atomic_write, clip, no_typed_storage_warning, quote, regular_input
 from .arch import ArchCode, fingerprint, first_layer_difference
 from .errors import ArchFormatError, ArchMismatchError, CheckpointError, IrepError, first_line
 from .surgery import irepify, layer_specs
@@ -196,6 +196,7 @@ def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
 def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Checkpoint:
     """Read a checkpoint safely (``weights_only=True``); every problem is one :class:`CheckpointError`."""
     name = str(path)
+    regular_input(path, "a checkpoint", CheckpointError)  # a FIFO would block, /dev/zero never end
     p = Path(path)
     if not p.exists():
         raise CheckpointError("{}: no such file".format(name))

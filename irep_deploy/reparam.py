@@ -15,7 +15,7 @@ from .fusion import fold_bn
 from .surgery import scan_conv_bn
 from .models import MODELS, current_arch, model_config, plan_arch
 from .ops import ConvBN
-from ._io import PathLike, no_typed_storage_warning
+from ._io import PathLike, no_typed_storage_warning, regular_input
 from .models import searchable_layers
 
 
@@ -163,6 +163,7 @@ def to_torchvision(plain: nn.Module) -> Dict[str, torch.Tensor]:
 def init_from_torchvision(model: nn.Module, path: PathLike) -> int:
     """Copy a torchvision-layout state dict into the fixed 3x3 conv-BNs (and the other plain layers
     whose names match); branches, alpha and beta stay freshly initialised. Returns tensors copied."""
+    regular_input(path, "a state dict")
     try:
         with no_typed_storage_warning():  # torch 2.0 warns about its own internals here
             state = torch.load(str(path), map_location="cpu", weights_only=True)

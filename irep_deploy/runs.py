@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar, Un
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, no_typed_storage_warning
+from ._io import atomic_write, no_typed_storage_warning, regular_input
 from .data import DataSplits
 from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
@@ -100,6 +100,7 @@ def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config],
     """
     noun = KINDS[kind]
     path = state_path(run_dir)
+    regular_input(path, "a {} state".format(noun), CheckpointError)
     if not path.is_file():
         raise CheckpointError("{}: no {} state to resume ({} missing); not a run directory of `irep-deploy {}`".format(
             run_dir, noun, STATE_FILE, kind))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .._io import no_typed_storage_warning, quote
+from .._io import no_typed_storage_warning, quote, regular_input
 from ..errors import CheckpointError, UsageError, first_line
 
 
@@ -124,6 +124,7 @@ def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] 
 def load_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"]) -> None:
     """Load a plain state dict (the user's pretrained weights) strictly, without running pickled code."""
     name = str(path)
+    regular_input(path, "a state dict", CheckpointError)
     try:
         with no_typed_storage_warning():
             state = torch.load(name, map_location="cpu", weights_only=True)
