@@ -133,6 +133,13 @@ def cases(H):  # noqa: C901 - one table
             return {}, None
         return setup
 
+    def figures_fifo(d: Path, f: Dict[str, Path]):
+        if importlib.util.find_spec("matplotlib") is None:
+            raise H.Skip("plot needs matplotlib (not installed in this lane)")
+        (d / "figs").mkdir()
+        os.mkfifo(str(d / "figs" / "accuracy_latency.png"))
+        return {}, None
+
     user_arch = USER_ARCH
     cases: List[object] = []
     C = cases.append
@@ -214,6 +221,9 @@ def cases(H):  # noqa: C901 - one table
     C(out("special output", "bench {deploy} --json {special} " + BENCH, "fifo", "b.json"))
     C(out("special output", "bench {deploy} --json {special} " + BENCH, "socket", "b.json"))
     C(out("special output", "bench {deploy} --json {special} " + BENCH, "dir", "b.json"))
+    C(H.H(AREA, "special output", "plot --points {points_clash} -o {case}/figs", 1,
+          "{case}/figs/accuracy_latency.png: cannot write: it is a FIFO", setup=figures_fifo,
+          label="plot -o a directory where one figure is a FIFO"))
     C(out("special output", "train -o {special} " + TRAIN, "fifo", "run"))
     C(out("special output", "search -o {special} " + SEARCH, "chardev", "run"))
 
