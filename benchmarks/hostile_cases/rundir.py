@@ -168,7 +168,8 @@ def cases(H):  # noqa: C901 - one table
           setup=run_dir({}, holder=holder("irep-deploy demo")), label="train -o an empty dir a demo holds"))
     C(H.H(AREA, "lock held", "search -o {run} " + SEARCH, 1, "{run}: in use by another irep-deploy process",
           setup=run_dir({}, holder=b""), label="search -o a held dir whose holder wrote no name yet"))
-    C(H.H(AREA, "lock held", "demo --quick -o {run} --quiet", 1, "{run}: in use by ?[2Jirep-deploy demo (pid 4242 on h?]0;x?,",
+    C(H.H(AREA, "lock held", "demo --quick -o {run} --quiet", 1,
+          "{run}: in use by ?[2Jirep-deploy demo (pid 4242 on h?]0;x?,",
           setup=run_dir({}, holder=holder("\x1b[2Jirep-deploy demo", host="h\x1b]0;x\x07")),
           label="demo -o a held dir; the holder's name has terminal escapes"))
     C(H.H(AREA, "lock held", "train --resume {run}", 1, "{run}: in use by another irep-deploy process",
@@ -186,7 +187,8 @@ def cases(H):  # noqa: C901 - one table
     C(H.H(AREA, "link in the run", "train --resume {run}", 1, "{run}/.lock: is a symbolic link",
           setup=run_dir(with_(".lock", link)), label="train --resume: the lock file links outside"))
     C(H.H(AREA, "link in the run", "search --resume {run}", 1, "{run}/.lock: is a symbolic link",
-          setup=run_dir(with_(".lock", ("link", "{case}/nowhere"))), label="search --resume: the lock file is a dangling link"))
+          setup=run_dir(with_(".lock", ("link", "{case}/nowhere"))),
+          label="search --resume: the lock file is a dangling link"))
     C(H.H(AREA, "link in the run", "train --resume {run}", 1, "{run}/log.jsonl: is a FIFO",
           setup=run_dir(with_("log.jsonl", ("fifo",))), label="train --resume: log.jsonl is a FIFO"))
     C(H.H(AREA, "link in the run", "train --resume {run}", 1, "{run}/.lock: is a FIFO",
@@ -247,5 +249,6 @@ def cases(H):  # noqa: C901 - one table
     C(H.H(AREA, "special input", "train --resume {run}", 1, "{run}/state.pt: is a FIFO",
           setup=run_dir(with_("state.pt", ("fifo",))), label="train --resume: state.pt is a FIFO"))
     C(H.H(AREA, "special input", "search --resume {run}", 1, "{run}/state.pt: is a symbolic link",
-          setup=run_dir(with_("state.pt", ("link", "/dev/zero"))), label="search --resume: state.pt links to /dev/zero"))
+          setup=run_dir(with_("state.pt", ("link", "/dev/zero"))),
+          label="search --resume: state.pt links to /dev/zero"))
     return cases
