@@ -61,9 +61,16 @@ def cases(H):  # noqa: C901 - one table
             return {key: p}, None
         return setup
 
-    def out(cat: str, argv: str, kind: str, name: str, code: int = 1, text: str = "{special}") -> object:
-        return H.H(AREA, cat, argv, code, text, setup=special(kind, name), label="{} ({} as {})".format(
-            argv.split()[0], kind, name))
+    def out(cat: str, argv: str, kind: str, name: str, code: int = 1, text: str = "{special}",
+            data: bool = False) -> object:
+        """A case with one special file; ``data``: it is read after the data set (digits) is loaded."""
+        make = special(kind, name)
+
+        def setup(d: Path, f: Dict[str, Path]):
+            if data:
+                need_sklearn()
+            return make(d, f)
+        return H.H(AREA, cat, argv, code, text, setup=setup, label="{} ({} as {})".format(argv.split()[0], kind, name))
 
     # -- run directories ---------------------------------------------------------------------------
     def run_dir(files: Dict[str, object], sub: str = "run", holder: Optional[bytes] = None) -> Setup:
@@ -245,6 +252,10 @@ def cases(H):  # noqa: C901 - one table
     C(out("special input", "show {special}", "socket", "arch.bin", text="{special}: is a socket"))
     C(out("special input", "train -o {case}/run --arch {special} " + TRAIN, "fifo", "arch.bin",
           text="{special}: is a FIFO"))
+    C(out("special input", "train -o {case}/run --init-from {special} " + TRAIN, "fifo", "tv.pt",
+          text="{special}: is a FIFO", data=True))
+    C(out("special input", "train -o {case}/run --model torchvision:resnet18 --weights {special} --dataset digits "
+          "--limit 64 --epochs 1 --quiet", "fifo", "w.pt", text="{special}: is a FIFO"))
     C(out("special input", "build-trt {special} -o {case}/o.engine", "fifo", "m.onnx", text="{special}: is a FIFO"))
     C(H.H(AREA, "special input", "train --resume {run}", 1, "{run}/state.pt: is a FIFO",
           setup=run_dir(with_("state.pt", ("fifo",))), label="train --resume: state.pt is a FIFO"))

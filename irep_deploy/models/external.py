@@ -83,6 +83,7 @@ def weights_file(weights: Optional[str], spec: str) -> bool:
     a missing file, or a name for a network that is not torchvision's, is refused naming --weights."""
     if weights is None:
         return False
+    regular_input(weights, "a state dict (--weights)", CheckpointError)
     if Path(weights).is_file():
         return True
     looks_like_path = os.sep in weights or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)
