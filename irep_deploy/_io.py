@@ -5,15 +5,28 @@ behind. The temporary file is ``.NAME.PID.XXXXXXXX.tmp`` beside NAME; one left b
 SIGKILL is removed by the next write of NAME once its PID is no longer a live process on this machine
 (or, for a name without a PID, once it is more than a minute old). Readers are bounded in size, and
 outputs are refused when they are one of the command's inputs.
+
+Only regular files are read or written: an input that is a FIFO, a device, a socket or a directory
+is refused before it is opened (a FIFO would block, /dev/zero never ends), and so is an existing
+output of that kind (a rename would replace /dev/null or a FIFO with a regular file).
+
+A run directory (train, search, demo) has one writer at a time: :func:`run_directory` holds an
+advisory lock on its ``.lock`` file (``flock``: the kernel drops it when the holder dies, so a lock
+is never stale) and refuses a second writer with one line naming the holder. A new run writes only
+into a new or empty directory, a resumed one only into a directory without links or special files,
+and run logs are appended without following a link (:func:`append_jsonl`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import stat
 import tempfile
 import threading
 import time
@@ -22,6 +35,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
 from .errors import IrepError, Terminated, UsageError, first_line
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked there (docs/formats.md)
+    fcntl = None  # type: ignore[assignment]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -46,21 +64,67 @@ def clip(text: str, limit: int = 120) -> str:
 def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] = IrepError) -> bytes:
     """The bytes of ``path``, refused (one line naming it) when it holds more than ``limit`` bytes.
 
-    Reads at most ``limit + 1`` bytes, so devices and FIFOs (``/dev/zero``) cannot exhaust memory.
+    Reads at most ``limit + 1`` bytes of a regular file; a FIFO or device is refused unopened.
     """
     p = Path(path)
+    regular_input(p, what, error)
     try:
-        with open(str(p), "rb") as handle:
+        # O_NONBLOCK: a FIFO put in its place since the check must not block the open
+        fd = os.open(str(p), os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
+        with os.fdopen(fd, "rb") as handle:
+            _refuse_special(p, os.fstat(handle.fileno()).st_mode, what, error)
             data = handle.read(limit + 1)
     except FileNotFoundError as exc:
         raise error("{}: no such file".format(p)) from exc
-    except IsADirectoryError as exc:
-        raise error("{}: is a directory, not {}".format(p, what)) from exc
     except OSError as exc:
         raise error("{}: cannot read: {}".format(p, exc.strerror or exc)) from exc
     if len(data) > limit:
         raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
     return data
+
+
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))
+
+
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` is, for messages ("a FIFO", "a character device", ...)."""
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def _refuse_special(path: Path, mode: int, what: str, error: Type[IrepError]) -> None:
+    if not stat.S_ISREG(mode):
+        raise error("{}: is {}, not {}".format(path, file_kind(mode), what))
+
+
+def regular_input(path: PathLike, what: str, error: Type[IrepError] = IrepError) -> None:
+    """Refuse an input that exists and is not a regular file (a FIFO would block the reader, a device
+    such as /dev/zero never ends), before anything opens it; ``what`` names the expected file
+    ("a checkpoint"). A missing or unreadable path is left to the reader's own message."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except (OSError, ValueError):
+        return
+    _refuse_special(Path(path), mode, what, error)
+
+
+def check_output_kind(path: PathLike) -> None:
+    """Refuse an existing output that is not a regular file: replacing it would destroy a FIFO, a
+    device (/dev/null) or a socket, and a directory cannot be replaced by a file."""
+    try:
+        mode = os.stat(str(path)).st_mode
+    except (OSError, ValueError):
+        return
+    if stat.S_ISDIR(mode):
+        raise IrepError("{}: cannot write: it is a directory".format(path))
+    if not stat.S_ISREG(mode):
+        raise IrepError("{}: cannot write: it is {}, not a regular file; name a file".format(path, file_kind(mode)))
 
 
 def read_json(path: PathLike, limit: int, what: str, error: Type[IrepError] = IrepError) -> Any:
@@ -133,8 +197,7 @@ def check_writable(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) ->
     check_not_input(path, inputs)
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise IrepError("{}: cannot write: it is a directory".format(path))
+    check_output_kind(path)
     if not directory.is_dir():
         raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
     if not os.access(str(directory), os.W_OK):
@@ -204,6 +267,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    check_output_kind(path)
     remove_stale_temps(path)
     with _sigterm_raises():
         try:
@@ -230,35 +294,176 @@ def _umask() -> int:
     return mask
 
 
-@contextlib.contextmanager
-def run_directory(path: PathLike, keep: Callable[[Path], bool]) -> Iterator[Path]:
-    """Create the run directory ``path`` (and missing parents); if the block fails and ``keep(path)``
-    is false (nothing resumable was written), remove what this call created: no empty run directories.
+LOCK_FILE = ".lock"
+# (st_dev, st_ino) of a run directory this process locks -> (thread, depth): a run started inside
+# another of this thread's runs on the same directory (train --baseline) shares its lock
+_held: Dict[Tuple[int, int], Tuple[int, int]] = {}
 
-    A path that is a file or cannot be created is one IrepError naming it.
+
+@contextlib.contextmanager
+def run_directory(path: PathLike, keep: Callable[[Path], bool], command: Optional[str] = None,
+                  new: bool = True) -> Iterator[Path]:
+    """The run directory ``path`` for the block: created with missing parents when ``new``; if the
+    block fails and ``keep(path)`` is false (nothing resumable was written), what this call created
+    is removed again: no empty run directories.
+
+    With ``command`` ("train", "search", "demo") the directory is locked for the block (one writer;
+    a second gets one line naming the holder), a ``new`` run's directory must hold nothing yet (it
+    overwrites nothing it did not write) and a resumed one no link or special file (a run writes
+    through no link). A resume (``new`` false) of a missing directory yields it unlocked: the
+    state reader says what is missing. A path that is a file or cannot be created is one IrepError.
     """
     path = Path(path)
-    top: Optional[Path] = None  # the highest directory this call creates
-    probe = path
-    while not probe.exists() and not probe.is_symlink():
-        top = probe
-        if probe.parent == probe:
-            break
-        probe = probe.parent
+    if not new and not path.is_dir():
+        yield path
+        return
     if path.exists() and not path.is_dir():
-        raise IrepError("{}: is a file, not a run directory".format(path))
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from exc
+        raise IrepError("{}: is {}, not a run directory".format(path, file_kind(os.stat(str(path)).st_mode)))
+    top = _make_directories(path) if new else None
     if not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: the run directory is not writable".format(path))
+    lock = run_lock(path, command) if command else contextlib.nullcontext()
+    with lock:
+        if command:  # outside the cleanup: files found here are not this call's to remove
+            _check_run_entries(path, new)
+        try:
+            yield path
+        except BaseException:
+            if top is not None and not keep(path):
+                shutil.rmtree(str(top), ignore_errors=True)
+            raise
+
+
+def _make_directories(path: Path) -> Optional[Path]:
+    """Create ``path`` and its missing parents; the highest one this call created (None: none), so
+    that a directory another process created meanwhile is never counted as ours."""
+    missing = []
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        missing.append(probe)
+        probe = probe.parent
+    top: Optional[Path] = None
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            if not directory.is_dir():
+                raise IrepError("{}: is a file, not a directory".format(directory))
+            continue
+        except OSError as exc:
+            if top is not None:
+                shutil.rmtree(str(top), ignore_errors=True)
+            raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from exc
+        if top is None:
+            top = directory
+    return top
+
+
+def _check_run_entries(path: Path, new: bool) -> None:
+    names = sorted(n for n in os.listdir(str(path)) if n != LOCK_FILE)
+    if new and names:
+        raise IrepError("{}: not empty (holds {}); a new run writes only into a new or empty directory, so that it "
+                        "overwrites nothing it did not write".format(path, quote(names[0])))
+    for name in names:
+        mode = os.lstat(str(path / name)).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise IrepError("{}: is {}; a run directory holds only the files its run wrote, and a run writes "
+                            "through no link".format(path / name, file_kind(mode)))
+
+
+@contextlib.contextmanager
+def run_lock(path: PathLike, command: str) -> Iterator[None]:
+    """Hold the advisory lock of run directory ``path`` for the block; a second writer (another
+    process, or another thread of this one) is refused with one line naming the holder."""
+    path = Path(path)
+    if fcntl is None:
+        yield
+        return
+    st = os.stat(str(path))
+    key = (st.st_dev, st.st_ino)
+    me = threading.get_ident()
+    owner, depth = _held.get(key, (None, 0))
+    if owner == me:
+        _held[key] = (me, depth + 1)
+        try:
+            yield
+        finally:
+            _held[key] = (me, depth)
+        return
+    fd = _acquire(path, command)
+    _held[key] = (me, 1)
     try:
-        yield path
-    except BaseException:
-        if top is not None and not keep(path):
-            shutil.rmtree(str(top), ignore_errors=True)
-        raise
+        yield
+    finally:
+        del _held[key]
+        lock_file = path / LOCK_FILE
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.lstat(str(lock_file))):
+                os.unlink(str(lock_file))  # still holding it: whoever opens the old file retries
+        os.close(fd)
+
+
+def _acquire(path: Path, command: str) -> int:
+    lock_file = path / LOCK_FILE
+    for _ in range(20):
+        try:
+            fd = os.open(str(lock_file), os.O_RDWR | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if os.path.islink(str(lock_file)):
+                raise IrepError("{}: is a symbolic link; a run directory's lock file must be its own".format(
+                    lock_file)) from exc
+            raise IrepError("{}: cannot lock the run directory: {}".format(path, exc.strerror or exc)) from exc
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise IrepError("{}: is {}, not a lock file".format(lock_file, file_kind(mode)))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    raise IrepError("{}: cannot lock the run directory: {}".format(
+                        path, exc.strerror or exc)) from exc
+                raise IrepError("{}: in use by {}; wait for it to end or choose another directory".format(
+                    path, _holder(fd))) from exc
+            try:  # a holder that just ended removed the file it locked: lock the one the path names now
+                current = os.path.samestat(os.fstat(fd), os.lstat(str(lock_file)))
+            except OSError:
+                current = False
+            if current:
+                _write_holder(fd, command)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise IrepError("{}: cannot lock the run directory: its lock file keeps changing".format(path))
+
+
+def _write_holder(fd: int, command: str) -> None:
+    """Who holds the lock, for the message of a second writer (the lock itself is the flock)."""
+    text = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "irep-deploy " + command,
+                       "started": time.time()}) + "\n"
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode("utf-8"), 0)
+
+
+def _holder(fd: int) -> str:
+    """The holder a lock file names, as text safe for a terminal; the file may be anyone's."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+        pid, host, command, started = info["pid"], info["host"], info["command"], float(info["started"])
+        if not isinstance(pid, int) or not isinstance(host, str) or not isinstance(command, str):
+            raise ValueError(info)
+        when = time.localtime(started)
+        since = time.strftime("%H:%M:%S" if when[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M:%S", when)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError):
+        return "another irep-deploy process"  # the holder has not written its name yet
+    return "{} (pid {} on {}, since {})".format(_printable(command, 40), pid, _printable(host, 60), since)
+
+
+def _printable(text: str, limit: int) -> str:
+    return clip("".join(c if c.isprintable() else "?" for c in text), limit)
 
 
 def write_json(path: PathLike, data: Any) -> None:
@@ -268,10 +473,33 @@ def write_json(path: PathLike, data: Any) -> None:
         handle.write("\n")
 
 
+def _run_file(path: Path, mode: int) -> None:
+    """Refuse a run file that is a link or not a regular file (``mode`` from lstat)."""
+    if not stat.S_ISREG(mode):
+        raise IrepError("{}: is {}; a run writes only its own regular files, through no link".format(
+            path, file_kind(mode)))
+
+
 def append_jsonl(path: PathLike, record: Dict[str, Any]) -> None:
-    """Append one JSON record as a line (run logs)."""
-    with open(str(path), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, sort_keys=True) + "\n")
+    """Append one JSON record as a line (run logs), in one write: concurrent appends never interleave.
+    A log that is a link (symbolic, or a second hard link) or not a regular file is refused: the
+    append would change a file outside the run."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
+    try:
+        fd = os.open(str(path), flags, 0o666)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            _run_file(path, os.lstat(str(path)).st_mode)
+        raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from exc
+    try:
+        st = os.fstat(fd)
+        _run_file(path, st.st_mode)
+        if st.st_nlink > 1:
+            raise IrepError("{}: has another hard link; appending would change that file too".format(path))
+        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
@@ -279,8 +507,11 @@ def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
     that is not a file of UTF-8 text (a directory, binary bytes: not what the run wrote) is refused
     in one line naming it, before anything is written."""
     path = Path(path)
-    if not path.exists():
+    try:
+        mode = os.lstat(str(path)).st_mode
+    except FileNotFoundError:
         return
+    _run_file(path, mode)
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -78,7 +78,7 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
     if (out / "search" / "state.pt").exists() or (out / "train" / "state.pt").exists():
         raise IrepError("{}: holds an earlier demo; remove it or choose another --out".format(out))
     # a demo that fails before its search saved anything leaves no directory behind
-    with run_directory(out, keep=lambda p: (p / "search" / "state.pt").exists()):
+    with run_directory(out, keep=lambda p: (p / "search" / "state.pt").exists(), command="demo"):
         return _run_steps(out, settings, device, data_root, progress, say)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, T
 import torch
 import torch.nn as nn
 
-from ._io import clip, quote
+from ._io import clip, quote, regular_input
 from .data import DataSplits
 from .errors import CheckpointError, IrepError, UsageError, first_line
 from .models import MODELS, build_model, is_spec
@@ -164,6 +164,7 @@ def read_run_state(run_dir: PathLike, kind: str, config_type: Type[Config], give
     """
     noun = KINDS[kind]
     path = state_path(run_dir)
+    regular_input(path, "a {} state".format(noun), CheckpointError)
     if not path.is_file():
         raise CheckpointError("{}: no {} state to resume ({} missing); not a run directory of `irep-deploy {}`".format(
             run_dir, noun, STATE_FILE, kind))

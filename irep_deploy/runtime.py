@@ -39,6 +39,12 @@ class Dist:
         return self.rank == 0
 
 
+def launched_main() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun sets RANK), known before the process
+    group exists: the one that creates and locks the run directory."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def init_distributed(device: torch.device) -> Dist:
     """Join the process group described by torchrun's environment (WORLD_SIZE > 1); gloo on CPU,
     NCCL on CUDA. Without it, a single process."""

@@ -20,6 +20,7 @@ and thread count; on CUDA only with ``deterministic``, since cuDNN's convolution
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ._io import append_jsonl, check_writable, run_directory, trim_jsonl, write_json
+from ._io import append_jsonl, run_directory, trim_jsonl, write_json
 from .arch import ArchCode
 from .checkpoint import save_checkpoint
 from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
@@ -46,7 +47,8 @@ from .reparam import fuse_model, init_from_torchvision
 from .runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
                    read_run_state, state_part, state_path, write_run_state)
 from .runtime import (AMP_MODES, Dist, barrier, broadcast_buffers, close_distributed, deterministic_mode,
-                      init_distributed, make_scaler, resolve_device, rng_state, set_rng_state, wrap_ddp)
+                      init_distributed, launched_main, make_scaler, resolve_device, rng_state, set_rng_state,
+                      wrap_ddp)
 from .steps import run_epoch
 
 __all__ = ["TrainConfig", "TrainReport", "TrainingDiverged", "train", "evaluate"]
@@ -169,20 +171,41 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     ``--init-from``) on torch < 2.10 too, whose unpickler can run code even with ``weights_only``.
     """
     run = Path(run_dir)
-    state, saved = None, None
-    if resume:
-        state, saved = read_run_state(run, "train", TrainConfig, config, model, trust_pickle)
-        validate_train_state(state, saved, state_path(run))
-    # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
-    settings = saved or config
-    with deterministic_mode(settings is not None and settings.deterministic):
-        dev = resolve_device(device)
-        dist = init_distributed(dev)
-        try:
-            return _train(run, config, state, saved, data_root, dev, dist, workers, progress, on_epoch_end,
-                          channels_last, trust_pickle)
-        finally:
-            close_distributed(dist)
+    if not resume:
+        config = _new_run_config(run, config)
+    # one writer per run (rank 0 writes for all); a failed start leaves no run directory behind
+    with run_directory(run, keep=lambda p: state_path(p).exists(), command="train",
+                       new=not resume) if launched_main() else contextlib.nullcontext(run):
+        state, saved = None, None
+        if resume:
+            state, saved = read_run_state(run, "train", TrainConfig, config, model, trust_pickle)
+            validate_train_state(state, saved, state_path(run))
+        # Deterministic kernels are switched on before the device is touched (cuBLAS reads its setting once).
+        settings = saved or config
+        with deterministic_mode(settings is not None and settings.deterministic):
+            dev = resolve_device(device)
+            dist = init_distributed(dev)
+            try:
+                return _train(run, config, state, saved, data_root, dev, dist, workers, progress, on_epoch_end,
+                              channels_last, trust_pickle)
+            finally:
+                close_distributed(dist)
+
+
+def _new_run_config(run: Path, config: Optional[TrainConfig]) -> TrainConfig:
+    """The checked settings of a new run in ``run``; refusals that need no data come first."""
+    if config is None:
+        raise IrepError("train needs settings (a TrainConfig) for a new run")
+    config = dataclasses.replace(config)
+    config.check()
+    if state_path(run).exists():
+        raise IrepError("{}: already holds a training run; continue it with --resume {} or choose another "
+                        "directory".format(run, run))
+    if run.exists() and not run.is_dir():
+        raise IrepError("{}: exists and is not a directory".format(run))
+    if not run.parent.is_dir():
+        raise IrepError("{}: cannot create: directory {} does not exist".format(run, run.parent))
+    return config
 
 
 def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, Any]], saved: Optional[TrainConfig],
@@ -191,18 +214,6 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
            trust_pickle: bool = False) -> TrainReport:
     if saved is not None:  # read_run_state refused a config that differs from it
         config = saved
-    else:
-        if config is None:
-            raise IrepError("train needs settings (a TrainConfig) for a new run")
-        config = dataclasses.replace(config)
-        config.check()
-        if state_path(run).exists():
-            raise IrepError("{}: already holds a training run; continue it with --resume {} or choose another "
-                            "directory".format(run, run))
-        if run.exists() and not run.is_dir():
-            raise IrepError("{}: exists and is not a directory".format(run))
-        if not run.parent.is_dir():
-            raise IrepError("{}: cannot create: directory {} does not exist".format(run, run.parent))
     assert config is not None
     if config.batch_size % dist.world_size or config.batch_size // dist.world_size < 2:
         raise UsageError("batch size {} does not split evenly over {} processes into batches of at least 2 (what "
@@ -249,12 +260,10 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
         if dist.main:
             trim_jsonl(run / "log.jsonl", lambda r: r.get("event") == "epoch" and r.get("epoch", 0) <= start)
     elif dist.main:
-        with run_directory(run, keep=lambda p: state_path(p).exists()):  # no empty run dir on failure
-            check_writable(state_path(run))
-            code = config.code() or ArchCode.empty(config.backbone, model.irep_config["ops"])
-            code.save(run / "arch.bin")
-            write_json(run / "config.json", dataclasses.asdict(config))
-            _save_state(run, config, 0, model, optimizer, scheduler, history, scaler)
+        code = config.code() or ArchCode.empty(config.backbone, model.irep_config["ops"])
+        code.save(run / "arch.bin")
+        write_json(run / "config.json", dataclasses.asdict(config))
+        _save_state(run, config, 0, model, optimizer, scheduler, history, scaler)
     barrier(dist)
 
     # A block with no active branch never uses its alpha/beta: DDP must be told to expect that.

@@ -1,14 +1,23 @@
-"""The cleanup paths of irep_deploy._io: a failed atomic write and a failed run leave nothing behind.
+"""The cleanup paths of irep_deploy._io: a failed atomic write and a failed run leave nothing behind;
+one writer per run directory; run files written through no link; only regular files read and written.
 
 (A SIGTERM or kill -9 inside a write is tested end to end in tests/test_bad_input.py.)
 """
 from __future__ import annotations
 
+import json
 import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import pytest
 
-from irep_deploy._io import atomic_write, run_directory, trim_jsonl, write_json
+from irep_deploy._io import (append_jsonl, atomic_write, check_writable, read_bounded, regular_input, run_directory,
+                             trim_jsonl, write_json)
 from irep_deploy.errors import IrepError
 
 
@@ -62,6 +71,157 @@ def test_trim_jsonl_keeps_records_drops_cut_lines_and_refuses_what_the_run_did_n
     assert log.read_bytes() == b'{"epoch": 1}\n\xff\xfe\n'  # refused before anything is written
     log.unlink()
     log.mkdir()
-    with pytest.raises(IrepError, match=r"log\.jsonl: cannot read the run's log \(Is a directory\)"):
+    with pytest.raises(IrepError, match=r"log\.jsonl: is a directory; a run writes only its own regular files"):
         trim_jsonl(log, lambda r: True)
     trim_jsonl(tmp_path / "missing.jsonl", lambda r: True)  # nothing to trim
+
+
+# -- one writer per run directory; run files are the run's own; only regular files --------------------
+ROOT = Path(__file__).resolve().parents[1]
+HOLD = ("import sys\nfrom irep_deploy._io import run_directory\n"
+        "with run_directory(sys.argv[1], keep=lambda p: True, command='train'):\n"
+        "    print('held', flush=True)\n    sys.stdin.read()\n")
+
+
+def _holder(run):
+    """A real process holding the lock of ``run`` until its stdin closes."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=str(ROOT), env=dict(os.environ, PYTHONPATH=str(ROOT)), universal_newlines=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_free(tmp_path):
+    run = tmp_path / "run"
+    proc = _holder(run)
+    try:
+        with pytest.raises(IrepError, match=r"in use by irep-deploy train \(pid {} on .+, since \d\d:\d\d:\d\d\)"
+                           .format(proc.pid)):
+            with run_directory(run, keep=lambda p: True, command="search", new=False):
+                pytest.fail("entered a run directory another process holds")
+        info = json.loads((run / ".lock").read_text())
+        assert info["pid"] == proc.pid and info["command"] == "irep-deploy train"
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs, the kernel drops the flock
+        proc.wait()
+    assert (run / ".lock").exists()  # the dead holder's file stays; its lock does not
+    with run_directory(run, keep=lambda p: True, command="train", new=False):
+        assert json.loads((run / ".lock").read_text())["pid"] == os.getpid()
+    assert os.listdir(str(run)) == []  # the lock file goes with its holder
+
+
+def test_the_lock_is_shared_by_nested_runs_of_one_thread_and_refused_to_another_thread(tmp_path):
+    run = tmp_path / "run"
+    errors = []
+
+    def other():
+        try:
+            with run_directory(run, keep=lambda p: True, command="train", new=False):
+                pass
+        except IrepError as exc:
+            errors.append(str(exc))
+    with run_directory(run, keep=lambda p: True, command="demo"):
+        with run_directory(run, keep=lambda p: True, command="train"):  # train --baseline, demo steps
+            (run / "state.pt").write_bytes(b"s")
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "in use by irep-deploy demo (pid {}".format(os.getpid()) in errors[0]
+
+
+def test_a_new_run_needs_a_new_or_empty_directory_and_leaves_a_refused_one_as_it_was(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "arch.bin").write_bytes(b"# the user's\r\n")
+    with pytest.raises(IrepError, match="not empty \\(holds 'arch.bin'\\)"):
+        with run_directory(mine, keep=lambda p: False, command="train"):
+            pytest.fail("a new run entered a directory holding the user's files")
+    assert os.listdir(str(mine)) == ["arch.bin"] and (mine / "arch.bin").read_bytes() == b"# the user's\r\n"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError):
+        with run_directory(empty, keep=lambda p: False, command="train") as d:
+            (d / "log.jsonl").write_text("{}\n")
+            raise RuntimeError("failed before anything resumable")
+    assert empty.is_dir()  # not created by the run: kept (its lock file is gone)
+    with pytest.raises(RuntimeError):
+        with run_directory(tmp_path / "new", keep=lambda p: False, command="train"):
+            raise RuntimeError("failed")
+    assert sorted(os.listdir(str(tmp_path))) == ["empty", "mine"]
+
+
+def test_a_resume_refuses_links_and_special_files_in_the_run_and_does_not_create_a_missing_one(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("{}\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "state.pt").write_bytes(b"s")
+    os.symlink(str(outside), str(run / "log.jsonl"))
+    with pytest.raises(IrepError, match="log.jsonl: is a symbolic link"):
+        with run_directory(run, keep=lambda p: True, command="train", new=False):
+            pass
+    os.unlink(str(run / "log.jsonl"))
+    os.mkfifo(str(run / "log.jsonl"))
+    with pytest.raises(IrepError, match="log.jsonl: is a FIFO"):
+        with run_directory(run, keep=lambda p: True, command="train", new=False):
+            pass
+    with run_directory(tmp_path / "none", keep=lambda p: True, command="train", new=False):
+        pass
+    assert not (tmp_path / "none").exists() and outside.read_text() == "{}\n"
+
+
+def test_appends_follow_no_link_and_write_no_file_with_other_names(tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("{\"theirs\": 1}\n")
+    log = tmp_path / "log.jsonl"
+    os.symlink(str(outside), str(log))
+    with pytest.raises(IrepError, match="log.jsonl: is a symbolic link"):
+        append_jsonl(log, {"epoch": 1})
+    with pytest.raises(IrepError, match="log.jsonl: is a symbolic link"):
+        trim_jsonl(log, lambda r: True)
+    os.unlink(str(log))
+    os.link(str(outside), str(log))
+    with pytest.raises(IrepError, match="has another hard link"):
+        append_jsonl(log, {"epoch": 1})
+    os.unlink(str(log))
+    os.mkfifo(str(log))  # no reader: a blocking open would hang here
+    with pytest.raises(IrepError, match="log.jsonl"):
+        append_jsonl(log, {"epoch": 1})
+    assert outside.read_text() == "{\"theirs\": 1}\n"
+
+
+def _specials(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    sock = tmp_path / "sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    s.close()
+    out = [(fifo, "a FIFO"), (sock, "a socket"), (tmp_path, "a directory")]
+    try:  # a private /dev/null where allowed (root); the real one is never an output of a test
+        os.mknod(str(tmp_path / "null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        out.append((tmp_path / "null", "a character device"))
+    except OSError:
+        pass
+    return out
+
+
+def test_inputs_that_are_not_regular_files_are_refused_unopened(tmp_path):
+    for path, kind in _specials(tmp_path) + [(Path("/dev/zero"), "a character device")]:
+        with pytest.raises(IrepError, match="{}: is {}, not an architecture code".format(path, kind)):
+            read_bounded(path, 1 << 20, "an architecture code")
+    regular_input(tmp_path / "missing", "a checkpoint")  # the reader names a missing file itself
+    (tmp_path / "ok").write_bytes(b"x")
+    assert read_bounded(tmp_path / "ok", 10, "a file") == b"x"
+
+
+def test_outputs_that_are_not_regular_files_are_refused_before_work_and_stay(tmp_path):
+    for path, kind in _specials(tmp_path):
+        mode = os.lstat(str(path)).st_mode
+        with pytest.raises(IrepError, match="{}: cannot write: it is {}".format(path, kind)):
+            check_writable(path)
+        if kind != "a directory":
+            with pytest.raises(IrepError, match="{}: cannot write".format(path)):
+                with atomic_write(path, "wb") as handle:
+                    handle.write(b"x")
+        assert os.lstat(str(path)).st_mode == mode

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._io import atomic_write, check_writable, quote
+from .._io import atomic_write, check_writable, quote, regular_input
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare
 from ..errors import CheckpointError, IrepError, VerificationError, first_line
@@ -206,6 +206,7 @@ def load_onnx(path: PathLike) -> Any:
     """Read an .onnx file; a missing or unparsable file is an IrepError naming it."""
     onnx = require_onnx()
     p = Path(path)
+    regular_input(p, "an ONNX model")
     if not p.is_file():
         raise IrepError("{}: no such file".format(path))
     try:

@@ -5,6 +5,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._io import regular_input
 from ..errors import IrepError, first_line
 
 # Preferred order when "all installed" providers are asked for; unknown ones keep their own order.
@@ -48,6 +49,8 @@ def resolve_providers(providers: Optional[Sequence[str]] = None) -> List[str]:
 def make_session(model: Union[str, bytes], providers: Optional[Sequence[str]] = None,
                  threads: Optional[int] = None, source: Optional[str] = None) -> Any:
     """An InferenceSession on a path or serialized model; a model onnxruntime rejects is an IrepError."""
+    if isinstance(model, str):
+        regular_input(model, "an ONNX model")
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: warnings about unused initializers are noise here

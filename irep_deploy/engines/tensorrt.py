@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .._io import atomic_write, check_writable, clip, quote, read_bounded
+from .._io import atomic_write, check_writable, clip, quote, read_bounded, regular_input
 from ..compare import INT8_REAL, TRT_FP16, TRT_FP32, compare
 from ..errors import EngineMismatchError, IrepError, VerificationError, first_line
 from ..precision import exact_fp32
@@ -175,6 +175,7 @@ def check_compatible(meta: EngineMeta, engine: PathLike, tensorrt_version: str, 
 
 
 def sha256_file(path: PathLike) -> str:
+    regular_input(path, "a model file")
     digest = hashlib.sha256()
     with open(str(path), "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -617,6 +618,7 @@ class TrtRunner:
 
     def __init__(self, engine: PathLike, check: bool = True) -> None:
         path = Path(engine)
+        regular_input(path, "a TensorRT engine")
         if not path.is_file():
             raise IrepError("{}: no such file".format(engine))
         meta = read_meta(engine)

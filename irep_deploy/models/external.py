@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Type, Union
 import torch
 import torch.nn as nn
 
-from .._io import quote
+from .._io import quote, regular_input
 from ..errors import CheckpointError, IrepError, UsageError, first_line
 from ..tensorfile import load_tree
 
@@ -156,6 +156,7 @@ def weights_file(weights: Optional[str], spec: str) -> bool:
     a missing file, or a name for a network that is not torchvision's, is refused naming --weights."""
     if weights is None:
         return False
+    regular_input(weights, "a state dict (--weights)", CheckpointError)
     if Path(weights).is_file():
         return True
     looks_like_path = os.sep in weights or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import run_directory, trim_jsonl, write_json
+from .._io import atomic_write, run_directory, trim_jsonl, write_json
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
@@ -40,7 +40,7 @@ from ..options import BACKBONE_HELP, model_setting, setting
 from ..runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
                     read_run_state, state_part, state_path, write_run_state)
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
-                       init_distributed, make_scaler, resolve_device, wrap_ddp)
+                       init_distributed, launched_main, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
@@ -468,7 +468,7 @@ def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Pat
     records. A damaged or edited file is one line naming it; whether the parts fit the network is
     checked as they load (:meth:`_Search.restore`)."""
     check_settings(config, path)
-    epoch = check_epoch(state, config.total_epochs, path)
+    check_epoch(state, config.total_epochs, path)
     check_tensors(state, "model", path)
     for key in ("w_opt", "a_opt", "sched"):
         state_part(state, key, dict, path)
@@ -502,29 +502,37 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
     model spec, since a file never decides what is imported. ``trust_pickle``: read old
     pickle-format files (a state of an earlier version, ``--weights``) on torch < 2.10 too."""
     run = Path(run_dir)
-    state: Optional[Dict[str, Any]] = None
-    if resume:  # the run's own settings; a differing ``config`` is refused
-        state, config = read_run_state(run, "search", SearchConfig, config, model, trust_pickle)
-        validate_search_state(state, config, state_path(run))
-    else:
+    if not resume:
         config = config or make_config()
         if state_path(run).exists():
             raise IrepError("{}: holds a search already; resume it with --resume or choose another directory".format(run))
+    # one writer per run (rank 0 writes for all); a failed start leaves no run directory behind
+    with run_directory(run, keep=lambda p: state_path(p).exists(), command="search",
+                       new=not resume) if launched_main() else contextlib.nullcontext(run):
+        state: Optional[Dict[str, Any]] = None
+        if resume:  # the run's own settings; a differing ``config`` is refused
+            state, config = read_run_state(run, "search", SearchConfig, config, model, trust_pickle)
+            validate_search_state(state, config, state_path(run))
+        assert config is not None
+        return _search(run, config, state, data_root, device, progress, workers, trust_pickle)
+
+
+def _search(run: Path, config: SearchConfig, state: Optional[Dict[str, Any]], data_root: Optional[str],
+            device: str, progress: bool, workers: int, trust_pickle: bool) -> SearchReport:
     with deterministic_mode(config.deterministic):  # before the device is touched
         dev = resolve_device(device)
         dist = init_distributed(dev)
         try:
-            # a failed start leaves no run directory behind (nothing resumable: no state.pt)
-            with run_directory(run, keep=lambda p: state_path(p).exists()) if dist.main else contextlib.nullcontext():
-                job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None,
-                              trust_pickle=trust_pickle)
-                if state is not None:
-                    job.restore(state)
-                elif dist.main:
-                    write_json(run / "config.json", dataclasses.asdict(config))
-                    (run / "log.jsonl").write_text("")
-                start = job.epoch
-                job.run_all()
+            job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None,
+                          trust_pickle=trust_pickle)
+            if state is not None:
+                job.restore(state)
+            elif dist.main:
+                write_json(run / "config.json", dataclasses.asdict(config))
+                with atomic_write(run / LOG_FILE, "w"):
+                    pass
+            start = job.epoch
+            job.run_all()
             fitness = job.fitness or []
             best = max(range(len(fitness)), key=fitness.__getitem__)
             return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)

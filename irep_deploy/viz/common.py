@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from .._io import atomic_write, check_not_input, read_json
+from .._io import atomic_write, check_not_input, check_output_kind, read_json
 from ..arch import LayerSpec, backbone_info
 from ..errors import IrepError, PlotError
 
@@ -59,6 +59,7 @@ def write(outputs: Outputs, out_dir: PathLike, inputs: Sequence[Optional[PathLik
         raise PlotError("{}: cannot write figures: it is a file, not a directory".format(out))
     for name, _ in outputs:
         check_not_input(out / name, inputs)
+        check_output_kind(out / name)  # a FIFO among the figures: refused before the first is written
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
