@@ -96,6 +96,7 @@ class _Settings:
     lr: float = 0.1
     betas: tuple = (0.9, 0.99)
     name: str = "x"
+    backbone: str = "resnet18_cifar"  # every run's settings name their network
 
 
 def test_run_state_round_trip(tmp_path, model):
