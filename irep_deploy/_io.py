@@ -74,6 +74,7 @@ _OS_CAUSES = {
 # Faults of the machine rather than of a path: translated even when a library wrapped them in its own
 # error (torch.save reports ENOSPC as "RuntimeError: unexpected pos", raised while handling the OSError).
 _ENVIRONMENT_FAULTS = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG, errno.EROFS, errno.EIO}
+_WRITE_FAULTS = _ENVIRONMENT_FAULTS | {errno.EACCES, errno.EPERM}
 
 
 def os_cause(err: OSError) -> str:
@@ -113,6 +114,38 @@ def escaped_os_error(exc: BaseException) -> Optional[IrepError]:
         return None
     names = [str(n) for n in (err.filename, err.filename2) if n is not None]
     return IrepError("{}: {}".format(" -> ".join(names), os_cause(err)) if names else os_cause(err))
+
+
+@contextlib.contextmanager
+def writing(path: PathLike) -> Iterator[None]:
+    """Within the block, a fault of the machine (full disk, file-size limit, read-only or denied, I/O
+    error) met by a library's own writer of ``path`` (TensorBoard's event files) is one IrepError
+    naming ``path``; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        err = os_error_in(exc)
+        if isinstance(exc, IrepError) or err is None or err.errno not in _WRITE_FAULTS:
+            raise
+        raise os_error(exc, path) from exc
+
+
+@contextlib.contextmanager
+def quiet_background_faults() -> Iterator[None]:
+    """While the block runs, a thread that dies of a fault of the machine (TensorBoard's writer thread
+    on a full disk) prints no traceback: the command meets the same fault and reports it in one line."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        err = os_error_in(args.exc_value) if args.exc_value is not None else None
+        if err is None or err.errno not in _WRITE_FAULTS:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
 
 
 def _write_fault(exc: BaseException, tmp: str, directory: Path) -> Optional[str]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from . import __version__
 from . import options as opt
-from ._io import escaped_os_error, guarded_stdout, read_arch_bytes, silence_stdout
+from ._io import escaped_os_error, guarded_stdout, quiet_background_faults, read_arch_bytes, silence_stdout
 from .errors import (IrepError, StdoutError, Terminated, UsageError, forget_interrupts, interrupt_noted,
                      note_interrupt, note_terminate, printable, raise_if_interrupted, terminate_noted)
 
@@ -657,7 +657,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous = [_set_signal(signal.SIGINT, on_sigint), _set_signal(signal.SIGTERM, on_sigterm),
                 _set_signal(getattr(signal, "SIGXFSZ", None), signal.SIG_IGN)]
     try:
-        with guarded_stdout():
+        with guarded_stdout(), quiet_background_faults():
             try:
                 code = _run(argv, command)
                 sys.stdout.flush()  # a closed pipe or a full device shows here, not at exit
