@@ -262,9 +262,18 @@ def check_writable(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) ->
     if not directory.is_dir():
         raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
     if not os.access(str(directory), os.W_OK):
-        raise IrepError("{}: cannot write: directory {} is not writable".format(path, directory))
+        raise IrepError("{}: cannot write: directory {} is not writable{}".format(path, directory,
+                                                                              _read_only_fs(directory)))
     if path.exists() and not os.access(str(path), os.W_OK):
-        raise IrepError("{}: cannot write: file is read-only".format(path))
+        raise IrepError("{}: cannot write: file is read-only{}".format(path, _read_only_fs(directory)))
+
+
+def _read_only_fs(directory: Path) -> str:
+    """" (read-only file system)" when that is why ``directory`` cannot be written, else ""."""
+    try:
+        return " (read-only file system)" if os.statvfs(str(directory)).f_flag & os.ST_RDONLY else ""
+    except (OSError, AttributeError):
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -379,9 +388,9 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool]) -> Iterator[Path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from exc
+        raise IrepError("{}: cannot create the run directory: {}".format(path, os_cause(exc))) from exc
     if not os.access(str(path), os.W_OK):
-        raise IrepError("{}: cannot write: the run directory is not writable".format(path))
+        raise IrepError("{}: cannot write: the run directory is not writable{}".format(path, _read_only_fs(path)))
     try:
         yield path
     except BaseException:

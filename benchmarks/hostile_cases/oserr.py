@@ -183,13 +183,13 @@ def cases(H):
     # -- a read-only file system ------------------------------------------------------------------------
     ro = "read-only file system (EROFS)"
     out += [
-        C(AREA, ro, "fuse {multi} {arch} -o {case}/ro/out.pt", 1, "{case}/ro",
+        C(AREA, ro, "fuse {multi} {arch} -o {case}/ro/out.pt", 1, "{case}/ro is not writable (read-only file system)",
           setup=_mount(case, "ro", {"out.pt": OLD_PT}, readonly=True)),
         C(AREA, ro, "export {deploy} -o {case}/ro/out.onnx", 1, "{case}/ro",
           setup=_mount(case, "ro", {"out.onnx": OLD_ONNX}, readonly=True)),
         C(AREA, ro, "bench {deploy} " + FAST_BENCH + " --json {case}/ro/b.json", 1, "{case}/ro",
           setup=_mount(case, "ro", {"b.json": OLD_JSON}, readonly=True)),
-        C(AREA, ro, "train -o {case}/ro/run " + TRAIN, 1, "{case}/ro/run",
+        C(AREA, ro, "train -o {case}/ro/run " + TRAIN, 1, "{case}/ro/run: cannot create the run directory: read-only",
           setup=_mount(case, "ro", {}, readonly=True, need=_need_sklearn)),
     ]
 
