@@ -98,6 +98,16 @@ def os_error_in(exc: BaseException) -> Optional[OSError]:
     return None
 
 
+def _errno_in_text(exc: BaseException) -> Optional[OSError]:
+    """The OS error a Rust library reports only in its message (safetensors' ``save_file``: "I/O error:
+    No space left on device (os error 28)", or "Os { code: 28, ..." on older versions)."""
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(exc))
+    if m is None:
+        return None
+    number = int(m.group(1) or m.group(2))
+    return OSError(number, os.strerror(number))
+
+
 def os_error(exc: BaseException, path: PathLike, action: str = "cannot write") -> IrepError:
     """The one-line error for an OS error while acting on ``path``: "PATH: cannot write: disk full (...)"."""
     err = os_error_in(exc)
@@ -154,7 +164,7 @@ def _write_fault(exc: BaseException, tmp: str, directory: Path) -> Optional[str]
     Asked before the temp file is removed: removing it frees the space whose lack is the cause."""
     if isinstance(exc, IrepError) or not isinstance(exc, Exception):
         return None
-    err = os_error_in(exc)
+    err = os_error_in(exc) or _errno_in_text(exc)
     if err is not None:  # the write's own error has no file name (the rename's names the temp file)
         return os_cause(err) if err.filename in (None, tmp) else None
     with contextlib.suppress(OSError, ValueError, ImportError):

@@ -163,3 +163,20 @@ def test_an_escaped_os_error_names_its_file_and_a_wrapped_machine_fault_is_found
     except KeyError as bug:
         assert escaped_os_error(bug) is None  # not a fault of the machine: keeps its traceback
     assert escaped_os_error(ValueError("x")) is None
+
+
+def test_safetensors_save_file_on_a_full_disk_is_translated_from_its_message(full_fs):
+    """safetensors' Rust writer reports ENOSPC only in its message ("os error 28"), without an errno."""
+    import torch
+    from safetensors.torch import save_file
+    target = full_fs / "out.bin"
+    with pytest.raises(IrepError, match="out.bin: cannot write: disk full"):
+        with atomic_write(target, "wb") as handle:
+            side = full_fs / "side.safetensors"
+            try:
+                save_file({"w": torch.zeros(100000)}, str(side))
+            finally:  # space is free again: only the message can tell that the disk was full
+                if side.exists():
+                    side.unlink()
+                os.truncate(str(full_fs / "filler"), 0)
+    assert target.read_bytes() == b"old"
