@@ -652,10 +652,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         note_terminate()
         raise Terminated("terminated (SIGTERM)")
 
-    # a write beyond the file-size limit (ulimit -f) then fails with EFBIG, reported as such,
-    # instead of SIGXFSZ killing the process with a half-written temp file left behind
-    previous = [_set_signal(signal.SIGINT, on_sigint), _set_signal(signal.SIGTERM, on_sigterm),
-                _set_signal(getattr(signal, "SIGXFSZ", None), signal.SIG_IGN)]
+    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigterm}
+    if hasattr(signal, "SIGXFSZ"):  # a write beyond the file-size limit (ulimit -f) then fails with
+        handlers[signal.SIGXFSZ] = signal.SIG_IGN  # EFBIG, reported, instead of killing the process
+    previous = {signum: _set_signal(signum, handler) for signum, handler in handlers.items()}
     try:
         with guarded_stdout(), quiet_background_faults():
             try:
@@ -667,7 +667,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     raise
                 return _report(exc, " ".join(command))
     finally:
-        for signum, handler in zip((signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGXFSZ", None)), previous):
+        for signum, handler in previous.items():
             _set_signal(signum, handler)
         forget_interrupts()
 
@@ -718,9 +718,9 @@ def _interrupted(command: str) -> int:
     return 130
 
 
-def _set_signal(signum: Optional[int], handler: Any) -> Any:
+def _set_signal(signum: int, handler: Any) -> Any:
     """Install ``handler`` for ``signum`` (main thread only; elsewhere Python's default stays)."""
-    if signum is None or handler is None or threading.current_thread() is not threading.main_thread():
+    if handler is None or threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signum, handler)
 
