@@ -195,7 +195,7 @@ CASES: List[Case] = [
       "{int64_onnx}"),
     C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --reference {onnx}", 1, "{onnx}"),
     C("eval onnx", "eval {deploy} --dataset digits --reference {onnx}", 1, "--reference"),
-    C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --model torchvision:resnet18", 1,
+    C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --model torchvision:resnet18", 2,
       "--model"),
     C("eval onnx", "eval {qdq_onnx} --dataset cifar10 --data-root {dir}", 1, "{qdq_onnx}"),
     # --model: a checkpoint of a network that is not built in needs its name, and only its own

@@ -1,5 +1,9 @@
 """File input and output that cannot lose or half-write a file.
 
+OS errors are translated here, and only here (:func:`os_error`): a full disk, a file-size limit, a
+read-only file system, a denied permission or an I/O error is one line naming the path and the cause
+in plain words.
+
 Atomic writes: a reader never sees a half-written file; a failure, Ctrl-C or SIGTERM leaves nothing
 behind. The temporary file is ``.NAME.PID.XXXXXXXX.tmp`` beside NAME; one left by a run killed with
 SIGKILL is removed by the next write of NAME once its PID is no longer a live process on this machine
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
@@ -27,6 +32,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -34,7 +40,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type, Union
 
-from .errors import IrepError, Terminated, UsageError, first_line
+from .errors import IrepError, StdoutError, Terminated, UsageError, first_line, note_terminate
 
 try:
     import fcntl
@@ -61,6 +67,133 @@ def clip(text: str, limit: int = 120) -> str:
     return (cut[:space] if space > limit // 2 else cut) + "..."
 
 
+# The cause part of a one-line OS error, in plain words (README "Exit codes"); others read as strerror.
+_OS_CAUSES = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    getattr(errno, "EDQUOT", -1): "disk quota exceeded",
+    errno.EFBIG: "file too large (over the file-size limit of this process, ulimit -f, or of the file system)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EPIPE: "broken pipe (the reader is gone)",
+    errno.EIO: "I/O error (a failing disk or device)",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "too many levels of symbolic links",
+    errno.EISDIR: "is a directory",
+    errno.ENOTDIR: "a part of the path is not a directory",
+    errno.ENOENT: "no such file or directory",
+    errno.EMFILE: "too many open files",
+    errno.ENFILE: "too many open files on this machine",
+    errno.ENXIO: "no such device or address",
+    errno.ETXTBSY: "text file busy",
+    errno.EBUSY: "device or resource busy",
+}
+# Faults of the machine rather than of a path: translated even when a library wrapped them in its own
+# error (torch.save reports ENOSPC as "RuntimeError: unexpected pos", raised while handling the OSError).
+_ENVIRONMENT_FAULTS = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG, errno.EROFS, errno.EIO}
+_WRITE_FAULTS = _ENVIRONMENT_FAULTS | {errno.EACCES, errno.EPERM}
+
+
+def os_cause(err: OSError) -> str:
+    """What went wrong, in plain words (no path): "disk full (no space left on device)"."""
+    cause = _OS_CAUSES.get(err.errno) if err.errno is not None else None
+    if cause is None:
+        text = err.strerror or first_line(err)
+        cause = text[:1].lower() + text[1:]
+    return cause
+
+
+def os_error_in(exc: BaseException) -> Optional[OSError]:
+    """The OSError ``exc`` is, or was raised from or while handling (a library's wrapper), if any."""
+    seen = set()
+    cur: Optional[BaseException] = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno is not None:
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _errno_in_text(exc: BaseException) -> Optional[OSError]:
+    """The OS error a Rust library reports only in its message (safetensors' ``save_file``: "I/O error:
+    No space left on device (os error 28)", or "Os { code: 28, ..." on older versions)."""
+    m = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(exc))
+    if m is None:
+        return None
+    number = int(m.group(1) or m.group(2))
+    return OSError(number, os.strerror(number))
+
+
+def os_error(exc: BaseException, path: PathLike, action: str = "cannot write") -> IrepError:
+    """The one-line error for an OS error while acting on ``path``: "PATH: cannot write: disk full (...)"."""
+    err = os_error_in(exc)
+    cause = os_cause(err) if err is not None else first_line(exc)
+    return IrepError("{}: {}: {}".format(path, action, cause))
+
+
+def escaped_os_error(exc: BaseException) -> Optional[IrepError]:
+    """The CLI's last resort for an OS error no reader or writer translated: an OSError (named by its
+    file when it has one), or a fault of the machine (full disk, I/O error) a library wrapped. None for
+    anything else, which is a bug and keeps its traceback."""
+    err = os_error_in(exc)
+    if err is None or (err is not exc and err.errno not in _ENVIRONMENT_FAULTS):
+        return None
+    names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+    return IrepError("{}: {}".format(" -> ".join(names), os_cause(err)) if names else os_cause(err))
+
+
+@contextlib.contextmanager
+def writing(path: PathLike) -> Iterator[None]:
+    """Within the block, a fault of the machine (full disk, file-size limit, read-only or denied, I/O
+    error) met by a library's own writer of ``path`` (TensorBoard's event files) is one IrepError
+    naming ``path``; anything else passes unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        err = os_error_in(exc)
+        if isinstance(exc, IrepError) or err is None or err.errno not in _WRITE_FAULTS:
+            raise
+        raise os_error(exc, path) from exc
+
+
+@contextlib.contextmanager
+def quiet_background_faults() -> Iterator[None]:
+    """While the block runs, a thread that dies of a fault of the machine (TensorBoard's writer thread
+    on a full disk) prints no traceback: the command meets the same fault and reports it in one line."""
+    previous = threading.excepthook
+
+    def hook(args: Any) -> None:
+        err = os_error_in(args.exc_value) if args.exc_value is not None else None
+        if err is None or err.errno not in _WRITE_FAULTS:
+            previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
+def _write_fault(exc: BaseException, tmp: str, directory: Path) -> Optional[str]:
+    """The cause of a failed write when the machine is at fault, else None (a bug or an IrepError).
+
+    Asked before the temp file is removed: removing it frees the space whose lack is the cause."""
+    if isinstance(exc, IrepError) or not isinstance(exc, Exception):
+        return None
+    err = os_error_in(exc) or _errno_in_text(exc)
+    if err is not None:  # the write's own error has no file name (the rename's names the temp file)
+        return os_cause(err) if err.filename in (None, tmp) else None
+    with contextlib.suppress(OSError, ValueError, ImportError):
+        if os.statvfs(str(directory)).f_bavail == 0:  # a writer that dropped the errno (a C++ library)
+            return _OS_CAUSES[errno.ENOSPC]
+        import resource
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and os.stat(tmp).st_size >= limit:
+            return _OS_CAUSES[errno.EFBIG]
+    return None
+
+
 def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] = IrepError) -> bytes:
     """The bytes of ``path``, refused (one line naming it) when it holds more than ``limit`` bytes.
 
@@ -77,7 +210,7 @@ def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] =
     except FileNotFoundError as exc:
         raise error("{}: no such file".format(p)) from exc
     except OSError as exc:
-        raise error("{}: cannot read: {}".format(p, exc.strerror or exc)) from exc
+        raise error("{}: cannot read: {}".format(p, os_cause(exc))) from exc
     if len(data) > limit:
         raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
     return data
@@ -201,9 +334,18 @@ def check_writable(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) ->
     if not directory.is_dir():
         raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
     if not os.access(str(directory), os.W_OK):
-        raise IrepError("{}: cannot write: directory {} is not writable".format(path, directory))
+        raise IrepError("{}: cannot write: directory {} is not writable{}".format(path, directory,
+                                                                              _read_only_fs(directory)))
     if path.exists() and not os.access(str(path), os.W_OK):
-        raise IrepError("{}: cannot write: file is read-only".format(path))
+        raise IrepError("{}: cannot write: file is read-only{}".format(path, _read_only_fs(directory)))
+
+
+def _read_only_fs(directory: Path) -> str:
+    """" (read-only file system)" when that is why ``directory`` cannot be written, else ""."""
+    try:
+        return " (read-only file system)" if os.statvfs(str(directory)).f_flag & os.ST_RDONLY else ""
+    except (OSError, AttributeError):
+        return ""
 
 
 def _pid_alive(pid: int) -> bool:
@@ -247,6 +389,7 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: Any) -> None:
+        note_terminate()  # as the CLI's handler does, should a library swallow the exception
         raise Terminated("terminated (SIGTERM)")
 
     previous = signal.signal(signal.SIGTERM, handler)
@@ -261,7 +404,8 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success fsync it and rename it over ``path``.
 
     On any exception (Ctrl-C and SIGTERM included) the temporary file is removed and ``path`` is
-    left as it was.
+    left as it was; a fault of the machine (full disk, file-size limit, I/O error, also when a library
+    wrapped it in its own error) becomes one IrepError naming ``path``.
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
@@ -274,7 +418,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             fd, tmp = tempfile.mkstemp(prefix=".{}.{}.".format(path.name, os.getpid()), suffix=".tmp",
                                        dir=str(directory))
         except OSError as exc:
-            raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from exc
+            raise os_error(exc, path) from exc
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
             with os.fdopen(fd, mode) as handle:
@@ -282,10 +426,13 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, str(path))
-        except BaseException:
+        except BaseException as exc:
+            fault = _write_fault(exc, tmp, directory)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise
+            if fault is None:
+                raise
+            raise IrepError("{}: cannot write: {}".format(path, fault)) from exc
 
 
 def _umask() -> int:
@@ -321,7 +468,7 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool], command: Optiona
         raise IrepError("{}: is {}, not a run directory".format(path, file_kind(os.stat(str(path)).st_mode)))
     top = _make_directories(path) if new else None
     if not os.access(str(path), os.W_OK):
-        raise IrepError("{}: cannot write: the run directory is not writable".format(path))
+        raise IrepError("{}: cannot write: the run directory is not writable{}".format(path, _read_only_fs(path)))
     lock = run_lock(path, command) if command else contextlib.nullcontext()
     with lock:
         if command:  # outside the cleanup: files found here are not this call's to remove
@@ -353,7 +500,7 @@ def _make_directories(path: Path) -> Optional[Path]:
         except OSError as exc:
             if top is not None:
                 shutil.rmtree(str(top), ignore_errors=True)
-            raise IrepError("{}: cannot create the run directory: {}".format(path, exc.strerror or exc)) from exc
+            raise IrepError("{}: cannot create the run directory: {}".format(path, os_cause(exc))) from exc
         if top is None:
             top = directory
     return top
@@ -483,21 +630,30 @@ def _run_file(path: Path, mode: int) -> None:
 def append_jsonl(path: PathLike, record: Dict[str, Any]) -> None:
     """Append one JSON record as a line (run logs), in one write: concurrent appends never interleave.
     A log that is a link (symbolic, or a second hard link) or not a regular file is refused: the
-    append would change a file outside the run."""
+    append would change a file outside the run. A write that fails (full disk) is undone, so the
+    file never ends in a cut line, and is one IrepError naming the file."""
     path = Path(path)
+    data = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_NONBLOCK | _O_CLOEXEC
     try:
         fd = os.open(str(path), flags, 0o666)
     except OSError as exc:
         with contextlib.suppress(OSError):
             _run_file(path, os.lstat(str(path)).st_mode)
-        raise IrepError("{}: cannot write: {}".format(path, exc.strerror or exc)) from exc
+        raise os_error(exc, path) from exc
     try:
         st = os.fstat(fd)
         _run_file(path, st.st_mode)
         if st.st_nlink > 1:
             raise IrepError("{}: has another hard link; appending would change that file too".format(path))
-        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"))
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, st.st_size)
+            raise os_error(exc, path) from exc
     finally:
         os.close(fd)
 
@@ -530,6 +686,57 @@ def trim_jsonl(path: PathLike, keep: Callable[[Dict[str, Any]], bool]) -> None:
             lines.append(line)
     with atomic_write(path, "w") as handle:
         handle.write("".join(line + "\n" for line in lines))
+
+
+class _GuardedStdout:
+    """``sys.stdout`` during a command: a write or flush that fails is a :class:`StdoutError`, which
+    the CLI tells apart from a failing file (a closed pipe exits quietly)."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise _stdout_error(exc) from exc
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise _stdout_error(exc) from exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_error(exc: OSError) -> StdoutError:
+    return StdoutError("stdout: {}".format(os_cause(exc)), broken_pipe=exc.errno == errno.EPIPE)
+
+
+@contextlib.contextmanager
+def guarded_stdout() -> Iterator[None]:
+    """While the block runs, an error writing ``sys.stdout`` raises :class:`StdoutError`."""
+    stream = sys.stdout
+    if stream is None:
+        yield
+        return
+    sys.stdout = _GuardedStdout(stream)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = stream
+
+
+def silence_stdout() -> None:
+    """Point standard output at /dev/null: what is still buffered for a closed pipe or a full device
+    then goes nowhere, instead of failing again at exit ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
 
 
 @contextlib.contextmanager

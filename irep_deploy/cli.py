@@ -20,8 +20,9 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from . import __version__
 from . import options as opt
-from ._io import read_arch_bytes
-from .errors import IrepError, Terminated, UsageError, forget_interrupts, interrupt_noted, note_interrupt, raise_if_interrupted
+from ._io import escaped_os_error, guarded_stdout, quiet_background_faults, read_arch_bytes, silence_stdout
+from .errors import (IrepError, StdoutError, Terminated, UsageError, forget_interrupts, interrupt_noted,
+                     note_interrupt, note_terminate, printable, raise_if_interrupted, terminate_noted)
 
 Handler = Callable[[argparse.Namespace], int]
 Build = Callable[[argparse.ArgumentParser], None]
@@ -53,7 +54,7 @@ class _Parser(argparse.ArgumentParser):
         return super(_Parser, self.built()).format_usage()
 
     def error(self, message: str) -> "NoReturn":  # type: ignore[override]
-        self.exit(2, "{}: error: {} (see --help)\n".format(self.prog, message.splitlines()[0] if message else ""))
+        self.exit(2, "{}: error: {} (see --help)\n".format(self.prog, printable(message.strip())))
 
 
 # -- flags derived from the library -----------------------------------------------------------------
@@ -120,7 +121,7 @@ def _given(args: argparse.Namespace, config: type, *also: str) -> Dict[str, Any]
     # --model may come with --resume: a run whose settings name a model spec needs the user to name it
     named = [opt.flag_names(f)[0] for f in fields if f.name != "backbone"] + list(also)
     if args.resume and named:
-        raise IrepError("--resume continues with the run's saved settings; drop {}".format(named[0]))
+        raise UsageError("--resume continues with the run's saved settings; drop {}".format(named[0]))
     return {f.name: getattr(args, f.name) for f in fields}
 
 
@@ -279,7 +280,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         run, config, model = args.resume, None, given.get("backbone")
     else:
         if args.run_dir is None:
-            raise IrepError("give a run directory (-o RUN_DIR) or --resume RUN_DIR")
+            raise UsageError("give a run directory (-o RUN_DIR) or --resume RUN_DIR")
         if "arch" in given:  # the flag names a file; the run stores the code's text
             from .train import arch_setting
             given["arch"], given["backbone"] = arch_setting(given["arch"], given.get("backbone"))
@@ -328,9 +329,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_onnx(args: argparse.Namespace) -> int:
     if args.model is not None:
-        raise IrepError("{}: an ONNX file carries its network; drop --model {}".format(args.ckpt, args.model))
+        raise UsageError("{}: an ONNX file carries its network; drop --model {}".format(args.ckpt, args.model))
     if args.device not in ("auto", "cpu"):
-        raise IrepError("{}: ONNX files are evaluated with onnxruntime on the CPU; drop --device {}".format(
+        raise UsageError("{}: ONNX files are evaluated with onnxruntime on the CPU; drop --device {}".format(
             args.ckpt, args.device))
     if args.dataset is None:
         raise IrepError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
@@ -674,53 +675,84 @@ def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
 
 
 def _one_line(exc: BaseException, limit: int = 600) -> str:
-    """The first line of an error message, cut to ``limit`` characters: errors are always one line."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else type(exc).__name__
+    """An error message as one line of at most ``limit`` characters: a newline or ESC (from a file
+    name) is shown escaped, never cut at nor sent to the terminal."""
+    text = printable(str(exc).strip()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# Exit status when stdout's reader is gone: what a shell reports for a tool killed by SIGPIPE.
+BROKEN_PIPE_EXIT = 141
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes (README "Exit codes"): 0 success, 1 bad input, 2 usage, 3 verification failed,
-    130 Ctrl-C, 143 SIGTERM. Parsing is inside the try: Ctrl-C while torch imports is one line too."""
+    130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM. Parsing is inside the try: Ctrl-C while
+    torch imports is one line too."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    command = "irep-deploy"
+    command = ["irep-deploy"]
 
     def on_sigint(signum: int, frame: Any) -> None:
         # remembered, because some libraries turn the KeyboardInterrupt into another error on its way up
         note_interrupt()
         raise KeyboardInterrupt
 
-    previous = _set_sigint(on_sigint)
+    def on_sigterm(signum: int, frame: Any) -> None:
+        note_terminate()
+        raise Terminated("terminated (SIGTERM)")
+
+    handlers = {signal.SIGINT: on_sigint, signal.SIGTERM: on_sigterm}
+    if hasattr(signal, "SIGXFSZ"):  # a write beyond the file-size limit (ulimit -f) then fails with
+        handlers[signal.SIGXFSZ] = signal.SIG_IGN  # EFBIG, reported, instead of killing the process
+    previous = {signum: _set_signal(signum, handler) for signum, handler in handlers.items()}
     try:
-        try:
-            # numpy before torch: torch's C initialisation imports it and swallows any error of that
-            # import, a KeyboardInterrupt included (seen on torch 2.0: Ctrl-C ignored, the work ran on)
-            import numpy  # noqa: F401
-            args = build_parser().parse_args(argv)
-        except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
-            return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
-        raise_if_interrupted()  # an interrupt some library swallowed while the parser imported it
-        command += " " + args.command
-        return args.handler(args)
-    except Terminated:
-        if debug:
-            raise
-        print("{}: terminated (SIGTERM); nothing half-written was left".format(command), file=sys.stderr)
-        return Terminated.exit_code
-    except BaseException as exc:
-        if debug:
-            raise
-        # after a Ctrl-C any error is the interrupt, however a library dressed it ("onnxruntime is not installed")
-        if interrupt_noted() or isinstance(exc, KeyboardInterrupt):
-            return _interrupted(command)
-        if not isinstance(exc, IrepError):
-            raise
-        print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
-        return exc.exit_code
+        with guarded_stdout(), quiet_background_faults():
+            try:
+                code = _run(argv, command)
+                sys.stdout.flush()  # a closed pipe or a full device shows here, not at exit
+                return code
+            except BaseException as exc:
+                if debug:
+                    raise
+                return _report(exc, " ".join(command))
     finally:
-        _set_sigint(previous)
+        for signum, handler in previous.items():
+            _set_signal(signum, handler)
         forget_interrupts()
+
+
+def _run(argv: Optional[List[str]], command: List[str]) -> int:
+    try:
+        # numpy before torch: torch's C initialisation imports it and swallows any error of that
+        # import, a KeyboardInterrupt included (seen on torch 2.0: Ctrl-C ignored, the work ran on)
+        import numpy  # noqa: F401
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2), --help/--version (0): a code, for in-process callers too
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    raise_if_interrupted()  # an interrupt some library swallowed while the parser imported it
+    command.append(args.command)
+    return args.handler(args)
+
+
+def _report(exc: BaseException, command: str) -> int:
+    """The one line and the exit code of a command that failed; anything else is a bug and raises."""
+    # after a SIGTERM or Ctrl-C any error is that signal, however a library dressed it
+    if terminate_noted() or isinstance(exc, Terminated):
+        print("{}: terminated (SIGTERM)".format(command), file=sys.stderr)
+        return Terminated.exit_code
+    if interrupt_noted() or isinstance(exc, KeyboardInterrupt):
+        return _interrupted(command)
+    if isinstance(exc, StdoutError):
+        silence_stdout()
+        if exc.broken_pipe:  # the reader has all it wanted (`| head`): quiet, as Unix tools are
+            return BROKEN_PIPE_EXIT
+    elif not isinstance(exc, IrepError):
+        translated = escaped_os_error(exc)  # an OS error no reader or writer translated
+        if translated is None:
+            raise exc
+        exc = translated
+    print("{}: error: {}".format(command, _one_line(exc)), file=sys.stderr)
+    return exc.exit_code  # type: ignore[attr-defined]
 
 
 def _interrupted(command: str) -> int:
@@ -735,11 +767,11 @@ def _interrupted(command: str) -> int:
     return 130
 
 
-def _set_sigint(handler: Any) -> Any:
-    """Install ``handler`` for SIGINT (main thread only; elsewhere Python's default stays)."""
+def _set_signal(signum: int, handler: Any) -> Any:
+    """Install ``handler`` for ``signum`` (main thread only; elsewhere Python's default stays)."""
     if handler is None or threading.current_thread() is not threading.main_thread():
         return None
-    return signal.signal(signal.SIGINT, handler)
+    return signal.signal(signum, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

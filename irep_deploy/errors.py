@@ -72,8 +72,18 @@ class TrainingDiverged(IrepError):
     exit_code = 2
 
 
+class StdoutError(IrepError):
+    """Standard output cannot be written: its reader is gone (EPIPE: the CLI then exits quietly, 141,
+    as a Unix tool killed by SIGPIPE) or its device is full (/dev/full: one line, exit 1)."""
+
+    def __init__(self, message: str, broken_pipe: bool) -> None:
+        super().__init__(message)
+        self.broken_pipe = broken_pipe
+
+
 class Terminated(BaseException):
-    """SIGTERM arrived while an atomic write was in progress (raised so the temp file is removed).
+    """SIGTERM arrived during a command (the CLI's handler) or an atomic write (raised so that cleanup
+    runs and the temp file is removed).
 
     A BaseException, like KeyboardInterrupt, so that ``except Exception`` in library code lets it pass.
     """
@@ -84,15 +94,26 @@ class Terminated(BaseException):
 # Ctrl-C seen by the CLI's SIGINT handler. Remembered because library code can swallow the
 # KeyboardInterrupt the handler raises (a C++ callback into Python, a ``hasattr`` from C, an import
 # that reports failure as ImportError); the long loops then raise it again at their next step.
+# SIGTERM likewise: its Terminated can be swallowed where a KeyboardInterrupt can.
 _INTERRUPT = threading.Event()
+_TERMINATE = threading.Event()
 note_interrupt = _INTERRUPT.set
-forget_interrupts = _INTERRUPT.clear
 interrupt_noted = _INTERRUPT.is_set
+note_terminate = _TERMINATE.set
+terminate_noted = _TERMINATE.is_set
+
+
+def forget_interrupts() -> None:
+    """Forget a noted Ctrl-C and SIGTERM (the CLI, when a command ends)."""
+    _INTERRUPT.clear()
+    _TERMINATE.clear()
 
 
 def raise_if_interrupted() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C arrived and was swallowed on its way up: called once per step
-    of every long loop (training, evaluation, search scoring, latency timing)."""
+    """Raise Terminated or KeyboardInterrupt if SIGTERM or Ctrl-C arrived and was swallowed on its way
+    up: called once per step of every long loop (training, evaluation, search scoring, latency timing)."""
+    if _TERMINATE.is_set():
+        raise Terminated("terminated (SIGTERM)")
     if _INTERRUPT.is_set():
         raise KeyboardInterrupt
 
@@ -103,3 +124,10 @@ def first_line(exc: BaseException, limit: int = 200) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def printable(text: str) -> str:
+    """``text`` with every character a terminal would act on or hide (newline, ESC, other control and
+    format characters, undecodable bytes of a file name) written as its escape (``\\n``, ``\\x1b``):
+    an error line stays one line, and a file name cannot move the cursor or recolour the terminal."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.nn as nn
 
-from .errors import IrepError
+from .errors import IrepError, UsageError
 
 AMP_MODES = ("none", "bf16", "fp16")
 #: cuBLAS needs this workspace setting for deterministic matmuls; it is read when cuBLAS starts.
@@ -181,7 +181,7 @@ def make_scaler(amp: str, device: torch.device) -> Any:
     if amp != "fp16":
         return None
     if device.type != "cuda":
-        raise IrepError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+        raise UsageError("--amp fp16 needs a CUDA device (use bf16 on CPU)")
     if hasattr(torch, "amp") and hasattr(torch.amp, "GradScaler"):  # torch >= 2.3
         return torch.amp.GradScaler("cuda")
     return torch.cuda.amp.GradScaler()

@@ -136,7 +136,7 @@ def test_every_search_setting_reaches_the_config():
 ])
 def test_resume_refuses_settings(argv, flag, tmp_path, capsys):
     argv = [str(tmp_path / "run") if a == "RUN" else a for a in argv]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2  # usage: a setting given with --resume
     assert "drop {}".format(flag) in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

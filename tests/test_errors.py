@@ -80,3 +80,72 @@ def test_argument_errors_are_usage_errors_and_still_value_errors():
                                            ("x" * 300, "x" * 197 + "...")])
 def test_first_line(message, want):
     assert errors.first_line(RuntimeError(message) if message else KeyError()) == want
+
+
+@pytest.mark.parametrize("text, want", [
+    ("plain", "plain"),
+    ("a\nb", "a\\nb"),
+    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    ("tab\there", "tab\\there"),
+    ("rtl\u202eevil", "rtl\\u202eevil"),
+    ("not utf-8 \udcff", "not utf-8 \\udcff"),
+    ("ünïcödé ok", "ünïcödé ok"),
+])
+def test_printable_escapes_what_a_terminal_would_act_on(text, want):
+    assert errors.printable(text) == want
+
+
+def test_an_error_line_with_a_newline_in_a_file_name_is_one_escaped_line(tmp_path, capsys):
+    bad = tmp_path / "evil\nname\x1b[2J.bin"
+    bad.write_text("nonsense\n")
+    assert main(["show", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert "evil\\nname\\x1b[2J.bin" in err
+
+
+def test_an_argparse_error_is_escaped_too(capsys):
+    assert main(["show", "a", "--bogus\x1b[2J"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "--bogus\\x1b[2J" in err
+
+
+def test_an_os_error_nothing_translated_is_one_line_not_a_traceback(tmp_path, capsys):
+    """The CLI's last resort: an OSError with a file name that escaped a command (here a Path.exists
+    that raises for a name longer than the kernel accepts) names the file and the cause."""
+    long = tmp_path / ("n" * 300 + ".pt")
+    rc = main(["fuse", str(tmp_path / "m.pt"), str(tmp_path / "a.bin"), "-o", str(long)])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "file name too long" in err
+
+
+def test_stdout_errors_are_told_apart(capsys):
+    from irep_deploy._io import guarded_stdout
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    old = sys.stdout
+    sys.stdout = Closed()
+    try:
+        with guarded_stdout():
+            with pytest.raises(errors.StdoutError) as info:
+                print("x")
+    finally:
+        sys.stdout = old
+    assert info.value.broken_pipe and str(info.value) == "stdout: broken pipe (the reader is gone)"
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--dataset", "digits", "--backbone", "resnet18_cifar"], "-o RUN_DIR"),
+    (["train", "--resume", "nowhere", "--epochs", "5"], "--epochs"),
+    (["search", "--resume", "nowhere", "--preset", "cpu"], "--preset"),
+])
+def test_flag_conflicts_are_usage_errors(argv, flag, capsys):
+    assert main(argv) == 2
+    assert flag in capsys.readouterr().err

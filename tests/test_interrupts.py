@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 from irep_deploy import build_model, fuse_model, save_checkpoint
 from irep_deploy.bench.latency import measure_samples
 from irep_deploy.cli import main
-from irep_deploy.errors import forget_interrupts, note_interrupt
+from irep_deploy.errors import forget_interrupts, note_interrupt, note_terminate
 from irep_deploy.evaluation import evaluate_models
 from irep_deploy.runtime import Dist
 from irep_deploy.steps import run_epoch
@@ -127,3 +128,47 @@ def test_exit_status_is_130_when_cpython_recorded_a_swallowed_interrupt(tmp_path
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert proc.returncode == 130, (proc.returncode, proc.stderr[-1000:])
     assert proc.stderr.strip().splitlines()[-1] == "irep-deploy: interrupted"
+
+
+# -- SIGTERM: at any moment one line and 143, nothing half-written -------------------------------------
+@pytest.fixture(scope="module")
+def deploy_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("term") / "deploy.pt"
+    save_checkpoint(path, fuse_model(build_model("resnet18_cifar", width=0.125, num_classes=10)))
+    return path
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_sigterm_at_any_moment_is_one_line_and_143(deploy_ckpt, tmp_path, delay):
+    """Early (Python importing the CLI, then torch) and late (timing): the same outcome, and the
+    --json report is not written. The delays only spread the moments; nothing is timed."""
+    out = tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "irep_deploy", "bench", str(deploy_ckpt), "--duration", "60",
+                             "--iterations", "1000000", "--backend", "torch", "--json", str(out)], env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    time.sleep(delay)
+    proc.terminate()
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    assert proc.returncode == 143, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err and err.strip().splitlines() in (["irep-deploy bench: terminated (SIGTERM)"],
+                                                                   ["irep-deploy: terminated (SIGTERM)"]), err
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_a_swallowed_sigterm_still_stops_the_work(tmp_path, capsys, deploy_ckpt):
+    """A library that swallowed the Terminated (as one may swallow a KeyboardInterrupt): the noted
+    SIGTERM stops the timing loop at its next step, 143."""
+    timer = threading.Timer(2.0, note_terminate)
+    timer.start()
+    try:
+        code = main(["bench", str(deploy_ckpt), "--duration", "60", "--iterations", "10", "--backend", "torch"])
+    finally:
+        timer.cancel()
+        forget_interrupts()
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines() == ["irep-deploy bench: terminated (SIGTERM)"], err

@@ -313,9 +313,9 @@ def _add_int8(path: str, variants: List[Variant], shape_info: Dict[str, Any], in
     if not fused:
         raise IrepError("{}: --int8 quantizes the fused model: give a deploy checkpoint, or --compare".format(path))
     if calib is None:
-        raise IrepError("--int8 needs --calib DATASET: the fused model is calibrated on real images")
+        raise UsageError("--int8 needs --calib DATASET: the fused model is calibrated on real images")
     if "ort" not in backends:
-        raise IrepError("--int8 variants run on onnxruntime: add ort to --backend")
+        raise UsageError("--int8 variants run on onnxruntime: add ort to --backend")
     size = input_size or shape_info["input_size"]
     images = calibration_images(calib, (shape_info["in_channels"], size, size), calib_size, data_root, source=path)
     variants.insert(variants.index(fused[0]) + 1, Variant("fused-int8", fused[0].module, calib=images))
@@ -330,7 +330,7 @@ def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool)
         return ["torch", "cudagraph", "ort"] if cuda else ["torch", "ort"]
     bad = [b for b in requested if b not in BACKENDS]
     if bad:
-        raise IrepError("unknown backend {!r} (choose from {})".format(bad[0], ", ".join(BACKENDS)))
+        raise UsageError("unknown backend {!r} (choose from {})".format(bad[0], ", ".join(BACKENDS)))
     allowed = {"onnx": {"ort"}, "engine": {"trt"}, "checkpoint": {"torch", "cudagraph", "ort"}}[kind]
     for b in requested:
         if b not in allowed:
@@ -338,7 +338,7 @@ def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool)
             raise IrepError("backend {} cannot run a{} {}{}".format(
                 b, "n" if kind in ("onnx", "engine") else "", kind, hint))
         if b in ("cudagraph", "trt") and not cuda:
-            raise IrepError("backend {} needs a CUDA GPU, and --device resolved to the CPU".format(b))
+            raise UsageError("backend {} needs a CUDA GPU, and --device resolved to the CPU".format(b))
     return list(dict.fromkeys(requested))
 
 
@@ -385,7 +385,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     if threads:
         torch.set_num_threads(int(threads))
     if not int8 and calib is not None:
-        raise IrepError("--calib applies to --int8 only")
+        raise UsageError("--calib applies to --int8 only")
     if int8 and kind != "checkpoint":
         raise IrepError("{}: --int8 quantizes a checkpoint's fused model; an {} file is benched as it is "
                         "(a QDQ ONNX is labelled onnx-int8)".format(path, kind))

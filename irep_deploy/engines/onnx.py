@@ -25,7 +25,7 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable, quote, regular_input
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare
-from ..errors import CheckpointError, IrepError, VerificationError, first_line
+from ..errors import CheckpointError, IrepError, UsageError, VerificationError, first_line
 from ..precision import exact_fp32
 from ..reparam import fuse_model
 from ..resources import require_input_memory, require_memory, size_flags
@@ -293,19 +293,19 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
     out = Path(out) if out is not None else default_onnx_path(ckpt)
     check_writable(out, inputs=(ckpt, arch))
     if simplify not in SIMPLIFIERS:
-        raise IrepError("unknown simplifier {!r} (choose from {})".format(simplify, ", ".join(SIMPLIFIERS)))
+        raise UsageError("unknown simplifier {!r} (choose from {})".format(simplify, ", ".join(SIMPLIFIERS)))
     top = max_opset()
     if not MIN_OPSET <= opset <= top:
-        raise IrepError("opset {} is outside what this torch exports ({}-{}; TensorRT 8.5 reads up to {})".format(
+        raise UsageError("opset {} is outside what this torch exports ({}-{}; TensorRT 8.5 reads up to {})".format(
             opset, MIN_OPSET, top, DEFAULT_OPSET))
     if batch is not None and batch < 1:
-        raise IrepError("batch must be at least 1, got {}".format(batch))
+        raise UsageError("batch must be at least 1, got {}".format(batch))
     if input_size is not None and input_size < 1:
-        raise IrepError("input size must be at least 1, got {}".format(input_size))
+        raise UsageError("input size must be at least 1, got {}".format(input_size))
     if verify_batch < 2:
-        raise IrepError("verify batch must be at least 2 (batch 1 is always checked), got {}".format(verify_batch))
+        raise UsageError("verify batch must be at least 2 (batch 1 is always checked), got {}".format(verify_batch))
     if input_name == output_name:
-        raise IrepError("input and output names must differ (both {!r})".format(input_name))
+        raise UsageError("input and output names must differ (both {!r})".format(input_name))
     require_onnx()
     ort_helpers.require_onnxruntime()
     net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model, trust_pickle=trust_pickle)

@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._io import regular_input
-from ..errors import IrepError, first_line
+from ..errors import IrepError, UsageError, first_line
 
 # Preferred order when "all installed" providers are asked for; unknown ones keep their own order.
 _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -40,7 +40,7 @@ def resolve_providers(providers: Optional[Sequence[str]] = None) -> List[str]:
             "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
             "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}.get(name.lower(), name)
         if full not in installed:
-            raise IrepError("onnxruntime provider {} is not available here (installed: {})".format(
+            raise UsageError("onnxruntime provider {} is not available here (installed: {})".format(
                 name, ", ".join(installed)))
         out.append(full)
     return out

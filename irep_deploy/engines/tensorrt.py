@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, check_writable, clip, quote, read_bounded, regular_input
 from ..compare import INT8_REAL, TRT_FP16, TRT_FP32, compare
-from ..errors import EngineMismatchError, IrepError, VerificationError, first_line
+from ..errors import EngineMismatchError, IrepError, UsageError, VerificationError, first_line
 from ..precision import exact_fp32
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -362,7 +362,7 @@ def _use_dla(trt: Any, builder: Any, config: Any, options: BuildOptions) -> None
     if not 0 <= options.dla_core < cores:
         raise IrepError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
     if not (options.fp16 or options.int8):
-        raise IrepError("--dla-core needs --fp16 or --int8: DLA runs FP16 and INT8 only")
+        raise UsageError("--dla-core needs --fp16 or --int8: DLA runs FP16 and INT8 only")
     config.default_device_type = trt.DeviceType.DLA
     config.DLA_core = int(options.dla_core)
     config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers DLA cannot run stay on the GPU
@@ -411,6 +411,10 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
         check_writable(timing_cache, inputs=(onnx_path, calib_cache))
     if calib_cache is not None:
         check_writable(calib_cache, inputs=(onnx_path,))
+    given = [b for b in (min_batch, opt_batch, max_batch) if b is not None]
+    if given != sorted(given):  # refused before any file is read: the flags alone contradict
+        raise UsageError("batch range must satisfy min <= opt <= max, got --min-batch {} --opt-batch {} "
+                         "--max-batch {}".format(*("-" if b is None else b for b in (min_batch, opt_batch, max_batch))))
     model = onnx_engine.load_onnx(onnx_path)
     input_name, output_name, dims = onnx_engine.io_spec(model)
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]):
@@ -426,7 +430,7 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
         opt_batch = min_batch if opt_batch is None else opt_batch
         max_batch = max(32, opt_batch) if max_batch is None else max_batch
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise IrepError("batch range must satisfy 1 <= min ({}) <= opt ({}) <= max ({})".format(
+        raise UsageError("batch range must satisfy 1 <= min ({}) <= opt ({}) <= max ({})".format(
             min_batch, opt_batch, max_batch))
     chw = tuple(int(d) for d in dims[1:])
     qdq = int8_tools.is_quantized(model)
@@ -488,18 +492,18 @@ def _check_int8_args(onnx_path: PathLike, int8: bool, qdq: bool, calib: Optional
     if not int8:
         for flag, value in (("--calib", calib), ("--calib-cache", calib_cache)):
             if value is not None:
-                raise IrepError("{} applies to --int8 builds only".format(flag))
+                raise UsageError("{} applies to --int8 builds only".format(flag))
         return
     if qdq and calib_cache is not None:
         raise IrepError("--calib-cache {}: {} is already quantized (QDQ); its scales are in the graph, there is "
                         "nothing to calibrate".format(calib_cache, onnx_path))
     if not qdq and calib is None and not cache_present:
-        raise IrepError("{}: a float ONNX with --int8 needs --calib DATASET (implicit calibration, TensorRT 8.5/"
+        raise UsageError("{}: a float ONNX with --int8 needs --calib DATASET (implicit calibration, TensorRT 8.5/"
                         "10.x) or an existing --calib-cache; or quantize it to QDQ first".format(onnx_path))
     if verify and calib is None:
-        raise IrepError("--verify of an INT8 engine compares on real images: give --calib DATASET")
+        raise UsageError("--verify of an INT8 engine compares on real images: give --calib DATASET")
     if not qdq and calib is not None and calib_size < calib_batch:
-        raise IrepError("--calib-size {}: too few images for one calibration batch of {}".format(
+        raise UsageError("--calib-size {}: too few images for one calibration batch of {}".format(
             calib_size, calib_batch))
 
 

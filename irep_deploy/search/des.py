@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from .._io import atomic_write, run_directory, trim_jsonl, write_json
+from .._io import atomic_write, run_directory, trim_jsonl, write_json, writing
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
@@ -250,7 +250,8 @@ class _Search:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # optional extra
             return None
-        return SummaryWriter(str(self.run / "tensorboard"))
+        with writing(self.run / "tensorboard"):
+            return SummaryWriter(str(self.run / "tensorboard"))
 
     # state
     def state(self) -> Dict[str, Any]:
@@ -427,11 +428,12 @@ class _Search:
         if self.writer is None:
             return
         r = record.round
-        self.writer.add_scalar("fitness/best", record.best_fitness, r)
-        self.writer.add_scalar("fitness/mean", record.mean_fitness, r)
-        for op, n in record.population_op_counts.items():
-            self.writer.add_scalar("branches/" + op, n, r)
-        self.writer.flush()
+        with writing(self.run / "tensorboard"):
+            self.writer.add_scalar("fitness/best", record.best_fitness, r)
+            self.writer.add_scalar("fitness/mean", record.mean_fitness, r)
+            for op, n in record.population_op_counts.items():
+                self.writer.add_scalar("branches/" + op, n, r)
+            self.writer.flush()
 
     def run_all(self) -> None:
         config = self.config
@@ -440,8 +442,9 @@ class _Search:
             self.epoch += 1
             self.log(record)
             if self.writer is not None:
-                self.writer.add_scalar("train/loss", record.train_loss, self.epoch)
-                self.writer.add_scalar("train/acc", record.train_acc, self.epoch)
+                with writing(self.run / "tensorboard"):
+                    self.writer.add_scalar("train/loss", record.train_loss, self.epoch)
+                    self.writer.add_scalar("train/acc", record.train_acc, self.epoch)
             line = "epoch {}/{} ({}): loss {:.4f}, train acc {:.2f}%".format(
                 self.epoch, config.total_epochs, record.phase, record.train_loss, record.train_acc)
             after_warmup = self.epoch - config.warmup_epochs
@@ -455,7 +458,8 @@ class _Search:
                 tqdm.write(line)
             self.save()
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.run / "tensorboard"):
+                self.writer.close()
 
 
 def _key(code: ArchCode) -> str:

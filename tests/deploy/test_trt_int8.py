@@ -142,22 +142,22 @@ def test_qdq_facts_keep_the_onnx_metadata(fmnist_qdq):
 
 
 # -- the CLI: argument errors come before TensorRT, so they are checked on any machine ------------------
-@pytest.mark.parametrize("argv, msg", [
-    (["{float}", "--int8"], "needs --calib DATASET"),
-    (["{float}", "--calib", "fashion-mnist"], "--calib applies to --int8"),
-    (["{float}", "--calib-cache", "{dir}/c.cache"], "--calib-cache applies to --int8"),
-    (["{qdq}"], "quantized (QDQ) ONNX; build it with --int8"),
-    (["{qdq}", "--int8", "--calib-cache", "{dir}/c.cache"], "nothing to calibrate"),
-    (["{qdq}", "--int8", "--verify"], "--verify of an INT8 engine compares on real images"),
-    (["{float}", "--int8", "--calib", "fashion-mnist", "--calib-size", "10"], "too few images"),
-    (["{other}", "--int8", "--calib", "fashion-mnist"], "calibration data of the wrong shape"),
-    (["{float}", "--int8", "--calib", "fashion-mnist", "--data-root", "{dir}/none"], "no such directory"),
+@pytest.mark.parametrize("argv, msg, code", [
+    (["{float}", "--int8"], "needs --calib DATASET", 2),
+    (["{float}", "--calib", "fashion-mnist"], "--calib applies to --int8", 2),
+    (["{float}", "--calib-cache", "{dir}/c.cache"], "--calib-cache applies to --int8", 2),
+    (["{qdq}"], "quantized (QDQ) ONNX; build it with --int8", 1),
+    (["{qdq}", "--int8", "--calib-cache", "{dir}/c.cache"], "nothing to calibrate", 1),
+    (["{qdq}", "--int8", "--verify"], "--verify of an INT8 engine compares on real images", 2),
+    (["{float}", "--int8", "--calib", "fashion-mnist", "--calib-size", "10"], "too few images", 2),
+    (["{other}", "--int8", "--calib", "fashion-mnist"], "calibration data of the wrong shape", 1),
+    (["{float}", "--int8", "--calib", "fashion-mnist", "--data-root", "{dir}/none"], "no such directory", 1),
 ])
-def test_build_trt_int8_argument_errors(fmnist, fmnist_qdq, fused_onnx, tmp_path, capsys, argv, msg):
+def test_build_trt_int8_argument_errors(fmnist, fmnist_qdq, fused_onnx, tmp_path, capsys, argv, msg, code):
     names = {"float": str(fmnist["onnx"]), "qdq": str(fmnist_qdq), "other": str(fused_onnx), "dir": str(tmp_path)}
     argv = [a.format(**names) for a in argv] + ["-o", str(tmp_path / "m.engine")]
     rc, out, err = cli(capsys, "build-trt", *argv)
-    assert rc == 1 and msg in one_line_error(err), err
+    assert rc == code and msg in one_line_error(err), err
     assert leftovers(tmp_path, ["m.engine", "m.engine.json", "c.cache"]) == []
 
 

@@ -183,7 +183,7 @@ def test_ablation_search_runs_records_its_settings_and_refuses_a_changed_resume(
     pop = json.loads((run / "population.json").read_text())
     assert pop["round"] == 2 and len(pop["codes"]) == 6  # the same outputs as DES
     assert all(len(c["history"]) == 1 for c in pop["codes"])  # fresh codes, scored once
-    assert main(["search", "--resume", str(run), "--strategy", "des"]) == 1
+    assert main(["search", "--resume", str(run), "--strategy", "des"]) == 2  # usage: a setting given with --resume
     assert "drop --strategy" in capsys.readouterr().err
     from irep_deploy.runs import read_run_state
     from irep_deploy.search.des import SearchConfig

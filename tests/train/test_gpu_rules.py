@@ -109,7 +109,7 @@ def test_cli_deterministic_is_a_setting_of_the_run(tmp_path, capsys):
                  "--deterministic"]) == 0
     assert read_run_state(run, "train", TrainConfig)[0]["config"]["deterministic"] is True
     capsys.readouterr()
-    assert main(["train", "--resume", str(run), "--deterministic"]) == 1
+    assert main(["train", "--resume", str(run), "--deterministic"]) == 2  # usage: a setting given with --resume
     assert "drop --deterministic" in capsys.readouterr().err
 
 

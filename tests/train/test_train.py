@@ -143,7 +143,7 @@ def test_cli_train_then_eval(trained, tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "wrote" in out and (tmp_path / "cli" / "ckpt.pt").is_file()
-    assert main(["train", "--resume", str(tmp_path / "cli"), "--epochs", "3"]) == 1
+    assert main(["train", "--resume", str(tmp_path / "cli"), "--epochs", "3"]) == 2  # usage: a setting given with --resume
     assert "drop --epochs" in capsys.readouterr().err
 
 
