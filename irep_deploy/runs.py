@@ -226,9 +226,11 @@ def check_tensors(state: Dict[str, Any], key: str, path: PathLike) -> Dict[str, 
 
 
 def check_settings(config: Any, path: PathLike) -> None:
-    """The saved settings' own consistency (``config.check()``), refused naming the file."""
+    """The saved settings' own consistency (``config.check()``), refused naming the file. Weights files
+    are left out: they were read once when the run started, and a resume needs them no more."""
+    read_once = {name: None for name in ("weights", "init_from") if hasattr(config, name)}
     try:
-        dataclasses.replace(config).check()
+        dataclasses.replace(config, **read_once).check()
     except IrepError as exc:
         raise CheckpointError("{}: the saved settings are unusable: {}".format(path, first_line(exc, 200))) from exc
 

@@ -44,7 +44,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
 import torch
 
-from ._io import atomic_write, clip, no_typed_storage_warning, quote
+from ._io import atomic_write, clip, no_typed_storage_warning, quote, regular_input
 from .errors import CheckpointError, IrepError, first_line
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -235,6 +235,7 @@ def load_tree(path: PathLike, what: str, trust_pickle: bool = False,
 def read_regular(name: str, what: str, limit: int, error: Type[IrepError]) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. Opened without blocking, so a FIFO
     without a writer is refused rather than waited on; devices (/dev/zero) are refused unread."""
+    regular_input(name, "a " + what, error)  # the one wording of a special file, before it is opened
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError as exc:

@@ -280,8 +280,8 @@ def cases(H) -> list:
           setup=_stage("bad", _saved(lambda t: _bn_var(t, -1.0)))),
         C("header field", "fuse {state} {arch}", 1, "resume state", setup=_stage("state", _state_file)),
         # special files and files that are not checkpoints: refused unread, without waiting
-        C("special file", "fuse /dev/zero {arch}", 1, "not a regular file"),
-        C("special file", "fuse {fifo} {arch}", 1, "not a regular file", setup=_stage("fifo", _fifo)),
+        C("special file", "fuse /dev/zero {arch}", 1, "/dev/zero: is a character device"),
+        C("special file", "fuse {fifo} {arch}", 1, "is a FIFO", setup=_stage("fifo", _fifo)),
         C("special file", "convert {fifo} -o {case}/new.pt", 1, "{fifo}", setup=_stage("fifo", _fifo)),
         C("special file", "fuse {zeros} {arch}", 1, "not a readable checkpoint"),
         C("special file", "fuse {case} {arch}", 1, "is a directory"),
