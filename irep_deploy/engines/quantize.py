@@ -17,11 +17,12 @@ import importlib.util
 import inspect
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -252,7 +253,7 @@ def ort_quantize_qdq(src: Path, dst: Path, reader: CalibReader, method: str, per
         bins: Any = _entropy_histogram(first_conv_outputs(onnx.load(str(src), load_external_data=False)))
     else:
         bins = contextlib.nullcontext()
-    with contextlib.redirect_stdout(io.StringIO()), bins:
+    with contextlib.redirect_stdout(io.StringIO()), bins, _quiet_ort_warnings():
         quantize_static(
             str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
@@ -262,6 +263,25 @@ def ort_quantize_qdq(src: Path, dst: Path, reader: CalibReader, method: str, per
             # FP32 (TensorRT quantizes them itself and takes INT8 Q/DQ tensors, not INT32).
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             **kwargs)
+
+
+class _DropOrtWarnings(logging.Filter):
+    """Drops onnxruntime's warnings logged on the root logger ("Expected bias ... initializer" for every
+    FP32 bias we keep on purpose): they would break the one line an error gets and bury the summary."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_ort_warnings() -> Iterator[None]:
+    drop = _DropOrtWarnings()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_root: Optional[str] = None,

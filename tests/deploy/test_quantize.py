@@ -285,3 +285,19 @@ def test_a_kl_search_that_ends_on_its_smallest_candidate_keeps_the_full_range():
             assert float(raw[1]) <= smallest + 1e-6 and float(kept[1]) == pytest.approx(amax)
         else:
             assert smallest < float(raw[1]) < amax / 2 and kept == raw
+
+
+def test_the_command_prints_only_its_own_lines_for_a_graph_with_shared_biases(tmp_path):
+    # An untrained network folds to all-zero biases, which torch's exporter shares through Identity
+    # nodes; onnxruntime then warns on the root logger ("Expected bias ... initializer") once per conv.
+    # In a real process that reached the terminal, and an error's one line with it.
+    from conftest import run_cli
+    from irep_deploy import build_model, fuse_model, save_checkpoint
+
+    net = build_model("resnet18_cifar", width=0.125, num_classes=10, in_channels=1, input_size=28).eval()
+    save_checkpoint(tmp_path / "deploy.pt", fuse_model(net))
+    rc, _, err = run_cli(tmp_path, "export", "deploy.pt", "-o", "plain.onnx", "--simplify", "none")
+    assert rc == 0, err
+    rc, out, err = run_cli(tmp_path, "quantize", "plain.onnx", "--calib", "fashion-mnist", "--calib-size", CALIB,
+                           "-o", "q.onnx", "--min-cosine", "0.5")
+    assert rc == 0 and err == "" and "wrote q.onnx" in out, err
