@@ -550,7 +550,8 @@ def totals(verdicts: Sequence[str], changed: Sequence[bool]) -> Dict[str, int]:
     return count
 
 
-def _provenance(argv: Sequence[str]) -> List[str]:
+def provenance(argv: Sequence[str], script: str = "bad_input.py") -> List[str]:
+    """The commit (and whether the tree was dirty), command, date and machine of a results file."""
     import platform
     import subprocess
     root = HERE.parent
@@ -564,8 +565,8 @@ def _provenance(argv: Sequence[str]) -> List[str]:
     import torch
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     dirty = " (tree dirty)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return ["Commit {}{}, command `python benchmarks/bad_input.py{}`, {} UTC, Python {}, torch {}, {}.".format(
-        commit, dirty, "".join(" " + a for a in argv), time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    return ["Commit {}{}, command `python benchmarks/{}{}`, {} UTC, Python {}, torch {}, {}.".format(
+        commit, dirty, script, "".join(" " + a for a in argv), time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         platform.python_version(), torch.__version__, platform.platform())]
 
 
@@ -587,6 +588,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             hcases = [c for c in hostile.all_cases() if not any(s in " ".join(c.argv) for s in args.skip)]
             second = hostile.run_all(hcases, Path(tmp), progress=True)
+        hostile.write_results(second, str(Path(args.out).parent / "hostile.md"), provenance(args_list(argv)))
     import irep_deploy
     pkg, root = Path(irep_deploy.__file__).resolve().parent, Path(__file__).resolve().parent.parent
     shown = pkg.relative_to(root) if root in pkg.parents else pkg  # another tree (e.g. the old code) in full
@@ -599,7 +601,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = ["| table | " + " | ".join(TOTALS) + " |", "|---" * (len(TOTALS) + 1) + "|"]
     summary += ["| {} | {} |".format(name, " | ".join(str(t[k]) for k in TOTALS)) for name, t in rows]
     bad = [o for o in outcomes if o.verdict != "one-line error"]
-    lines = ["# Bad-input tables", ""] + _provenance(args_list(argv)) + ["", "## Totals", "", "\n".join(summary), "",
+    lines = ["# Bad-input tables", ""] + provenance(args_list(argv)) + ["", "## Totals", "", "\n".join(summary), "",
              "Tracebacks, wrong successes, changed inputs, hangs and imports must all be 0; a skipped case is one "
              "this machine cannot stage (its reason is in results/hostile.md).", "",
              "## First table", "",

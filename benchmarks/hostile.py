@@ -375,17 +375,13 @@ def totals(outcomes: Sequence[Outcome]) -> Dict[str, int]:
     return {k: sum(1 for o in outcomes if o.verdict == k) for k in KINDS}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(HERE / "results" / "hostile.md"))
-    ap.add_argument("--only", action="append", default=[], help="only the cases of this hostile_cases file")
-    args = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    cases = all_cases(args.only)
-    with tempfile.TemporaryDirectory() as tmp:
-        outcomes = run_all(cases, Path(tmp), progress=True)
+def write_results(outcomes: Sequence[Outcome], out: str, header: Sequence[str] = ()) -> None:
+    """results/hostile.md: where it was made (``header``), the table by category, every skipped case
+    with its reason, every failure."""
     bad = [o for o in outcomes if o.problems]
-    lines = ["# Hostile-input table (faults of the environment, hostile files, two writers)", "",
+    lines = ["# Hostile-input table (faults of the environment, hostile files, two writers)", ""]
+    lines += list(header) + [""] if header else []
+    lines += [
              "`python benchmarks/hostile.py` ({} cases; in-process through `irep_deploy.cli.main`, real processes "
              "where a case needs one). Verdict per case: the worst of hang (> {} s) > a module named by a file "
              "imported > input destroyed > traceback > wrong success > leftover > not one line > does not name "
@@ -398,11 +394,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
                                                    (o.stderr.strip().splitlines() or [""])[-1][:160]) for o in bad]
     from irep_deploy._io import atomic_write
-    with atomic_write(args.out, "w") as handle:
+    with atomic_write(out, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(HERE / "results" / "hostile.md"))
+    ap.add_argument("--only", action="append", default=[], help="only the cases of this hostile_cases file")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cases = all_cases(args.only)
+    with tempfile.TemporaryDirectory() as tmp:
+        outcomes = run_all(cases, Path(tmp), progress=True)
+    write_results(outcomes, args.out, _bad_input().provenance(sys.argv[1:] if argv is None else argv, "hostile.py"))
     print(table(outcomes))
     print("wrote {}".format(args.out))
-    return 1 if bad else 0
+    return 1 if any(o.problems for o in outcomes) else 0
 
 
 if __name__ == "__main__":

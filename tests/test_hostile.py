@@ -50,3 +50,12 @@ def test_hostile(case, hostile_env):
     if outcome.skipped:
         pytest.skip(outcome.skipped)
     assert outcome.problems == [], "exit {}; stderr:\n{}".format(outcome.rc, outcome.stderr[-3000:])
+
+
+def test_the_totals_count_each_case_under_its_worst_problem_and_changed_inputs_apart():
+    bad_input = hostile._bad_input()
+    verdicts = ["one-line error", "clean", "skipped", "traceback", "input destroyed", "hang", "import", "leftover"]
+    changed = [False, False, False, True, True, False, False, False]
+    count = bad_input.totals(verdicts, changed)
+    assert count == {"cases": 8, "one-line errors": 1, "clean successes": 1, "skipped": 1, "tracebacks": 1,
+                     "wrong successes": 0, "changed inputs": 2, "hangs": 1, "imports": 1, "other problems": 1}
