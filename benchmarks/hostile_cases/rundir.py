@@ -147,6 +147,12 @@ def cases(H):  # noqa: C901 - one table
         os.mkfifo(str(d / "figs" / "accuracy_latency.png"))
         return {}, None
 
+    def figures_dir_fifo(d: Path, f: Dict[str, Path]):
+        if importlib.util.find_spec("matplotlib") is None:
+            raise H.Skip("plot needs matplotlib (not installed in this lane)")
+        os.mkfifo(str(d / "figs"))
+        return {}, None
+
     user_arch = USER_ARCH
     cases: List[object] = []
     C = cases.append
@@ -233,6 +239,9 @@ def cases(H):  # noqa: C901 - one table
     C(H.H(AREA, "special output", "plot --points {points_clash} -o {case}/figs", 1,
           "{case}/figs/accuracy_latency.png: cannot write: it is a FIFO", setup=figures_fifo,
           label="plot -o a directory where one figure is a FIFO"))
+    C(H.H(AREA, "special output", "plot --points {points_clash} -o {case}/figs", 1,
+          "{case}/figs: cannot write figures: it is a FIFO, not a directory", setup=figures_dir_fifo,
+          label="plot -o a FIFO where the figures directory belongs"))
     C(out("special output", "train -o {special} " + TRAIN, "fifo", "run"))
     C(out("special output", "search -o {special} " + SEARCH, "chardev", "run"))
 

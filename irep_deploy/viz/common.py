@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from .._io import atomic_write, check_not_input, check_output_kind, read_json
+from .._io import atomic_write, check_not_input, check_output_kind, file_kind, read_json
 from ..arch import LayerSpec, backbone_info
 from ..errors import IrepError, PlotError
 
@@ -52,11 +52,16 @@ def read_input(path: PathLike) -> Any:
     return read_json(path, MAX_INPUT_BYTES, "a figure input", PlotError)
 
 
+def check_figure_dir(out: Path) -> None:
+    """Refuse a figures directory that exists as something else (a file, a FIFO), naming what it is."""
+    if out.exists() and not out.is_dir():
+        raise PlotError("{}: cannot write figures: it is {}, not a directory".format(out, file_kind(out.stat().st_mode)))
+
+
 def write(outputs: Outputs, out_dir: PathLike, inputs: Sequence[Optional[PathLike]] = ()) -> List[Path]:
     """Write rendered figures, each atomically, after checking that none would replace an input."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise PlotError("{}: cannot write figures: it is a file, not a directory".format(out))
+    check_figure_dir(out)
     for name, _ in outputs:
         check_not_input(out / name, inputs)
         check_output_kind(out / name)  # a FIFO among the figures: refused before the first is written

@@ -11,7 +11,7 @@ from ..errors import PlotError
 from ..search.records import ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, Population, RoundRecord, read_population
 from .alpha_beta import AlphaBeta, load_alpha_beta, render_alpha_beta
 from .arch_code import render_arch
-from .common import Outputs, PathLike, mpl, read_input, write
+from .common import Outputs, PathLike, check_figure_dir, mpl, read_input, write
 from .fitness import read_rounds, render_fitness
 from .points import load_points, render_points
 
@@ -43,8 +43,7 @@ def plot(source: Optional[PathLike] = None, out_dir: Optional[PathLike] = None,
     else:
         base = Path(str(points)).parent
     out = Path(out_dir) if out_dir is not None else base / "figures"
-    if out.exists() and not out.is_dir():
-        raise PlotError("{}: cannot write figures: it is a file, not a directory".format(out))
+    check_figure_dir(out)
     # read and check every input first: a bad file fails before any rendering or writing
     skipped: List[str] = []
     code: Optional[ArchCode] = None
