@@ -205,7 +205,10 @@ def read_bounded(path: PathLike, limit: int, what: str, error: Type[IrepError] =
         # O_NONBLOCK: a FIFO put in its place since the check must not block the open
         fd = os.open(str(p), os.O_RDONLY | _O_NONBLOCK | _O_CLOEXEC)
         with os.fdopen(fd, "rb") as handle:
-            _refuse_special(p, os.fstat(handle.fileno()).st_mode, what, error)
+            st = os.fstat(handle.fileno())
+            _refuse_special(p, st.st_mode, what, error)
+            if st.st_size > limit:  # refused unread: a reader never holds more than its limit
+                raise error("{}: larger than {:,} bytes; not {}".format(p, limit, what))
             data = handle.read(limit + 1)
     except FileNotFoundError as exc:
         raise error("{}: no such file".format(p)) from exc

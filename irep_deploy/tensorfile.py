@@ -36,7 +36,6 @@ import json
 import math
 import os
 import pickle
-import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Set, Tuple, Type, Union
 
 import torch
 
-from ._io import atomic_write, clip, no_typed_storage_warning, quote, regular_input
+from ._io import atomic_write, clip, no_typed_storage_warning, quote, read_bounded
 from .errors import CheckpointError, IrepError, first_line
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -219,7 +218,7 @@ def load_tree(path: PathLike, what: str, trust_pickle: bool = False,
     where allowed, an old pickle file. ``what`` names the kind of file in messages ("checkpoint").
     Every problem is one ``error`` naming the file."""
     name = str(path)
-    data = read_regular(name, what, limit, error)
+    data = read_bounded(name, limit, "a " + what, error)  # special files refused unopened
     if _is_safetensors(data):
         return _load_safetensors(data, name, what, error)
     if data[:4] in _ZIP or (data[:1] and data[0] == _PICKLE_PROTO):
@@ -230,43 +229,6 @@ def load_tree(path: PathLike, what: str, trust_pickle: bool = False,
                     .format(name, size, len(data) - 8))
     raise error("{}: not a readable {} (neither a safetensors file nor an old torch.save file{})".format(
         name, what, ", it is empty" if not data else ""))
-
-
-def read_regular(name: str, what: str, limit: int, error: Type[IrepError]) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes. Opened without blocking, so a FIFO
-    without a writer is refused rather than waited on; devices (/dev/zero) are refused unread."""
-    regular_input(name, "a " + what, error)  # the one wording of a special file, before it is opened
-    try:
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError as exc:
-        raise error("{}: no such file".format(name)) from exc
-    except IsADirectoryError as exc:
-        raise error("{}: is a directory, not a {}".format(name, what)) from exc
-    except OSError as exc:
-        raise error("{}: cannot read: {}".format(name, exc.strerror or exc)) from exc
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise error("{}: is a directory, not a {}".format(name, what))
-        if not stat.S_ISREG(st.st_mode):
-            raise error("{}: not a regular file (a FIFO, socket or device); a {} is a file".format(name, what))
-        if st.st_size > limit:
-            raise error("{}: {:,} bytes, larger than a {} can be ({:,} bytes)".format(name, st.st_size, what, limit))
-        chunks, left = [], limit + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-    except OSError as exc:
-        raise error("{}: cannot read: {}".format(name, exc.strerror or exc)) from exc
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise error("{}: grew past {:,} bytes while being read".format(name, limit))
-    return data
 
 
 def _is_safetensors(data: bytes) -> bool:
