@@ -579,6 +579,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="only the first table (the second, benchmarks/hostile.py, writes its own file too)")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    made = provenance(args_list(argv))  # before any results file is rewritten: the tree as it was run
     with tempfile.TemporaryDirectory() as tmp:
         cases = [c for c in CASES if not any(s in " ".join(c.argv) for s in args.skip)]
         outcomes = run_all(cases, Path(tmp), progress=True)
@@ -588,7 +589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             hcases = [c for c in hostile.all_cases() if not any(s in " ".join(c.argv) for s in args.skip)]
             second = hostile.run_all(hcases, Path(tmp), progress=True)
-        hostile.write_results(second, str(Path(args.out).parent / "hostile.md"), provenance(args_list(argv)))
+        hostile.write_results(second, str(Path(args.out).parent / "hostile.md"), made)
     import irep_deploy
     pkg, root = Path(irep_deploy.__file__).resolve().parent, Path(__file__).resolve().parent.parent
     shown = pkg.relative_to(root) if root in pkg.parents else pkg  # another tree (e.g. the old code) in full
@@ -601,7 +602,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = ["| table | " + " | ".join(TOTALS) + " |", "|---" * (len(TOTALS) + 1) + "|"]
     summary += ["| {} | {} |".format(name, " | ".join(str(t[k]) for k in TOTALS)) for name, t in rows]
     bad = [o for o in outcomes if o.verdict != "one-line error"]
-    lines = ["# Bad-input tables", ""] + provenance(args_list(argv)) + ["", "## Totals", "", "\n".join(summary), "",
+    lines = ["# Bad-input tables", ""] + made + ["", "## Totals", "", "\n".join(summary), "",
              "Tracebacks, wrong successes, changed inputs, hangs and imports must all be 0; a skipped case is one "
              "this machine cannot stage (its reason is in results/hostile.md).", "",
              "## First table", "",
