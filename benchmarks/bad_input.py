@@ -24,7 +24,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 CASE_SECONDS = 60  # a case still running after this is a hang (old code: `bench --warmup inf`)
@@ -385,18 +385,23 @@ def _onnx_fixtures(d: Path, f: Dict[str, Path]) -> None:
 
 # -- running one case --------------------------------------------------------------------------------
 def snapshot(d: Path) -> Dict[str, str]:
-    """sha256 of every file under ``d`` (links by their target text), keyed by relative path."""
+    """sha256 of every regular file under ``d``, keyed by relative path; links by their target text,
+    special files (FIFOs, devices: never read) by their kind."""
+    import stat
     out = {}
     for root, dirs, files in os.walk(str(d)):
         for name in dirs + files:
             p = Path(root) / name
             rel = str(p.relative_to(d))
-            if p.is_symlink():
+            mode = os.lstat(str(p)).st_mode
+            if stat.S_ISLNK(mode):
                 out[rel] = "link:" + os.readlink(str(p))
-            elif p.is_file():
+            elif stat.S_ISREG(mode):
                 out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            else:
+            elif stat.S_ISDIR(mode):
                 out[rel] = "dir"
+            else:
+                out[rel] = "special:{:o}".format(stat.S_IFMT(mode))
     return out
 
 
@@ -424,10 +429,11 @@ class Outcome:
         return "one-line error"
 
 
-def run_case(case: Case, f: Dict[str, Path], base: Dict[str, str]) -> Outcome:
+def run_main(argv: Sequence[str]) -> Tuple[Optional[int], str, bool, bool]:
+    """``irep_deploy.cli.main(argv)`` in this process with stdout and stderr captured: (exit code or
+    None, stderr, hung past CASE_SECONDS, an exception escaped). Shared by both tables."""
     from irep_deploy.cli import main
 
-    argv = [expand(a, f) for a in case.argv]
     err, out = io.StringIO(), io.StringIO()
     rc: Optional[int] = None
     tb = False
@@ -440,7 +446,7 @@ def run_case(case: Case, f: Dict[str, Path], base: Dict[str, str]) -> Outcome:
     signal.alarm(CASE_SECONDS)
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
-            rc = main(argv)
+            rc = main(list(argv))
         except SystemExit as exc:
             rc = exc.code if isinstance(exc.code, int) else 1
         except _Hang:
@@ -451,7 +457,11 @@ def run_case(case: Case, f: Dict[str, Path], base: Dict[str, str]) -> Outcome:
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, previous)
-    text = err.getvalue()
+    return rc, err.getvalue(), hung, tb
+
+
+def run_case(case: Case, f: Dict[str, Path], base: Dict[str, str]) -> Outcome:
+    rc, text, hung, tb = run_main([expand(a, f) for a in case.argv])
     after = snapshot(f["dir"])
     changed = sorted(k for k, v in base.items() if after.get(k) != v)
     new = sorted(k for k in after if k not in base)
@@ -514,9 +524,12 @@ def run_all(cases: Sequence[Case], work: Path, progress: bool = False) -> List[O
     return outcomes
 
 
-def table(outcomes: Sequence[Outcome]) -> str:
-    kinds = ["one-line error", "hang", "input destroyed", "traceback", "wrong success", "leftover", "not one line",
-             "does not name it", "wrong exit code"]
+KINDS = ["one-line error", "hang", "input destroyed", "traceback", "wrong success", "leftover", "not one line",
+         "does not name it", "wrong exit code"]
+
+
+def table(outcomes: Sequence[Any], kinds: Sequence[str] = KINDS) -> str:
+    """Counts of each verdict per category, then the total (outcomes of either table)."""
     cats: List[str] = []
     for o in outcomes:
         if o.case.category not in cats:

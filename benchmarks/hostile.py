@@ -24,18 +24,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib.util
-import io
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -50,10 +46,6 @@ Fixtures = Dict[str, Path]
 # setup(case_dir, fixtures) -> extra fixture names (formatted into argv like the shared ones) and an
 # optional teardown (a background writer to stop, a mount to remove)
 Setup = Callable[[Path, Fixtures], Tuple[Fixtures, Optional[Callable[[], None]]]]
-
-
-class _Hang(BaseException):
-    pass
 
 
 class Skip(Exception):
@@ -121,22 +113,7 @@ def _bad_input():
 
 
 def snapshot(d: Path) -> Dict[str, str]:
-    """sha256 of every regular file under ``d``; links by their target, special files by their kind."""
-    out = {}
-    for root, dirs, files in os.walk(str(d)):
-        for name in dirs + files:
-            p = Path(root) / name
-            rel = str(p.relative_to(d))
-            mode = os.lstat(str(p)).st_mode
-            if stat.S_ISLNK(mode):
-                out[rel] = "link:" + os.readlink(str(p))
-            elif stat.S_ISREG(mode):
-                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-            elif stat.S_ISDIR(mode):
-                out[rel] = "dir"
-            else:
-                out[rel] = "special:{:o}".format(stat.S_IFMT(mode))
-    return out
+    return _bad_input().snapshot(d)
 
 
 @dataclass
@@ -227,33 +204,12 @@ def run_case(case: HCase, f: Fixtures, work: Path) -> Outcome:
 
 
 def _run_inprocess(argv: List[str], f: Fixtures) -> Tuple[Optional[int], str, bool, bool]:
-    from irep_deploy.cli import main
-
-    err, out = io.StringIO(), io.StringIO()
-    rc: Optional[int] = None
-    tb = hung = False
-
-    def alarm(signum: int, frame: object) -> None:
-        raise _Hang()
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(CASE_SECONDS)
-    sys.path.insert(0, str(f["evil"]))
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            rc = main(argv)
-        except SystemExit as exc:
-            rc = exc.code if isinstance(exc.code, int) else 1
-        except _Hang:
-            hung = True
-        except BaseException:  # noqa: B902 - a traceback is what this table looks for
-            tb = True
-            traceback.print_exc()
-        finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
-            sys.path.remove(str(f["evil"]))
-    return rc, err.getvalue(), hung, tb or "Traceback" in err.getvalue()
+    sys.path.insert(0, str(f["evil"]))  # evilmod importable, as a file naming it would need
+    try:
+        rc, text, hung, tb = _bad_input().run_main(argv)
+    finally:
+        sys.path.remove(str(f["evil"]))
+    return rc, text, hung, tb or "Traceback" in text
 
 
 def process_env(f: Fixtures) -> Dict[str, str]:
@@ -359,20 +315,7 @@ def restore(f: Fixtures, d: Path, pristine: Path) -> None:
 
 
 def table(outcomes: Sequence[Outcome]) -> str:
-    cats: List[str] = []
-    for o in outcomes:
-        if o.case.category not in cats:
-            cats.append(o.case.category)
-    rows = ["| category | cases | " + " | ".join(KINDS) + " |", "|---" * (len(KINDS) + 2) + "|"]
-    for cat in cats + ["total"]:
-        sel = [o for o in outcomes if cat in ("total", o.case.category)]
-        counts = [sum(1 for o in sel if o.verdict == k) for k in KINDS]
-        rows.append("| {} | {} | {} |".format(cat, len(sel), " | ".join(map(str, counts))))
-    return "\n".join(rows)
-
-
-def totals(outcomes: Sequence[Outcome]) -> Dict[str, int]:
-    return {k: sum(1 for o in outcomes if o.verdict == k) for k in KINDS}
+    return _bad_input().table(outcomes, KINDS)
 
 
 def write_results(outcomes: Sequence[Outcome], out: str, header: Sequence[str] = ()) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import stat
 import struct
 import warnings
 import zlib
@@ -34,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, U
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
-from ._io import quote
+from ._io import quote, regular_input
 from .errors import DataError, UsageError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -179,14 +178,12 @@ def require_regular_file(path: Union[str, Path], what: str, error: Type[DataErro
     """Refuse, before opening it, a ``path`` that is missing or is not a regular file: a FIFO would
     block the open forever, a device would be read without end, a directory is not ``what``."""
     try:
-        mode = os.stat(str(path)).st_mode
+        os.stat(str(path))
     except FileNotFoundError as exc:
         raise error("{}: {} missing".format(path, what)) from exc
     except OSError as exc:
         raise error("{}: cannot read {}: {}".format(path, what, exc.strerror or exc)) from exc
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
-        raise error("{}: is {}, not a regular file ({})".format(path, kind, what))
+    regular_input(path, what, error)  # _io's one wording: "is a FIFO, not an image"
 
 
 def _read_exactly(handle: Any, count: int) -> bytes:
