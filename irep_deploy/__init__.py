@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ArchCode": "arch", "IrepConv": "block", "Checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
-    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "IrepError": "errors", "apply_arch": "models",
-    "build_model": "models", "current_arch": "models", "fuse_model": "reparam", "to_torchvision": "reparam",
+    "load_model": "checkpoint", "save_checkpoint": "checkpoint", "IrepError": "errors", "apply_arch": "binding",
+    "build_model": "models", "current_arch": "binding", "fuse_model": "reparam", "to_torchvision": "reparam",
     "irepify": "surgery",
 }
 

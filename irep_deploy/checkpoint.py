@@ -34,8 +34,9 @@ from ._io import quote
 from .arch import ArchCode, fingerprint, first_layer_difference
 from .errors import ArchFormatError, ArchMismatchError, CheckpointError, IrepError
 from .ops import REGISTRY
-from .surgery import irepify, layer_specs
-from .models import MODELS, activate, apply_arch, build_model, current_arch, is_external, model_config
+from .binding import activate, apply_arch, current_arch, is_external, layer_specs, model_config
+from .surgery import irepify
+from .models import MODELS, build_model
 from .reparam import fuse_model
 from .tensorfile import load_tree, save_tree
 

@@ -15,7 +15,8 @@ from ._io import check_writable, same_file
 from .checkpoint import load_checkpoint, multi_branch_model, recorded_dataset, save_checkpoint
 from .compare import FUSE_FP32, compare
 from .errors import IrepError, UsageError, VerificationError
-from .models import MODELS, current_arch
+from .binding import current_arch
+from .models import MODELS
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
 from .resources import require_input_memory, size_flags

@@ -13,11 +13,11 @@ from .block import IrepConv
 from .errors import CheckpointError, IrepError
 from .fusion import fold_bn
 from .surgery import scan_conv_bn
-from .models import MODELS, current_arch, model_config, plan_arch
+from .binding import current_arch, model_config, plan_arch, searchable_layers
+from .models import MODELS
 from .ops import ConvBN
 from ._io import PathLike
 from .tensorfile import load_tree
-from .models import searchable_layers
 
 
 def _fusable(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module]]:

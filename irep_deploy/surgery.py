@@ -22,7 +22,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from .arch import LayerSpec, fingerprint, register_backbone
+from .arch import fingerprint, register_backbone
+from .binding import layer_specs
 from .block import IrepConv
 from .errors import IrepError
 from .ops import SPACES, ConvBN, check_ops
@@ -278,9 +279,3 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
 def _inside_irep(path: str, modules: Dict[str, nn.Module]) -> bool:
     parts = path.split(".")
     return any(isinstance(modules.get(".".join(parts[:i])), IrepConv) for i in range(1, len(parts)))
-
-
-def layer_specs(model: nn.Module) -> Tuple[LayerSpec, ...]:
-    """The geometry of every IrepConv of ``model``, in registration order (the rows of its codes)."""
-    return tuple(LayerSpec(n, m.in_channels, m.out_channels, m.stride, m.groups)
-                 for n, m in model.named_modules() if isinstance(m, IrepConv))

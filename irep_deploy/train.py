@@ -39,7 +39,8 @@ from . import options as opt
 from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
-from .models import is_spec, searchable_layers
+from .binding import searchable_layers
+from .models import is_spec
 from .models.external import named_spec
 from .options import BACKBONE_HELP, model_setting, setting
 from .precision import exact_fp32

@@ -1,4 +1,7 @@
-"""The model zoo: ``build_model(name, arch=...)`` and the link between models and architecture codes."""
+"""The model zoo: ``build_model(name, arch=...)`` for the built-in backbones and model specs.
+
+The link between models and architecture codes lives in :mod:`irep_deploy.binding`; its functions
+are re-exported here for existing imports."""
 from __future__ import annotations
 
 import functools
@@ -9,10 +12,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..arch import ArchCode, LayerSpec, first_layer_difference, register_backbone
+from ..arch import ArchCode, LayerSpec, register_backbone
 from ..block import IrepConv
+from ..binding import (activate, apply_arch, current_arch, is_external, model_config, plan_arch,
+                       searchable_layers)
 from ..errors import ArchMismatchError, UsageError
-from ..surgery import irepify, layer_specs
+from ..surgery import irepify
 from ..ops import SPACES, check_ops
 from .external import build_external, factory_kwargs, is_spec
 from .common import ConvFactory
@@ -55,11 +60,6 @@ def _irep_factory(ops: Sequence[str]) -> ConvFactory:
     return conv3x3
 
 
-def searchable_layers(model: nn.Module) -> List[Tuple[str, IrepConv]]:
-    """(module path, block) of every searchable 3x3 conv, in forward (registration) order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, IrepConv)]
-
-
 def _layer_table(name: str) -> Callable[[], Tuple[LayerSpec, ...]]:
     @functools.lru_cache(maxsize=None)
     def layers() -> Tuple[LayerSpec, ...]:
@@ -73,14 +73,6 @@ def _layer_table(name: str) -> Callable[[], Tuple[LayerSpec, ...]]:
 
 for _entry in MODELS.values():
     register_backbone(_entry.name, _layer_table(_entry.name), _entry.space)
-
-
-def model_config(model: nn.Module) -> Dict[str, Any]:
-    """The construction arguments recorded on a model by :func:`build_model`."""
-    config = getattr(model, "irep_config", None)
-    if config is None:
-        raise UsageError("this model was not made by irep_deploy.build_model (it has no irep_config)")
-    return config
 
 
 def _as_code(arch: Union[ArchCode, str, "os.PathLike[str]", None]) -> Optional[ArchCode]:
@@ -144,19 +136,6 @@ def build_model(name: str, arch: Union[ArchCode, str, "os.PathLike[str]", None] 
     return model
 
 
-def activate(model: nn.Module, code: Optional[ArchCode], supernet: bool = False) -> None:
-    """Give a freshly built model its branches: ``code``'s (created), or with ``supernet`` every
-    available branch, ``code`` (default: all) active."""
-    model.irep_config["supernet"] = bool(supernet)
-    if supernet:
-        for _, block in searchable_layers(model):
-            block.add_branches(op for op in block.ops if block.available(op))
-        apply_arch(model, code if code is not None else ArchCode.full(
-            model.irep_config["backbone"], model.irep_config["ops"]))
-    elif code is not None:
-        apply_arch(model, code, create=True)
-
-
 def _build_spec(spec: str, space: Sequence[str], num_classes: Optional[int], width: float,
                 in_channels: Optional[int], input_size: Optional[int], model_kwargs: Optional[Dict[str, Any]],
                 weights: Optional[str], include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
@@ -171,69 +150,3 @@ def _build_spec(spec: str, space: Sequence[str], num_classes: Optional[int], wid
         raise UsageError("{} takes {} input channel(s), the data has {}".format(spec, config["in_channels"], in_channels))
     config["model"].update(kwargs=kwargs, weights=weights)
     return model
-
-
-def is_external(model: nn.Module) -> bool:
-    """A network made searchable by irepify (a model spec or a user's module), not a built-in backbone."""
-    return model_config(model).get("model") is not None
-
-
-def plan_arch(model: nn.Module, code: ArchCode, create: bool = False) -> List[Tuple[IrepConv, Tuple[str, ...]]]:
-    """Check that ``code`` fits ``model`` and return (block, active ops) per searchable layer.
-
-    Refuses, naming the first mismatch, a code for another backbone, with other ops or layers, or
-    one that needs a branch the model does not hold (unless ``create``). Changes nothing.
-    """
-    config = model_config(model)
-    blocks = searchable_layers(model)
-    if is_external(model) or code.geometry is not None:
-        # any network: the structure decides, not the label (the same net may be named two ways)
-        if code.geometry is None:
-            raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
-        diff = first_layer_difference(code.geometry, layer_specs(model), "the code", "the model")
-        if diff is not None:
-            raise ArchMismatchError("architecture code for {} does not fit this {}: {}".format(
-                code.backbone, config["backbone"], diff))
-    elif code.backbone != config["backbone"]:
-        raise ArchMismatchError("architecture code is for {}, the model is {}".format(code.backbone, config["backbone"]))
-    names = tuple(n for n, _ in blocks)
-    if names != code.layers:
-        for i, (a, b) in enumerate(zip(code.layers, names)):
-            if a != b:
-                raise ArchMismatchError("row {} of the code is layer {}, the model's is {}".format(i + 1, a, b))
-        raise ArchMismatchError("the code has {} layers, the model {}".format(len(code.layers), len(names)))
-    plans = []
-    for (name, block), row in zip(blocks, code.bits):
-        if block.ops != code.ops:
-            raise ArchMismatchError("the code's ops ({}) differ from the model's op space at {} ({})".format(
-                " ".join(code.ops), name, " ".join(block.ops)))
-        wanted = tuple(op for op, bit in zip(code.ops, row) if bit)
-        for op in wanted:
-            if not block.available(op):
-                raise ArchMismatchError("op {} is unavailable at {} (stride {}, {}->{} channels)".format(
-                    op, name, block.stride, block.in_channels, block.out_channels))
-            if op not in block.branches and not create:
-                raise ArchMismatchError("{} has no {} branch (the model holds: {})".format(
-                    name, op, " ".join(block.branches) or "none"))
-        plans.append((block, wanted))
-    return plans
-
-
-def apply_arch(model: nn.Module, code: ArchCode, create: bool = False) -> None:
-    """Make ``code`` the active branch set of every searchable layer (checked first by
-    :func:`plan_arch`, so a refused code leaves the model as it was); ``create`` adds missing
-    branches freshly initialised."""
-    for block, wanted in plan_arch(model, code, create):
-        if create:
-            block.add_branches(wanted)
-        block.active = wanted
-
-
-def current_arch(model: nn.Module) -> ArchCode:
-    """The code of the branches ``model`` currently runs."""
-    config = model_config(model)
-    blocks = searchable_layers(model)
-    ops = tuple(config["ops"])
-    return ArchCode(config["backbone"], ops, [n for n, _ in blocks],
-                    [[1 if op in block.active else 0 for op in ops] for _, block in blocks],
-                    layer_specs(model) if is_external(model) else None)

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from ..arch import ArchCode
 from ..block import IrepConv
-from ..models import plan_arch, searchable_layers
+from ..binding import plan_arch, searchable_layers
 from ..reparam import fuse_model
 
 
