@@ -137,8 +137,8 @@ TOLERANCE = float_in(0.0, 1e6)
 POSITIVE = float_in(0.0, sys.float_info.max, lo_open=True)  # any finite value > 0 (a huge lr diverges, by design)
 NON_NEGATIVE = float_in(0.0, sys.float_info.max)
 
-SPEC_HELP = ("torchvision:NAME (any torchvision.models.get_model name) or package.module:factory "
-             "(the factory returns an nn.Module)")
+SPEC_HELP = ("torchvision:NAME (any torchvision.models.get_model name), timm:NAME (timm.create_model, "
+             "pretrained=False; the timm extra) or package.module:factory (the factory returns an nn.Module)")
 BACKBONE_HELP = ("the network: a built-in backbone (resnet18_cifar, vgg16_cifar, resnet18, ...) or " + SPEC_HELP
                  + "; its 3x3 convs become searchable blocks (irepify); a 3-channel network is fed 1-channel data "
                    "by copying the grey channel")
@@ -148,7 +148,8 @@ _MODEL_SETTINGS: Dict[str, Dict[str, Any]] = {
     "model_kwargs": dict(help="a JSON object of the --model factory's keyword arguments (num_classes is added from "
                               "the data where the factory takes it)", type=json_object, metavar="JSON"),
     "weights": dict(help="initial weights of a --model network: a state-dict file (loaded with weights_only=True) "
-                         "or a torchvision weights name such as IMAGENET1K_V1 (downloaded by torchvision)",
+                         "or a torchvision weights name such as IMAGENET1K_V1 (downloaded by torchvision; timm: "
+                         "specs take files only)",
                     metavar="NAME_OR_FILE"),
     "include": dict(help="rewrite only the 3x3 convs whose module path matches (fnmatch; repeatable)",
                     metavar="PATTERN", repeat=True),

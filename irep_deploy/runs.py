@@ -50,7 +50,7 @@ def check_model_settings(backbone: str, width: float, model_kwargs: Optional[Dic
         given = [flag for flag, value in (("--model-kwargs", model_kwargs), ("--weights", weights),
                                           ("--include", include), ("--exclude", exclude)) if value]
         if given:
-            raise UsageError("{} applies to model specs (--model torchvision:NAME or package.module:factory), "
+            raise UsageError("{} applies to model specs (--model torchvision:NAME, timm:NAME or package.module:factory), "
                              "not to the built-in {}".format(given[0], backbone))
         return
     if width != 1.0:

@@ -27,6 +27,7 @@ from .binding import layer_specs
 from .block import IrepConv
 from .errors import IrepError
 from .ops import SPACES, ConvBN, check_ops
+from .own_reparam import apply_own_reparameterization
 
 #: The default op space for a user's network: every IREPS op (identity only where shapes allow).
 DEFAULT_OPS: Tuple[str, ...] = SPACES["any"]
@@ -184,6 +185,8 @@ class IrepReport:
     rewritten: List[str]
     skipped: List[Tuple[str, str]]
     bn_pairs: List[Tuple[str, str]]  # other conv -> BN pairs the graph showed (fused by fuse_model)
+    # (module path, method) of the network's own re-parameterizations, applied before the scan
+    reparameterized: List[Tuple[str, str]] = field(default_factory=list)
 
 
 def _fixed_op(conv: nn.Conv2d, bn: Optional[nn.Module]) -> ConvBN:
@@ -226,6 +229,9 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
     space = check_ops(DEFAULT_OPS if ops is None else ops)
     include_p, exclude_p = _patterns(include), _patterns(exclude)
     net = model if inplace else copy.deepcopy(model)
+    # a network that re-parameterizes itself (timm's RepVGG, MobileOne) is collapsed by its own code
+    # first: rewriting only its 3x3 conv would leave its other branches in the fused network
+    reparameterized = apply_own_reparameterization(net)
     scan = scan_conv_bn(net)
     rewritten: List[str] = []
     skipped: List[Tuple[str, str]] = []
@@ -259,7 +265,7 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
         raise IrepError("no eligible 3x3 conv in {} ({} conv(s) left out{})".format(
             name or type(model).__name__, len(skipped),
             ", first: {} ({})".format(*skipped[0]) if skipped else ""))
-    net.irep_report = IrepReport(rewritten, skipped, bn_pairs)
+    net.irep_report = IrepReport(rewritten, skipped, bn_pairs, reparameterized)
     specs = layer_specs(net)
     # the default label carries the structure, so two networks of one class (resnet18, resnet50) differ
     label = name or "{}:{}@{}".format(type(model).__module__, type(model).__qualname__, fingerprint(specs)[:8])

@@ -1,4 +1,4 @@
-"""Networks named by a model spec: ``torchvision:<name>`` or ``package.module:factory``.
+"""Networks named by a model spec: ``torchvision:<name>``, ``timm:<name>`` or ``package.module:factory``.
 
 A spec is only ever resolved because the user named it (a flag or a Python call); a file that records
 a spec (a checkpoint, an architecture code, a run's saved settings) is refused unless the user names
@@ -30,13 +30,30 @@ def is_spec(name: str) -> bool:
     return ":" in name
 
 
+def _timm(spec: str) -> types.ModuleType:
+    """:mod:`irep_deploy.integrations.timm`, imported only because the user named a ``timm:`` spec
+    (timm is an optional extra: the core never imports it)."""
+    try:
+        from ..integrations import timm as integration
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "timm":
+            raise
+        raise UsageError("model spec {} needs the timm extra: pip install irep-deploy[timm]".format(
+            quote(spec))) from exc
+    except Exception as exc:  # an installed timm that fails to import
+        raise UsageError("model spec {}: cannot import timm ({}: {})".format(
+            quote(spec), type(exc).__name__, first_line(exc, 120))) from exc
+    return integration
+
+
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     """The callable a spec names, checked before anything calls it (:func:`check_factory`); every
     failure is one :class:`UsageError` naming the spec. The module is imported: only ever because
     the user named the spec (a flag or a Python call), never because a file did (:func:`named_spec`)."""
     source, _, target = spec.partition(":")
     if not source or not target:
-        raise UsageError("model spec {} is not 'torchvision:<name>' or 'package.module:factory'".format(quote(spec)))
+        raise UsageError("model spec {} is not 'torchvision:<name>', 'timm:<name>' or 'package.module:factory'".format(
+            quote(spec)))
     if source == "torchvision":
         import torchvision.models
 
@@ -44,6 +61,8 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
             raise UsageError("model spec {}: torchvision {} has no model {} (see torchvision.models.list_models())".format(
                 quote(spec), torchvision.__version__.split("+")[0], quote(target)))
         return lambda **kwargs: torchvision.models.get_model(target, **kwargs)
+    if source == "timm":
+        return _timm(spec).model_factory(spec, target)
     parts = target.split(".")
     private = [p for p in parts if not p.isidentifier() or p.startswith("_")]
     if private:  # checked before the import: a private or dunder name is no factory of a public API
@@ -131,12 +150,16 @@ def _accepts(factory: Callable[..., Any], name: str) -> bool:
 
 
 def check_kwargs(spec: str, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
-    """Factory arguments must be JSON data: they are recorded in checkpoints as data, never as code."""
+    """Factory arguments must be JSON data: they are recorded in checkpoints as data, never as code.
+    A ``timm:`` spec refuses the arguments that would download or read weights."""
     try:
-        return json.loads(json.dumps(dict(kwargs)))
+        args = json.loads(json.dumps(dict(kwargs)))
     except (TypeError, ValueError) as exc:
         raise UsageError("model spec {}: arguments must be JSON data (str, number, bool, list, dict): {}".format(
             quote(spec), exc)) from exc
+    if spec.startswith("timm:"):
+        _timm(spec).check_kwargs(spec, args)
+    return args
 
 
 def factory_kwargs(spec: str, kwargs: Mapping[str, Any], num_classes: Optional[int]) -> Dict[str, Any]:
@@ -149,11 +172,15 @@ def factory_kwargs(spec: str, kwargs: Mapping[str, Any], num_classes: Optional[i
 
 
 _WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors")
+# why a weights name is refused, by spec source (torchvision's are taken)
+_NO_NAMES = {"timm": " (timm models are built with pretrained=False: a weights name would download; give a "
+                     "state-dict file)"}
 
 
 def weights_file(weights: Optional[str], spec: str) -> bool:
     """Whether ``weights`` names a state-dict file (True) or a torchvision weights name (False);
-    a missing file, or a name for a network that is not torchvision's, is refused naming --weights."""
+    a missing file, or a name for a network that is not torchvision's, is refused naming --weights
+    (for timm, whose weights names would download: its specs are built with pretrained=False)."""
     if weights is None:
         return False
     regular_input(weights, "a state dict (--weights)", CheckpointError)
@@ -161,8 +188,8 @@ def weights_file(weights: Optional[str], spec: str) -> bool:
         return True
     looks_like_path = os.sep in weights or weights.lower().endswith(_WEIGHT_FILE_SUFFIXES)
     if looks_like_path or not spec.startswith("torchvision:"):
-        raise UsageError("--weights {}: no such file{}".format(
-            weights, "" if looks_like_path else " (weight names apply to torchvision models only)"))
+        raise UsageError("--weights {}: no such file{}".format(weights, "" if looks_like_path else _NO_NAMES.get(
+            spec.partition(":")[0], " (weight names apply to torchvision models only)")))
     return False
 
 
@@ -178,7 +205,7 @@ def build_external(spec: str, kwargs: Mapping[str, Any], weights: Optional[str] 
                    trust_pickle: bool = False) -> nn.Module:
     """Call the spec's factory with ``kwargs``. ``weights``: a state-dict file (safetensors; a
     ``torch.save`` pickle only where :func:`load_weights` allows it) or, for torchvision, a weights
-    name such as ``IMAGENET1K_V1`` (torchvision's weights API)."""
+    name such as ``IMAGENET1K_V1`` (torchvision's weights API; a ``timm:`` spec takes files only)."""
     factory = resolve_factory(spec)
     args = check_kwargs(spec, kwargs)
     from_file = weights_file(weights, spec)
