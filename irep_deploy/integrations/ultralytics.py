@@ -85,7 +85,8 @@ def _label(model: DetectionModel) -> str:
 
 def _rebuilt_for(model: DetectionModel, nc: int) -> DetectionModel:
     """``model`` with a head for ``nc`` classes, its other weights carried over by Ultralytics' load."""
-    rebuilt = DetectionModel(copy.deepcopy(model.yaml), ch=int(model.yaml.get("ch", 3)), nc=nc, verbose=False)
+    # the input channels come from the yaml copy ("ch" in 8.1, "channels" in 8.4), which wins over the argument
+    rebuilt = DetectionModel(copy.deepcopy(model.yaml), nc=nc, verbose=False)
     rebuilt.load(model, verbose=False)
     for attr in ("args", "task"):
         if hasattr(model, attr):
