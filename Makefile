@@ -102,6 +102,7 @@ benchmarks: venv data
 	$(BIN)/python benchmarks/bench_fusion.py
 	$(BIN)/python benchmarks/bench_deploy.py --duration 10 --rounds 5
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_irepify.py
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_networks.py
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_search.py --step-rounds 5 --preset-rounds 1 --preset-threads 2
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_search.py --skip-step --skip-population --preset-threads 2 \
 		--out benchmarks/results/search_cpu_preset

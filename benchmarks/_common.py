@@ -57,3 +57,19 @@ def write_results(stem: Union[str, Path], result: Dict[str, Any], markdown: str)
     write_json(stem_path.with_suffix(".json"), result)
     write_text(stem_path.with_suffix(".md"), markdown)
     print("wrote {} and {}".format(stem_path.with_suffix(".json"), stem_path.with_suffix(".md")))
+
+
+def git_state() -> Dict[str, Any]:
+    """The checkout's commit and whether its tracked files differ from it (``dirty``): a results file
+    made from uncommitted code says so. ``commit`` is None outside a git checkout."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git"] + list(args), cwd=str(root), stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or None
+    return {"commit": commit, "dirty": bool(commit and git("status", "--porcelain", "--untracked-files=no"))}
