@@ -69,7 +69,8 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
     each replaced layer within ``compare.FUSE_FP32``, then at the output (tensors, or tuples, lists
     and dicts of them) within ``compare.FUSE_OUTPUT``; the first difference is a
     :class:`~irep_deploy.errors.VerificationError` naming the layer. It costs two forwards; the search,
-    which fuses many codes, passes ``check=False``. A model in half precision is not checked.
+    which fuses many codes, passes ``check=False``. Not checked: a model in half precision, and an
+    ``arch`` other than the model's active code (the model does not compute that network).
     """
     config = getattr(model, "irep_config", None)
     if config is None:
@@ -92,7 +93,9 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
             else:
                 fused[id(module)] = module.to_conv()
     fused.update(_fold_pairs(model, [tuple(p) for p in config.get("bn_pairs", ())], inplace))
-    plain = _checked(model, fused, inplace, check, example_input)
+    # another code than the model's own active sets is a network the model does not compute: no reference
+    own = arch is None or arch == current_arch(model)
+    plain = _checked(model, fused, inplace, check and own, example_input)
     plain.irep_config = dict(config, deploy=True, supernet=False, arch=code.dumps())
     return plain
 
