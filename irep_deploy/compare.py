@@ -52,6 +52,11 @@ FUSE_FP32 = Tolerance("fuse-fp32", max_rel_error=1e-5)
 # fuse, evaluated: the same pair over a whole test set of real images (the worst batch), where larger
 #   activations and hundreds of batches accumulate more rounding (docs/training.md measures 5e-7).
 FUSE_EVAL = Tolerance("fuse-eval", max_rel_error=1e-4)
+# fuse, whole output (``fuse_model``'s check, after every fused layer met fuse-fp32): modules the fusion
+#   did not touch may amplify the layers' float32 rounding (a detector's softmax scores and box decoding:
+#   3.5e-4 measured on tests/test_detection.py's Faster R-CNN); a fault outside the fused layers (a BN
+#   folded into a weight another conv shares: 7e-2) is far above 1e-3.
+FUSE_OUTPUT = Tolerance("fuse-output", max_rel_error=1e-3)
 # onnx export: onnxruntime's CPU kernels (MLAS, other conv algorithms, folded constants) vs torch's;
 #   both float32, but the summation order differs in every layer: 1e-4.
 ONNX_EXPORT = Tolerance("onnx-export", max_rel_error=1e-4)
@@ -69,8 +74,8 @@ INT8_CALIB = Tolerance("int8-calibration-batch", min_cosine=0.99)
 #   and at least 95% of the images keep their top-1 class (measured on 256 or more images).
 INT8_REAL = Tolerance("int8-real-images", min_cosine=0.99, min_agreement=0.95)
 
-TOLERANCES: Dict[str, Tolerance] = {t.name: t for t in (FUSE_FP32, FUSE_EVAL, ONNX_EXPORT, TRT_FP32, TRT_FP16,
-                                                        INT8_CALIB, INT8_REAL)}
+TOLERANCES: Dict[str, Tolerance] = {t.name: t for t in (FUSE_FP32, FUSE_EVAL, FUSE_OUTPUT, ONNX_EXPORT, TRT_FP32,
+                                                        TRT_FP16, INT8_CALIB, INT8_REAL)}
 
 
 @dataclass(frozen=True)

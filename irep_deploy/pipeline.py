@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, multi_branch_model, recorded_dataset, s
 from .compare import FUSE_FP32, compare
 from .errors import IrepError, UsageError, VerificationError
 from .binding import current_arch
+from .fusecheck import failure_text
 from .models import MODELS
 from .precision import exact_fp32
 from .reparam import fuse_model, to_torchvision
@@ -73,7 +74,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
             ckpt, checkpoint.header["backbone"]))
     net = multi_branch_model(checkpoint, arch, model).eval()
     code = current_arch(net)
-    plain = fuse_model(net)
+    plain = fuse_model(net, check=False)  # checked below, with the user's batch, seed and tolerance
     size = input_size or checkpoint.header["input_size"]
     # both networks run on the check batch; the multi-branch one needs more
     require_input_memory(net, batch, checkpoint.header["in_channels"], size,
@@ -86,7 +87,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     check = compare(reference, fused_out, FUSE_FP32.but(max_rel_error=tolerance))
     if not check.passed:
         raise VerificationError("fused output differs from the multi-branch output: {}; nothing written".format(
-            "; ".join(check.failures)))
+            failure_text(check.failures, net, plain, (x,), check.tolerance)))
     err = check.rel_error
     # the dataset travels with the weights, so `eval` of the deploy checkpoint needs no --dataset
     dataset = recorded_dataset(checkpoint)

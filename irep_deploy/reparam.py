@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .arch import ArchCode
 from .block import IrepConv
-from .errors import CheckpointError, IrepError
+from .compare import FUSE_FP32
+from .errors import CheckpointError, IrepError, VerificationError
+from .fusecheck import changed_kinds, check_inputs, first_difference, record
 from .fusion import fold_bn
-from .surgery import scan_conv_bn
+from .norms import NormSplit, split_norm
+from .surgery import foldable_pairs
 from .binding import current_arch, model_config, plan_arch, searchable_layers
 from .models import MODELS
 from .ops import ConvBN
@@ -46,24 +49,35 @@ def fold_conv_bn(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
     return fused
 
 
-def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool = False) -> nn.Module:
+def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool = False, check: bool = True,
+               example_input: Any = None) -> nn.Module:
     """Return a plain network equal to ``model`` in eval mode.
 
     Every :class:`IrepConv` becomes one 3x3 ``nn.Conv2d`` with bias (its active branches scaled by
     sigmoid(alpha) * sigmoid(beta) and added to the fixed conv, every BN folded), and every other
     conv-BN pair one conv with bias: the ConvBN modules of the built-in backbones, and the separate
     conv -> BN pairs of any network (those :func:`~irep_deploy.irepify` found, or for a model
-    not made by irep-deploy, those its torch.fx graph shows); a folded BN's place holds
-    ``nn.Identity``. ``arch`` fuses that code instead of the blocks' current active sets (the search
-    scores many codes of one SuperNet this way). The input model is not touched unless
-    ``inplace``; branches that are not fused are never copied.
+    not made by irep-deploy, those its torch.fx graph shows, except shared modules and norms that
+    :func:`~irep_deploy.norms.split_norm` refuses); a folded BN's place holds ``nn.Identity`` (or,
+    for a norm-act layer, its drop and activation). ``arch`` fuses that code instead of the blocks'
+    current active sets (the search scores many codes of one SuperNet this way). The input model is
+    not touched unless ``inplace``; branches that are not fused are never copied.
+
+    ``check`` (default): the result is compared with ``model`` on a seeded batch of 2 (eval mode,
+    float32, TF32 and autocast off; ``example_input``, a tensor or a tuple of arguments, or else
+    ``irep_config``'s ``in_channels`` x ``input_size``, or the first conv's channels at 224 px) at
+    each replaced layer within ``compare.FUSE_FP32``, then at the output (tensors, or tuples, lists
+    and dicts of them) within ``compare.FUSE_OUTPUT``; the first difference is a
+    :class:`~irep_deploy.errors.VerificationError` naming the layer. It costs two forwards; the search,
+    which fuses many codes, passes ``check=False``. Not checked: a model in half precision, and an
+    ``arch`` other than the model's active code (the model does not compute that network).
     """
     config = getattr(model, "irep_config", None)
     if config is None:
         if arch is not None:
             raise IrepError("fuse_model(arch=...) needs a model made by build_model or irepify")
-        pairs = [(c, b) for c, b in scan_conv_bn(model).bn_after.items() if b is not None]
-        return _replace(model, _fold_pairs(model, pairs), inplace)
+        fused = _fold_pairs(model, foldable_pairs(model), inplace)
+        return _checked(model, fused, inplace, check, example_input)
     if config.get("deploy"):
         raise IrepError("this model is already fused")
     actives: Dict[int, Tuple[str, ...]] = {}
@@ -78,20 +92,45 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
                 fused[id(module)] = module.to_conv(actives.get(id(module)))
             else:
                 fused[id(module)] = module.to_conv()
-    fused.update(_fold_pairs(model, [tuple(p) for p in config.get("bn_pairs", ())]))
-    plain = _replace(model, fused, inplace)
+    fused.update(_fold_pairs(model, [tuple(p) for p in config.get("bn_pairs", ())], inplace))
+    # another code than the model's own active sets is a network the model does not compute: no reference
+    own = arch is None or arch == current_arch(model)
+    plain = _checked(model, fused, inplace, check and own, example_input)
     plain.irep_config = dict(config, deploy=True, supernet=False, arch=code.dumps())
     return plain
 
 
-def _fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]]) -> Dict[int, nn.Module]:
-    """id(module) -> replacement for separate conv -> BN pairs: the folded conv, and Identity for the BN."""
+def _checked(model: nn.Module, fused: Dict[int, nn.Module], inplace: bool, check: bool,
+             example_input: Any) -> nn.Module:
+    """``_replace``, and with ``check`` the fused network compared with ``model`` (recorded first:
+    ``inplace`` leaves no original to run afterwards)."""
+    inputs = check_inputs(model, example_input) if check else None
+    if inputs is None:
+        return _replace(model, fused, inplace)
+    kinds = changed_kinds((p, m, fused[id(m)]) for p, m in model.named_modules() if id(m) in fused)
+    reference = record(model, list(kinds), inputs, "original")
+    plain = _replace(model, fused, inplace)
+    problem = first_difference(reference, record(plain, list(kinds), inputs, "fused"), kinds, FUSE_FP32)
+    if problem is not None:
+        raise VerificationError("fuse_model: the fused network differs from the original on a seeded batch "
+                                "(eval mode, float32, {} tolerance {:g}): {}; check=False skips this check".format(
+                                    FUSE_FP32.name, FUSE_FP32.max_rel_error, problem))
+    return plain
+
+
+def _fold_pairs(model: nn.Module, pairs: List[Tuple[str, str]], inplace: bool) -> Dict[int, nn.Module]:
+    """id(module) -> replacement for separate conv -> BN pairs: the folded conv, and for the BN what
+    stays in its place (Identity, or a norm-act layer's drop and activation: copies unless ``inplace``,
+    so the fused network shares no module with the input)."""
     out: Dict[int, nn.Module] = {}
     with torch.no_grad():
         for conv_path, bn_path in pairs:
             conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-            out[id(conv)] = fold_conv_bn(conv, bn)
-            out[id(bn)] = nn.Identity()
+            split = split_norm(bn)
+            if not isinstance(split, NormSplit):
+                raise IrepError("cannot fold {} into {}: {}".format(bn_path, conv_path, split))
+            out[id(conv)] = fold_conv_bn(conv, split.bn)
+            out[id(bn)] = split.after if inplace else copy.deepcopy(split.after)
     return out
 
 

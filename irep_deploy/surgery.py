@@ -7,7 +7,9 @@ holds the user's own conv and the BatchNorm that follows it; the BN's old place 
 computed before, and fine-tuning from pretrained weights starts where the pretrained network is.
 
 conv -> BN pairs are found in the graph (``torch.fx``, as ``torch.ao`` fusion does): a conv whose
-only user is a BN with as many channels, each called once. Where a module cannot be traced, its
+only user is a BN with as many channels, each called once; the BN is absorbed only if
+:func:`~irep_deploy.norms.split_norm` accepts it. A conv or BN whose tensors another module holds
+too, or a forward reads itself, is left alone. Where a module cannot be traced, its
 traceable children are traced one by one; the convs that sit directly in an untraceable module are
 left out (the BN that follows them is unknown), and :attr:`IrepReport.skipped` says so.
 """
@@ -26,6 +28,7 @@ from .arch import fingerprint, register_backbone
 from .binding import layer_specs
 from .block import IrepConv
 from .errors import IrepError
+from .norms import NormSplit, is_bn_like, split_norm
 from .ops import SPACES, ConvBN, check_ops
 from .own_reparam import apply_own_reparameterization
 
@@ -56,20 +59,10 @@ class BiasAsBN(nn.Module):
         return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
 
 
-def _frozen_bn_type() -> Optional[type]:
-    try:  # torchvision's detection backbones use it; torchvision itself is optional here
-        from torchvision.ops import FrozenBatchNorm2d
-    except ImportError:  # pragma: no cover - torchvision is a dependency of the project
-        return None
-    return FrozenBatchNorm2d
-
-
 def is_batchnorm(module: nn.Module) -> bool:
-    """A BN with running statistics that fusion can fold (BatchNorm2d, SyncBatchNorm, FrozenBatchNorm2d)."""
-    frozen = _frozen_bn_type()
-    if frozen is not None and isinstance(module, frozen):
-        return True
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+    """A BN-like module after a conv (running statistics): a fx leaf, folded only if
+    :func:`~irep_deploy.norms.split_norm` accepts it (otherwise its conv is left alone, with the reason)."""
+    return is_bn_like(module)
 
 
 def ineligible_reason(conv: nn.Module) -> Optional[str]:
@@ -105,6 +98,8 @@ class GraphScan:
 
     bn_after: Dict[str, Optional[str]] = field(default_factory=dict)
     unknown: Dict[str, str] = field(default_factory=dict)
+    # module path -> why: a forward reads its tensors itself (``F.conv2d(x, self.conv.weight)``)
+    read: Dict[str, str] = field(default_factory=dict)
 
 
 def scan_conv_bn(model: nn.Module) -> GraphScan:
@@ -144,6 +139,7 @@ def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
             elif not is_batchnorm(child) and not isinstance(child, IrepConv):
                 _scan(child, prefix + name + ".", scan)
         return
+    _note_direct_reads(graph, prefix, scan)
     calls: Dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
@@ -166,6 +162,63 @@ def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
             if is_batchnorm(follower) and follower.running_mean.numel() == conv.out_channels:
                 bn = prefix + users[0].target
         scan.bn_after[path] = bn
+
+
+def _note_direct_reads(graph: torch.fx.Graph, prefix: str, scan: GraphScan) -> None:
+    """A tensor a forward reads itself (a fx ``get_attr`` node) would still be read from the old
+    module after a rewrite or a fold: its owner is recorded, so it is neither."""
+    for node in graph.nodes:
+        # a buffer used through a real tensor op becomes a `_tensor_constant` copy: not seen here
+        if node.op == "get_attr" and not node.target.startswith("_tensor_constant"):
+            owner, _, attr = node.target.rpartition(".")
+            scan.read.setdefault(prefix + owner, "its {} is read directly in the forward of {}".format(
+                attr, prefix.rstrip(".") or "the model"))
+
+
+def shared_modules(model: nn.Module) -> Dict[str, str]:
+    """Module path -> why it is shared: reachable under two paths, or holding a Parameter or buffer
+    that another module (or another name) holds too. Rewriting or folding one place of a shared
+    tensor would leave the other computing with the old one."""
+    out: Dict[str, str] = {}
+    places: Dict[int, List[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), []).append(path)
+    for paths in places.values():
+        for path in paths[1:] if len(paths) > 1 else ():
+            out.setdefault(path, "the same module as {}".format(paths[0]))
+            out.setdefault(paths[0], "the same module is also reachable as {}".format(path))
+    holders: Dict[int, List[str]] = {}
+    for path, module in model.named_modules():
+        for name, tensor in list(module._parameters.items()) + list(module._buffers.items()):
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append(path + "." + name if path else name)
+    for names in holders.values():
+        for name in names if len(names) > 1 else ():
+            other = next(n for n in names if n != name)
+            out.setdefault(name.rpartition(".")[0], "its {} is also {} (a shared tensor)".format(
+                name.rpartition(".")[2], other))
+    return out
+
+
+def untouchable(model: nn.Module, scan: GraphScan) -> Dict[str, str]:
+    """Module path -> why fusion must leave it as it is (shared, or its tensors read directly)."""
+    return dict(scan.read, **shared_modules(model))
+
+
+def norm_split(model: nn.Module, bn_path: str, blocked: Dict[str, str]) -> Union[NormSplit, str]:
+    """The BN at ``bn_path`` split for absorbing, or why its conv must be left alone."""
+    if bn_path in blocked:
+        return "the BN after it, {}, is shared: {}".format(bn_path, blocked[bn_path])
+    split = split_norm(model.get_submodule(bn_path))
+    return split if isinstance(split, NormSplit) else "the BN after it, {}, is not folded: {}".format(bn_path, split)
+
+
+def foldable_pairs(model: nn.Module, scan: Optional[GraphScan] = None) -> List[Tuple[str, str]]:
+    """The conv -> BN pairs of ``model`` that fusion folds exactly (neither shared nor refused)."""
+    scan = scan_conv_bn(model) if scan is None else scan
+    blocked = untouchable(model, scan)
+    return [(conv, bn) for conv, bn in scan.bn_after.items() if bn is not None and conv not in blocked
+            and isinstance(norm_split(model, bn, blocked), NormSplit)]
 
 
 def _patterns(value: Patterns) -> Optional[Tuple[str, ...]]:
@@ -233,6 +286,7 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
     # first: rewriting only its 3x3 conv would leave its other branches in the fused network
     reparameterized = apply_own_reparameterization(net)
     scan = scan_conv_bn(net)
+    blocked = untouchable(net, scan)
     rewritten: List[str] = []
     skipped: List[Tuple[str, str]] = []
     bn_pairs: List[Tuple[str, str]] = []
@@ -248,18 +302,20 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
             reason = "matched by exclude"
         if reason is None and path not in scan.bn_after:
             reason = scan.unknown.get(path, "not reached by the traced forward")
-        if reason is not None:
-            skipped.append((path, reason))
-            if bn_path is not None:
+        split = None if bn_path is None else norm_split(net, bn_path, blocked)
+        # a shared conv, or a BN that cannot be absorbed, also rules out folding the pair
+        refusal = blocked.get(path) or (split if isinstance(split, str) else None)
+        if reason is not None or refusal is not None:
+            skipped.append((path, "; ".join(r for r in (reason, refusal) if r)))
+            if bn_path is not None and refusal is None:
                 bn_pairs.append((path, bn_path))
             continue
-        bn = modules[bn_path] if bn_path is not None else None
         conv = module
         block = IrepConv(conv.in_channels, conv.out_channels, conv.stride[0], conv.groups, space,
-                         fixed=_fixed_op(conv, bn), zero_init_branches=True)
+                         fixed=_fixed_op(conv, split.bn if split is not None else None), zero_init_branches=True)
         _set(net, path, block)
-        if bn_path is not None:
-            _set(net, bn_path, nn.Identity())
+        if split is not None:
+            _set(net, bn_path, split.after)
         rewritten.append(path)
     if not rewritten:
         raise IrepError("no eligible 3x3 conv in {} ({} conv(s) left out{})".format(

@@ -108,6 +108,7 @@ def test_verification_failure_exits_3_and_writes_nothing(trained, capsys):
     rc, _, err = run(capsys, "fuse", tmp / "ckpt.pt", tmp / "arch.bin", "--tolerance", "0", "--input-size", 64)
     assert rc == 3
     one_line_error(err, "relative error", "nothing written")
+    assert "first differs" in err  # the first fused layer beyond tolerance is named
     assert not (tmp / "ckpt.deploy.pt").exists()
 
 

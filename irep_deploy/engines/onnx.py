@@ -26,6 +26,7 @@ from .._io import atomic_write, check_writable, quote, regular_input
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare
 from ..errors import CheckpointError, IrepError, UsageError, VerificationError, first_line
+from ..fusecheck import failure_text
 from ..precision import exact_fp32
 from ..reparam import fuse_model
 from ..resources import require_input_memory, require_memory, size_flags
@@ -96,14 +97,14 @@ def load_deploy_model(ckpt: PathLike, arch: Optional[PathLike] = None, tolerance
     size = checkpoint.header["input_size"]
     require_memory((2, checkpoint.header["in_channels"], size, size), net, "the fusion check batch",
                    "{}: header input_size {}".format(ckpt, size), CheckpointError, check=True)
-    plain = fuse_model(net)
+    plain = fuse_model(net, check=False)  # checked below, with the caller's tolerance
     x = torch.randn(2, checkpoint.header["in_channels"], checkpoint.header["input_size"],
                     checkpoint.header["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), exact_fp32():  # the tolerance assumes float32 rounding, not TF32
         check = compare(net(x), plain(x), FUSE_FP32.but(max_rel_error=tolerance))
     if not check.passed:
         raise VerificationError("{}: fused output differs from the multi-branch output: {}".format(
-            ckpt, "; ".join(check.failures)))
+            ckpt, failure_text(check.failures, net, plain, (x,), check.tolerance)))
     return plain, checkpoint, True
 
 

@@ -110,8 +110,9 @@ def fuse_code(supernet: SuperNet, code: ArchCode, batches: Optional[Sequence[tor
     """``code`` fused from ``supernet`` into a new plain network in eval mode: with the SuperNet's own
     BatchNorm statistics, or, given ``batches``, with the code's own recalibrated on them (float32
     forwards: the statistics fusion folds)."""
+    # unchecked: the search fuses many codes and scores each one right after
     if not batches:
-        return fuse_model(supernet.model, arch=code).eval()
+        return fuse_model(supernet.model, arch=code, check=False).eval()
     supernet.activate(code)
     with recalibrated(supernet.model, batches):
-        return fuse_model(supernet.model, arch=code).eval()
+        return fuse_model(supernet.model, arch=code, check=False).eval()
