@@ -277,7 +277,8 @@ def _merge_modes(scans: Dict[str, GraphScan]) -> GraphScan:
     out = GraphScan()
     for mode, scan in scans.items():
         for path, why in scan.unknown.items():
-            out.unknown.setdefault(path, "{} (in {} mode)".format(why, mode))
+            same = all(other.unknown.get(path) == why for other in scans.values())
+            out.unknown.setdefault(path, why if same else "{} (in {} mode)".format(why, mode))
         for path, reason in scan.untraced.items():
             out.untraced.setdefault(path, reason)
     found: Dict[str, Dict[str, Optional[str]]] = collections.defaultdict(dict)
