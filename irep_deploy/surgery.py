@@ -201,28 +201,28 @@ def _untraceable(module: nn.Module, path: str, error: str) -> str:
     return "{} ({}) cannot be traced by torch.fx: {}".format(path or "the model", type(module).__name__, error)
 
 
-def _trace_around(module: nn.Module) -> Tuple[Optional[torch.fx.Graph], Dict[str, str], Optional[str]]:
+def _trace_around(module: nn.Module) -> Tuple[Optional[torch.fx.Graph], List[str], str]:
     """Trace ``module``, making each innermost module whose forward fails a leaf and retrying.
 
-    Returns the graph (None: the module's own forward cannot be traced), the leaves made (path ->
-    error) and the module's own error.
+    Returns the graph (None: the module's own forward cannot be traced), the leaves made (each
+    names its own error when it is scanned on its own) and the module's own error.
     """
-    leaves: Dict[str, str] = {}
+    leaves: List[str] = []
     while True:
         tracer = _Tracer(frozenset(leaves))
         try:
-            return _trace(module, tracer), leaves, None
+            return _trace(module, tracer), leaves, ""
         except Exception as exc:  # fx raises many types for untraceable code; every one means "look inside"
             if tracer.failed is None:
                 return None, leaves, _error(exc)
-            leaves[tracer.failed] = _error(exc)
+            leaves.append(tracer.failed)
 
 
 def _scan(module: nn.Module, prefix: str, scan: GraphScan) -> None:
     """One mode's findings for ``module`` and everything below it, into ``scan``."""
     graph, leaves, error = _trace_around(module)
     if graph is None:  # its children are scanned one by one (the leaves found so far among them)
-        _scan_children(module, prefix, _untraceable(module, prefix.rstrip("."), str(error)), scan)
+        _scan_children(module, prefix, _untraceable(module, prefix.rstrip("."), error), scan)
         return
     for leaf in leaves:  # each is scanned on its own: only the convs it calls directly stay unknown
         _scan(module.get_submodule(leaf), prefix + leaf + ".", scan)
