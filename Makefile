@@ -16,12 +16,12 @@ FIND_PY38 = ls -d $(PYENV_ROOT)/versions/3.8*/bin/python 2>/dev/null | sort -V |
 # build-trt (TensorRT stand-ins), bench, the CLI end to end (tests/deploy/test_cli_e2e.py), the same
 # for a network named by --model (tests/test_cli_model.py), the CLI's bad-input table and fuzzed
 # readers (cases that need train/search-only packages skip), and irepify of any network (torchvision
-# classifiers, a Faster R-CNN whose fused body is exported).
+# classifiers, a Faster R-CNN whose fused body is exported, detectors traced around their heads).
 DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tests/test_checkpoint.py \
 	tests/test_cli_fuse.py tests/test_precision.py tests/deploy tests/test_cli_model.py tests/test_bad_input.py \
 	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py tests/test_io.py \
 	tests/test_interrupts.py tests/test_hostile.py tests/test_spec_rules.py tests/test_tensorfile.py \
-	tests/test_norms.py
+	tests/test_norms.py tests/test_tracing.py tests/test_own_reparam.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks benchmarks-gpu clean
