@@ -114,8 +114,11 @@ def backbone_info(name: str) -> BackboneInfo:
     try:
         return known_backbones()[name]
     except KeyError as exc:
-        raise ArchMismatchError("unknown backbone {} (known: {})".format(
-            quote(name), ", ".join(sorted(BACKBONES)))) from exc
+        # Any other network's layer table is registered when it is built or irepified in this process,
+        # so a code of it (ArchCode.random/full/empty) cannot come before the model.
+        raise ArchMismatchError("unknown backbone {} (known: {}); for a network that is not built in, build or "
+                                "irepify the model first; its label is model.irep_config['backbone']".format(
+                                    quote(name), ", ".join(sorted(BACKBONES)))) from exc
 
 
 def budget_count(capacity: int, ratio: float) -> int:

@@ -414,14 +414,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = _call(export, args)
     if report.fused_here:
         print("fused the multi-branch checkpoint before export")
-    print("exported opset {}, input {} {} ({} batch), output {}, simplifier: {}".format(
+    several = len(report.outputs) > 1
+    print("exported opset {}, input {} {} ({} batch), output{} {}, simplifier: {}".format(
         report.opset, report.input_name, "x".join(map(str, report.input_shape[1:])),
-        "dynamic" if report.dynamic_batch else "fixed {}".format(report.input_shape[0]), report.output_name,
+        "dynamic" if report.dynamic_batch else "fixed {}".format(report.input_shape[0]), "s" if several else "",
+        ", ".join("{} {}".format(o.name, "x".join(map(str, o.shape[1:]))) for o in report.outputs),
         report.simplifier))
     print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))
     for check in report.checks:
-        print("onnxruntime vs torch at batch {}: max abs error {:.3g}, relative error {:.3g} (tolerance {:.0e})".format(
-            check.batch, check.max_abs_error, check.rel_error, report.tolerance))
+        print("onnxruntime vs torch at batch {}{}: max abs error {:.3g}, relative error {:.3g} (tolerance {:.0e})".format(
+            check.batch, ", {} outputs, worst {}".format(len(report.outputs), check.worst) if several else "",
+            check.max_abs_error, check.rel_error, report.tolerance))
     print("wrote {} ({:,} bytes)".format(report.out, report.size_bytes))
     return 0
 
@@ -444,7 +447,10 @@ def _args_export(p: argparse.ArgumentParser) -> None:
           help="largest relative error onnxruntime vs torch, max|a-b|/max|a|")
     _flag(p, export, "seed", "--seed", type=opt.SEED, help="seed of the random check batches")
     _flag(p, export, "input_name", "--input-name", type=opt.name, help="name of the graph input")
-    _flag(p, export, "output_name", "--output-name", type=opt.name, help="name of the graph output")
+    _flag(p, export, "output_name", "--output-name", type=opt.name,
+          help="name of the graph output (default: logits); a model returning a tuple or list has outputs "
+               "NAME0, NAME1, ... (default output0, output1, ...; nested lists flattened in order), a dict "
+               "has its keys as names and takes no --output-name")
     _checkpoint_model(p, export)
     _trust_pickle(p, export)
 

@@ -19,8 +19,9 @@ Imports numpy only, so the CLI's parser and ``engines.quantize`` stay free of to
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -158,6 +159,43 @@ def compare(reference: Any, candidate: Any, tolerance: Union[Tolerance, float, N
                 failures.append("top-1 agreement {:.2%} < {:.2%} ({} of {} differ)".format(
                     agreement, limits.min_agreement, differ, len(ref)))
     return Comparison(limits, tuple(ref.shape), max_abs, rel, cos, agreement, differ, finite, tuple(failures))
+
+
+def compare_outputs(reference: Any, candidate: Any, tolerance: Union[Tolerance, float, None] = None) -> Comparison:
+    """:func:`compare` of two whole model outputs: a tensor each, or tuples/lists/dicts of them (a
+    detector body's dict of feature maps, a detection head's tensor and list), nested or not.
+
+    Each tensor is measured against its counterpart on its own, so a small output (class scores) is not
+    judged against the range of a large one (boxes in pixels). Returns the comparison of the output
+    with the largest relative error, carrying the failures of every output, each named by its path
+    (``output 'pool': relative error ...``). Outputs of different structure are a VerificationError."""
+    refs, gots = output_leaves(reference), output_leaves(candidate)
+    if [p for p, _ in refs] != [p for p, _ in gots]:
+        raise VerificationError("outputs differ in structure: {} vs {}".format(
+            ", ".join(p or "tensor" for p, _ in refs), ", ".join(p or "tensor" for p, _ in gots)))
+    if len(refs) == 1:
+        return compare(refs[0][1], gots[0][1], tolerance)
+    results = []
+    for (path, ref), (_, got) in zip(refs, gots):
+        try:
+            results.append((path, compare(ref, got, tolerance)))
+        except VerificationError as exc:
+            raise VerificationError("output {!r}: {}".format(path, exc)) from exc
+    # a NaN measure (an output that is not finite) counts as the worst
+    worst = max(results, key=lambda r: r[1].rel_error if r[1].rel_error == r[1].rel_error else float("inf"))[1]
+    failures = tuple("output {!r}: {}".format(path, f) for path, c in results for f in c.failures)
+    return dataclasses.replace(worst, failures=failures)
+
+
+def output_leaves(x: Any, path: str = "") -> List[Tuple[str, Any]]:
+    """The arrays of a (nested) tuple/list/dict output with their paths (``'pool'``, ``'1.0'``), in order."""
+    if isinstance(x, Mapping):
+        items = [(str(k), v) for k, v in x.items()]
+    elif isinstance(x, (tuple, list)):
+        items = [(str(i), v) for i, v in enumerate(x)]
+    else:
+        return [(path, x)]
+    return [leaf for key, value in items for leaf in output_leaves(value, path + "." + key if path else key)]
 
 
 def _as_float64(x: Any) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ._io import check_writable, same_file
 from .checkpoint import load_checkpoint, multi_branch_model, recorded_dataset, save_checkpoint
-from .compare import FUSE_FP32, compare
+from .compare import FUSE_FP32, compare_outputs
 from .errors import IrepError, UsageError, VerificationError
 from .binding import current_arch
 from .fusecheck import failure_text
@@ -84,7 +84,7 @@ def fuse(ckpt: PathLike, arch: PathLike, out: Optional[PathLike] = None,
     x = torch.randn(batch, checkpoint.header["in_channels"], size, size, generator=gen)
     with torch.no_grad(), exact_fp32():
         reference, fused_out = net(x), plain(x)
-    check = compare(reference, fused_out, FUSE_FP32.but(max_rel_error=tolerance))
+    check = compare_outputs(reference, fused_out, FUSE_FP32.but(max_rel_error=tolerance))
     if not check.passed:
         raise VerificationError("fused output differs from the multi-branch output: {}; nothing written".format(
             failure_text(check.failures, net, plain, (x,), check.tolerance)))

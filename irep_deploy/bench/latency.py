@@ -301,7 +301,7 @@ def _is_int8_file(path: str, kind: str) -> bool:
         return read_meta(path).precision == "int8"
     from ..engines.int8 import is_quantized
     from ..engines.onnx import load_onnx
-    return is_quantized(load_onnx(path))
+    return is_quantized(load_onnx(path, one_output=False))  # onnxruntime times every output
 
 
 def _add_int8(path: str, variants: List[Variant], shape_info: Dict[str, Any], input_size: Optional[int],
@@ -594,8 +594,8 @@ def _input_shape(variant: Variant, shape_info: Dict[str, Any], input_size: Optio
         meta = read_meta(variant.path)
         _fixed_size(variant.path, meta.opt_shape[2:], input_size)
         return (batch,) + tuple(int(d) for d in meta.opt_shape[1:])
-    from ..engines.onnx import io_spec, load_onnx
-    _, _, dims = io_spec(load_onnx(variant.path))
+    from ..engines.onnx import input_spec, load_onnx
+    _, dims = input_spec(load_onnx(variant.path, one_output=False))
     if isinstance(dims[0], int) and dims[0] > 0 and dims[0] != batch:
         raise UsageError("--batch {}: {} has a fixed batch of {}; bench that batch or export with a dynamic "
                          "batch".format(batch, variant.path, dims[0]))
