@@ -19,6 +19,7 @@ import torch.nn as nn
 from .compare import FUSE_OUTPUT, Tolerance, compare
 from .errors import IrepError
 from .precision import exact_fp32
+from .resources import require_memory
 
 Inputs = Tuple[Any, ...]
 #: the batch size of the check: two examples are enough to see a wrong kernel or bias
@@ -56,6 +57,10 @@ def check_inputs(model: nn.Module, example_input: Any = None) -> Optional[Inputs
     channels = config.get("in_channels") or next(
         (m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     size = int(config.get("input_size") or DEFAULT_SIZE)
+    # a recorded size is data (a checkpoint header): the batch is refused before it is allocated
+    require_memory((CHECK_BATCH, channels, size, size), model, "fuse_model's check batch",
+                   "{}: input_size {}".format(config.get("backbone", type(model).__name__), size), IrepError,
+                   check=True)
     x = torch.randn(CHECK_BATCH, channels, size, size, generator=torch.Generator().manual_seed(0))
     return (x.to(param.device, param.dtype) if param is not None else x,)
 

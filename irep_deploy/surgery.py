@@ -34,6 +34,7 @@ from .block import IrepConv
 from .errors import IrepError
 from .norms import NormSplit, is_bn_like, split_norm
 from .ops import SPACES, ConvBN, check_ops
+from .resources import require_memory
 from .own_reparam import apply_own_reparameterization
 
 #: The default op space for a user's network: every IREPS op (identity only where shapes allow).
@@ -441,7 +442,8 @@ def irepify(model: nn.Module, ops: Optional[Sequence[str]] = None, include: Patt
         if isinstance(module, nn.Conv2d) and not _inside_irep(path, modules)}
     untraced = [p for p, why in chosen.items() if why is None and p in scan.untraced]
     if untraced:
-        _settle_untraced(net, scan, untraced, _example(net, input_size) if example_input is None else example_input)
+        _settle_untraced(net, scan, untraced, (lambda: _example(net, input_size)) if example_input is None
+                         else (lambda: example_input))
     for path, reason in chosen.items():
         module = modules[path]
         bn_path = scan.bn_after.get(path)
@@ -497,14 +499,19 @@ def _choice_reason(conv: nn.Module, path: str, include: Optional[Tuple[str, ...]
 def _example(model: nn.Module, input_size: int) -> Tuple[torch.Tensor, ...]:
     """A seeded random image batch of one for the model's first conv (the global RNG is untouched)."""
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    # input_size may come from a checkpoint header: the batch is refused before it is allocated
+    require_memory((1, first.in_channels, input_size, input_size), None, "irepify's example input",
+                   "input_size {}".format(input_size), IrepError, check=True)
     x = torch.randn(1, first.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
     return (x.to(first.weight.device, first.weight.dtype),)
 
 
-def _settle_untraced(model: nn.Module, scan: GraphScan, paths: List[str], example: Any) -> None:
+def _settle_untraced(model: nn.Module, scan: GraphScan, paths: List[str], make_example: Callable[[], Any]) -> None:
     """Move each of ``paths`` from ``scan.untraced`` to ``bn_after`` (None: no BN takes its output)
-    or to ``unknown``, by one real forward of ``model``."""
+    or to ``unknown``, by one real forward of ``model`` (on ``make_example()``; an example too large
+    for memory is a failed forward like any other)."""
     try:
+        example = make_example()
         fed = _bn_takers(model, paths, example if isinstance(example, tuple) else (example,))
     except Exception as exc:  # the user's forward may raise anything on an input it does not expect
         failure: Optional[str] = "a forward on the example input failed ({})".format(_error(exc))

@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import pytest
+import tempfile
 import torch
 import torch.nn as nn
+
+# Ultralytics reads both when it is first imported, by whichever test module comes first (the
+# network matrix or tests/integrations): never online (CI has no network), never the user's home.
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-config-"))
 
 
 def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -219,9 +219,9 @@ def yolo(config: str) -> Callable[[], nn.Module]:
     """Ultralytics' DetectionModel built from its YAML (random weights; nothing downloaded), with its
     settings file in a temporary directory rather than the user's."""
     def build() -> nn.Module:
-        if not _YOLO_CONFIG:
-            _YOLO_CONFIG.append(tempfile.mkdtemp(prefix="irep-yolo-"))
-        os.environ["YOLO_CONFIG_DIR"] = _YOLO_CONFIG[0]
+        if not _YOLO_CONFIG:  # under pytest, tests/conftest.py has set both already
+            _YOLO_CONFIG.append(os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="irep-yolo-")))
+            os.environ.setdefault("YOLO_OFFLINE", "1")
         from ultralytics import YOLO
         return YOLO(config).model
     return build

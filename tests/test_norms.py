@@ -348,3 +348,16 @@ def test_fuse_model_check_runs_on_dict_list_and_integer_outputs():
 
     model = _randomize(Heads()).eval()
     assert set(fuse_model(model, example_input=torch.randn(2, 3, 8, 8))(torch.randn(1, 3, 8, 8))) == {"features", "count"}
+
+
+def test_the_check_refuses_a_recorded_size_too_large_for_memory_before_allocating():
+    """A header's input_size is data: 4096 px would need gigabytes per recorded layer, so the check
+    batch is refused in one line (naming the size) before anything is allocated; check=False fuses."""
+    from irep_deploy import build_model
+    from irep_deploy.errors import IrepError
+    net = build_model("resnet18_cifar", arch=ArchCode.random("resnet18_cifar", seed=0), width=0.125,
+                      num_classes=10, in_channels=1, input_size=4096).eval()
+    with pytest.raises(IrepError, match=r"resnet18_cifar: input_size 4096: fuse_model's check batch of shape "
+                                        r"2x1x4096x4096 would need about .* GiB, more than the limit"):
+        fuse_model(net)
+    assert not any(isinstance(m, IrepConv) for m in fuse_model(net, check=False).modules())

@@ -9,7 +9,6 @@ multi-output ONNX file run or refuse in one line.
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -1,5 +1,5 @@
 """Ultralytics offline: no test here may reach the network (CI has none; a download would hang or
-fetch weights). Set before Ultralytics is imported, which reads both at import: YOLO_OFFLINE makes
+fetch weights). Set (in tests/conftest.py) before Ultralytics is imported, which reads both at import: YOLO_OFFLINE makes
 its online check false (no pip-update query, no analytics), YOLO_CONFIG_DIR keeps its settings file
 out of the user's home. The ``offline`` fixture proves it: it refuses every connection and name
 lookup and fails the test if anything tried one."""
@@ -8,15 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
-_CONFIG = Path(tempfile.mkdtemp(prefix="yolo-config-"))
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("YOLO_CONFIG_DIR", str(_CONFIG))
+# tests/conftest.py sets YOLO_OFFLINE and YOLO_CONFIG_DIR for the whole suite, before any import
+assert os.environ.get("YOLO_OFFLINE") == "1" and os.environ.get("YOLO_CONFIG_DIR")
 
 
 @pytest.fixture(autouse=True)
