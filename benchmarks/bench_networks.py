@@ -73,6 +73,7 @@ def row(entry: networks.Entry, rounds: int) -> Dict[str, Any]:
         "input": list(entry.shape), "eligible": result.eligible, "blocks": result.blocks,
         "skipped": result.skipped, "skip_examples": result.skip_examples, "branches": result.branches,
         "start_error": result.start_error, "branch_effect": result.branch_effect, "fused_error": result.fused_error,
+        "float32_floor": result.floor,
         "onnx_plain": result.onnx_original, "onnx_fused": result.onnx_fused, "seconds": None}
     if result.status != "refused" and "fuse_model" in result.seconds:  # irepify and fuse_model ran once
         out["seconds"] = timings(entry, rounds)
@@ -123,6 +124,12 @@ def markdown(result: Dict[str, Any]) -> str:
     if problems:
         lines += ["", "## Failed checks and refusals", ""]
         lines += ["- {}: {}".format(r["name"], "; ".join(r["failures"]) or r["message"]) for r in problems]
+    floors = [r for r in ran if r.get("float32_floor") and r["passed"]]
+    if floors:
+        lines += ["", "## Fused errors above {:g} at the float32 floor".format(s["tolerance"]), "",
+                  "Against the same network run in float64 (tests/networks.py, check 3):", ""]
+        lines += ["- {}: the float32 multi-branch network is off by {:.2g}, the fused one by {:.2g}".format(
+            r["name"], *r["float32_floor"]) for r in floors]
     lines += ["", "## One convolution left out per kind and network", ""]
     lines += ["- {}: {}".format(r["name"], "; ".join("{}: `{}`".format(k, v) for k, v in sorted(r["skip_examples"].items())))
               for r in ran if r.get("skip_examples")]

@@ -299,6 +299,17 @@ class ImageFileError(DataError):
         super().__init__(message)
 
 
+def _pil_open(image_module: Any, handle: Any) -> Any:
+    """``PIL.Image.open``, also where another library patched it process-wide: Ultralytics' patch
+    imports a HEIF plugin (pi_heif) when PIL cannot identify a file, and without the plugin that is
+    an ImportError for what is still a file PIL cannot read."""
+    try:
+        return image_module.open(handle)
+    except ImportError as exc:
+        raise image_module.UnidentifiedImageError("cannot identify image file (and {}: {})".format(
+            type(exc).__name__, first_line(exc, 80))) from exc
+
+
 def load_image(path: str) -> Any:
     """An image file as an RGB PIL image; every fault is one line naming the file (ImageFileError)."""
     from PIL import Image
@@ -309,7 +320,7 @@ def load_image(path: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with open(path, "rb") as handle:
-                image = Image.open(handle)
+                image = _pil_open(Image, handle)
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise ImageFileError("{}: {} x {} pixels, more than the limit of {} (a decompression "

@@ -19,7 +19,7 @@ import torch.nn as nn
 from .compare import FUSE_OUTPUT, Tolerance, compare
 from .errors import IrepError
 from .precision import exact_fp32
-from .resources import require_memory
+from .resources import require_check_input
 
 Inputs = Tuple[Any, ...]
 #: the batch size of the check: two examples are enough to see a wrong kernel or bias
@@ -58,9 +58,8 @@ def check_inputs(model: nn.Module, example_input: Any = None) -> Optional[Inputs
         (m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), 3)
     size = int(config.get("input_size") or DEFAULT_SIZE)
     # a recorded size is data (a checkpoint header): the batch is refused before it is allocated
-    require_memory((CHECK_BATCH, channels, size, size), model, "fuse_model's check batch",
-                   "{}: input_size {}".format(config.get("backbone", type(model).__name__), size), IrepError,
-                   check=True)
+    require_check_input((CHECK_BATCH, channels, size, size), "fuse_model's check batch", "{}: input_size {}".format(
+        config.get("backbone", type(model).__name__), size))
     x = torch.randn(CHECK_BATCH, channels, size, size, generator=torch.Generator().manual_seed(0))
     return (x.to(param.device, param.dtype) if param is not None else x,)
 
@@ -159,6 +158,10 @@ def first_difference(reference: Recording, fused: Recording, kinds: Dict[str, st
         if problem is not None:
             return "{} ({}) first differs: {}".format(path, kinds[path], problem)
     ref_leaves, got_leaves = list(_leaves(reference.output)), list(_leaves(fused.output))
+    if any(isinstance(v, torch.Tensor) and not v.is_floating_point() for _, v in ref_leaves):
+        # integer leaves (labels, indices) mark post-processing that selects (NMS, top-k): a near-tie
+        # flips its choices on rounding alone, so such an output is checked through its layers only
+        return None
     if [n for n, _ in ref_leaves] != [n for n, _ in got_leaves]:
         return "the output's structure differs: {} vs {}".format(
             [n for n, _ in ref_leaves][:8], [n for n, _ in got_leaves][:8])

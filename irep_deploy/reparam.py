@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from .arch import ArchCode
 from .block import IrepConv
-from .compare import FUSE_FP32
+from .compare import FUSE_LAYER
 from .errors import CheckpointError, IrepError, VerificationError
 from .fusecheck import changed_kinds, check_inputs, first_difference, record
 from .fusion import fold_bn
@@ -66,7 +66,7 @@ def fuse_model(model: nn.Module, arch: Optional[ArchCode] = None, inplace: bool 
     ``check`` (default): the result is compared with ``model`` on a seeded batch of 2 (eval mode,
     float32, TF32 and autocast off; ``example_input``, a tensor or a tuple of arguments, or else
     ``irep_config``'s ``in_channels`` x ``input_size``, or the first conv's channels at 224 px) at
-    each replaced layer within ``compare.FUSE_FP32``, then at the output (tensors, or tuples, lists
+    each replaced layer within ``compare.FUSE_LAYER`` (1e-4: rounding accumulates with depth), then at the output (tensors, or tuples, lists
     and dicts of them) within ``compare.FUSE_OUTPUT``; the first difference is a
     :class:`~irep_deploy.errors.VerificationError` naming the layer. It costs two forwards; the search,
     which fuses many codes, passes ``check=False``. Not checked: a model in half precision, and an
@@ -110,11 +110,11 @@ def _checked(model: nn.Module, fused: Dict[int, nn.Module], inplace: bool, check
     kinds = changed_kinds((p, m, fused[id(m)]) for p, m in model.named_modules() if id(m) in fused)
     reference = record(model, list(kinds), inputs, "original")
     plain = _replace(model, fused, inplace)
-    problem = first_difference(reference, record(plain, list(kinds), inputs, "fused"), kinds, FUSE_FP32)
+    problem = first_difference(reference, record(plain, list(kinds), inputs, "fused"), kinds, FUSE_LAYER)
     if problem is not None:
         raise VerificationError("fuse_model: the fused network differs from the original on a seeded batch "
                                 "(eval mode, float32, {} tolerance {:g}): {}; check=False skips this check".format(
-                                    FUSE_FP32.name, FUSE_FP32.max_rel_error, problem))
+                                    FUSE_LAYER.name, FUSE_LAYER.max_rel_error, problem))
     return plain
 
 

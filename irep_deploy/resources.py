@@ -133,7 +133,7 @@ def largest_activation(model: nn.Module, in_channels: int, size: int) -> Optiona
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each its own: a mixed mode comes back as it was
     model.eval()  # in training mode the probe would move BatchNorm's running statistics
     try:
         # exact_fp32: a check's every forward runs in true float32, the probe's too (tests observe it)
@@ -142,7 +142,8 @@ def largest_activation(model: nn.Module, in_channels: int, size: int) -> Optiona
     except (RuntimeError, ValueError, IndexError, TypeError):
         return None
     finally:
-        model.train(training)
+        for m, training in modes:
+            m.training = training
         for h in handles:
             h.remove()
     return int(largest[0] * (size / probe) ** 2)
@@ -169,6 +170,21 @@ def require_memory(shape: Sequence[int], model: Optional[nn.Module], purpose: st
     """Refuse (``error``, its line starting with ``blame``: the flags or the file that chose the size) a
     batch of ``shape`` whose estimate exceeds :func:`memory_limit`; returns the estimate."""
     need = estimate_bytes(shape, model)
+    _refuse(need, shape, purpose, blame, error, check)
+    return need
+
+
+def require_check_input(shape: Sequence[int], purpose: str, blame: str, error: Type[IrepError] = IrepError) -> None:
+    """A check's input sized by recorded data (a checkpoint header's ``input_size``), refused before
+    it is allocated when the input, times :data:`UNKNOWN_EXPANSION` for what the check keeps of it,
+    is beyond a check batch's limit. No probe forward: the check itself is the one forward there is."""
+    need = 4 * UNKNOWN_EXPANSION
+    for d in shape:
+        need *= int(d)
+    _refuse(need, shape, purpose, blame, error, check=True)
+
+
+def _refuse(need: int, shape: Sequence[int], purpose: str, blame: str, error: Type[IrepError], check: bool) -> None:
     limit = memory_limit(check)
     if limit is not None and need > limit:
         why = ("{} is set".format(MEMORY_LIMIT_ENV) if os.environ.get(MEMORY_LIMIT_ENV) else
@@ -176,7 +192,6 @@ def require_memory(shape: Sequence[int], model: Optional[nn.Module], purpose: st
                    "a check batch's cap, or " if check else "", MEMORY_LIMIT_ENV))
         raise error("{}: {} of shape {} would need about {}, more than the limit of {} ({})".format(
             blame, purpose, "x".join(str(int(d)) for d in shape), _gib(need), _gib(limit), why))
-    return need
 
 
 def size_flags(batch_flag: str, batch: int, input_size: Optional[int]) -> str:

@@ -34,7 +34,7 @@ from .block import IrepConv
 from .errors import IrepError
 from .norms import NormSplit, is_bn_like, split_norm
 from .ops import SPACES, ConvBN, check_ops
-from .resources import require_memory
+from .resources import require_check_input
 from .own_reparam import apply_own_reparameterization
 
 #: The default op space for a user's network: every IREPS op (identity only where shapes allow).
@@ -500,8 +500,8 @@ def _example(model: nn.Module, input_size: int) -> Tuple[torch.Tensor, ...]:
     """A seeded random image batch of one for the model's first conv (the global RNG is untouched)."""
     first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     # input_size may come from a checkpoint header: the batch is refused before it is allocated
-    require_memory((1, first.in_channels, input_size, input_size), None, "irepify's example input",
-                   "input_size {}".format(input_size), IrepError, check=True)
+    require_check_input((1, first.in_channels, input_size, input_size), "irepify's example input",
+                        "input_size {}".format(input_size))
     x = torch.randn(1, first.in_channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
     return (x.to(first.weight.device, first.weight.dtype),)
 

@@ -16,7 +16,11 @@ two ways:
      multi-branch output must then differ from the original's (relative difference > 1e-4, so the
      branches really are in the computation);
   3. ``fuse_model`` of it equals the multi-branch network in FP32, relative error <= 1e-5, and holds
-     no ``IrepConv``;
+     no ``IrepConv``; or, where float32 itself is that coarse (the multi-branch network, run in
+     float32, is off its own float64 run by more than 5e-6), the fused float32 network is no
+     farther from that float64 run than :data:`FLOOR_RATIO` times the multi-branch one
+     (``Result.floor`` then records both): both are then float32 rounding of one function, and
+     a wrong fusion is 1e-2 or more off float64;
   4. the fused network exported to ONNX has exactly the op types and counts of the plain original
      exported the same way (legacy exporter, opset 17, eval mode, constant folding); the plain
      original is the original itself, or for a network with its own re-parameterizable branches
@@ -66,6 +70,9 @@ from irep_deploy.surgery import ineligible_reason
 from conftest import randomize_arch_params, randomize_bn
 
 TOL = FUSE_FP32.max_rel_error  # start and fused vs multi-branch, relative, FP32
+# the float32 floor (check 3): where the float32 multi-branch network is off float64 by more than
+# FLOOR_MIN, the fused one may be as far off, up to FLOOR_RATIO times (fcos_resnet50_fpn: 7.3e-6 and 8.7e-6)
+FLOOR_MIN, FLOOR_RATIO = 5e-6, 2.0
 BRANCH_EFFECT = 1e-4  # the least relative change the non-zero branches must make
 OPSET = 17
 NO_OPS = ("Identity",)  # nodes that compute nothing: the exporter emits them for initializers it deduplicated
@@ -317,6 +324,7 @@ class Result:
     onnx_original: Dict[str, int] = field(default_factory=dict)
     onnx_fused: Dict[str, int] = field(default_factory=dict)
     seconds: Dict[str, float] = field(default_factory=dict)  # irepify, fuse_model (one run)
+    floor: Optional[Tuple[float, float]] = None  # fused error above TOL: (multi-branch, fused) vs float64
 
     @property
     def passed(self) -> bool:
@@ -454,8 +462,12 @@ def check_network(entry: Entry, seed: int = SEED) -> Result:
         result.fused_error = _within_tol(result, "fused differs from multi-branch", max_error(multi, got))
         if result.failures and result.fused_error > TOL:  # is it float32 rounding? ask float64
             exact = outputs(entry.probe(copy.deepcopy(net).double()), x.double())
-            result.failures[-1] += " (against float64 the multi-branch network is off by {:.3g}, fused by {:.3g})".format(
-                max_error(exact, multi), max_error(exact, got))
+            result.floor = (max_error(exact, multi), max_error(exact, got))
+            if result.floor[0] > FLOOR_MIN and result.floor[1] <= FLOOR_RATIO * result.floor[0]:
+                result.failures.pop()  # rounding of float32, by float64's verdict
+            else:
+                result.failures[-1] += " (against float64 the multi-branch network is off by {:.3g}, fused by " \
+                                       "{:.3g})".format(*result.floor)
         stage = "onnx export"
         result.onnx_original = onnx_ops(entry.probe(entry.plain(original) if entry.plain else original), x)
         result.onnx_fused = onnx_ops(entry.probe(fused), x)

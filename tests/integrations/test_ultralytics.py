@@ -127,3 +127,18 @@ def test_yolov8n_trains_with_ultralytics_then_predicts_validates_and_exports_fus
     error = rel_err(torch.from_numpy(np.asarray(out)), head(multi, x))
     print("onnxruntime vs multi-branch torch: relative error {:.2e}, ONNX ops {}".format(error, dict(ops)))
     assert error < 1e-4
+
+
+def test_a_file_pil_cannot_read_is_one_line_also_where_ultralytics_patched_pil(tmp_path):
+    """Importing Ultralytics replaces PIL.Image.open process-wide with a version that imports a HEIF
+    plugin (pi_heif) when PIL cannot identify a file; without the plugin that was an ImportError
+    traceback from our image-folder loader. It stays the loader's one-line error."""
+    from PIL import Image
+
+    from irep_deploy.data import ImageFileError, load_image
+    if not Image.open.__module__.startswith("ultralytics"):
+        pytest.skip("this Ultralytics does not patch PIL.Image.open")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"plain text, not an image\n")
+    with pytest.raises(ImageFileError, match=r"bad\.png.*: not a readable image \(cannot identify image file"):
+        load_image(str(bad))

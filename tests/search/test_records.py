@@ -3,6 +3,7 @@ before the records existed (data/search_run_v0, from the inline-dict writer) rea
 for byte, and malformed or fuzzed records refused with one line naming the file."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -159,7 +160,9 @@ def test_fuzzed_record_fields(tmp_path_factory, name, line, where, changes):
         data = json.loads((OLD_RUN / name).read_text())
         data.update({k: v for k, v in changes.items() if k in ("round", "ops", "layers", "codes")})
         if isinstance(data.get("codes"), list) and data["codes"] and isinstance(data["codes"][0], dict):
-            data["codes"][where % len(data["codes"])].update(changes)
+            # a copy: when changes replaced "codes" with its own list, the row updated may hold the very
+            # object being written into it, and the data would contain itself
+            data["codes"][where % len(data["codes"])].update(copy.deepcopy(changes))
         path.write_text(json.dumps(data))
     else:
         records = _lines(name)
