@@ -76,10 +76,17 @@ test-py38: $(STAMP38) data
 lint-docker: venv
 	$(BIN)/hadolint Dockerfile.jetson
 
-# Both lanes: the whole suite on the dev versions, then the deploy path on the JetPack 5 floor.
-test: venv data check-py38 lint-docker
-	$(BIN)/python -m pytest -q
-	$(MAKE) --no-print-directory test-py38
+# Both lanes at once: the whole suite on the dev versions, and the deploy path on the JetPack 5 floor.
+# Each lane keeps about one core busy (user + system time ~ wall time), so on 2 cores they overlap
+# instead of adding up; the floor lane's output is printed after the main lane's, and either failing
+# fails the target.
+test: venv data check-py38 lint-docker $(STAMP38)
+	@floor_log="$$(mktemp)"; \
+	$(MAKE) --no-print-directory test-py38 > "$$floor_log" 2>&1 & floor=$$!; \
+	$(BIN)/python -m pytest -q; main=$$?; \
+	wait $$floor; floor_rc=$$?; \
+	echo "== floor lane (make test-py38) =="; cat "$$floor_log"; rm -f "$$floor_log"; \
+	[ $$main -eq 0 ] && [ $$floor_rc -eq 0 ]
 
 # The main lane without the end-to-end tests marked `slow` (subprocess CLI chains, trainings, searches,
 # the benchmark smoke runs): a quick check while editing. `make test` still runs everything.
