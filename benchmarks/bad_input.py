@@ -566,18 +566,10 @@ def totals(verdicts: Sequence[str], changed: Sequence[bool]) -> Dict[str, int]:
 def provenance(argv: Sequence[str], script: str = "bad_input.py") -> List[str]:
     """The commit (and whether the tree was dirty), command, date and machine of a results file."""
     import platform
-    import subprocess
-    root = HERE.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git"] + list(args), cwd=str(root), stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
-        except OSError:
-            return ""
     import torch
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " (tree dirty)" if git("status", "--porcelain", "--untracked-files=no") else ""
+    state = _sibling("_common").git_state()  # the one reader of the checkout's state
+    commit = state["commit"] or "unknown"
+    dirty = " (tree dirty)" if state["dirty"] else ""
     return ["Commit {}{}, command `python benchmarks/{}{}`, {} UTC, Python {}, torch {}, {}.".format(
         commit, dirty, script, "".join(" " + a for a in argv), time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         platform.python_version(), torch.__version__, platform.platform())]
@@ -647,17 +639,20 @@ def args_list(argv: Optional[List[str]]) -> List[str]:
     return list(sys.argv[1:] if argv is None else argv)
 
 
-def _hostile():
-    """benchmarks/hostile.py, loaded by path (tests load this file on its own, without sys.path)."""
+def _sibling(name: str):
+    """benchmarks/NAME.py, loaded by path (tests load this file on its own, without sys.path)."""
     import importlib.util
-    if "hostile" in sys.modules:
-        return sys.modules["hostile"]
-    spec = importlib.util.spec_from_file_location("hostile", str(HERE / "hostile.py"))
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, str(HERE / (name + ".py")))
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["hostile"] = mod  # dataclasses resolve annotations through sys.modules
+    sys.modules[name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
 
+
+def _hostile():
+    return _sibling("hostile")
 
 if __name__ == "__main__":
     sys.exit(main())
