@@ -64,12 +64,6 @@ class BiasAsBN(nn.Module):
         return x + self.bias.reshape(1, -1, 1, 1).to(x.dtype)
 
 
-def is_batchnorm(module: nn.Module) -> bool:
-    """A BN-like module after a conv (running statistics): a fx leaf, folded only if
-    :func:`~irep_deploy.norms.split_norm` accepts it (otherwise its conv is left alone, with the reason)."""
-    return is_bn_like(module)
-
-
 def ineligible_reason(conv: nn.Module) -> Optional[str]:
     """Why this module cannot become an IrepConv (None: it can)."""
     if type(conv) is not nn.Conv2d:
@@ -103,7 +97,7 @@ class _Tracer(torch.fx.Tracer):
         self.failed: Optional[str] = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (qualname in self.leaves or is_batchnorm(m) or isinstance(m, IrepConv)
+        return (qualname in self.leaves or is_bn_like(m) or isinstance(m, IrepConv)
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: Tuple[Any, ...],
@@ -249,7 +243,7 @@ def _scan_children(module: nn.Module, prefix: str, reason: str, scan: GraphScan)
             scan.untraced[prefix + name] = reason
         elif isinstance(child, (nn.ModuleList, nn.ModuleDict)):
             _scan_children(child, prefix + name + ".", reason, scan)
-        elif not is_batchnorm(child) and not isinstance(child, IrepConv):
+        elif not is_bn_like(child) and not isinstance(child, IrepConv):
             _scan(child, prefix + name + ".", scan)
 
 
@@ -260,7 +254,7 @@ def _follower(module: nn.Module, node: torch.fx.Node) -> Optional[str]:
         return None
     follower = module.get_submodule(users[0].target)
     # running_mean, not num_features: torchvision's FrozenBatchNorm2d has no num_features
-    if is_batchnorm(follower) and follower.running_mean.numel() == module.get_submodule(node.target).out_channels:
+    if is_bn_like(follower) and follower.running_mean.numel() == module.get_submodule(node.target).out_channels:
         return users[0].target
     return None
 
@@ -550,7 +544,7 @@ def _bn_takers(model: nn.Module, paths: List[str], args: Tuple[Any, ...]) -> Dic
         return hook
 
     handles = [model.get_submodule(p).register_forward_hook(conv_hook(p)) for p in paths]
-    handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in model.named_modules() if is_batchnorm(m)]
+    handles += [m.register_forward_pre_hook(bn_hook(n)) for n, m in model.named_modules() if is_bn_like(m)]
     try:
         with _modes_restored(model), _attributes_restored(model), torch.no_grad():
             model.eval()
