@@ -8,11 +8,14 @@ the code asks the module what it has rather than trusting version numbers alone:
 - FP16: ``BuilderFlag.FP16`` on 8.5/10.x; removed on 11.x (strongly typed only) -> the ONNX graph is
   converted to FP16 before parsing.
 - FP32: ``BuilderFlag.TF32`` is cleared where it exists, so FP32 means FP32.
-- INT8 from a QDQ ONNX (explicit quantization): a strongly typed network where the
-  ``STRONGLY_TYPED`` creation flag exists (10.x, 11.x), so the graph's Q/DQ nodes decide every
-  precision; ``BuilderFlag.INT8`` on 8.5 (and on 10.x with ``--fp16``, whose FP16 fallback needs weak
-  typing). INT8 from a float ONNX (implicit quantization, 8.5/10.x only; deprecated in 10.1, removed
-  in 11): ``BuilderFlag.INT8`` with an entropy calibrator fed real images, and a calibration cache.
+- INT8 from a QDQ ONNX (explicit quantization): a strongly typed network (the ``STRONGLY_TYPED``
+  creation flag on 10.x; always so on 11.x, where the flag is deprecated and not set), so the graph's
+  Q/DQ nodes decide every precision; ``BuilderFlag.INT8`` on 8.5 (and on 10.x with ``--fp16``, whose
+  FP16 fallback needs weak typing). INT8 from a float ONNX (implicit quantization, 8.5/10.x only;
+  deprecated in 10.1, removed in 11): ``BuilderFlag.INT8`` with an entropy calibrator fed real images,
+  and a calibration cache.
+
+The deprecated API still called on some versions is :data:`DEPRECATED_USE` (docs/deploy.md lists it).
 
 Every engine gets a JSON sidecar (``model.engine.json``); :class:`TrtRunner` refuses an engine whose
 sidecar names another TensorRT version or GPU, since serialized engines are not portable.
@@ -206,6 +209,23 @@ class BuildResult:
     calls: List[str] = field(default_factory=list)  # which version-dependent paths were taken
 
 
+# TensorRT API called where the version's own docstrings mark it deprecated: name -> (deprecated in,
+# removed in, why it is kept). Nothing current does the same on those versions; tests/deploy/
+# test_trt_conformance.py checks this against the recorded real marks and against docs/deploy.md.
+DEPRECATED_USE: Dict[str, Tuple[str, str, str]] = {
+    "IInt8EntropyCalibrator2": ("10.1", "11.0", "implicit INT8 calibration of a float ONNX (--int8 --calib)"),
+    "IBuilderConfig.int8_calibrator": ("10.1", "11.0", "implicit INT8 calibration of a float ONNX"),
+    "IBuilderConfig.set_calibration_profile": ("10.1", "11.0", "implicit INT8 calibration of a float ONNX"),
+    "BuilderFlag.INT8": ("10.12", "11.0", "weak typing: implicit INT8, and QDQ with an FP16 fallback"),
+    "BuilderFlag.FP16": ("10.12", "11.0", "weak typing: --fp16 lets TensorRT keep slow or imprecise layers FP32"),
+}
+
+
+def weak_typing(trt: Any) -> bool:
+    """True where builder flags choose precisions (8.x, 10.x); 11.x is strongly typed only."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
 def network_flags(trt: Any) -> int:
     """EXPLICIT_BATCH where it still means something (TensorRT < 10); 0 elsewhere."""
     flag = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
@@ -216,7 +236,7 @@ def network_flags(trt: Any) -> int:
 
 def needs_fp16_graph(trt: Any) -> bool:
     """True where FP16 can only come from the graph's own types (no BuilderFlag.FP16: TensorRT 11)."""
-    return not hasattr(trt.BuilderFlag, "FP16")
+    return not weak_typing(trt)
 
 
 def int8_plan(trt: Any, qdq: bool, fp16: bool) -> str:
@@ -296,7 +316,8 @@ def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: Buil
     flags = network_flags(trt)
     calls.append("create_network({})".format("EXPLICIT_BATCH" if flags else "0"))
     if plan_int8 == "strong":
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+        if weak_typing(trt):  # 11.x is strongly typed anyway and deprecates the flag
+            flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
         calls.append("int8:strongly_typed")
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from irep_deploy.engines import int8 as int8_tools
-from irep_deploy.engines.tensorrt import (BuildOptions, EngineMeta, EngineMismatchError, build_serialized,
-                                          calibration_facts, check_compatible, entropy_calibrator, int8_plan,
-                                          read_meta, write_meta)
+from irep_deploy.engines.tensorrt import (DEPRECATED_USE, BuildOptions, EngineMeta, EngineMismatchError,
+                                          build_serialized, calibration_facts, check_compatible, entropy_calibrator,
+                                          int8_plan, read_meta, write_meta)
 from irep_deploy.errors import IrepError
 
 from . import trt_standins
 from .conftest import cli, leftovers, one_line_error
-from .trt_standins import args_of, called
+from .trt_standins import args_of, called, used
 
 SHAPES = dict(min_shape=(1, 1, 28, 28), opt_shape=(8, 1, 28, 28), max_shape=(32, 1, 28, 28))
 
@@ -31,34 +31,45 @@ def _build(version, calibrator_images=None, cache=b"", **kw):
     return trt, log, build_serialized(trt, b"onnx", "input", options), calibrator
 
 
+def deprecated_used(trt, log):
+    assert not used(log) & trt_standins.LEGACY_8
+    return used(log) & trt_standins.deprecated(trt)
+
+
 @pytest.fixture(scope="module")
 def images():
     return int8_tools.calibration_images("fashion-mnist", (1, 28, 28), 70, source="test")
 
 
-@pytest.mark.parametrize("version, plan", [("8.5.2.2", "flag"), ("10.3.0", "strong"), ("11.0.0", "strong")])
+@pytest.mark.parametrize("version, plan", [("8.5.2.2", "flag"), ("10.3.0", "strong"), ("10.12.0", "strong"),
+                                           ("11.0.0", "strong")])
 def test_qdq_onnx(version, plan):
     trt, log, result, _ = _build(version, qdq=True)
     assert int8_plan(trt, qdq=True, fp16=False) == plan
     flags = args_of(log, "Builder.create_network")[0][0]
     set_flags = args_of(log, "IBuilderConfig.set_flag")
-    if plan == "strong":  # the Q/DQ nodes decide precisions: no precision flag at all
-        assert flags & (1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) and result.strongly_typed
+    if version.startswith("11."):  # strongly typed anyway: the flag, deprecated in 11.0, is not set
+        assert flags == 0 and result.strongly_typed and set_flags == []
+    elif plan == "strong":  # the Q/DQ nodes decide precisions: no precision flag at all
+        assert flags == 1 << trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED and result.strongly_typed
         assert set_flags == []
     else:
         assert flags == 1 << trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH and not result.strongly_typed
         assert set_flags == [(trt.BuilderFlag.INT8,)]
     assert args_of(log, "IBuilderConfig.clear_flag") == [(trt.BuilderFlag.TF32,)]  # float layers are FP32
     assert not any(n.startswith("IBuilderConfig.int8_calibrator") for n in called(log))
-    assert not set(called(log)) & trt_standins.DEPRECATED_85
+    assert deprecated_used(trt, log) == set()
 
 
-@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0"])
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0", "10.12.0"])
 def test_qdq_with_fp16_fallback_uses_weak_typing_where_it_exists(version):
     trt, log, result, _ = _build(version, qdq=True, fp16=True)
     assert args_of(log, "IBuilderConfig.set_flag") == [(trt.BuilderFlag.INT8,), (trt.BuilderFlag.FP16,)]
     assert args_of(log, "Builder.create_network")[0][0] in (0, 1)  # no STRONGLY_TYPED: it forbids the flags
     assert not result.strongly_typed
+    # weak typing is deprecated from 10.12 on and kept until 11 removes it (DEPRECATED_USE)
+    weak = {"BuilderFlag.INT8", "BuilderFlag.FP16"}
+    assert deprecated_used(trt, log) == (weak if version == "10.12.0" else set())
 
 
 def test_qdq_with_fp16_is_refused_on_11():
@@ -67,7 +78,7 @@ def test_qdq_with_fp16_is_refused_on_11():
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0"])
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0", "10.12.0"])
 def test_float_onnx_gets_the_entropy_calibrator(version, images):
     trt, log, result, calibrator = _build(version, calibrator_images=images)
     assert ("IBuilderConfig.int8_calibrator=", (calibrator,)) in log
@@ -79,7 +90,26 @@ def test_float_onnx_gets_the_entropy_calibrator(version, images):
     # the stand-in drove it like TensorRT: 70 images -> 2 whole batches, then a table to cache
     assert calibrator.fed == 2 and len(trt.state["calib_pointers"]) == 2
     assert calibrator.cache_out == b"TRT-8501-EntropyCalibration2 table"
-    assert not result.strongly_typed and not set(called(log)) & trt_standins.DEPRECATED_85
+    assert not result.strongly_typed
+    # implicit calibration is deprecated from 10.1 on (weak typing from 10.12) and kept until 11 (DEPRECATED_USE)
+    calibration = {"IInt8EntropyCalibrator2", "IBuilderConfig.int8_calibrator", "IBuilderConfig.set_calibration_profile"}
+    expected = {"8.5.2.2": set(), "10.3.0": calibration, "10.12.0": calibration | {"BuilderFlag.INT8"}}[version]
+    assert deprecated_used(trt, log) == expected and expected <= set(DEPRECATED_USE)
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "10.3.0"])
+def test_calibrator_subclass_must_initialise_its_base(version):
+    """As pybind11 makes the real base class: a subclass that skips its __init__ is a TypeError."""
+    trt, _ = trt_standins.make(version)
+
+    class Skips(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            self.batch = 32
+
+    with pytest.raises(TypeError, match="IInt8EntropyCalibrator2.__init__\\(\\) must be called"):
+        Skips()
+    assert isinstance(entropy_calibrator(trt, np.zeros((32, 1, 28, 28), np.float32), 32, device="cpu"),
+                      trt.IInt8EntropyCalibrator2)
 
 
 def test_implicit_calibration_is_refused_on_11(images):
