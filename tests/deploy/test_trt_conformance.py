@@ -118,6 +118,15 @@ def test_standin_offers_only_real_names_with_real_values(version):
     assert wrong == {}, "enum values differ from the real ones (stand-in, real)"
 
 
+def test_what_the_standins_call_removed_is_gone_from_the_real_ones():
+    """The 8.x-only API the tests forbid (LEGACY_8) and the flags 11 dropped are really gone there."""
+    for version in VERSIONS:
+        real, major = real_names(version), parse_version(version)[0]
+        assert {n for n in trt_standins.LEGACY_8 if n in real} == (trt_standins.LEGACY_8 if major < 10 else set())
+        removed = {"BuilderFlag." + f for f in trt_standins.REMOVED_IN_11}
+        assert {n for n in removed if n in real} == (removed if major < 11 else set())
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_standin_deprecation_marks_are_the_real_ones(version):
     trt, _ = trt_standins.make(version)
