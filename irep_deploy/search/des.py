@@ -151,11 +151,11 @@ class SearchConfig:
 #: (the paper's CIFAR setting or our named choice). docs/search.md's preset table is checked against
 #: this dict. ``cpu`` finishes a real Fashion-MNIST search on 2 cores in a few minutes.
 PRESETS: Dict[str, Dict[str, Any]] = {
-    # a preset's width applies to the built-in backbones only (make_config)
     "paper-cifar": dict(backbone="resnet18_cifar", dataset="cifar10"),
     # 5 + 19 x 5 = 100 epochs
     "paper-imagenet": dict(backbone="resnet18", dataset="imagenet", subnets=1, budget=0.5, batch_size=256,
                            warmup_epochs=5, rounds=19, round_epochs=5, ops=list(SPACES["resnet_imagenet"])),
+    # a preset's width applies to the built-in backbones only (make_config)
     "cpu": dict(backbone="resnet18_cifar", dataset="fashion-mnist", width=0.125, population=16, subnets=2,
                 warmup_epochs=1, rounds=4, round_epochs=1, batch_size=64, limit=6000, eval_batch_size=500),
 }
