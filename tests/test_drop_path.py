@@ -208,7 +208,7 @@ def test_grad_clip_caps_the_total_gradient_norm_of_a_step():
 
 # -- the training run: ramp, resume, fused check ---------------------------------------------------------
 DIGITS = TrainConfig(backbone="resnet18_cifar", arch=ArchCode.random("resnet18_cifar", ratio=0.5, seed=2).dumps(),
-                     dataset="digits", width=0.125, epochs=2, batch_size=32, limit=128, seed=1, drop_path=0.5,
+                     dataset="digits", width=0.125, epochs=2, batch_size=32, limit=64, seed=1, drop_path=0.5,
                      cutout=4, grad_clip=5.0)
 
 
