@@ -10,6 +10,29 @@ from .fusion import KernelBias, add_branches, compute_dtype, scale_branch
 from .ops import REGISTRY, ConvBN, check_ops
 
 
+#: Branches drop-path leaves alone (see IrepConv).
+NEVER_DROPPED = frozenset({"identity"})
+
+
+def keep_mask(y: torch.Tensor, p: float) -> torch.Tensor:
+    """Per-example factors for ``y`` (N x ...): 0 with probability ``p``, else 1 / (1 - p), so the
+    expected output is unchanged (DARTS's drop_path). Drawn from the global generator of ``y``'s
+    device, which the training loop seeds per epoch."""
+    keep = 1.0 - p
+    shape = (y.shape[0],) + (1,) * (y.dim() - 1)
+    return torch.empty(shape, dtype=y.dtype, device=y.device).bernoulli_(keep).div_(keep)
+
+
+def set_drop_path(model: nn.Module, p: float) -> int:
+    """Set the drop-path probability of every :class:`IrepConv` in ``model``; returns how many."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError("drop-path probability must lie in [0, 1), got {}".format(p))
+    blocks = [m for m in model.modules() if isinstance(m, IrepConv)]
+    for block in blocks:
+        block.drop_path = p
+    return len(blocks)
+
+
 class IrepConv(nn.Module):
     """Block output (paper, Eq. 6-7)::
 
@@ -22,11 +45,20 @@ class IrepConv(nn.Module):
     an inactive branch costs nothing. A block never holds a branch for an op that is unavailable at
     its geometry (``identity`` at stride 2 or with in != out).
 
+    ``drop_path`` (set by :func:`set_drop_path`; 0 by default) is DARTS's drop-path on the branches:
+    in training mode each active branch's output is zeroed per example with that probability and the
+    kept ones scaled by 1 / (1 - p). The fixed conv is never dropped, nor is ``identity`` (DARTS never
+    drops an identity op: it is the skip path, and here the only one a VGG block has). Eval mode, and
+    so fusion, never drop. It is an attribute, not a buffer: a setting of the training run, absent
+    from state dicts and checkpoints.
+
     ``fixed`` supplies the fixed op (a :class:`ConvBN` holding a user's pretrained conv and BN, see
     :func:`irep_deploy.irepify`) instead of a fresh one. ``zero_init_branches`` makes every
     new branch start at zero output (the last BN of the branch with gamma = 0, as torchvision's
     ``zero_init_residual``), so adding branches to a pretrained network leaves its function as it was.
     """
+
+    drop_path = 0.0  # class default: also for blocks built before this attribute existed
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
                  ops: Sequence[str] = (), branches: Iterable[str] = (), fixed: Optional[ConvBN] = None,
@@ -95,8 +127,12 @@ class IrepConv(nn.Module):
         if not self._active:
             return out
         scales = self.branch_scales().to(out.dtype)
+        drop = self.drop_path if self.training else 0.0
         for i, name in self._active:
-            out = torch.addcmul(out, scales[i], self.branches[name](x))
+            y = self.branches[name](x)
+            if drop > 0.0 and name not in NEVER_DROPPED:
+                y = y * keep_mask(y, drop)
+            out = torch.addcmul(out, scales[i], y)
         return out
 
     def fused_kernel_bias(self, active: Optional[Iterable[str]] = None,

@@ -260,21 +260,29 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
 
 def _args_search(p: argparse.ArgumentParser) -> None:
-    from .search.des import PRESETS, SearchConfig, search
+    from .search.des import PRESETS, SearchConfig, make_config, search
     _flag(p, search, "run_dir", "-o", "--output", metavar="RUN_DIR", help="run directory to create (default runs/search)")
     _alias(p, "run_dir", "--run-dir")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the search saved in RUN_DIR (its settings are used)")
     p.add_argument("--preset", choices=tuple(PRESETS),
-                   help="named settings; `cpu` is a real Fashion-MNIST search that takes minutes on 2 cores "
-                        "(without one: the defaults below, the paper's CIFAR settings); settings flags override it")
+                   help="named settings: paper-cifar and paper-imagenet are the paper's CIFAR-10 ({} epochs) and "
+                        "ImageNet ({} epochs) searches, `cpu` a real Fashion-MNIST search that takes minutes on 2 "
+                        "cores (without one: the defaults below, the paper's CIFAR-10 settings on --dataset); "
+                        "settings flags override it".format(*(make_config(name).total_epochs
+                                                              for name in ("paper-cifar", "paper-imagenet"))))
     _settings(p, SearchConfig, "settings of the search (saved in the run; defaults without --preset)")
     _runtime(p, search, "data_root", "device", "workers", "progress")
     _trust_pickle(p, search)
 
 
+def _preset_text(values: Dict[str, Any]) -> str:
+    """A preset's settings as its flags read: ``epochs 600, batch-size 96, ...`` (help text)."""
+    return ", ".join("{} {}".format(k.replace("_", "-"), opt.format_default(v)) for k, v in values.items())
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
-    given = _given(args, TrainConfig)
+    from .train import TrainConfig, make_train_config, train
+    given = _given(args, TrainConfig, *(["--preset"] if args.preset else []))
     model = None
     if _resume_dir(args):
         run, config, model = args.resume, None, given.get("backbone")
@@ -284,7 +292,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if "arch" in given:  # the flag names a file; the run stores the code's text
             from .train import arch_setting
             given["arch"], given["backbone"] = arch_setting(given["arch"], given.get("backbone"))
-        run, config = args.run_dir, TrainConfig(**given)
+        run, config = args.run_dir, make_train_config(args.preset, **given)
     if args.baseline:
         from .baseline import BASELINE_FILE, train_with_baseline
         comparison = _call(train_with_baseline, args, run_dir=run, config=config, resume=bool(args.resume), model=model)
@@ -304,9 +312,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _args_train(p: argparse.ArgumentParser) -> None:
-    from .train import TrainConfig, train
+    from .train import TRAIN_PRESETS, TrainConfig, train
     _flag(p, train, "run_dir", "-o", "--output", metavar="RUN_DIR", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings")
+    p.add_argument("--preset", choices=tuple(TRAIN_PRESETS),
+                   help="the paper's retraining recipes ({}); settings flags override it (docs/training.md)".format(
+                       "; ".join("{}: {}".format(name, _preset_text(values)) for name, values in TRAIN_PRESETS.items())))
     p.add_argument("--baseline", action="store_true",
                    help="also train the plain backbone (no branches) with the same settings into RUN_DIR/baseline "
                         "and report test top-1, training time and torch latency side by side (RUN_DIR/baseline.json)")

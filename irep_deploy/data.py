@@ -83,8 +83,32 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 
 # -- transforms -------------------------------------------------------------------------------------
-def transforms_for(name: str, train: bool) -> Transform:
-    """Standard augmentation (``train``) or evaluation transform of a dataset.
+class Cutout:
+    """DARTS's cutout: one square of side ``length`` set to 0 in every channel of a C x H x W tensor,
+    after normalisation (so 0 is the mean colour), its centre drawn uniformly over the image: near a
+    border only the part inside the image is zeroed, as in DARTS. Draws from torch's global generator
+    (seeded per epoch by train)."""
+
+    def __init__(self, length: int) -> None:
+        if length < 1:
+            raise ValueError("cutout length must be at least 1, got {}".format(length))
+        self.length = length
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        top, left = cy - self.length // 2, cx - self.length // 2
+        out = x.clone()
+        out[..., max(top, 0):max(top + self.length, 0), max(left, 0):max(left + self.length, 0)] = 0
+        return out
+
+    def __repr__(self) -> str:
+        return "Cutout(length={})".format(self.length)
+
+
+def transforms_for(name: str, train: bool, cutout: int = 0) -> Transform:
+    """Standard augmentation (``train``) or evaluation transform of a dataset; ``cutout`` > 0 adds
+    :class:`Cutout` of that side to the augmentation (DARTS's CIFAR recipe).
 
     - cifar10: ACNet/ResNet CIFAR augmentation: random crop 32 with 4-pixel zero padding, horizontal
       flip, normalise.
@@ -98,9 +122,10 @@ def transforms_for(name: str, train: bool) -> Transform:
     spec = dataset_spec(name)
     name = spec.name
     norm = T.Normalize(spec.mean, spec.std)
+    erase: List[Any] = [Cutout(cutout)] if train and cutout else []
     if name == "imagefolder":
         if train:
-            return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
+            return T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm] + erase)
         return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
     # cifar10 yields PIL images; fashion-mnist and digits yield uint8/float CxHxW tensors.
     to_float = T.ToTensor() if name == "cifar10" else T.ConvertImageDtype(torch.float32)
@@ -111,7 +136,7 @@ def transforms_for(name: str, train: bool) -> Transform:
         "fashion-mnist": [T.RandomCrop(28, padding=2), T.RandomHorizontalFlip()],
         "digits": [T.RandomCrop(8, padding=1)],
     }[name]
-    return T.Compose(aug + [to_float, norm])
+    return T.Compose(aug + [to_float, norm] + erase)
 
 
 class Transformed(Dataset):
@@ -429,7 +454,7 @@ def _limited(indices: torch.Tensor, limit: Optional[int]) -> List[int]:
 
 def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, split_seed: int = 0,
               augment: bool = True, limit: Optional[int] = None, parts: Sequence[str] = SPLITS,
-              in_channels: Optional[int] = None) -> DataSplits:
+              in_channels: Optional[int] = None, cutout: int = 0) -> DataSplits:
     """Read a dataset and build its splits.
 
     ``val_fraction`` of the training set (a permutation drawn with ``split_seed``) becomes ``val``
@@ -437,7 +462,8 @@ def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, 
     seeded random subset; for CPU-scale runs). ``parts`` skips reading what is not needed
     (``("test",)`` reads only the test files); splits not read are empty. ``in_channels`` is what the
     network takes (default: the dataset's own); 1-channel images are then copied into every channel
-    (see the module docstring).
+    (see the module docstring). ``cutout``: the side of the square :class:`Cutout` zeroes in every
+    augmented training image (0: none).
     """
     spec = dataset_spec(name)
     adapter = channel_adapter(name, in_channels)
@@ -460,7 +486,7 @@ def load_data(name: str, root: Optional[str] = None, val_fraction: float = 0.0, 
         if val_fraction > 0 and (n_val < 1 or n_val >= len(targets)):
             raise DataError("validation fraction {} leaves an empty split of {} training examples".format(
                 val_fraction, len(targets)))
-        train_tf = transforms_for(name, train=True) if augment else eval_tf
+        train_tf = transforms_for(name, train=True, cutout=cutout) if augment else eval_tf
         train_ds = Transformed(Subset(base, _limited(order[n_val:], limit)), train_tf)
         if n_val:
             val_ds = Transformed(Subset(base, _limited(order[:n_val], limit)), eval_tf)

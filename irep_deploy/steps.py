@@ -27,23 +27,42 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor
 _SCHEDULER_ORDER_WARNING = r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`"
 
 
+def _has_grad(opt: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for group in opt.param_groups for p in group["params"])
+
+
+def clip_gradients(optimizers: Sequence[torch.optim.Optimizer], max_norm: float) -> None:
+    """Scale the gradients of every optimizer's parameters to a total 2-norm of at most ``max_norm``
+    (DARTS's ``clip_grad_norm_``, over all of them at once). Nothing is read on the host."""
+    params = [p for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if params:
+        nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
-                   scaler: Any = None) -> None:
-    """Backward of ``loss``, a step of every optimizer (through the fp16 gradient scaler when given),
-    then one step of the per-iteration schedule. Reads nothing on the host except what the scaler does.
+                   scaler: Any = None, grad_clip: float = 0.0) -> None:
+    """Backward of ``loss``, the gradients clipped to a total norm of ``grad_clip`` (0: not clipped),
+    a step of every optimizer (through the fp16 gradient scaler when given), then one step of the
+    per-iteration schedule. Reads nothing on the host except what the scaler does.
     """
     if scaler is None:
         loss.backward()
+        if grad_clip:
+            clip_gradients(optimizers, grad_clip)
         for opt in optimizers:
             opt.step()
         scheduler.step()
         return
     scaler.scale(loss).backward()
-    for opt in optimizers:
-        # An optimizer none of whose parameters got a gradient (DES: alpha/beta when every sampled code
-        # has no branch) has nothing to step, and scaler.step would raise "No inf checks were recorded".
-        if any(p.grad is not None for group in opt.param_groups for p in group["params"]):
-            scaler.step(opt)
+    # An optimizer none of whose parameters got a gradient (DES: alpha/beta when every sampled code
+    # has no branch) has nothing to step, and scaler.step would raise "No inf checks were recorded".
+    stepped = [opt for opt in optimizers if _has_grad(opt)]
+    if grad_clip:
+        for opt in stepped:
+            scaler.unscale_(opt)  # the norm is the true gradients'; scaler.step then does not unscale again
+        clip_gradients(stepped, grad_clip)
+    for opt in stepped:
+        scaler.step(opt)
     scaler.update()
     # The schedule follows the iteration count, whether or not the scaler skipped this step (inf/nan
     # gradients, typical of the first steps while the scale settles). A skipped first step makes the
@@ -126,9 +145,10 @@ class EpochTotals:
 def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Sequence[torch.optim.Optimizer],
               scheduler: Any, dev: torch.device, dist: Dist, scaler: Any = None, amp: str = "none",
               layout: torch.memory_format = torch.contiguous_format, desc: str = "",
-              progress: bool = False) -> EpochTotals:
-    """One pass over ``loader``, one optimizer step per batch; stops at the first non-finite loss
-    (``diverged`` set, every rank after the same step). The caller seeds the epoch's randomness."""
+              progress: bool = False, grad_clip: float = 0.0) -> EpochTotals:
+    """One pass over ``loader``, one optimizer step per batch (gradients clipped to ``grad_clip``
+    when > 0); stops at the first non-finite loss (``diverged`` set, every rank after the same step).
+    The caller seeds the epoch's randomness."""
     from tqdm import tqdm
 
     net.train()
@@ -147,7 +167,7 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
             opt.zero_grad(set_to_none=True)
         # fp16: the scaler scales the loss so small gradients survive and skips steps with inf/nan gradients
         try:
-            optimizer_step(loss, optimizers, scheduler, scaler)
+            optimizer_step(loss, optimizers, scheduler, scaler, grad_clip)
         except RuntimeError as exc:  # torch refuses a step of lr * grad beyond float32 ("without overflow")
             if "overflow" not in str(exc):
                 raise

@@ -40,6 +40,7 @@ from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
 from .binding import searchable_layers
+from .block import set_drop_path
 from .models import is_spec
 from .models.external import named_spec
 from .options import BACKBONE_HELP, model_setting, setting
@@ -52,7 +53,7 @@ from .runtime import (AMP_MODES, Dist, barrier, broadcast_buffers, close_distrib
                       wrap_ddp)
 from .steps import run_epoch
 
-__all__ = ["TrainConfig", "TrainReport", "TrainingDiverged", "train", "evaluate"]
+__all__ = ["TrainConfig", "TrainReport", "TrainingDiverged", "TRAIN_PRESETS", "make_train_config", "train", "evaluate"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 FUSED_TOLERANCE = FUSE_EVAL.max_rel_error  # fused vs multi-branch logits over a test set (true FP32)
@@ -66,9 +67,10 @@ class TrainConfig:
     is a built-in backbone or a model spec (``torchvision:resnet18``, ``package.module:factory``);
     ``model_kwargs``, ``weights`` (a state-dict file or a torchvision weights name, loaded once at
     the start), ``include`` and ``exclude`` apply to specs (see :func:`~irep_deploy.models.build_model`).
-    Defaults are
-    the paper's retraining recipe: SGD lr 0.1, momentum 0.9, weight decay 5e-4, cosine schedule
-    stepped every iteration. ``batch_size`` is global (split evenly over processes).
+    Defaults
+    (no preset): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, cosine schedule stepped every
+    iteration, no drop-path, cutout or clipping; the paper's recipes are :data:`TRAIN_PRESETS`.
+    ``batch_size`` is global (split evenly over processes).
     """
 
     backbone: Optional[str] = setting(None, BACKBONE_HELP, flags=("--model", "--backbone"), metavar="SPEC")
@@ -83,6 +85,13 @@ class TrainConfig:
     weight_decay: float = setting(5e-4, "weight decay", type=opt.NON_NEGATIVE)
     nesterov: bool = setting(False, "Nesterov momentum")
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", type=opt.FRACTION)
+    drop_path: float = setting(0.0, "drop-path probability of the re-parameterization branches (per example; "
+                                    "ramped linearly from 0 over the epochs, as in DARTS; the fixed 3x3 conv and "
+                                    "identity branches are never dropped)", type=opt.FRACTION, metavar="P")
+    cutout: int = setting(0, "side of the square cutout zeroes in every training image (DARTS: 16; 0: off)",
+                          type=opt.int_in(0, opt.MAX_SIZE), metavar="N")
+    grad_clip: float = setting(0.0, "clip the gradients' total norm to this (DARTS: 5; 0: off)",
+                               type=opt.NON_NEGATIVE, metavar="NORM")
     val_fraction: float = setting(0.0, "fraction of the training set held out as the val split", type=opt.FRACTION)
     split_seed: int = setting(0, "seed of the train/val split", type=opt.SEED)
     limit: Optional[int] = setting(None, "use at most N examples of each split (CPU-scale runs)", type=opt.COUNT,
@@ -123,11 +132,42 @@ class TrainConfig:
         for name, value, ok in (("epochs", self.epochs, self.epochs >= 1),
                                 ("batch size", self.batch_size, self.batch_size >= 1),
                                 ("learning rate", self.lr, self.lr > 0), ("width", self.width, self.width > 0),
-                                ("label smoothing", self.label_smoothing, 0.0 <= self.label_smoothing < 1.0)):
+                                ("label smoothing", self.label_smoothing, 0.0 <= self.label_smoothing < 1.0),
+                                ("drop-path probability", self.drop_path, 0.0 <= self.drop_path < 1.0),
+                                ("cutout", self.cutout, self.cutout >= 0),
+                                ("gradient clip", self.grad_clip, self.grad_clip >= 0.0)):
             if not ok:
                 raise IrepError("invalid {}: {}".format(name, value))
         if self.amp not in AMP_MODES:
             raise IrepError("invalid --amp {!r} (choose from {})".format(self.amp, ", ".join(AMP_MODES)))
+
+
+#: The paper's retraining recipes (docs/training.md, "Presets"). CIFAR-10 (section 4.1): DARTS's
+#: recipe (600 epochs, batch 96, SGD momentum 0.9, weight decay 3e-4, cosine to 0, cutout 16,
+#: gradient norm clipped at 5) with the paper's lr 0.05 and drop-path 0.08; DARTS's auxiliary head
+#: is not built. ImageNet (section 4.2): 120 epochs with ResNet's augmentation; batch, lr, momentum
+#: and weight decay are ResNet's, the schedule stays cosine. A field left out is TrainConfig's default.
+TRAIN_PRESETS: Dict[str, Dict[str, Any]] = {
+    "paper-cifar": dict(dataset="cifar10", epochs=600, batch_size=96, lr=0.05, momentum=0.9, weight_decay=3e-4,
+                        drop_path=0.08, cutout=16, grad_clip=5.0),
+    "paper-imagenet": dict(dataset="imagenet", epochs=120, batch_size=256, lr=0.1, momentum=0.9, weight_decay=1e-4),
+}
+
+
+def make_train_config(preset: Optional[str] = None, **given: Any) -> TrainConfig:
+    """The settings of a new run: ``preset``'s (none: TrainConfig's defaults), overridden by every
+    value in ``given`` that is not None (flags given explicitly)."""
+    if preset is not None and preset not in TRAIN_PRESETS:
+        raise UsageError("unknown preset {!r} (known: {})".format(preset, ", ".join(TRAIN_PRESETS)))
+    values = dict(TRAIN_PRESETS[preset]) if preset is not None else {}
+    values.update({k: v for k, v in given.items() if v is not None})
+    return TrainConfig(**values)
+
+
+def drop_path_at(config: TrainConfig, epoch: int) -> float:
+    """The drop-path probability of ``epoch`` (from 0): DARTS's linear ramp, ``drop_path * epoch / epochs``
+    (a function of the epoch alone, so a resumed run drops exactly as an uninterrupted one)."""
+    return config.drop_path * epoch / config.epochs
 
 
 def arch_setting(path: PathLike, backbone: Optional[str] = None) -> Tuple[str, str]:
@@ -222,7 +262,7 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
 
     # Data errors come before anything is written: a failed start leaves no run directory behind.
     data = load_data(config.dataset, data_root, val_fraction=config.val_fraction, split_seed=config.split_seed,
-                     limit=config.limit)
+                     limit=config.limit, cutout=config.cutout)
     if len(data.train) < config.batch_size:  # type: ignore[arg-type]
         raise IrepError("the training split has {} examples, fewer than one batch of {}".format(
             len(data.train), config.batch_size))  # type: ignore[arg-type]
@@ -273,7 +313,8 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
 
     for epoch in range(start, config.epochs):
         set_epoch(loader, config.seed, epoch)
-        torch.manual_seed(epoch_seed(config.seed, epoch, dist.rank))  # augmentation, dropout
+        torch.manual_seed(epoch_seed(config.seed, epoch, dist.rank))  # augmentation, dropout, drop-path
+        set_drop_path(model, drop_path_at(config, epoch))
         record = _train_epoch(net, loader, optimizer, scheduler, criterion, dev, dist, epoch, config, progress, run,
                               scaler, layout)
         if val_loader is not None:
@@ -335,11 +376,14 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
         return criterion(out.float(), y), out
 
     totals = run_epoch(net, loader, loss_of, [optimizer], scheduler, dev, dist, scaler, config.amp, layout,
-                       "epoch {}/{}".format(epoch + 1, config.epochs), progress)
+                       "epoch {}/{}".format(epoch + 1, config.epochs), progress, config.grad_clip)
     if totals.diverged is not None:
         raise TrainingDiverged(totals.divergence(epoch, state_path(run)))
-    return {"event": "epoch", "epoch": epoch + 1, "train_loss": totals.loss, "train_top1": totals.top1,
-            "lr": scheduler.get_last_lr()[0], "seconds": totals.seconds, "examples": totals.examples}
+    record = {"event": "epoch", "epoch": epoch + 1, "train_loss": totals.loss, "train_top1": totals.top1,
+              "lr": scheduler.get_last_lr()[0], "seconds": totals.seconds, "examples": totals.examples}
+    if config.drop_path:
+        record["drop_path"] = drop_path_at(config, epoch)
+    return record
 
 
 def _epoch_line(record: Dict[str, Any], epochs: int) -> str:
