@@ -107,7 +107,7 @@ def _base_run(kind: str, f: Dict[str, Path]) -> Path:
                 from irep_deploy.search.des import make_config, search
 
                 search(where, make_config(backbone="resnet18_cifar", dataset="digits", width=0.125, limit=64,
-                                          batch_size=32, population=2, subnets=1, warmup_epochs=0, rounds=1,
+                                          batch_size=32, population=2, subnets=1, warmup_epochs=0, rounds=1, round_epochs=1,
                                           eval_batch_size=64), device="cpu", progress=False)
         _CACHE[kind] = where
     return _CACHE[kind]

@@ -103,7 +103,7 @@ def test_population_evaluation_on_the_gpu_matches_the_per_code_path(tmp_path):
 
     dev = torch.device("cuda")
     config = make_config(None, backbone=BACKBONE, dataset="digits", width=0.125, population=6, subnets=2,
-                         warmup_epochs=0, rounds=1, batch_size=64, limit=640, eval_batch_size=50, seed=3)
+                         warmup_epochs=0, rounds=1, round_epochs=1, batch_size=64, limit=640, eval_batch_size=50, seed=3)
     with deterministic_mode(True):
         job = _Search(tmp_path, config, dev, Dist(), None, progress=False)
         job.train_epoch()

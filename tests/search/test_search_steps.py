@@ -30,7 +30,7 @@ class CountingTransformed(Transformed):
 def _job(tmp_path, **overrides):
     torch.set_num_threads(1)
     settings = dict(backbone="resnet18_cifar", dataset="digits", width=0.125, population=6, subnets=2,
-                    warmup_epochs=0, rounds=1, batch_size=64, limit=640, eval_batch_size=50, seed=3)
+                    warmup_epochs=0, rounds=1, round_epochs=1, batch_size=64, limit=640, eval_batch_size=50, seed=3)
     settings.update(overrides)
     return _Search(tmp_path, make_config(None, **settings), torch.device("cpu"), Dist(), None, progress=False)
 

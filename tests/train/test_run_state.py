@@ -133,7 +133,7 @@ def runs(tmp_path_factory):
         train(d / "train", dataclasses.replace(TRAIN, arch=code, epochs=2, batch_size=32, limit=64), progress=False,
               device="cpu", on_epoch_end=stop)
     search(d / "search", make_config(backbone="resnet18_cifar", dataset="digits", width=0.125, limit=64,
-                                     batch_size=32, population=2, subnets=1, warmup_epochs=0, rounds=1,
+                                     batch_size=32, population=2, subnets=1, warmup_epochs=0, rounds=1, round_epochs=1,
                                      eval_batch_size=64), progress=False, device="cpu")
     return d
 
