@@ -46,8 +46,8 @@ def reference(tmp_path_factory):  # a whole search: its users are marked slow
 def test_search_writes_every_output(reference):
     run, stdout = reference
     assert "best code:" in stdout
-    for name in ("arch.bin", "population.json", "alpha_beta.jsonl", "supernet.pt", "log.jsonl", "state.pt",
-                 "config.json"):
+    for name in ("arch.bin", "best_seen_arch.bin", "population.json", "alpha_beta.jsonl", "supernet.pt", "log.jsonl",
+                 "state.pt", "config.json"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     assert load_checkpoint(run / "supernet.pt").header["input_size"] == 8  # digits' resolution
@@ -97,7 +97,8 @@ def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert (run / "arch.bin").read_text() == (ref / "arch.bin").read_text()
-    assert (run / "population.json").read_text() == (ref / "population.json").read_text()
+    assert (run / "population.json").read_text() == (ref / "population.json").read_text()  # best_seen included
+    assert (run / "best_seen_arch.bin").read_text() == (ref / "best_seen_arch.bin").read_text()
     assert (run / "alpha_beta.jsonl").read_text() == (ref / "alpha_beta.jsonl").read_text()
     a = load_tree(run / "state.pt", "state").tree["model"]
     b = load_tree(ref / "state.pt", "state").tree["model"]
