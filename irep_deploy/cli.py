@@ -628,8 +628,8 @@ COMMANDS: List[Any] = [
      "one), also say which code is the search's answer (arch.bin, the final round's best) and why, and where the "
      "best-scoring code of any round is (best_seen_arch.bin)."),
     ("search", _cmd_search, _args_search, "run the DES search for an architecture code (resumable, torchrun-ready)",
-     "Directional evolutionary search (Algorithm 1) over the IREPS space. Writes arch.bin (best code), "
-     "population.json, alpha_beta.jsonl, supernet.pt, log.jsonl and TensorBoard scalars into the run directory; "
+     "Directional evolutionary search (Algorithm 1) over the IREPS space. Writes arch.bin (the answer: the final "
+     "round's best code), best_seen_arch.bin (the best-scoring code of any round), population.json, alpha_beta.jsonl, supernet.pt, log.jsonl and TensorBoard scalars into the run directory; "
      "state.pt after every epoch."),
     ("train", _cmd_train, _args_train, "train a multi-branch network from an architecture code (resumable)",
      "Train the multi-branch network of an architecture code (or a plain backbone), write RUN_DIR/ckpt.pt for "

@@ -255,3 +255,12 @@ def test_training_time_ratio_says_when_the_runs_do_not_compare(tmp_path, baselin
     assert ("not comparable" in sentence) is (not comparable)
     assert "CPU time" in sentence and "{:.2f}x".format(27.9 / sum(baseline_cpu)) in sentence
     assert "| plain backbone (baseline) | 89.55 | 3.0 / {:.1f} |".format(sum(baseline_cpu)) in first
+
+
+def test_training_time_of_runs_without_cpu_time_says_comparability_is_unknown(tmp_path):
+    """Runs of an earlier version recorded wall time only: the ratio is given, its comparability not claimed."""
+    from irep_deploy.demo import render_report
+    s = _summary([0.9, 0.91, 0.9, 0.92, 0.9], ([30.0] * 3, [9.3] * 3), ([1.0] * 3, [None] * 3), tmp_path)
+    assert s["baseline"]["train_cost_comparable"] is None and s["baseline"]["train_cpu_cost"] is None
+    assert "Test top-1 +1.45 points for 30.00x the training wall time (comparability unknown: a run recorded no CPU " \
+           "time)." in render_report(s)
