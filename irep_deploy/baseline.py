@@ -3,9 +3,11 @@
 The baseline is the same :class:`~irep_deploy.train.TrainConfig` (recipe, data, seed) with no
 architecture code, i.e. the empty code: the backbone's own 3x3 convs, no branches. It trains into
 ``RUN_DIR/baseline``. The comparison holds both test accuracies, both training times (the
-branches' training cost) and the torch latency of the multi-branch, fused and plain networks
-measured in one bench run (the fused network has the plain one's shape, so their latency should
-match: that is the point of re-parameterization).
+branches' training cost; wall and CPU time, and whether the two runs' wall times compare: see
+:mod:`irep_deploy.trust`) and the torch latency of the multi-branch, fused and plain networks
+measured in one bench run, each with its spread over the rounds and the UNTRUSTED mark (the fused
+network has the plain one's shape, so their latency should match: that is the point of
+re-parameterization).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 from ._io import write_json
 from .bench.devices import bench_profile
@@ -21,6 +23,7 @@ from .bench.latency import BenchReport, bench
 from .errors import IrepError
 from .runs import read_run_state, state_path
 from .train import TrainConfig, TrainReport, train
+from .trust import marks, shown, time_comparison
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -36,57 +39,79 @@ def baseline_config(config: TrainConfig) -> TrainConfig:
 
 
 def train_seconds(report: TrainReport) -> float:
-    """Training time of a run over all its epochs (a resumed run's earlier epochs included)."""
+    """Training wall time of a run over all its epochs (a resumed run's earlier epochs included)."""
     return float(sum(r.get("seconds", 0.0) for r in report.history))
+
+
+def train_cpu_seconds(report: TrainReport) -> Optional[float]:
+    """The run's CPU time over the same epochs; None when an epoch recorded none (an earlier version's)."""
+    cpu = [r.get("cpu_seconds") for r in report.history]
+    return float(sum(cpu)) if cpu and all(isinstance(c, (int, float)) for c in cpu) else None
 
 
 @dataclass
 class ModelRow:
-    """One network of the comparison: test top-1, training seconds, torch latency at batch 1 (ms)."""
+    """One network of the comparison: test top-1, training seconds (wall and CPU), torch latency at
+    batch 1 (ms) with its spread over the bench rounds and mark (:mod:`irep_deploy.trust`)."""
 
     model: str
     test_top1: float
     train_seconds: Optional[float]
     latency_ms: Optional[float]
+    train_cpu_seconds: Optional[float] = None
+    latency_ms_spread: Optional[float] = None
+    latency_ms_untrusted: bool = False
 
 
 @dataclass
 class BaselineComparison:
     rows: List[ModelRow]
     top1_gain: float  # searched fused minus baseline, percentage points (one seed: not an interval)
-    train_cost: float  # searched training time / baseline training time
+    train_cost: float  # searched training wall time / baseline training wall time
     test_examples: int
     seed: int
+    train_cpu_cost: Optional[float] = None  # the same with CPU times
+    train_cost_comparable: Optional[bool] = None  # the runs kept the machine alike busy (None: no CPU times)
+    train_cost_note: str = ""  # the ratio in words, "not comparable: ..." where it is not
+    cores_busy: Optional[List[float]] = None  # CPU s per wall s of the searched run and of the baseline
 
     def table(self) -> str:
-        lines = ["| model | test top-1 % | training s | torch latency, batch 1 (ms) |", "|---|---|---|---|"]
-        lines += ["| {} | {:.2f} | {} | {} |".format(r.model, r.test_top1, _num(r.train_seconds, "{:.1f}"),
-                                                    _num(r.latency_ms, "{:.3f}")) for r in self.rows]
+        lines = ["| model | test top-1 % | training s (wall / CPU) | torch latency, batch 1 (ms) |",
+                 "|---|---|---|---|"]
+        lines += ["| {} | {:.2f} | {} | {} |".format(
+            r.model, r.test_top1, "-" if r.train_seconds is None else "{:.1f} / {}".format(
+                r.train_seconds, "-" if r.train_cpu_seconds is None else "{:.1f}".format(r.train_cpu_seconds)),
+            shown(dataclasses.asdict(r), "latency_ms")) for r in self.rows]
         return "\n".join(lines)
 
     def summary(self) -> str:
-        return ("searched code vs plain backbone (seed {}, {} test examples): top-1 {:+.2f} points, training "
-                "time x{:.2f}".format(self.seed, self.test_examples, self.top1_gain, self.train_cost))
+        return ("searched code vs plain backbone (seed {}, {} test examples): top-1 {:+.2f} points for {}".format(
+            self.seed, self.test_examples, self.top1_gain, self.train_cost_note))
 
 
-def _num(value: Optional[float], fmt: str) -> str:
-    return "-" if value is None else fmt.format(value)
+def latencies(bench_report: BenchReport, batch: int = 1) -> Dict[str, Dict[str, Any]]:
+    """Per variant, the median torch latency (ms) at ``batch`` from a ``bench(..., compare=True)`` run
+    with its spread over the rounds and mark: ``{latency_ms, latency_ms_spread, latency_ms_untrusted}``."""
+    return {r.variant: dict(latency_ms=r.host.median, **marks("latency_ms", r.round_medians))
+            for r in bench_report.results if r.backend == "torch" and r.batch == batch}
 
 
-def latencies(bench_report: BenchReport, batch: int = 1) -> Dict[str, float]:
-    """Median torch latency (ms) per variant at ``batch`` from a ``bench(..., compare=True)`` run."""
-    return {r.variant: r.host.median for r in bench_report.results if r.backend == "torch" and r.batch == batch}
-
-
-def compare(searched: TrainReport, baseline: TrainReport, latency: Optional[Dict[str, float]] = None,
+def compare(searched: TrainReport, baseline: TrainReport, latency: Optional[Dict[str, Dict[str, Any]]] = None,
             seed: int = 0) -> BaselineComparison:
     latency = latency or {}
     base_s, ours_s = train_seconds(baseline), train_seconds(searched)
-    rows = [ModelRow("searched code, multi-branch", searched.multi_branch.top1, ours_s, latency.get("multi-branch")),
-            ModelRow("searched code, fused", searched.fused.top1, None, latency.get("fused")),
-            ModelRow("plain backbone (baseline)", baseline.fused.top1, base_s, latency.get("plain"))]
-    return BaselineComparison(rows, searched.fused.top1 - baseline.fused.top1, ours_s / max(base_s, 1e-9),
-                              searched.multi_branch.examples, seed)
+    base_cpu, ours_cpu = train_cpu_seconds(baseline), train_cpu_seconds(searched)
+
+    def row(model: str, top1: float, seconds: Optional[float], cpu: Optional[float], variant: str) -> ModelRow:
+        measured = latency.get(variant, {"latency_ms": None})
+        return ModelRow(model, top1, seconds, train_cpu_seconds=cpu, **measured)
+
+    rows = [row("searched code, multi-branch", searched.multi_branch.top1, ours_s, ours_cpu, "multi-branch"),
+            row("searched code, fused", searched.fused.top1, None, None, "fused"),
+            row("plain backbone (baseline)", baseline.fused.top1, base_s, base_cpu, "plain")]
+    times = time_comparison(ours_s, ours_cpu, base_s, base_cpu)
+    return BaselineComparison(rows, searched.fused.top1 - baseline.fused.top1,
+                              test_examples=searched.multi_branch.examples, seed=seed, **times)
 
 
 def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[str] = None, device: str = "auto",

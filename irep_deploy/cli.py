@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional
 
 from . import __version__
 from . import options as opt
-from ._io import escaped_os_error, guarded_stdout, quiet_background_faults, read_arch_bytes, silence_stdout
+from ._io import escaped_os_error, guarded_stdout, quiet_background_faults, silence_stdout
 from .errors import (IrepError, StdoutError, Terminated, UsageError, forget_interrupts, interrupt_noted,
                      note_interrupt, note_terminate, printable, raise_if_interrupted, terminate_noted)
 
@@ -219,14 +219,16 @@ def _args_fuse(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    raw = _call(read_arch_bytes, args)  # bounded, before torch loads: a huge file is refused at once
-    from .arch import ArchCode
-    print(ArchCode.from_bytes(raw, args.path).format_table())
+    from .search.answer import show
+    print(_call(show, args))
     return 0
 
 
 def _args_show(p: argparse.ArgumentParser) -> None:
-    _flag(p, read_arch_bytes, "path", metavar="ARCH", help="architecture code file (arch.bin)")
+    from .search.answer import show
+    _flag(p, show, "path", metavar="ARCH", help="architecture code file (arch.bin), or a search run directory; "
+                                                "for a search's code, also which code of the run it is and "
+                                                "which code is the search's answer, and why")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -255,7 +257,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     if report.main_process:
         print("best code: {} branches, fitness {:.2f}% (validation top-1, fused)".format(
             report.best.count(), report.best_fitness))
-        print("wrote {}/arch.bin, population.json, alpha_beta.jsonl, supernet.pt, log.jsonl".format(report.run_dir))
+        print("wrote {}/arch.bin, best_seen_arch.bin, population.json, alpha_beta.jsonl, supernet.pt, log.jsonl".format(
+            report.run_dir))
+        print(report.answer())
     return 0
 
 
@@ -630,10 +634,13 @@ COMMANDS: List[Any] = [
     ("fuse", _cmd_fuse, _args_fuse, "fuse a multi-branch checkpoint into a plain deploy checkpoint",
      "Load a multi-branch checkpoint, apply the architecture code, fuse every block into one 3x3 conv, check "
      "the fused output against the multi-branch output on a random batch, and write the deploy checkpoint."),
-    ("show", _cmd_show, _args_show, "print an architecture code as a matrix with counts and budget", None),
+    ("show", _cmd_show, _args_show, "print an architecture code as a matrix with counts and budget",
+     "Print an architecture code as a matrix with counts and budget. Given a search run directory (or a code in "
+     "one), also say which code is the search's answer (arch.bin, the final round's best) and why, and where the "
+     "best-scoring code of any round is (best_seen_arch.bin)."),
     ("search", _cmd_search, _args_search, "run the DES search for an architecture code (resumable, torchrun-ready)",
-     "Directional evolutionary search (Algorithm 1) over the IREPS space. Writes arch.bin (best code), "
-     "population.json, alpha_beta.jsonl, supernet.pt, log.jsonl and TensorBoard scalars into the run directory; "
+     "Directional evolutionary search (Algorithm 1) over the IREPS space. Writes arch.bin (the answer: the final "
+     "round's best code), best_seen_arch.bin (the best-scoring code of any round), population.json, alpha_beta.jsonl, supernet.pt, log.jsonl and TensorBoard scalars into the run directory; "
      "state.pt after every epoch."),
     ("train", _cmd_train, _args_train, "train a multi-branch network from an architecture code (resumable)",
      "Train the multi-branch network of an architecture code (or a plain backbone), write RUN_DIR/ckpt.pt for "

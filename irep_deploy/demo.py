@@ -7,6 +7,10 @@ and INT8 ONNX on the test split -> bench them (onnxruntime CPU) -> TensorRT engi
 GPU are present -> benchmark the multi-branch, fused and plain networks -> a report directory
 (Markdown, JSON, figures) whose first table sets the searched code beside the baseline.
 Every step is the same library function the CLI step calls.
+
+``report.md`` is rendered from ``report.json`` alone (:func:`render_report`), and every latency and
+ratio in both carries its spread over the bench rounds and the UNTRUSTED mark, and every training-time
+ratio whether the two runs can be compared (:mod:`irep_deploy.trust`).
 """
 from __future__ import annotations
 
@@ -25,8 +29,11 @@ from ._io import atomic_write, run_directory, write_json
 from .arch import ArchCode
 from .engines.quantize import weight_scales
 from .errors import IrepError
+from .search.answer import WHY
 from .search.des import make_config, search
+from .search.records import ANSWER_FILE, BEST_SEEN_FILE
 from .train import TrainConfig, train
+from .trust import marks, ratio_marks, shown
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -98,10 +105,11 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     found = search(out / "search", config, data_root=data_root, device=device, progress=progress)
     code = found.best
     steps.append(Step("search", time.perf_counter() - t, "done",
-                      "{} rounds, population {}, best code {} of {} branches (budget {}), val top-1 {:.2f}%".format(
-                          config.rounds, config.population, code.count(), code.capacity(),
-                          code.budget(config.budget), found.best_fitness)))
+                      "{} rounds, population {}, answer (the final round's best) {} of {} branches (budget {}), "
+                      "val top-1 {:.2f}%".format(config.rounds, config.population, code.count(), code.capacity(),
+                                                 code.budget(config.budget), found.best_fitness)))
     say(steps[-1].note)
+    say(found.answer())
 
     # 2. retrain
     t = step(2, "train: the found code from scratch ({} epochs)".format(settings.train_epochs))
@@ -169,29 +177,29 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
 
     # 11. figures
     t = step(11, "figures")
-    figures = _try_figures(out, trained, base, report.results)
+    latency = latency_record(report)
+    figures = _try_figures(out, trained, base, latency["results"])
     skipped = bool(figures) and figures[0].startswith("skipped")
     steps.append(Step("figures", time.perf_counter() - t, "skipped" if skipped else "done", ", ".join(figures)))
     say(steps[-1].note)
 
     summary = {
         "package_version": __version__, "torch": torch.__version__, "settings": dataclasses.asdict(settings),
-        "search": {"config": dataclasses.asdict(config), "best_fitness": found.best_fitness,
-                   "branches": code.count(), "capacity": code.capacity(), "rounds": found.rounds},
+        "search": dict(search_record(found), config=dataclasses.asdict(config)),
         "accuracy": {"multi_branch_top1": trained.multi_branch.top1, "fused_top1": trained.fused.top1,
                      "test_examples": trained.multi_branch.examples, "fused_rel_error": trained.fused_rel_error,
                      "disagreements": trained.disagreements},
         "baseline": dataclasses.asdict(versus),
         "fuse": dataclasses.asdict(fused),
         "export": {"op_types": exported.op_types, "checks": [dataclasses.asdict(c) for c in exported.checks]},
-        "latency": {"results": [_result_row(r) for r in report.results], "ratios": report.ratios,
-                    "device": report.device, "warnings": report.warnings},
+        "latency": latency,
         "int8": int8,
+        "figures": [] if skipped else ["figures/" + name for name in figures],
         "steps": [dataclasses.asdict(s) for s in steps],
     }
     write_json(out / "report.json", summary)
     with atomic_write(out / "report.md", "w") as handle:
-        handle.write(_markdown(summary, table, code, versus.table()))
+        handle.write(render_report(summary))
     say("\nreport: {} and {}".format(out / "report.md", out / "report.json"))
     return summary
 
@@ -242,14 +250,31 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
     table = format_table(report)
     say(table)
     steps.append(Step("bench-int8", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
-    return {"quantize": quantized, "eval": evaluated, "table": table,
-            "latency": {"results": [_result_row(x) for x in report.results], "ratios": report.ratios,
-                        "device": report.device, "warnings": report.warnings}}
+    return {"quantize": quantized, "eval": evaluated, "table": table, "latency": latency_record(report)}
 
 
-def _result_row(r: Any) -> Dict[str, Any]:
-    return {"variant": r.variant, "backend": r.backend, "batch": r.batch, "median_ms": r.host.median,
-            "p90_ms": r.host.p90, "throughput": r.throughput}
+def latency_record(report: Any) -> Dict[str, Any]:
+    """A bench report as report.json holds it: every median and ratio with its spread and mark."""
+    from .bench.latency import RATIOS
+    results = [dict({"variant": r.variant, "backend": r.backend, "batch": r.batch, "median_ms": r.host.median,
+                     "p90_ms": r.host.p90, "throughput": r.throughput, "round_medians_ms": r.round_medians},
+                    **marks("median_ms", r.round_medians)) for r in report.results]
+    return {"results": results, "ratios": [ratio_marks(q, [name for name, _, _, _ in RATIOS]) for q in report.ratios],
+            "device": report.device, "warnings": report.warnings}
+
+
+def search_record(found: Any) -> Dict[str, Any]:
+    """The search's answer and its best-seen code, and the line that says which is which and why."""
+    answer = found.best
+    seen = found.best_seen
+    record = {"best_fitness": found.best_fitness, "branches": answer.count(), "capacity": answer.capacity(),
+              "rounds": found.rounds, "answer_file": "search/" + ANSWER_FILE, "code_table": answer.format_table(),
+              "explanation": found.answer("search/"), "best_seen": None}
+    if seen is not None:
+        record["best_seen"] = {"file": "search/" + BEST_SEEN_FILE, "round": found.best_seen_round,
+                               "fitness": found.best_seen_fitness, "branches": seen.count(),
+                               "differs": seen != answer, "code_table": seen.format_table()}
+    return record
 
 
 def _try_tensorrt(out: Path) -> str:
@@ -263,15 +288,18 @@ def _try_tensorrt(out: Path) -> str:
     return "built {}".format(getattr(report, "out", out / "model.engine"))
 
 
-def _try_figures(out: Path, trained: Any, base: Any, results: List[Any]) -> List[str]:
+def _try_figures(out: Path, trained: Any, base: Any, results: List[Dict[str, Any]]) -> List[str]:
     """Figures of the search run, plus accuracy vs latency (torch, batch 1) of the trained network
-    and of the baseline (the plain variant has the baseline's shape)."""
+    and of the baseline (the plain variant has the baseline's shape); a latency whose rounds spread
+    too wide is drawn as untrusted."""
     from . import viz
     top1 = {"multi-branch": trained.multi_branch.top1, "fused": trained.fused.top1, "plain": base.fused.top1}
     names = {"multi-branch": "DES code, multi-branch", "fused": "DES code, fused", "plain": "plain backbone"}
-    points = [{"label": names[r.variant], "group": r.variant, "latency_ms": r.host.median,
-               "accuracy": top1[r.variant]}
-              for r in results if r.backend == "torch" and r.batch == 1 and r.variant in top1]
+    points = [{"label": names[r["variant"]], "group": r["variant"], "latency_ms": r["median_ms"],
+               "accuracy": top1[r["variant"]], "latency_spread": r["median_ms_spread"],
+               "untrusted": r["median_ms_untrusted"],
+               "latency_range_ms": [min(r["round_medians_ms"]), max(r["round_medians_ms"])]}
+              for r in results if r["backend"] == "torch" and r["batch"] == 1 and r["variant"] in top1]
     write_json(out / "points.json", {"title": "test top-1 vs torch CPU latency, batch 1", "points": points})
     try:
         report = viz.plot(out / "search", out / "figures", points=out / "points.json")
@@ -280,48 +308,107 @@ def _try_figures(out: Path, trained: Any, base: Any, results: List[Any]) -> List
     return [p.name for p in report.written if p.suffix == ".png"]
 
 
-def _markdown(s: Dict[str, Any], table: str, code: ArchCode, versus: str) -> str:
-    acc, srch = s["accuracy"], s["search"]
+UNTRUSTED_NOTE = ("UNTRUSTED: its values over the bench rounds spread wider than {:.0%} of their median (bench's "
+                  "rule), so the machine's load moved it; rerun the bench on an idle machine, longer or with more "
+                  "rounds before quoting it.")
+
+
+def render_report(s: Dict[str, Any]) -> str:
+    """``report.md`` from ``report.json``'s content alone."""
+    from .bench.latency import SPREAD_WARN
+    acc, srch, versus = s["accuracy"], s["search"], s["baseline"]
     lines = [
         "# irep-deploy demo report", "",
         "Dataset {}, backbone {} (width {}), seed {}.".format(s["settings"]["dataset"], srch["config"]["backbone"],
                                                                srch["config"]["width"], s["settings"]["seed"]), "",
+        "Every latency and latency ratio below is the median over the bench rounds, with the spread of its per-round "
+        "values ((max - min) / median); a spread above {:.0%} marks it UNTRUSTED.".format(SPREAD_WARN), "",
         "## What the branches bought", "",
         "The searched code and the plain backbone (no branches), trained with the same recipe and seed "
         "and tested on the same images; latency from the bench step (torch, batch 1). One seed: the "
         "difference carries no interval (benchmarks/evidence_fmnist.py repeats it over seeds).", "",
-        versus, "",
-        "Test top-1 {:+.2f} points for {:.2f}x the training time.".format(
-            s["baseline"]["top1_gain"], s["baseline"]["train_cost"]), "",
-        "## Search", "",
-        "Best code: {} of {} available branches, validation top-1 (fused) {:.2f}%.".format(
-            srch["branches"], srch["capacity"], srch["best_fitness"]), "",
-        "| round | best fitness % | mean fitness % |", "|---|---|---|",
+        _baseline_table(versus), "",
+        "Test top-1 {:+.2f} points for {}.".format(versus["top1_gain"], _train_cost(versus)), "",
     ]
-    lines += ["| {} | {:.2f} | {:.2f} |".format(r["round"], r["best_fitness"], r["mean_fitness"]) for r in srch["rounds"]]
-    lines += ["", "```", code.format_table(), "```", "",
-              "## Accuracy before and after fusion", "",
+    if any(r.get("latency_ms_untrusted") for r in versus["rows"]):
+        lines += ["A latency above is " + UNTRUSTED_NOTE.format(SPREAD_WARN), ""]
+    lines += _search_markdown(srch)
+    lines += ["## Accuracy before and after fusion", "",
               "| model | test top-1 % |", "|---|---|",
               "| multi-branch | {:.2f} |".format(acc["multi_branch_top1"]),
               "| fused | {:.2f} |".format(acc["fused_top1"]), "",
               "{} test examples; predictions that differ: {}; largest relative logit error {:.2e}.".format(
-                  acc["test_examples"], acc["disagreements"], acc["fused_rel_error"]), "",
-              "## Latency", "", "```", table, "```", ""]
-    if s["latency"]["ratios"]:
-        from .bench.latency import RATIOS
-        lines += ["| backend | batch | ratio | value | spread over rounds |", "|---|---|---|---|---|"]
-        for r in s["latency"]["ratios"]:
-            for key, _, _, shown in RATIOS:
-                if key in r:
-                    spread = "-" if key + "_spread" not in r else "{:.1%}{}".format(
-                        r[key + "_spread"], " (too wide to trust)" if key in r.get("untrusted", []) else "")
-                    lines.append("| {} | {} | {} | {:.3f} | {} |".format(r["backend"], r["batch"], shown, r[key],
-                                                                        spread))
-        lines.append("")
+                  acc["test_examples"], acc["disagreements"], acc["fused_rel_error"]), ""]
+    lines += ["## Latency", ""] + _latency_markdown(s["latency"])
     lines += _int8_markdown(s["int8"])
+    lines += _figures_markdown(s.get("figures", []))
     lines += ["## Steps", "", "| step | seconds | status | note |", "|---|---|---|---|"]
     lines += ["| {} | {:.1f} | {} | {} |".format(st["name"], st["seconds"], st["status"], st["note"]) for st in s["steps"]]
     return "\n".join(lines) + "\n"
+
+
+def _baseline_table(versus: Dict[str, Any]) -> str:
+    from .baseline import BaselineComparison, ModelRow
+    rows = [ModelRow(**r) for r in versus["rows"]]
+    return BaselineComparison(**dict(versus, rows=rows)).table()
+
+
+def _train_cost(versus: Dict[str, Any]) -> str:
+    note = versus.get("train_cost_note")
+    return note or "{:.2f}x the training wall time (comparability unknown)".format(versus["train_cost"])
+
+
+def _search_markdown(srch: Dict[str, Any]) -> List[str]:
+    lines = ["## Search", "",
+             "The answer is `{}`: {} of {} available branches, validation top-1 (fused) {:.2f}% in the final "
+             "round. {}.".format(srch["answer_file"], srch["branches"], srch["capacity"], srch["best_fitness"], WHY), ""]
+    seen = srch.get("best_seen")
+    if seen is not None and seen["differs"]:
+        lines += ["The best fitness of any round, {:.2f}% in round {}, belongs to another code: `{}` ({} branches, "
+                  "below). The demo trains the answer.".format(seen["fitness"], seen["round"], seen["file"],
+                                                             seen["branches"]), ""]
+    elif seen is not None:
+        lines += ["The best fitness of any round, {:.2f}% in round {}, is the answer's own (`{}` holds the same "
+                  "code).".format(seen["fitness"], seen["round"], seen["file"]), ""]
+    lines += ["| round | best fitness % | mean fitness % |", "|---|---|---|"]
+    lines += ["| {} | {:.2f} | {:.2f} |".format(r["round"], r["best_fitness"], r["mean_fitness"]) for r in srch["rounds"]]
+    lines += ["", "The answer, `{}`:".format(srch["answer_file"]), "", "```", srch["code_table"], "```", ""]
+    if seen is not None and seen["differs"]:
+        lines += ["The best-seen code, `{}` (round {}):".format(seen["file"], seen["round"]), "", "```",
+                  seen["code_table"], "```", ""]
+    return lines
+
+
+def _latency_markdown(latency: Dict[str, Any]) -> List[str]:
+    """Each measurement and each ratio of a bench run, with spread and mark (report.json's records)."""
+    from .bench.latency import RATIOS, SPREAD_WARN
+    device = latency["device"]
+    lines = ["Device: {} ({}); the bench's full statistics are in its JSON file.".format(
+                 device.get("name"), device.get("kind")) if isinstance(device, dict) else "Device: {}.".format(device),
+             "", "| variant | backend | batch | median ms |", "|---|---|---|---|"]
+    lines += ["| {} | {} | {} | {} |".format(r["variant"], r["backend"], r["batch"], shown(r, "median_ms"))
+              for r in latency["results"]]
+    lines.append("")
+    if latency["ratios"]:
+        lines += ["| backend | batch | ratio of medians | value |", "|---|---|---|---|"]
+        for q in latency["ratios"]:
+            lines += ["| {} | {} | {} | {} |".format(q["backend"], q["batch"], label, shown(q, key))
+                      for key, _, _, label in RATIOS if key in q]
+        lines.append("")
+    if any(r.get("median_ms_untrusted") for r in latency["results"]) or any(
+            q.get(key + "_untrusted") for q in latency["ratios"] for key, _, _, _ in RATIOS):
+        lines += ["A value marked " + UNTRUSTED_NOTE.format(SPREAD_WARN), ""]
+    return lines
+
+
+def _figures_markdown(figures: List[str]) -> List[str]:
+    if not figures:
+        return []
+    lines = ["## Figures", "", "Described in the package's docs/figures.md. In `accuracy_latency.png` a hollow "
+             "marker is an UNTRUSTED latency; the bars span its per-round medians.", ""]
+    for path in figures:
+        lines += ["[![{0}]({0})]({0})".format(path), ""]
+    return lines
 
 
 def _int8_markdown(i: Dict[str, Any]) -> List[str]:
@@ -336,5 +423,5 @@ def _int8_markdown(i: Dict[str, Any]) -> List[str]:
               "| FP32 ONNX | {:.2f} | {:.2f} |".format(e["fp32_top1"], e["fp32_top5"]),
               "| INT8 ONNX | {:.2f} | {:.2f} |".format(e["int8_top1"], e["int8_top5"]), "",
               "{} test examples; predictions that differ between FP32 and INT8: {}.".format(e["examples"], e["differ"]),
-              "", "```", i["table"], "```", ""]
-    return lines
+              ""]
+    return lines + _latency_markdown(i["latency"])

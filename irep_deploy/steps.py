@@ -8,6 +8,7 @@ and are read every ``LOG_EVERY`` steps, all-reduced so every rank stops after th
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class EpochTotals:
     seconds: float
     diverged: Optional[Tuple[int, float]] = None  # (step, loss) of the first non-finite loss
     overflowed: bool = False  # the weight update itself left float32's range (a learning rate such as 1e300)
+    cpu_seconds: Optional[float] = None  # this process's CPU time (user + system, all threads) over the epoch
 
     def divergence(self, epoch: int, state_file: Path) -> str:
         """The one-line message of a diverged epoch (``epoch`` counted from 0)."""
@@ -152,7 +154,7 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
     from tqdm import tqdm
 
     net.train()
-    t0 = time.time()
+    t0, cpu0 = time.time(), cpu_time()
     monitor = StepMonitor(dev, dist)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist.main))
     bad: Optional[Tuple[int, float]] = None
@@ -183,4 +185,11 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
     n, loss_sum, correct = monitor.totals()
     d = max(n, 1)
     return EpochTotals(int(n), loss_sum / d, 100.0 * correct / d, round(time.time() - t0, 3), bad,
-                       overflow is not None and bad is overflow)
+                       overflow is not None and bad is overflow, round(cpu_time() - cpu0, 3))
+
+
+def cpu_time() -> float:
+    """CPU seconds (user + system) of this process's threads and of its ended child processes (loader
+    workers count once they exit). Beside the wall time it shows how loaded the machine was."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system

@@ -380,7 +380,8 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
     if totals.diverged is not None:
         raise TrainingDiverged(totals.divergence(epoch, state_path(run)))
     record = {"event": "epoch", "epoch": epoch + 1, "train_loss": totals.loss, "train_top1": totals.top1,
-              "lr": scheduler.get_last_lr()[0], "seconds": totals.seconds, "examples": totals.examples}
+              "lr": scheduler.get_last_lr()[0], "seconds": totals.seconds, "cpu_seconds": totals.cpu_seconds,
+              "examples": totals.examples}
     if config.drop_path:
         record["drop_path"] = drop_path_at(config, epoch)
     return record

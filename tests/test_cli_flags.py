@@ -7,7 +7,7 @@ import inspect
 import pytest
 
 from irep_deploy import cli, options
-from irep_deploy._io import read_arch_bytes
+from irep_deploy.search.answer import show
 from irep_deploy.bench.devices import PROFILES
 from irep_deploy.baseline import train_with_baseline
 from irep_deploy.bench.latency import bench
@@ -30,7 +30,7 @@ CONFIGS = {"train": TrainConfig, "search": SearchConfig}
 # the library functions each command calls: every flag feeds one of their parameters or a settings field
 LIBRARY = {"fuse": [fuse], "export": [export], "quantize": [quantize], "build-trt": [build_engine],
            "bench": [bench], "eval": [evaluate, evaluate_onnx], "train": [train, train_with_baseline], "search": [search],
-           "demo": [run_demo], "plot": [plot], "show": [read_arch_bytes], "convert": [convert]}
+           "demo": [run_demo], "plot": [plot], "show": [show], "convert": [convert]}
 # flags the command reads itself (--resume RUN_DIR becomes run_dir and resume=True; --baseline picks
 # train_with_baseline)
 COMMAND_ONLY = {"resume", "preset", "quick", "baseline"}

@@ -43,8 +43,10 @@ from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_dis
                        init_distributed, launched_main, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
-from .records import (ALPHA_BETA_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord, EpochRecord, LogRecord, Population,
-                      PopulationCode, RoundRecord, append_record, write_population)
+from .answer import explain
+from .records import (ALPHA_BETA_FILE, ANSWER_FILE, BEST_SEEN_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord,
+                      BestSeen, EpochRecord, LogRecord, Population, PopulationCode, RoundRecord, append_record,
+                      write_population)
 from .supernet import SuperNet, averaged_loss, fuse_code
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -175,12 +177,27 @@ def make_config(preset: Optional[str] = None, **overrides: Any) -> SearchConfig:
 
 @dataclass
 class SearchReport:
+    """``best``: the answer (``arch.bin``), the best code of the final round; ``best_seen``: the
+    best-scoring code of any round (``best_seen_arch.bin``), scored in ``best_seen_round``."""
+
     run_dir: str
     best: ArchCode
     best_fitness: float
     rounds: List[Dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0
     main_process: bool = True
+    best_seen: Optional[ArchCode] = None
+    best_seen_fitness: Optional[float] = None
+    best_seen_round: Optional[int] = None
+
+    def answer(self, where: Optional[str] = None) -> str:
+        """The line that says which code is the answer and why (search.answer.explain); the files are
+        named under ``where`` (default: the run directory)."""
+        seen = None if self.best_seen is None else BestSeen(
+            self.best_seen_round or 0, self.best_seen_fitness or 0.0, self.best_seen.count(),
+            _codes_to_data([self.best_seen])[0])
+        return explain(len(self.rounds), self.best_fitness, _codes_to_data([self.best])[0], seen,
+                       "{}{}".format(self.run_dir, os.sep) if where is None else where)
 
 
 # -- state ------------------------------------------------------------------------------------------
@@ -255,6 +272,7 @@ class _Search:
         self.fitness: Optional[List[float]] = None
         self.rounds: List[Dict[str, Any]] = []
         self.history: Dict[str, List[List[float]]] = {}  # code key -> [[round, fitness], ...]
+        self.best_seen: Optional[Dict[str, Any]] = None  # {"round", "fitness", "bits"}: highest fitness of any round
         self.writer = self._tensorboard() if dist.main else None
 
     def _tensorboard(self):
@@ -273,7 +291,7 @@ class _Search:
             "a_opt": self.a_opt.state_dict(), "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "population": _codes_to_data(self.population), "fitness": self.fitness, "rounds": self.rounds,
-            "history": self.history,
+            "history": self.history, "best_seen": self.best_seen,
         }
 
     def restore(self, state: Dict[str, Any]) -> None:
@@ -295,6 +313,14 @@ class _Search:
         self.fitness = state["fitness"]
         self.rounds = list(state["rounds"])
         self.history = {k: [list(v) for v in vs] for k, vs in state["history"].items()}
+        # a state of an earlier version has no best_seen: the history holds every code's every score
+        self.best_seen = state["best_seen"] if "best_seen" in state else _best_in_history(self.history)
+        if self.best_seen is not None:
+            try:
+                _codes_from_data(self.template, [self.best_seen["bits"]])
+            except (ValueError, IrepError) as exc:
+                raise CheckpointError("{}: the saved best-seen code does not fit the run's network ({})".format(
+                    path, first_line(exc, 120))) from exc
         trim_jsonl(self.run / "log.jsonl", lambda r: r.get("epoch", 0) <= self.epoch)
         trim_jsonl(self.run / "alpha_beta.jsonl", lambda r: r.get("round", 0) <= len(self.rounds))
 
@@ -396,6 +422,9 @@ class _Search:
             self.history.setdefault(_key(code), []).append([round_no, f])
         alpha, beta = self.supernet.alpha(), self.supernet.beta()
         best = max(range(len(fitness)), key=fitness.__getitem__)
+        if self.best_seen is None or fitness[best] > self.best_seen["fitness"]:  # a tie keeps the earlier round
+            self.best_seen = {"round": round_no, "fitness": fitness[best],
+                              "bits": _codes_to_data([self.population[best]])[0]}
         counts = {op: sum(c.op_counts()[op] for c in self.population) for op in self.template.ops}
         record = RoundRecord(round=round_no, epoch=self.epoch, best_fitness=fitness[best],
                              mean_fitness=sum(fitness) / len(fitness), best_branches=self.population[best].count(),
@@ -421,20 +450,29 @@ class _Search:
                                torch.Generator().manual_seed(epoch_seed(seed, round_no, 2)), alpha, beta)
 
     def write_outputs(self, round_no: int, best: int, alpha: torch.Tensor, beta: torch.Tensor) -> None:
-        self.population[best].save(self.run / "arch.bin")
+        self.population[best].save(self.run / ANSWER_FILE)
+        seen = self.best_seen_code()
+        seen.save(self.run / BEST_SEEN_FILE)
         order = sorted(range(len(self.population)), key=lambda i: -self.fitness[i])
         ops, layers = list(self.template.ops), list(self.template.layers)
+        assert self.best_seen is not None
         write_population(self.run / POPULATION_FILE, Population(
             round=round_no, budget=self.budget, ops=ops, layers=layers,
             codes=[PopulationCode(rank=r + 1, fitness=self.fitness[i], branches=self.population[i].count(),
                                   bits=_codes_to_data([self.population[i]])[0],
                                   history=[(h[0], h[1]) for h in self.history[_key(self.population[i])]])
-                   for r, i in enumerate(order)]))
+                   for r, i in enumerate(order)],
+            best_seen=BestSeen(round=self.best_seen["round"], fitness=self.best_seen["fitness"], branches=seen.count(),
+                               bits=list(self.best_seen["bits"]))))
         append_record(self.run / ALPHA_BETA_FILE, AlphaBetaRecord(round=round_no, ops=ops, layers=layers,
                                                                   alpha=alpha.tolist(), beta=beta.tolist()))
         self.supernet.activate(self.template)  # the SuperNet checkpoint records every branch active
         save_checkpoint(self.run / "supernet.pt", self.supernet.model,
                         extra={"round": round_no, "search_config": dataclasses.asdict(self.config)})
+
+    def best_seen_code(self) -> ArchCode:
+        assert self.best_seen is not None
+        return _codes_from_data(self.template, [self.best_seen["bits"]])[0]
 
     def tensorboard_round(self, record: RoundRecord) -> None:
         if self.writer is None:
@@ -478,6 +516,16 @@ def _key(code: ArchCode) -> str:
     return "|".join("".join(map(str, row)) for row in code.bits)
 
 
+def _best_in_history(history: Dict[str, List[List[float]]]) -> Optional[Dict[str, Any]]:
+    """The highest score in the codes' histories, earliest round first: the best-seen code of a state
+    written before it was saved."""
+    scores = [(-f, r, key) for key, pairs in history.items() for r, f in pairs]
+    if not scores:
+        return None
+    f, r, key = min(scores)
+    return {"round": int(r), "fitness": -f, "bits": key.split("|")}
+
+
 def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Path) -> None:
     """Everything a resume uses from ``state`` (read by runs.read_run_state), checked before any of it
     is used: the settings, the finished epochs, the parts' types, the population's codes, fitness and
@@ -507,6 +555,11 @@ def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Pat
     if not all(isinstance(v, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in v)
                for v in history.values()):
         raise CheckpointError("{}: the saved fitness history is not [round, fitness] pairs".format(path))
+    seen = state.get("best_seen")
+    if seen is not None and not (isinstance(seen, dict) and isinstance(seen.get("round"), int)
+                                 and isinstance(seen.get("fitness"), (int, float))
+                                 and isinstance(seen.get("bits"), list) and all(isinstance(r, str) for r in seen["bits"])):
+        raise CheckpointError("{}: the saved best-seen code is not {{round, fitness, bits}}".format(path))
 
 
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
@@ -551,6 +604,8 @@ def _search(run: Path, config: SearchConfig, state: Optional[Dict[str, Any]], da
             job.run_all()
             fitness = job.fitness or []
             best = max(range(len(fitness)), key=fitness.__getitem__)
-            return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main)
+            seen = job.best_seen or {}
+            return SearchReport(str(run), job.population[best], fitness[best], job.rounds, start, dist.main,
+                                job.best_seen_code() if seen else None, seen.get("fitness"), seen.get("round"))
         finally:
             close_distributed(dist)

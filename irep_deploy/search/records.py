@@ -2,14 +2,17 @@
 
     log.jsonl         an EpochRecord after every epoch, a RoundRecord after every round (a JSON line each)
     alpha_beta.jsonl  an AlphaBetaRecord after every round: the raw architecture parameters
-    population.json   a Population after every round (replaced): every code of the round, best first
+    population.json   a Population after every round (replaced): every code of the round, best first,
+                      and the best-scoring code of any round so far (``best_seen``, a BestSeen)
 
-(``arch.bin`` is an :class:`~irep_deploy.arch.ArchCode`, ``supernet.pt`` a checkpoint, ``state.pt``
+(``arch.bin``, the answer, and ``best_seen_arch.bin`` are :class:`~irep_deploy.arch.ArchCode` files
+(search/answer.py says which is which), ``supernet.pt`` a checkpoint, ``state.pt``
 the resumable state and ``config.json`` the search settings; each has its own reader.)
 
 The format is the one searches have written from the start, byte for byte (docs/search.md): JSON
 objects with sorted keys, one per line in the ``.jsonl`` files, ``population.json`` indented by 2;
-there is no version field. A reader ignores keys and log events it does not know, so that a later
+there is no version field. ``best_seen`` came later: a file without it reads (None) and is written
+back without it. A reader ignores keys and log events it does not know, so that a later
 writer may add some, and refuses a malformed record with one :class:`RecordError` line naming the
 file, the line or code, and the problem. The last line of a ``.jsonl`` file without its newline (a
 search still appending it) is skipped. No torch here: figures and tools read a run without it.
@@ -20,7 +23,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Sequence, Tuple, Type, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from .._io import append_jsonl, quote, read_json, read_json_lines, write_json
 from ..errors import RecordError
@@ -30,6 +33,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 LOG_FILE = "log.jsonl"
 ALPHA_BETA_FILE = "alpha_beta.jsonl"
 POPULATION_FILE = "population.json"
+#: The search's answer (Algorithm 1: the best code of the final round) and the best-scoring code of any round.
+ANSWER_FILE = "arch.bin"
+BEST_SEEN_FILE = "best_seen_arch.bin"
 #: A reader refuses larger files unread (alpha_beta.jsonl of a long ImageNet search stays far below).
 MAX_RECORD_FILE_BYTES = 256 << 20
 
@@ -39,6 +45,12 @@ class _Fields:
 
     def __init__(self, obj: Dict[str, Any], where: str) -> None:
         self.obj, self.where = obj, where
+
+    @classmethod
+    def of(cls, obj: Any, where: str) -> "_Fields":
+        if not isinstance(obj, dict):
+            raise RecordError("{}: expected an object".format(where))
+        return cls(obj, where)
 
     def error(self, problem: str) -> RecordError:
         return RecordError("{}: {}".format(self.where, problem))
@@ -193,6 +205,18 @@ def read_alpha_beta(path: PathLike) -> List[AlphaBetaRecord]:
 
 
 # -- population.json --------------------------------------------------------------------------------
+def _code_bits(f: _Fields, ops: Sequence[str], layers: Sequence[str]) -> Tuple[List[str], int]:
+    """A code's ``bits`` (layers x ops) and its ``branches``, which must count the bits kept."""
+    shape = "hold {} strings of {} bits (layers x ops)".format(len(layers), len(ops))
+    bits = f.list_key("bits", len(layers), shape)
+    if not all(isinstance(row, str) and len(row) == len(ops) and set(row) <= {"0", "1"} for row in bits):
+        raise f.error("'bits' must " + shape)
+    branches = f.int_key("branches")
+    if branches != sum(row.count("1") for row in bits):
+        raise f.error("'branches' is {} but 'bits' keeps {}".format(branches, sum(r.count("1") for r in bits)))
+    return list(bits), branches
+
+
 @dataclass
 class PopulationCode:
     """One code of a population."""
@@ -208,35 +232,52 @@ class PopulationCode:
 
     @classmethod
     def from_dict(cls, obj: Any, where: str, ops: Sequence[str], layers: Sequence[str]) -> "PopulationCode":
-        if not isinstance(obj, dict):
-            raise RecordError("{}: expected an object".format(where))
-        f = _Fields(obj, where)
-        shape = "hold {} strings of {} bits (layers x ops)".format(len(layers), len(ops))
-        bits = f.list_key("bits", len(layers), shape)
-        if not all(isinstance(row, str) and len(row) == len(ops) and set(row) <= {"0", "1"} for row in bits):
-            raise f.error("'bits' must " + shape)
-        branches = f.int_key("branches")
-        if branches != sum(row.count("1") for row in bits):
-            raise f.error("'branches' is {} but 'bits' keeps {}".format(branches, sum(r.count("1") for r in bits)))
+        f = _Fields.of(obj, where)
+        bits, branches = _code_bits(f, ops, layers)
         history = f.get("history")
         if not isinstance(history, list) or not all(isinstance(h, list) and len(h) == 2 for h in history):
             raise f.error("'history' must be a list of [round, fitness] pairs")
-        return cls(rank=f.int_key("rank"), fitness=f.number_key("fitness"), branches=branches, bits=list(bits),
+        return cls(rank=f.int_key("rank"), fitness=f.number_key("fitness"), branches=branches, bits=bits,
                    history=[(f.integer(r, "history round"), f.number(v, "history fitness")) for r, v in history])
 
 
 @dataclass
+class BestSeen:
+    """The code with the highest fitness of any round so far (``best_seen`` in ``population.json``;
+    the code itself is ``best_seen_arch.bin``). Ties keep the earlier round."""
+
+    round: int  # the round in which it scored ``fitness``
+    fitness: float  # validation top-1 (%), fused, scored by the SuperNet of that round
+    branches: int
+    bits: List[str]  # as PopulationCode.bits
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str, ops: Sequence[str], layers: Sequence[str]) -> "BestSeen":
+        f = _Fields.of(obj, where)
+        bits, branches = _code_bits(f, ops, layers)
+        return cls(round=f.int_key("round"), fitness=f.number_key("fitness"), branches=branches, bits=bits)
+
+
+@dataclass
 class Population:
-    """``population.json``: every code of the latest round, best first."""
+    """``population.json``: every code of the latest round, best first; ``best_seen`` is absent from
+    files of searches written before it was recorded."""
 
     round: int
     budget: int  # the most branches a code may keep
     ops: List[str]
     layers: List[str]
     codes: List[PopulationCode]
+    best_seen: Optional[BestSeen] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(dataclasses.asdict(self), codes=[c.to_dict() for c in self.codes])
+        out = dict(dataclasses.asdict(self), codes=[c.to_dict() for c in self.codes])
+        if self.best_seen is None:  # an older run read and written back keeps its bytes
+            del out["best_seen"]
+        return out
 
     @classmethod
     def from_dict(cls, obj: Any, where: str) -> "Population":
@@ -248,7 +289,10 @@ class Population:
                  for i, c in enumerate(obj["codes"], 1)]
         if [c.rank for c in codes] != list(range(1, len(codes) + 1)):
             raise f.error("the codes' ranks must be 1, 2, ... in order")
-        return cls(round=f.int_key("round"), budget=f.int_key("budget"), ops=ops, layers=layers, codes=codes)
+        best = obj.get("best_seen")
+        return cls(round=f.int_key("round"), budget=f.int_key("budget"), ops=ops, layers=layers, codes=codes,
+                   best_seen=None if best is None else BestSeen.from_dict(best, "{}: best_seen".format(where), ops,
+                                                                          layers))
 
 
 def read_population(path: PathLike) -> Population:

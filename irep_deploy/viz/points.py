@@ -23,7 +23,10 @@ def load_points(path: PathLike) -> Dict[str, Any]:
     """Read ``points.json``: a list of points, or ``{"title": ..., "points": [...]}``.
 
     A point is ``{"label": str, "latency_ms": number > 0, "accuracy": percent in [0, 100]}`` with an
-    optional ``"group"`` (str; points of a group share colour and marker; default: the label).
+    optional ``"group"`` (str; points of a group share colour and marker; default: the label) and the
+    latency's trust marks, as its producer judged them: ``"latency_spread"`` (number >= 0 or null),
+    ``"untrusted"`` (bool; drawn hollow and named on the plot) and ``"latency_range_ms"`` ([low, high],
+    the per-round medians' range; drawn as a bar).
     """
     data = read_input(path)
     title = None
@@ -55,8 +58,32 @@ def load_points(path: PathLike) -> Dict[str, Any]:
             raise PlotError("{}: 'latency_ms' must be positive, got {}".format(where, latency))
         if not 0.0 <= accuracy <= 100.0:
             raise PlotError("{}: 'accuracy' is a percentage in [0, 100], got {}".format(where, accuracy))
-        points.append({"label": label, "group": group, "latency_ms": latency, "accuracy": accuracy})
+        points.append(dict({"label": label, "group": group, "latency_ms": latency, "accuracy": accuracy},
+                           **_trust(point, where)))
     return {"title": title, "points": points}
+
+
+def _trust(point: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """The optional trust marks of a point, checked."""
+    out: Dict[str, Any] = {}
+    if point.get("latency_spread") is not None:
+        out["latency_spread"] = _number(point["latency_spread"], where, "'latency_spread'")
+        if out["latency_spread"] < 0:
+            raise PlotError("{}: 'latency_spread' must be >= 0, got {}".format(where, out["latency_spread"]))
+    if "untrusted" in point:
+        if not isinstance(point["untrusted"], bool):
+            raise PlotError("{}: 'untrusted' must be true or false, got {}".format(where, quote(point["untrusted"])))
+        out["untrusted"] = point["untrusted"]
+    if point.get("latency_range_ms") is not None:
+        rng = point["latency_range_ms"]
+        if not isinstance(rng, list) or len(rng) != 2:
+            raise PlotError("{}: 'latency_range_ms' must be [low, high]".format(where))
+        lo, hi = (_number(v, where, "'latency_range_ms'") for v in rng)
+        if not 0 < lo <= hi:
+            raise PlotError("{}: 'latency_range_ms' must be [low, high] with 0 < low <= high, got {}".format(
+                where, rng))
+        out["latency_range_ms"] = [lo, hi]
+    return out
 
 
 _GROUP_STYLE = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -70,15 +97,32 @@ def render_points(points: Dict[str, Any]) -> Outputs:
         if p["group"] not in groups:
             groups.append(p["group"])
     labelled = []
+    legend: List[str] = []
     for g, group in enumerate(groups):
         members = [p for p in points["points"] if p["group"] == group]
         members.sort(key=lambda p: p["latency_ms"])
-        xs, ys = [p["latency_ms"] for p in members], [p["accuracy"] for p in members]
-        color = "C{}".format(g % 10)
-        ax.plot(xs, ys, linestyle="none", marker=_GROUP_STYLE[g % len(_GROUP_STYLE)], color=color, markersize=8,
-                label=group)
-        labelled += [(p, color) for p in members if p["label"] != group or len(members) > 1]
-    xs = [p["latency_ms"] for p in points["points"]]
+        color, marker = "C{}".format(g % 10), _GROUP_STYLE[g % len(_GROUP_STYLE)]
+        for untrusted in (False, True):  # untrusted latencies hollow
+            part = [p for p in members if p.get("untrusted", False) == untrusted]
+            if part:
+                ax.plot([p["latency_ms"] for p in part], [p["accuracy"] for p in part], linestyle="none",
+                        marker=marker, color=color, markersize=8, markerfacecolor="white" if untrusted else color,
+                        markeredgewidth=1.5, label=None if group in legend else group)
+                legend.append(group)
+        for p in members:
+            if "latency_range_ms" in p:
+                lo, hi = p["latency_range_ms"]
+                ax.errorbar([p["latency_ms"]], [p["accuracy"]], xerr=[[max(p["latency_ms"] - lo, 0.0)],
+                                                                      [max(hi - p["latency_ms"], 0.0)]],
+                            fmt="none", ecolor=color, elinewidth=1, capsize=3)
+        labelled += [(p, color) for p in members if p["label"] != group or len(members) > 1 or p.get("untrusted")]
+    if any(p.get("untrusted") for p in points["points"]):
+        ax.plot([], [], linestyle="none", marker="o", color="black", markerfacecolor="white",
+                label="hollow: UNTRUSTED latency (rounds spread too wide)")
+    if any("latency_range_ms" in p for p in points["points"]):
+        ax.plot([], [], color="black", lw=1, label="bar: range of the per-round medians")
+    xs = [p["latency_ms"] for p in points["points"]] + [v for p in points["points"]
+                                                        for v in p.get("latency_range_ms", [])]
     ys = [p["accuracy"] for p in points["points"]]
     dx = (max(xs) - min(xs)) or max(xs) * 0.1
     dy = (max(ys) - min(ys)) or 1.0
@@ -107,9 +151,16 @@ def _place_labels(ax, labelled: List[Tuple[Dict[str, Any], str]], x_near: float,
                 y = py - gap
         placed.append((x, y))
         moved = y != p["accuracy"]
-        ax.annotate(p["label"], (x, p["accuracy"]), xytext=(x + x_offset, y), textcoords="data",
+        ax.annotate(_label(p), (x, p["accuracy"]), xytext=(x + x_offset, y), textcoords="data",
                     fontsize=7, color=color, va="center",
                     arrowprops=dict(arrowstyle="-", color=color, lw=0.5) if moved else None)
+
+
+def _label(p: Dict[str, Any]) -> str:
+    if not p.get("untrusted"):
+        return p["label"]
+    spread = p.get("latency_spread")
+    return "{} (UNTRUSTED{})".format(p["label"], "" if spread is None else ", spread {:.0%}".format(spread))
 
 
 def plot_points(source: Union[Dict[str, Any], PathLike], out_dir: PathLike) -> List[Path]:

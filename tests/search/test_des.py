@@ -46,8 +46,8 @@ def reference(tmp_path_factory):  # a whole search: its users are marked slow
 def test_search_writes_every_output(reference):
     run, stdout = reference
     assert "best code:" in stdout
-    for name in ("arch.bin", "population.json", "alpha_beta.jsonl", "supernet.pt", "log.jsonl", "state.pt",
-                 "config.json"):
+    for name in ("arch.bin", "best_seen_arch.bin", "population.json", "alpha_beta.jsonl", "supernet.pt", "log.jsonl",
+                 "state.pt", "config.json"):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").iterdir())
     assert load_checkpoint(run / "supernet.pt").header["input_size"] == 8  # digits' resolution
@@ -97,7 +97,8 @@ def test_resume_after_sigkill_mid_round_ends_identical(reference, tmp_path):
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert (run / "arch.bin").read_text() == (ref / "arch.bin").read_text()
-    assert (run / "population.json").read_text() == (ref / "population.json").read_text()
+    assert (run / "population.json").read_text() == (ref / "population.json").read_text()  # best_seen included
+    assert (run / "best_seen_arch.bin").read_text() == (ref / "best_seen_arch.bin").read_text()
     assert (run / "alpha_beta.jsonl").read_text() == (ref / "alpha_beta.jsonl").read_text()
     a = load_tree(run / "state.pt", "state").tree["model"]
     b = load_tree(ref / "state.pt", "state").tree["model"]
@@ -183,6 +184,7 @@ def test_ablation_search_runs_records_its_settings_and_refuses_a_changed_resume(
     pop = json.loads((run / "population.json").read_text())
     assert pop["round"] == 2 and len(pop["codes"]) == 6  # the same outputs as DES
     assert all(len(c["history"]) == 1 for c in pop["codes"])  # fresh codes, scored once
+    _check_best_seen(run, capsys.readouterr().out)
     assert main(["search", "--resume", str(run), "--strategy", "des"]) == 2  # usage: a setting given with --resume
     assert "drop --strategy" in capsys.readouterr().err
     from irep_deploy.runs import read_run_state
@@ -190,3 +192,31 @@ def test_ablation_search_runs_records_its_settings_and_refuses_a_changed_resume(
     _, saved = read_run_state(run, "search", SearchConfig)
     with pytest.raises(IrepError, match="strategy differs"):
         search(run, dataclasses.replace(saved, strategy="des"), resume=True, device="cpu", progress=False)
+
+
+def _check_best_seen(run: Path, stdout: str) -> None:
+    """best_seen_arch.bin is the best code of the round with the highest best fitness (the earliest of
+    equals), beside the answer; the search's last line says which is which; a resume keeps it, also
+    from a state written before it was saved (rebuilt from the codes' histories)."""
+    from irep_deploy.search.des import search
+    from irep_deploy.tensorfile import load_tree, save_tree
+    rounds = [r for r in read_log(run) if r["event"] == "round"]
+    top = max(r["best_fitness"] for r in rounds)
+    first = next(r for r in rounds if r["best_fitness"] == top)
+    pop = json.loads((run / "population.json").read_text())
+    seen = pop["best_seen"]
+    assert (seen["round"], seen["fitness"]) == (first["round"], top)
+    code = ArchCode.load(run / "best_seen_arch.bin")
+    assert ["".join(map(str, row)) for row in code.bits] == seen["bits"] and code.count() == seen["branches"]
+    same = seen["bits"] == pop["codes"][0]["bits"]
+    assert same is (code == ArchCode.load(run / "arch.bin"))
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("answer: {}/arch.bin, the best code of the final round {}".format(run, pop["round"]))
+    assert ("is the same code's" if same else "belongs to another code") in last
+    report = search(run, resume=True, device="cpu", progress=False)  # finished: restores and returns
+    assert (report.best_seen_round, report.best_seen_fitness, report.best_seen) == (seen["round"], top, code)
+    state = load_tree(run / "state.pt", "state").tree
+    del state["best_seen"]
+    save_tree(run / "state.pt", state)
+    report = search(run, resume=True, device="cpu", progress=False)
+    assert (report.best_seen_round, report.best_seen_fitness, report.best_seen) == (seen["round"], top, code)
