@@ -153,6 +153,11 @@ def _runtime(p: argparse.ArgumentParser, func: Callable[..., Any], *names: str) 
             _alias(group, "progress", "--no-progress", action="store_false")  # type: ignore[arg-type]
 
 
+def _quiet(p: argparse.ArgumentParser, func: Callable[..., Any]) -> None:
+    """--quiet of a command whose long steps show progress bars (on stderr: stdout keeps the results)."""
+    _flag(p, func, "progress", "--quiet", action="store_false", help="no progress bars on stderr")
+
+
 def _call(func: Callable[..., Any], args: argparse.Namespace, **given: Any) -> Any:
     """Call ``func`` with every parsed value named like one of its parameters; None means the library's
     default. ``given`` adds or replaces values."""
@@ -216,6 +221,7 @@ def _args_fuse(p: argparse.ArgumentParser) -> None:
     _flag(p, fuse, "seed", "--seed", type=opt.SEED, help="seed of the random check batch")
     _checkpoint_model(p, fuse)
     _trust_pickle(p, fuse)
+    _quiet(p, fuse)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -242,7 +248,7 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run on sklearn digits (about a minute)")
     _flag(p, run_demo, "data_root", *_RUNTIME["data_root"][0], **_RUNTIME["data_root"][1])
     _flag(p, run_demo, "device", "--device", type=opt.device, help="cpu or cuda")
-    _flag(p, run_demo, "progress", "--quiet", action="store_false", help="no progress bars")
+    _quiet(p, run_demo)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -366,6 +372,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     _runtime(p, evaluate, "data_root", "device", "workers")
     _checkpoint_model(p, evaluate)
     _trust_pickle(p, evaluate)
+    _quiet(p, evaluate)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -407,6 +414,7 @@ def _args_quantize(p: argparse.ArgumentParser) -> None:
           help="keep the nodes whose name matches in float (fnmatch, e.g. '/fc/Gemm'; repeatable)")
     _flag(p, quantize, "min_cosine", "--min-cosine", type=opt.float_in(-1.0, 1.0),
           help="least cosine similarity of INT8 and FP32 logits on a calibration batch")
+    _quiet(p, quantize)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -453,6 +461,7 @@ def _args_export(p: argparse.ArgumentParser) -> None:
                "has its keys as names and takes no --output-name")
     _checkpoint_model(p, export)
     _trust_pickle(p, export)
+    _quiet(p, export)
 
 
 def _cmd_build_trt(args: argparse.Namespace) -> int:
@@ -518,6 +527,7 @@ def _args_build_trt(p: argparse.ArgumentParser) -> None:
           help="cosine-similarity limit of --verify: FP16 (default 0.999), INT8 (default 0.99)")
     _flag(p, build_engine, "min_agreement", "--min-agreement", type=opt.float_in(0.0, 1.0),
           help="INT8 --verify: least share of real test images with onnxruntime's top-1 class")
+    _quiet(p, build_engine)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -571,6 +581,7 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     _flag(p, bench, "json_out", "--json", metavar="PATH", help="also write the full report as JSON")
     _checkpoint_model(p, bench, "network")
     _trust_pickle(p, bench)
+    _quiet(p, bench)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from . import options as opt
 from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
+from .progress import bar as progress_bar
 from .binding import searchable_layers
 from .models import is_spec
 from .models.external import named_spec
@@ -290,7 +291,9 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
-    return _finish(run, config, model, test_loader, dev, dist, start, history, data)
+    test_batches = progress_bar(test_loader, desc="test: multi-branch and fused", enabled=progress and dist.main,
+                                unit="batch")
+    return _finish(run, config, model, test_batches, dev, dist, start, history, data)
 
 
 def validate_train_state(state: Dict[str, Any], config: TrainConfig, path: Path) -> None:

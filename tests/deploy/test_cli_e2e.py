@@ -43,10 +43,11 @@ def chain(tmp_path_factory) -> Tuple[Path, Dict[str, Tuple[int, str, str]]]:
     steps: Dict[str, List[str]] = {
         "train": ["train", "-o", "run", "--arch", "arch.bin", "--dataset", "fashion-mnist", "--width", "0.125",
                   "--epochs", "1", "--limit", str(LIMIT), "--batch-size", "64", "--device", "cpu", "--no-progress"],
-        "fuse": ["fuse", "run/ckpt.pt", "arch.bin", "-o", "deploy.pt"],
-        "export": ["export", "deploy.pt", "-o", "model.onnx"],
-        "bench-onnx": ["bench", "model.onnx", "--json", "bench_onnx.json", *FAST_BENCH],
-        "bench-ckpt": ["bench", "run/ckpt.pt", "--compare", "--json", "bench_ckpt.json", *FAST_BENCH],
+        "fuse": ["fuse", "run/ckpt.pt", "arch.bin", "-o", "deploy.pt", "--quiet"],
+        "export": ["export", "deploy.pt", "-o", "model.onnx", "--quiet"],
+        "bench-onnx": ["bench", "model.onnx", "--json", "bench_onnx.json", *FAST_BENCH, "--quiet"],
+        "bench-ckpt": ["bench", "run/ckpt.pt", "--compare", "--json", "bench_ckpt.json", *FAST_BENCH,
+                       "--quiet"],
         "build-trt": ["build-trt", "model.onnx"],
     }
     results = {}
