@@ -301,9 +301,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     report = _call(train, args, run_dir=run, config=config, resume=bool(args.resume), model=model)
     if not report.main_process:  # ranks > 0 under torchrun: rank 0 reports
         return 0
-    print("test top-1 {:.2f}% top-5 {:.2f}% (multi-branch); fused {:.2f}% / {:.2f}% on {} examples "
+    print("test top-1 {:.2f}% top-5 {:.2f}% ({}); {} {:.2f}% / {:.2f}% on {} examples "
           "(relative logit error {:.2g}, {} predictions differ)".format(
-              report.multi_branch.top1, report.multi_branch.top5, report.fused.top1, report.fused.top5,
+              report.multi_branch.top1, report.multi_branch.top5, "multi-branch" if report.branches else "as trained",
+              "fused" if report.branches else "BN folded", report.fused.top1, report.fused.top5,
               report.multi_branch.examples, report.fused_rel_error, report.disagreements))
     print("wrote {}".format(report.ckpt))
     return 0
@@ -340,7 +341,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
         raise UsageError("{}: ONNX files are evaluated with onnxruntime on the CPU; drop --device {}".format(
             args.ckpt, args.device))
     if args.dataset is None:
-        raise IrepError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
+        raise UsageError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
     from .engines.onnx_eval import evaluate_onnx
     res = _call(evaluate_onnx, args, path=args.ckpt)
     print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples (onnxruntime CPU)".format(
@@ -383,8 +384,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if report.excluded:
         print("kept in float: {} node(s): {}".format(len(report.excluded), ", ".join(report.excluded)))
     print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))
-    print("INT8 vs FP32 on a calibration batch of {}: cosine {:.5f}, top-1 agreement {:.1f}% (limit {})".format(
-        report.check_batch, report.cosine, 100.0 * report.agreement, args.min_cosine))
+    print("INT8 vs FP32 on a calibration batch of {}: cosine {:.5f} (--min-cosine {}), top-1 agreement "
+          "{:.1f}%".format(report.check_batch, report.cosine, args.min_cosine, 100.0 * report.agreement))
     print("wrote {} ({:,} bytes)".format(report.out, report.size_bytes))
     return 0
 
@@ -704,7 +705,7 @@ BROKEN_PIPE_EXIT = 141
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes (README "Exit codes"): 0 success, 1 bad input, 2 usage, 3 verification failed,
-    130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM. Parsing is inside the try: Ctrl-C while
+    4 not available on this machine (a package, a GPU, a device profile), 130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM. Parsing is inside the try: Ctrl-C while
     torch imports is one line too."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     command = ["irep-deploy"]

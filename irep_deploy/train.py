@@ -109,7 +109,7 @@ class TrainConfig:
     def check(self) -> None:
         dataset_spec(self.dataset)
         if self.backbone is None and self.arch is None:
-            raise IrepError("give an architecture code (--arch) or a backbone (--backbone)")
+            raise UsageError("give an architecture code (--arch) or a network (--model)")
         code = self.code()
         if code is not None:  # the code's text came from a file: it names no network by itself
             self.backbone = named_spec(code.backbone, self.backbone, "the run's architecture code (--arch)",
@@ -151,6 +151,7 @@ class TrainReport:
     disagreements: int  # test examples whose predicted class differs between the two models
     history: List[Dict[str, Any]] = field(default_factory=list)
     main_process: bool = True  # False on ranks > 0 under torchrun (they write and print nothing)
+    branches: bool = True  # False for a plain network (no architecture code): "multi_branch" is it as trained
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -375,4 +376,5 @@ def _finish(run: Path, config: TrainConfig, model: nn.Module, test_loader: Any, 
         raise VerificationError("fused model differs from the multi-branch model on the test set: relative logit "
                                 "error {:.3g} > {:.0e} ({} wrote the multi-branch checkpoint)".format(
                                     err, FUSED_TOLERANCE, ckpt))
-    return TrainReport(str(run), str(ckpt), config.epochs, start, multi, plain, err, disagree, history, dist.main)
+    return TrainReport(str(run), str(ckpt), config.epochs, start, multi, plain, err, disagree, history, dist.main,
+                       config.arch is not None)

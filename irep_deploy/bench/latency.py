@@ -34,7 +34,7 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable
 from ..checkpoint import load_checkpoint, multi_branch_model
 from ..compare import ONNX_EXPORT
-from ..errors import IrepError, UsageError, first_line, raise_if_interrupted
+from ..errors import IrepError, NotAvailableError, UsageError, first_line, raise_if_interrupted
 from ..progress import bar
 from ..reparam import fuse_model
 from ..resources import require_input_memory, size_flags
@@ -324,7 +324,9 @@ def _add_int8(path: str, variants: List[Variant], shape_info: Dict[str, Any], in
     variants.insert(variants.index(fused[0]) + 1, Variant("fused-int8", fused[0].module, calib=images))
 
 
-def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool) -> List[str]:
+def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool, asked_cpu: bool = False) -> List[str]:
+    """The backends to run; ``cuda``: a GPU is used, ``asked_cpu``: because ``--device cpu`` said so (a
+    GPU backend is then a contradiction of flags, 2, not a machine without a GPU, 4)."""
     if not requested:
         if kind == "onnx":
             return ["ort"]
@@ -341,7 +343,9 @@ def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool)
             raise IrepError("backend {} cannot run a{} {}{}".format(
                 b, "n" if kind in ("onnx", "engine") else "", kind, hint))
         if b in ("cudagraph", "trt") and not cuda:
-            raise UsageError("backend {} needs a CUDA GPU, and --device resolved to the CPU".format(b))
+            if asked_cpu:
+                raise UsageError("backend {} needs a CUDA GPU; drop --device cpu".format(b))
+            raise NotAvailableError("backend {} needs a CUDA GPU, and none is visible to torch here".format(b))
     return list(dict.fromkeys(requested))
 
 
@@ -379,7 +383,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     info = devices.resolve(device, force)
     cuda = info.cuda and device != "cpu"
     kind = _kind(path)
-    chosen = _resolve_backends(backends, kind, cuda)
+    chosen = _resolve_backends(backends, kind, cuda, asked_cpu=device == "cpu")
     ort_providers: List[str] = []
     if "ort" in chosen:
         from ..engines import ort as ort_helpers

@@ -25,7 +25,7 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable, quote, regular_input
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare, compare_outputs, output_leaves
-from ..errors import CheckpointError, IrepError, UsageError, VerificationError, first_line
+from ..errors import CheckpointError, IrepError, NotAvailableError, UsageError, VerificationError, first_line
 from ..fusecheck import failure_text
 from ..precision import exact_fp32
 from ..progress import Stages
@@ -53,7 +53,7 @@ def require_onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
-        raise IrepError("onnx is not installed (pip install 'irep-deploy[onnx]')") from exc
+        raise NotAvailableError("onnx is not installed (pip install 'irep-deploy[onnx]')") from exc
     return onnx
 
 
@@ -270,7 +270,7 @@ def simplify_model(model: Any, method: str = "auto") -> Tuple[Any, str]:
             module = __import__(name)
         except ImportError as exc:
             if method != "auto":
-                raise IrepError("--simplify {} was asked for but {} is not installed (pip install {})".format(
+                raise NotAvailableError("--simplify {} was asked for but {} is not installed (pip install {})".format(
                     name, name, name)) from exc
             continue
         if name == "onnxslim":
@@ -533,5 +533,5 @@ def convert_fp16(model: Any) -> Any:
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
-        raise IrepError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from exc
+        raise NotAvailableError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from exc
     return float16.convert_float_to_float16(model, keep_io_types=True)

@@ -29,7 +29,7 @@ import numpy as np
 from .. import __version__
 from .._io import atomic_write, check_writable, quote
 from ..compare import INT8_CALIB, compare
-from ..errors import IrepError, VerificationError, first_line
+from ..errors import IrepError, NotAvailableError, VerificationError, first_line
 from ..progress import bar
 from . import ort as ort_helpers
 
@@ -135,7 +135,7 @@ def _check_settings(path: PathLike, method: str, calib_size: int, batch: Optiona
     if method not in METHODS:
         raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(METHODS)))
     if method == "entropy" and importlib.util.find_spec("scipy") is None:
-        raise IrepError("--method entropy needs scipy (onnxruntime's entropy calibration imports it): pip install scipy")
+        raise NotAvailableError("--method entropy needs scipy (onnxruntime's entropy calibration imports it): pip install scipy")
     if calib_size < MIN_CALIB_IMAGES:
         raise IrepError("--calib-size {} is too small: calibrate on at least {} images".format(
             calib_size, MIN_CALIB_IMAGES))

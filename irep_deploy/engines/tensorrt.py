@@ -34,7 +34,7 @@ import torch
 from .. import __version__
 from .._io import atomic_write, check_writable, clip, quote, read_bounded, regular_input
 from ..compare import INT8_REAL, TRT_FP16, TRT_FP32, compare
-from ..errors import EngineMismatchError, IrepError, UsageError, VerificationError, first_line
+from ..errors import EngineMismatchError, IrepError, NotAvailableError, UsageError, VerificationError, first_line
 from ..precision import exact_fp32
 from ..progress import Stages, bar
 
@@ -47,7 +47,7 @@ def require_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError as exc:
-        raise IrepError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
+        raise NotAvailableError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
                         "on Jetson use a JetPack image, see Dockerfile.jetson)") from exc
     return tensorrt
 
@@ -55,7 +55,7 @@ def require_tensorrt() -> Any:
 def require_cuda() -> Tuple[str, str]:
     """(GPU name, compute capability "major.minor") of the current CUDA device, or an IrepError."""
     if not torch.cuda.is_available():
-        raise IrepError("no CUDA GPU is visible to torch; TensorRT engines can only be built and run on a GPU")
+        raise NotAvailableError("no CUDA GPU is visible to torch; TensorRT engines can only be built and run on a GPU")
     index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), "{}.{}".format(major, minor)
@@ -364,9 +364,9 @@ def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: Buil
 def _use_dla(trt: Any, builder: Any, config: Any, options: BuildOptions) -> None:
     cores = getattr(builder, "num_DLA_cores", 0)
     if not cores:
-        raise IrepError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
+        raise NotAvailableError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
     if not 0 <= options.dla_core < cores:
-        raise IrepError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
+        raise NotAvailableError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
     if not (options.fp16 or options.int8):
         raise UsageError("--dla-core needs --fp16 or --int8: DLA runs FP16 and INT8 only")
     config.default_device_type = trt.DeviceType.DLA

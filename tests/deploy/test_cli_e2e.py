@@ -68,7 +68,7 @@ def test_each_command_succeeds_and_prints_only_its_own_output(chain, step):
 def test_build_trt_without_tensorrt_is_one_plain_line_and_writes_nothing(chain):
     d, results = chain
     rc, out, err = results["build-trt"]
-    assert rc == 1 and out == ""
+    assert rc == 4 and out == ""  # 4: not available on this machine
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("irep-deploy build-trt: error: TensorRT is not installed"), err
     assert not NOISE.search(err)
