@@ -14,8 +14,9 @@ import sys
 from typing import Any, Iterable, Optional, Sequence
 
 # Seconds a step runs before its bar appears in a log: quick steps stay quiet there, and no step
-# goes much over 10 s without a sign of life.
-DELAY_S = 2.0
+# goes much over 10 s without a sign of life (the limit). The first draw also waits for
+# LOG_INTERVAL_S: tqdm counts that from the bar's start.
+DELAY_S = 10.0
 # Redraw interval where stderr is not a terminal: a log gets a few lines per minute, not hundreds.
 LOG_INTERVAL_S = 10.0
 

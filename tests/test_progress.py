@@ -96,19 +96,19 @@ def test_the_step_shows_progress_on_stderr_and_none_with_quiet(step, files, no_d
     assert not BAR.search(quiet_err) and not any(desc + ":" in quiet_err for desc in bars), quiet_err
 
 
-@pytest.mark.parametrize("shown", [True, False])
-def test_search_scoring_shows_progress(shown, no_delay, tmp_path, capsys):
+def test_search_scoring_shows_progress_and_none_when_quiet(no_delay, tmp_path, capsys):
     from irep_deploy.runtime import Dist
     from irep_deploy.search.des import _Search, make_config
 
     config = make_config(None, backbone="resnet18_cifar", dataset="fashion-mnist", width=0.125, population=3,
                          subnets=1, warmup_epochs=0, rounds=1, batch_size=32, limit=64, eval_batch_size=32, seed=3)
-    job = _Search(tmp_path / "run", config, torch.device("cpu"), Dist(), None, progress=shown)
-    fitness = job.evaluate_population()
-    assert len(fitness) == 3
-    out, err = capsys.readouterr()
-    assert bool(re.search(r"search: scoring codes.*3/3 \[", err)) is shown, err
-    assert not BAR.search(out), out
+    job = _Search(tmp_path / "run", config, torch.device("cpu"), Dist(), None, progress=True)
+    for shown in (True, False):
+        job.progress = shown  # what search(progress=...) and --quiet set
+        assert len(job.evaluate_population()) == 3
+        out, err = capsys.readouterr()
+        assert bool(re.search(r"search: scoring codes.*3/3 \[", err)) is shown, err
+        assert not BAR.search(out), out
 
 
 @pytest.mark.parametrize("shown", [True, False])
