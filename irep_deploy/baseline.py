@@ -144,7 +144,7 @@ def train_with_baseline(run_dir: PathLike, config: Optional[TrainConfig] = None,
         raise IrepError("train --baseline runs in one process (not under torchrun)")
     base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last, trust_pickle)
     report = bench(searched.ckpt, device=bench_profile(device), backends=["torch"], batches=[1],
-                   duration_s=bench_duration_s, rounds=bench_rounds, compare=True)
+                   duration_s=bench_duration_s, rounds=bench_rounds, compare=True, progress=progress)
     result = compare(searched, base, latencies(report), settings.seed)
     write_json(Path(run_dir) / BASELINE_FILE, dataclasses.asdict(result))
     return result

@@ -153,6 +153,11 @@ def _runtime(p: argparse.ArgumentParser, func: Callable[..., Any], *names: str) 
             _alias(group, "progress", "--no-progress", action="store_false")  # type: ignore[arg-type]
 
 
+def _quiet(p: argparse.ArgumentParser, func: Callable[..., Any]) -> None:
+    """--quiet of a command whose long steps show progress bars (on stderr: stdout keeps the results)."""
+    _flag(p, func, "progress", "--quiet", action="store_false", help="no progress bars on stderr")
+
+
 def _call(func: Callable[..., Any], args: argparse.Namespace, **given: Any) -> Any:
     """Call ``func`` with every parsed value named like one of its parameters; None means the library's
     default. ``given`` adds or replaces values."""
@@ -216,6 +221,7 @@ def _args_fuse(p: argparse.ArgumentParser) -> None:
     _flag(p, fuse, "seed", "--seed", type=opt.SEED, help="seed of the random check batch")
     _checkpoint_model(p, fuse)
     _trust_pickle(p, fuse)
+    _quiet(p, fuse)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -244,7 +250,7 @@ def _args_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run on sklearn digits (about a minute)")
     _flag(p, run_demo, "data_root", *_RUNTIME["data_root"][0], **_RUNTIME["data_root"][1])
     _flag(p, run_demo, "device", "--device", type=opt.device, help="cpu or cuda")
-    _flag(p, run_demo, "progress", "--quiet", action="store_false", help="no progress bars")
+    _quiet(p, run_demo)
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
@@ -307,9 +313,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     report = _call(train, args, run_dir=run, config=config, resume=bool(args.resume), model=model)
     if not report.main_process:  # ranks > 0 under torchrun: rank 0 reports
         return 0
-    print("test top-1 {:.2f}% top-5 {:.2f}% (multi-branch); fused {:.2f}% / {:.2f}% on {} examples "
+    print("test top-1 {:.2f}% top-5 {:.2f}% ({}); {} {:.2f}% / {:.2f}% on {} examples "
           "(relative logit error {:.2g}, {} predictions differ)".format(
-              report.multi_branch.top1, report.multi_branch.top5, report.fused.top1, report.fused.top5,
+              report.multi_branch.top1, report.multi_branch.top5, "multi-branch" if report.branches else "as trained",
+              "fused" if report.branches else "BN folded", report.fused.top1, report.fused.top5,
               report.multi_branch.examples, report.fused_rel_error, report.disagreements))
     print("wrote {}".format(report.ckpt))
     return 0
@@ -349,7 +356,7 @@ def _eval_onnx(args: argparse.Namespace) -> int:
         raise UsageError("{}: ONNX files are evaluated with onnxruntime on the CPU; drop --device {}".format(
             args.ckpt, args.device))
     if args.dataset is None:
-        raise IrepError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
+        raise UsageError("{}: an ONNX file does not record its dataset; pass --dataset".format(args.ckpt))
     from .engines.onnx_eval import evaluate_onnx
     res = _call(evaluate_onnx, args, path=args.ckpt)
     print("{} {} split: top-1 {:.2f}% top-5 {:.2f}% loss {:.4f} on {} examples (onnxruntime CPU)".format(
@@ -381,6 +388,7 @@ def _args_eval(p: argparse.ArgumentParser) -> None:
     _runtime(p, evaluate, "data_root", "device", "workers")
     _checkpoint_model(p, evaluate)
     _trust_pickle(p, evaluate)
+    _quiet(p, evaluate)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -391,8 +399,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if report.excluded:
         print("kept in float: {} node(s): {}".format(len(report.excluded), ", ".join(report.excluded)))
     print("graph: " + ", ".join("{} {}".format(n, op) for op, n in sorted(report.op_types.items())))
-    print("INT8 vs FP32 on a calibration batch of {}: cosine {:.5f}, top-1 agreement {:.1f}% (limit {})".format(
-        report.check_batch, report.cosine, 100.0 * report.agreement, args.min_cosine))
+    print("INT8 vs FP32 on a calibration batch of {}: cosine {:.5f} (--min-cosine {}), top-1 agreement "
+          "{:.1f}%".format(report.check_batch, report.cosine, args.min_cosine, 100.0 * report.agreement))
     print("wrote {} ({:,} bytes)".format(report.out, report.size_bytes))
     return 0
 
@@ -422,6 +430,7 @@ def _args_quantize(p: argparse.ArgumentParser) -> None:
           help="keep the nodes whose name matches in float (fnmatch, e.g. '/fc/Gemm'; repeatable)")
     _flag(p, quantize, "min_cosine", "--min-cosine", type=opt.float_in(-1.0, 1.0),
           help="least cosine similarity of INT8 and FP32 logits on a calibration batch")
+    _quiet(p, quantize)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -468,6 +477,7 @@ def _args_export(p: argparse.ArgumentParser) -> None:
                "has its keys as names and takes no --output-name")
     _checkpoint_model(p, export)
     _trust_pickle(p, export)
+    _quiet(p, export)
 
 
 def _cmd_build_trt(args: argparse.Namespace) -> int:
@@ -533,6 +543,7 @@ def _args_build_trt(p: argparse.ArgumentParser) -> None:
           help="cosine-similarity limit of --verify: FP16 (default 0.999), INT8 (default 0.99)")
     _flag(p, build_engine, "min_agreement", "--min-agreement", type=opt.float_in(0.0, 1.0),
           help="INT8 --verify: least share of real test images with onnxruntime's top-1 class")
+    _quiet(p, build_engine)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -586,6 +597,7 @@ def _args_bench(p: argparse.ArgumentParser) -> None:
     _flag(p, bench, "json_out", "--json", metavar="PATH", help="also write the full report as JSON")
     _checkpoint_model(p, bench, "network")
     _trust_pickle(p, bench)
+    _quiet(p, bench)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -711,7 +723,7 @@ BROKEN_PIPE_EXIT = 141
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Exit codes (README "Exit codes"): 0 success, 1 bad input, 2 usage, 3 verification failed,
-    130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM. Parsing is inside the try: Ctrl-C while
+    4 not available on this machine (a package, a GPU, a device profile), 130 Ctrl-C, 141 stdout closed by its reader, 143 SIGTERM. Parsing is inside the try: Ctrl-C while
     torch imports is one line too."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     command = ["irep-deploy"]

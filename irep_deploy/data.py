@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 from ._io import quote, regular_input
-from .errors import DataError, UsageError, first_line
+from .errors import DataError, NotAvailableError, UsageError, first_line
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "val", "test")
@@ -379,7 +379,7 @@ def _digits(part: str) -> Dataset:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from exc
+        raise NotAvailableError("the digits dataset needs scikit-learn: pip install scikit-learn") from exc
     bunch = load_digits()
     images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.as_tensor(bunch.target, dtype=torch.long)

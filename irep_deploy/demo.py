@@ -83,7 +83,7 @@ def run_demo(out: PathLike, settings: Optional[DemoSettings] = None, device: str
     settings = settings or DemoSettings()
     out = Path(out)
     if (out / "search" / "state.pt").exists() or (out / "train" / "state.pt").exists():
-        raise IrepError("{}: holds an earlier demo; remove it or choose another --out".format(out))
+        raise IrepError("{}: holds an earlier demo; remove it or choose another -o/--output".format(out))
     # a demo that fails before its search saved anything leaves no directory behind
     with run_directory(out, keep=lambda p: (p / "search" / "state.pt").exists(), command="demo"):
         return _run_steps(out, settings, device, data_root, progress, say)
@@ -134,7 +134,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     # 4. fuse
     from .pipeline import fuse
     t = step(4, "fuse: every block into one 3x3 conv, checked against the multi-branch network")
-    fused = fuse(trained.ckpt, out / "search" / "arch.bin", out=out / "deploy.pt")
+    fused = fuse(trained.ckpt, out / "search" / "arch.bin", out=out / "deploy.pt", progress=progress)
     steps.append(Step("fuse", time.perf_counter() - t, "done",
                       "{:,} -> {:,} parameters, relative error {:.2e}".format(
                           fused.params_multi_branch, fused.params_fused, fused.rel_error)))
@@ -143,7 +143,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     # 5. export
     from .engines.onnx import export
     t = step(5, "export: ONNX (opset 17, dynamic batch), verified with onnxruntime")
-    exported = export(out / "deploy.pt", out / "model.onnx")
+    exported = export(out / "deploy.pt", out / "model.onnx", progress=progress)
     steps.append(Step("export", time.perf_counter() - t, "done",
                       "ops {}; onnxruntime vs torch: {}".format(
                           ", ".join(sorted(exported.op_types)),
@@ -151,11 +151,11 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     say(steps[-1].note)
 
     # 6-8. INT8
-    int8 = _int8_steps(out, settings, data_root, steps, step, say)
+    int8 = _int8_steps(out, settings, data_root, steps, step, say, progress)
 
     # 9. TensorRT, where it can run
     t = step(9, "build-trt: TensorRT FP16 engine")
-    engine_note = _try_tensorrt(out)
+    engine_note = _try_tensorrt(out, progress)
     steps.append(Step("build-trt", time.perf_counter() - t, "done" if engine_note.startswith("built") else "skipped",
                       engine_note))
     say(steps[-1].note)
@@ -168,7 +168,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
     with torch.cuda.device(torch.device(device)) if device.startswith("cuda:") else contextlib.nullcontext():
         report = bench(trained.ckpt, device=bench_profile(device), backends=["torch", "ort"],
                        batches=settings.bench_batches, duration_s=settings.bench_duration_s, compare=True,
-                       rounds=settings.bench_rounds, json_out=out / "bench.json")
+                       rounds=settings.bench_rounds, json_out=out / "bench.json", progress=progress)
     table = format_table(report)
     say(table)
     steps.append(Step("bench", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
@@ -205,7 +205,7 @@ def _run_steps(out: Path, settings: DemoSettings, device: str, data_root: Option
 
 
 def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], steps: List[Step],
-                step: Callable[[int, str], float], say: Callable[[str], None]) -> Dict[str, Any]:
+                step: Callable[[int, str], float], say: Callable[[str], None], progress: bool) -> Dict[str, Any]:
     """quantize -> eval -> bench of the exported model's INT8 copy; the report's ``int8`` section."""
     from .bench.latency import bench_onnx_files, format_table
     from .engines.onnx_eval import evaluate_onnx
@@ -216,7 +216,8 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
     t = step(6, "quantize: INT8 (QDQ, default settings) on {} real {} training images".format(
         settings.calib_size, settings.dataset))
     try:
-        q = quantize(fp32, settings.dataset, out=int8, data_root=data_root, calib_size=settings.calib_size)
+        q = quantize(fp32, settings.dataset, out=int8, data_root=data_root, calib_size=settings.calib_size,
+                     progress=progress)
     except VerificationError as exc:
         # an INT8 model too far from FP32 is a result of the run, not a reason to lose the steps after it
         steps.append(Step("quantize", time.perf_counter() - t, "failed", str(exc)))
@@ -235,7 +236,8 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
 
     # the test images train scored the fused network on (same limit and seed), so FP32 here matches it
     t = step(7, "eval: FP32 and INT8 ONNX on the {} test split (onnxruntime)".format(settings.dataset))
-    r = evaluate_onnx(int8, settings.dataset, data_root=data_root, limit=settings.train_limit, reference=fp32)
+    r = evaluate_onnx(int8, settings.dataset, data_root=data_root, limit=settings.train_limit, reference=fp32,
+                      progress=progress)
     evaluated = {"dataset": r.dataset, "examples": r.examples, "fp32_top1": r.reference_top1,
                  "fp32_top5": r.reference_top5, "int8_top1": r.top1, "int8_top5": r.top5, "differ": r.differ}
     steps.append(Step("eval-int8", time.perf_counter() - t, "done",
@@ -246,7 +248,7 @@ def _int8_steps(out: Path, settings: DemoSettings, data_root: Optional[str], ste
     t = step(8, "bench: FP32 vs INT8 ONNX (onnxruntime CPU, interleaved rounds)")
     report = bench_onnx_files([("onnx", fp32), ("onnx-int8", int8)], batches=settings.bench_batches,
                               duration_s=settings.bench_duration_s, rounds=settings.bench_rounds,
-                              json_out=out / "bench_int8.json")
+                              json_out=out / "bench_int8.json", progress=progress)
     table = format_table(report)
     say(table)
     steps.append(Step("bench-int8", time.perf_counter() - t, "done", "{} measurements".format(len(report.results))))
@@ -277,14 +279,14 @@ def search_record(found: Any) -> Dict[str, Any]:
     return record
 
 
-def _try_tensorrt(out: Path) -> str:
+def _try_tensorrt(out: Path, progress: bool) -> str:
     try:
         from .engines.tensorrt import build_engine, require_cuda, require_tensorrt
         require_tensorrt()
         require_cuda()
     except IrepError as exc:
         return "skipped: {}".format(exc)
-    report = build_engine(out / "model.onnx", out / "model.engine", fp16=True)
+    report = build_engine(out / "model.onnx", out / "model.engine", fp16=True, progress=progress)
     return "built {}".format(getattr(report, "out", out / "model.engine"))
 
 

@@ -52,12 +52,22 @@ class DataError(IrepError):
     """A dataset is missing, incomplete or unreadable, or a split/option does not make sense."""
 
 
+class NotAvailableError(IrepError):
+    """What the command needs is not on this machine: a package (TensorRT, onnxruntime, onnx, an optional
+    extra), a CUDA GPU, an onnxruntime provider, a DLA core, or the device profile asked for. Exit 4,
+    apart from a bad input file (1): the rule is that no other input would help on this machine, while
+    another file would help a code-1 error (README "Exit codes", docs/deploy.md)."""
+
+    exit_code = 4
+
+
 class EngineMismatchError(IrepError):
-    """An engine was built by another TensorRT version or on another GPU."""
+    """An engine was built by another TensorRT version or on another GPU: a file that does not fit this
+    machine (exit 1), since an engine rebuilt here runs; not a missing capability (4)."""
 
 
-class DeviceMismatchError(IrepError):
-    """The machine is not the device the user asked to benchmark."""
+class DeviceMismatchError(NotAvailableError):
+    """The machine is not the device the user asked to benchmark (exit 4: no input helps here)."""
 
 
 class VerificationError(IrepError):

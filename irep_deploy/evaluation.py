@@ -16,6 +16,7 @@ from .checkpoint import load_checkpoint, recorded_dataset
 from .data import DataError, channel_adapter, eval_loader, load_data
 from .errors import IrepError, raise_if_interrupted
 from .compare import compare
+from .progress import bar
 from .resources import require_input_memory
 from .runtime import Dist, all_reduce, all_sum, resolve_device
 
@@ -79,13 +80,14 @@ def evaluate_models(models: Sequence[nn.Module], loader: Iterable, device: torch
 def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test", data_root: Optional[str] = None,
              batch_size: int = 256, val_fraction: float = 0.0, split_seed: int = 0, limit: Optional[int] = None,
              device: str = "auto", workers: int = 0, model: Union[str, nn.Module, None] = None,
-             trust_pickle: bool = False) -> EvalResult:
+             trust_pickle: bool = False, progress: bool = True) -> EvalResult:
     """Top-1/top-5 accuracy (percent) and mean loss of a checkpoint (multi-branch or deploy) on a
     split of a dataset (default: the one ``train`` recorded in the checkpoint). ``val`` needs the
     ``val_fraction``/``split_seed`` the split was made with. ``model`` names the network of a
     checkpoint that is not built in (:meth:`~irep_deploy.checkpoint.Checkpoint.build`); grey images
     are copied into every channel of a network that takes more (as ``train`` did). ``trust_pickle``:
-    read an old pickle-format checkpoint on torch < 2.10 too (:func:`~irep_deploy.load_checkpoint`)."""
+    read an old pickle-format checkpoint on torch < 2.10 too (:func:`~irep_deploy.load_checkpoint`).
+    ``progress``: a bar on stderr counting the batches evaluated."""
     checkpoint = load_checkpoint(ckpt, trust_pickle=trust_pickle)
     if dataset is None:
         dataset = recorded_dataset(checkpoint)
@@ -113,7 +115,8 @@ def evaluate(ckpt: PathLike, dataset: Optional[str] = None, split: str = "test",
                          data.input_size, None, str(ckpt), "an evaluation batch", "--batch-size {}".format(batch_size))
     dev = resolve_device(device)
     loader = eval_loader(images, batch_size, workers, pin_memory=dev.type == "cuda")
-    results, _, _ = evaluate_models([net.to(dev)], loader, dev)
+    with bar(loader, desc="eval", enabled=progress, unit="batch") as batches:
+        results, _, _ = evaluate_models([net.to(dev)], batches, dev)
     if not math.isfinite(results[0].loss):
         raise IrepError("{}: the model's outputs are NaN or inf on {} (overflowing weights?); no result".format(
             ckpt, dataset))

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 import torch.nn as nn
 
-from .errors import IrepError, UsageError
+from .errors import IrepError, NotAvailableError, UsageError
 
 AMP_MODES = ("none", "bf16", "fp16")
 #: cuBLAS needs this workspace setting for deterministic matmuls; it is read when cuBLAS starts.
@@ -134,7 +134,7 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda":
         index = cuda_index(dev)
         if not torch.cuda.is_available():
-            raise IrepError("device {} asked for, but CUDA is not available".format(device))
+            raise NotAvailableError("--device {}: no CUDA GPU is visible to torch on this machine".format(device))
         dev = torch.device("cuda", index)
         torch.cuda.set_device(dev)
     return dev

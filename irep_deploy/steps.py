@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from .errors import raise_if_interrupted
+from .progress import bar as progress_bar
 from .runtime import Dist, all_reduce, autocast
 
 LOG_EVERY = 10  # training steps between host reads of the running metrics and the non-finite-loss flag
@@ -151,12 +152,10 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
     """One pass over ``loader``, one optimizer step per batch (gradients clipped to ``grad_clip``
     when > 0); stops at the first non-finite loss (``diverged`` set, every rank after the same step).
     The caller seeds the epoch's randomness."""
-    from tqdm import tqdm
-
     net.train()
     t0, cpu0 = time.time(), cpu_time()
     monitor = StepMonitor(dev, dist)
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (progress and dist.main))
+    bar = progress_bar(loader, desc=desc, enabled=progress and dist.main)
     bad: Optional[Tuple[int, float]] = None
     overflow: Optional[Tuple[int, float]] = None
     for step, (x, y) in enumerate(bar):
@@ -179,7 +178,8 @@ def run_epoch(net: nn.Module, loader: Iterable, loss_of: LossFn, optimizers: Seq
         if bad is not None:
             break
         if (step + 1) % monitor.every == 0:
-            bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss), lr="{:.3g}".format(scheduler.get_last_lr()[0]))
+            bar.set_postfix(loss="{:.3f}".format(monitor.mean_loss), lr="{:.3g}".format(scheduler.get_last_lr()[0]),
+                            refresh=False)  # shown at the next redraw: in a log every LOG_INTERVAL_S, not each time
     bad = bad or monitor.check() or overflow  # a non-finite loss before the overflow is the first problem
     bar.close()
     n, loss_sum, correct = monitor.totals()

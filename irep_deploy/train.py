@@ -39,6 +39,7 @@ from . import options as opt
 from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
+from .progress import bar as progress_bar
 from .binding import searchable_layers
 from .block import set_drop_path
 from .models import is_spec
@@ -117,7 +118,7 @@ class TrainConfig:
     def check(self) -> None:
         dataset_spec(self.dataset)
         if self.backbone is None and self.arch is None:
-            raise IrepError("give an architecture code (--arch) or a backbone (--backbone)")
+            raise UsageError("give an architecture code (--arch) or a network (--model)")
         code = self.code()
         if code is not None:  # the code's text came from a file: it names no network by itself
             self.backbone = named_spec(code.backbone, self.backbone, "the run's architecture code (--arch)",
@@ -190,6 +191,7 @@ class TrainReport:
     disagreements: int  # test examples whose predicted class differs between the two models
     history: List[Dict[str, Any]] = field(default_factory=list)
     main_process: bool = True  # False on ranks > 0 under torchrun (they write and print nothing)
+    branches: bool = True  # False for a plain network (no architecture code): "multi_branch" is it as trained
 
 
 # -- training ---------------------------------------------------------------------------------------
@@ -331,7 +333,9 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
 
-    return _finish(run, config, model, test_loader, dev, dist, start, history, data)
+    test_batches = progress_bar(test_loader, desc="test: multi-branch and fused", enabled=progress and dist.main,
+                                unit="batch")
+    return _finish(run, config, model, test_batches, dev, dist, start, history, data)
 
 
 def validate_train_state(state: Dict[str, Any], config: TrainConfig, path: Path) -> None:
@@ -417,4 +421,5 @@ def _finish(run: Path, config: TrainConfig, model: nn.Module, test_loader: Any, 
         raise VerificationError("fused model differs from the multi-branch model on the test set: relative logit "
                                 "error {:.3g} > {:.0e} ({} wrote the multi-branch checkpoint)".format(
                                     err, FUSED_TOLERANCE, ckpt))
-    return TrainReport(str(run), str(ckpt), config.epochs, start, multi, plain, err, disagree, history, dist.main)
+    return TrainReport(str(run), str(ckpt), config.epochs, start, multi, plain, err, disagree, history, dist.main,
+                       config.arch is not None)

@@ -69,6 +69,15 @@ def run_cli(cwd: Path, *argv: str) -> Tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_bars_in_captures(monkeypatch):
+    """A command run in-process draws no progress bar into the test's capture: where stderr is not a
+    terminal a bar shows once its step has run DELAY_S, which a loaded machine reaches at random, and an
+    error test counts stderr's lines. tests/test_progress.py sets the delay to 0 to see every bar."""
+    from irep_deploy import progress
+    monkeypatch.setattr(progress, "DELAY_S", float("inf"))
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread: on a loaded 2-core machine a thread pool waits out whole time slices (~30 ms)

@@ -34,7 +34,8 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable
 from ..checkpoint import load_checkpoint, multi_branch_model
 from ..compare import ONNX_EXPORT
-from ..errors import IrepError, UsageError, first_line, raise_if_interrupted
+from ..errors import IrepError, NotAvailableError, UsageError, first_line, raise_if_interrupted
+from ..progress import bar
 from ..reparam import fuse_model
 from ..resources import require_input_memory, size_flags
 from . import devices
@@ -323,7 +324,9 @@ def _add_int8(path: str, variants: List[Variant], shape_info: Dict[str, Any], in
     variants.insert(variants.index(fused[0]) + 1, Variant("fused-int8", fused[0].module, calib=images))
 
 
-def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool) -> List[str]:
+def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool, asked_cpu: bool = False) -> List[str]:
+    """The backends to run; ``cuda``: a GPU is used, ``asked_cpu``: because ``--device cpu`` said so (a
+    GPU backend is then a contradiction of flags, 2, not a machine without a GPU, 4)."""
     if not requested:
         if kind == "onnx":
             return ["ort"]
@@ -340,7 +343,9 @@ def _resolve_backends(requested: Optional[Sequence[str]], kind: str, cuda: bool)
             raise IrepError("backend {} cannot run a{} {}{}".format(
                 b, "n" if kind in ("onnx", "engine") else "", kind, hint))
         if b in ("cudagraph", "trt") and not cuda:
-            raise UsageError("backend {} needs a CUDA GPU, and --device resolved to the CPU".format(b))
+            if asked_cpu:
+                raise UsageError("backend {} needs a CUDA GPU; drop --device cpu".format(b))
+            raise NotAvailableError("backend {} needs a CUDA GPU, and none is visible to torch here".format(b))
     return list(dict.fromkeys(requested))
 
 
@@ -351,7 +356,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
           cv_warn: float = 0.10, opset: int = 17, simplify: str = "auto", rounds: int = DEFAULT_ROUNDS,
           spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None,
           network: Union[str, nn.Module, None] = None, int8: bool = False, calib: Optional[str] = None,
-          data_root: Optional[str] = None, calib_size: int = 512, trust_pickle: bool = False) -> BenchReport:
+          data_root: Optional[str] = None, calib_size: int = 512, trust_pickle: bool = False,
+          progress: bool = True) -> BenchReport:
     """Benchmark a checkpoint, an ONNX file or a TensorRT engine; see the module docstring.
 
     ``network`` names the network of a checkpoint that is not built in (a model spec or the user's
@@ -362,7 +368,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     ``cuda:0``) is mapped by :func:`devices.bench_profile` first.
 
     ``int8`` (checkpoints) adds ``fused-int8``, the fused model quantized to QDQ INT8 by onnxruntime on
-    ``calib_size`` real training images of the dataset ``calib`` (after its ``eval`` preprocessing)."""
+    ``calib_size`` real training images of the dataset ``calib`` (after its ``eval`` preprocessing).
+    ``progress``: bars on stderr while the models are prepared (exported, quantized) and timed."""
     path = str(model)
     if json_out is not None:
         check_writable(json_out, inputs=(model, arch))
@@ -376,7 +383,7 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
     info = devices.resolve(device, force)
     cuda = info.cuda and device != "cpu"
     kind = _kind(path)
-    chosen = _resolve_backends(backends, kind, cuda)
+    chosen = _resolve_backends(backends, kind, cuda, asked_cpu=device == "cpu")
     ort_providers: List[str] = []
     if "ort" in chosen:
         from ..engines import ort as ort_helpers
@@ -398,8 +405,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
                      "by onnxruntime on {} {} training images; onnxruntime only".format(calib_size, calib))
     jobs, job_notes = build_jobs(variants, chosen, batches, shape_info, input_size,
                                  torch.device("cuda" if cuda else "cpu"), ort_providers, threads, opset, simplify,
-                                 source=path)
-    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=path)
+                                 source=path, progress=progress)
+    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=path, progress=progress)
     results = summarise(jobs, samples, cv_warn)
     table = ratios(results, spread_warn)
     report = BenchReport(
@@ -421,7 +428,8 @@ def bench(model: PathLike, device: str = "auto", backends: Optional[Sequence[str
 def bench_onnx_files(files: Sequence[Tuple[str, PathLike]], batches: Sequence[int] = (1,),
                      warmup_ms: float = 200.0, duration_s: float = 3.0, min_iters: int = 10,
                      threads: Optional[int] = None, cv_warn: float = 0.10, rounds: int = DEFAULT_ROUNDS,
-                     spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None) -> BenchReport:
+                     spread_warn: float = SPREAD_WARN, json_out: Optional[PathLike] = None,
+                     progress: bool = True) -> BenchReport:
     """Several ONNX files, (variant name, path) each, on onnxruntime's CPU provider in one run.
 
     Their jobs are interleaved round by round as in :func:`bench`, so that e.g. an FP32 model
@@ -445,8 +453,8 @@ def bench_onnx_files(files: Sequence[Tuple[str, PathLike]], batches: Sequence[in
     variants = [Variant(name, path=str(path)) for name, path in files]
     source = ", ".join(str(p) for _, p in files)
     jobs, notes = build_jobs(variants, ["ort"], batches, {}, None, torch.device("cpu"),
-                             ort_helpers.resolve_providers(["cpu"]), threads, source=source)
-    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=source)
+                             ort_helpers.resolve_providers(["cpu"]), threads, source=source, progress=progress)
+    samples = run_rounds(jobs, rounds, warmup_ms, duration_s, min_iters, source=source, progress=progress)
     results = summarise(jobs, samples, cv_warn)
     table = ratios(results, spread_warn)
     report = BenchReport(
@@ -480,42 +488,46 @@ def _failed(source: str, label: str, batch: int, exc: Exception) -> IrepError:
 def build_jobs(variants: Sequence[Variant], backends: Sequence[str], batches: Sequence[int],
                shape_info: Dict[str, Any], input_size: Optional[int], device: torch.device,
                ort_providers: Sequence[str], threads: Optional[int] = None, opset: int = 17,
-               simplify: str = "auto", source: str = "<model>") -> Tuple[List[Job], List[str]]:
+               simplify: str = "auto", source: str = "<model>", progress: bool = False) -> Tuple[List[Job], List[str]]:
     """One job per (variant, backend, batch), each with its own placement of the model: ``torch`` and
     ``cudagraph`` run a copy on ``device``; ``ort`` exports the variant's module as it is (CPU).
-    Returns (jobs, notes)."""
+    Returns (jobs, notes). ``progress``: a bar per job prepared (an ONNX export and check, an INT8
+    calibration, a CUDA graph capture can each take seconds)."""
     jobs: List[Job] = []
     notes: List[str] = []
-    for variant in variants:
-        on_device: Optional[nn.Module] = None  # one copy per variant, shared by its torch/cudagraph jobs
-        for backend in backends:
-            if variant.calib is not None and backend != "ort":
-                continue  # a QDQ graph: only onnxruntime runs it here
-            onnx_bytes: Optional[bytes] = None
-            for batch in batches:
-                shape = _input_shape(variant, shape_info, input_size, batch)
-                _require_memory(variant, shape, shape_info, input_size, source)
-                label = backend
-                try:
-                    if backend in ("torch", "cudagraph"):
-                        if on_device is None:
-                            on_device = placed(variant.module, device)
-                        runner = torch_runner(on_device, shape, device, graphs=backend == "cudagraph")
-                    elif backend == "ort":
-                        if variant.module is not None and onnx_bytes is None:
-                            onnx_bytes = _to_onnx(variant, shape, opset, simplify)
-                            if variant.calib is not None:
-                                from ..engines.int8 import quantize_qdq
-                                onnx_bytes = quantize_qdq(onnx_bytes, variant.calib, source=variant.name)
-                        runner, label, warned = ort_runner(
-                            onnx_bytes if onnx_bytes is not None else variant.path, shape, ort_providers,
-                            threads, variant.path or variant.name)
-                        notes.extend(w for w in warned if w not in notes)
-                    else:
-                        runner = trt_runner(variant.path, shape)
-                except RuntimeError as exc:
-                    raise _failed(source, label, batch, exc) from exc
-                jobs.append(Job(variant.name, label, batch, runner))
+    planned = sum(len(batches) * sum(1 for b in backends if v.calib is None or b == "ort") for v in variants)
+    with bar(total=planned, desc="bench: preparing", enabled=progress, unit="job") as prepared:
+        for variant in variants:
+            on_device: Optional[nn.Module] = None  # one copy per variant, shared by its torch/cudagraph jobs
+            for backend in backends:
+                if variant.calib is not None and backend != "ort":
+                    continue  # a QDQ graph: only onnxruntime runs it here
+                onnx_bytes: Optional[bytes] = None
+                for batch in batches:
+                    shape = _input_shape(variant, shape_info, input_size, batch)
+                    _require_memory(variant, shape, shape_info, input_size, source)
+                    label = backend
+                    try:
+                        if backend in ("torch", "cudagraph"):
+                            if on_device is None:
+                                on_device = placed(variant.module, device)
+                            runner = torch_runner(on_device, shape, device, graphs=backend == "cudagraph")
+                        elif backend == "ort":
+                            if variant.module is not None and onnx_bytes is None:
+                                onnx_bytes = _to_onnx(variant, shape, opset, simplify)
+                                if variant.calib is not None:
+                                    from ..engines.int8 import quantize_qdq
+                                    onnx_bytes = quantize_qdq(onnx_bytes, variant.calib, source=variant.name)
+                            runner, label, warned = ort_runner(
+                                onnx_bytes if onnx_bytes is not None else variant.path, shape, ort_providers,
+                                threads, variant.path or variant.name)
+                            notes.extend(w for w in warned if w not in notes)
+                        else:
+                            runner = trt_runner(variant.path, shape)
+                    except RuntimeError as exc:
+                        raise _failed(source, label, batch, exc) from exc
+                    jobs.append(Job(variant.name, label, batch, runner))
+                    prepared.update()
     gpu_ort = sorted({j.backend for j in jobs if j.backend.startswith("ort:") and j.backend != "ort:CPU"})
     if gpu_ort:
         notes.append("{} timings include the host<->device copies of input and output (numpy in and out); "
@@ -528,12 +540,13 @@ Samples = Tuple[List[float], List[float]]  # (host ms, GPU ms) of one job in one
 
 def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: float = 200.0,
                duration_s: float = 3.0, min_iters: int = 10, source: str = "<model>",
-               on_round: Optional[Callable[[int], None]] = None) -> List[List[Samples]]:
+               on_round: Optional[Callable[[int], None]] = None, progress: bool = False) -> List[List[Samples]]:
     """Run every job once per round, all jobs inside each round (samples[job][round]).
 
     Rounds interleave the jobs, so that slow drift of a shared machine (other processes, thermal
     state) lands on all of them alike instead of on whichever ran last; the per-round numbers let
     :func:`ratios` say how much a ratio moved between rounds. ``on_round(r)`` is called before round r.
+    ``progress``: a bar counting the measurements (rounds x jobs).
     """
     samples: List[List[Samples]] = [[] for _ in jobs]
     per_round = duration_s / rounds
@@ -541,16 +554,19 @@ def run_rounds(jobs: Sequence[Job], rounds: int = DEFAULT_ROUNDS, warmup_ms: flo
     if any(job.backend.startswith("ort:") for job in jobs):
         from ..engines import ort as ort_helpers
         failures += ort_helpers.run_errors()
-    for r in range(rounds):
-        if on_round is not None:
-            on_round(r)
-        for i, job in enumerate(jobs):
-            step, sync, events = job.runner
-            try:
-                samples[i].append(measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
-                                                  per_round, max(1, -(-min_iters // rounds)), events))
-            except failures as exc:  # e.g. an input size the network cannot take, out of memory
-                raise _failed(source, job.backend, job.batch, exc) from exc
+    with bar(total=rounds * len(jobs), desc="bench: timing", enabled=progress, unit="run") as timed:
+        for r in range(rounds):
+            if on_round is not None:
+                on_round(r)
+            timed.set_postfix_str("round {}/{}".format(r + 1, rounds), refresh=False)
+            for i, job in enumerate(jobs):
+                step, sync, events = job.runner
+                try:
+                    samples[i].append(measure_samples(step, sync, warmup_ms if r == 0 else min(warmup_ms, 50.0),
+                                                      per_round, max(1, -(-min_iters // rounds)), events))
+                except failures as exc:  # e.g. an input size the network cannot take, out of memory
+                    raise _failed(source, job.backend, job.batch, exc) from exc
+                timed.update()
     return samples
 
 

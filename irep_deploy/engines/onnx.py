@@ -16,7 +16,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,9 +25,10 @@ import torch.nn as nn
 from .._io import atomic_write, check_writable, quote, regular_input
 from ..checkpoint import Checkpoint, load_checkpoint, multi_branch_model
 from ..compare import FUSE_FP32, ONNX_EXPORT, compare, compare_outputs, output_leaves
-from ..errors import CheckpointError, IrepError, UsageError, VerificationError, first_line
+from ..errors import CheckpointError, IrepError, NotAvailableError, UsageError, VerificationError, first_line
 from ..fusecheck import failure_text
 from ..precision import exact_fp32
+from ..progress import Stages
 from ..reparam import fuse_model
 from ..resources import require_input_memory, require_memory, size_flags
 from . import ort as ort_helpers
@@ -41,6 +42,8 @@ SIMPLIFIERS = ("auto", "onnxslim", "onnxsim", "none")
 # position would mean the re-parameterization did not happen.
 FUSED_OP_TYPES = frozenset({"Conv", "Relu", "Add", "MaxPool", "GlobalAveragePool", "Flatten", "Gemm"})
 _MAX_PROTO_BYTES = 2 ** 31 - 1  # protobuf's limit for a single-file model
+# The stages of an export its progress bar names (a checkpoint's export loads it first).
+EXPORT_STAGES = ("trace", "simplify", "check", "onnxruntime vs torch", "write")
 # torch 2.0 prints this summary to stdout after every export, even when it has nothing to report.
 _EMPTY_DIAGNOSTICS = re.compile(r"=+ Diagnostic Run torch\.onnx\.export version [^\n]*\n"
                                 r"verbose: [^\n]*\n=+ 0 NONE 0 NOTE 0 WARNING 0 ERROR =+\n\n?")
@@ -50,7 +53,7 @@ def require_onnx() -> Any:
     try:
         import onnx
     except ImportError as exc:
-        raise IrepError("onnx is not installed (pip install 'irep-deploy[onnx]')") from exc
+        raise NotAvailableError("onnx is not installed (pip install 'irep-deploy[onnx]')") from exc
     return onnx
 
 
@@ -267,7 +270,7 @@ def simplify_model(model: Any, method: str = "auto") -> Tuple[Any, str]:
             module = __import__(name)
         except ImportError as exc:
             if method != "auto":
-                raise IrepError("--simplify {} was asked for but {} is not installed (pip install {})".format(
+                raise NotAvailableError("--simplify {} was asked for but {} is not installed (pip install {})".format(
                     name, name, name)) from exc
             continue
         if name == "onnxslim":
@@ -415,7 +418,8 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
            opset: int = DEFAULT_OPSET, input_size: Optional[int] = None, batch: Optional[int] = None,
            simplify: str = "auto", verify_batch: int = 4, tolerance: float = ONNX_EXPORT.max_rel_error, seed: int = 0,
            input_name: str = "input", output_name: Optional[str] = None,
-           model: Union[str, nn.Module, None] = None, trust_pickle: bool = False) -> ExportReport:
+           model: Union[str, nn.Module, None] = None, trust_pickle: bool = False,
+           progress: bool = True) -> ExportReport:
     """Export a deploy checkpoint (or a multi-branch one, fused first under ``arch``) to ONNX.
     ``model`` names the network of a checkpoint that is not built in (a model spec or the user's module).
     ``trust_pickle``: read an old pickle-format checkpoint on torch < 2.10 too.
@@ -423,22 +427,24 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
     ``batch=None`` makes the batch axis dynamic and checks batch 1 and ``verify_batch``; a fixed
     ``batch`` exports and checks that size only. Every tensor the model returns is an output, named by
     :func:`output_names` (``output_name`` default: ``logits`` for one tensor). Nothing is written unless
-    every check passes.
+    every check passes. ``progress``: a bar on stderr naming the stage that runs.
     """
     out = Path(out) if out is not None else default_onnx_path(ckpt)
     check_writable(out, inputs=(ckpt, arch))
     _check_options(opset, batch, simplify, verify_batch, input_name, output_name)
     if input_size is not None and input_size < 1:
         raise UsageError("input size must be at least 1, got {}".format(input_size))
-    net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model, trust_pickle=trust_pickle)
-    size = input_size or checkpoint.header["input_size"]
-    shape = (batch or 1, checkpoint.header["in_channels"], size, size)
-    largest = batch or verify_batch
-    require_input_memory(net, largest, shape[1], size, None if input_size else checkpoint.header["input_size"],
-                         str(ckpt), "the verification batch",
-                         size_flags("--batch" if batch else "--verify-batch", largest, input_size))
-    report = _export_checked(net, shape, out, str(ckpt), opset, batch, simplify, verify_batch, tolerance, seed,
-                             input_name, output_name)
+    with Stages("export", ("load",) + EXPORT_STAGES, progress) as stage:
+        stage("load")
+        net, checkpoint, fused_here = load_deploy_model(ckpt, arch, model=model, trust_pickle=trust_pickle)
+        size = input_size or checkpoint.header["input_size"]
+        shape = (batch or 1, checkpoint.header["in_channels"], size, size)
+        largest = batch or verify_batch
+        require_input_memory(net, largest, shape[1], size, None if input_size else checkpoint.header["input_size"],
+                             str(ckpt), "the verification batch",
+                             size_flags("--batch" if batch else "--verify-batch", largest, input_size))
+        report = _export_checked(net, shape, out, str(ckpt), opset, batch, simplify, verify_batch, tolerance, seed,
+                                 input_name, output_name, stage)
     report.fused_here = fused_here
     return report
 
@@ -446,7 +452,7 @@ def export(ckpt: PathLike, out: Optional[PathLike] = None, arch: Optional[PathLi
 def export_model(model: nn.Module, out: PathLike, input_shape: Sequence[int], opset: int = DEFAULT_OPSET,
                  batch: Optional[int] = None, simplify: str = "auto", verify_batch: int = 4,
                  tolerance: float = ONNX_EXPORT.max_rel_error, seed: int = 0, input_name: str = "input",
-                 output_name: Optional[str] = None) -> ExportReport:
+                 output_name: Optional[str] = None, progress: bool = True) -> ExportReport:
     """:func:`export` of a module you hold (e.g. a fused detector body, ``fuse_model(det).backbone``)
     instead of a checkpoint: ``input_shape`` is one example's ``(channels, height, width)``. The same
     steps: legacy exporter, every output named (:func:`output_names`), simplification, ``onnx.checker``,
@@ -460,8 +466,9 @@ def export_model(model: nn.Module, out: PathLike, input_shape: Sequence[int], op
     shape = (batch or 1,) + tuple(int(d) for d in input_shape)
     require_memory((batch or verify_batch,) + shape[1:], model, "the verification batch",
                    "batch {} at input {}".format(batch or verify_batch, "x".join(map(str, shape[1:]))))
-    return _export_checked(model.eval(), shape, out, type(model).__name__, opset, batch, simplify, verify_batch,
-                           tolerance, seed, input_name, output_name)
+    with Stages("export", EXPORT_STAGES, progress) as stage:
+        return _export_checked(model.eval(), shape, out, type(model).__name__, opset, batch, simplify, verify_batch,
+                               tolerance, seed, input_name, output_name, stage)
 
 
 def _check_options(opset: int, batch: Optional[int], simplify: str, verify_batch: int, input_name: str,
@@ -485,18 +492,24 @@ def _check_options(opset: int, batch: Optional[int], simplify: str, verify_batch
 
 def _export_checked(net: nn.Module, shape: Tuple[int, ...], out: Path, source: str, opset: int,
                     batch: Optional[int], simplify: str, verify_batch: int, tolerance: float, seed: int,
-                    input_name: str, output_name: Optional[str]) -> ExportReport:
-    """Export, simplify, check and verify ``net`` at ``shape``; write ``out`` only after all passed."""
+                    input_name: str, output_name: Optional[str], stage: Callable[[str], None]) -> ExportReport:
+    """Export, simplify, check and verify ``net`` at ``shape``; write ``out`` only after all passed.
+    ``stage(name)`` is called as each of :data:`EXPORT_STAGES` begins."""
+    stage("trace")
     sample = flatten_outputs(_check_runs(net, shape, source))
     proto = export_module(net, shape, opset, batch is None, input_name, output_name)
+    stage("simplify")
     proto, used = simplify_model(proto, simplify)
+    stage("check")
     check_model(proto, str(out))
     if proto.ByteSize() > _MAX_PROTO_BYTES:
         raise IrepError("{}: the model is larger than 2 GiB, which a single ONNX file cannot hold".format(source))
     data = proto.SerializeToString()
     batches = [batch] if batch is not None else [1, verify_batch]
+    stage("onnxruntime vs torch")
     checks = verify(net, data, shape, batches, tolerance, seed, source=str(out))
     outputs = [Output(o.name, tuple(t.shape)) for o, (_, t) in zip(proto.graph.output, sample)]
+    stage("write")
     with atomic_write(out, "wb") as handle:
         handle.write(data)
     return ExportReport(str(out), opset, used, batch is None, shape, input_name, outputs, tolerance,
@@ -520,5 +533,5 @@ def convert_fp16(model: Any) -> Any:
     try:
         from onnxconverter_common import float16
     except ImportError as exc:
-        raise IrepError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from exc
+        raise NotAvailableError("FP16 on TensorRT 11 needs an FP16 ONNX graph: pip install onnxconverter-common") from exc
     return float16.convert_float_to_float16(model, keep_io_types=True)

@@ -15,6 +15,7 @@ import numpy as np
 from .._io import quote
 from ..data import channel_adapter, dataset_spec, eval_loader, load_data
 from ..errors import DataError, IrepError, UsageError, first_line
+from ..progress import bar as progress_bar
 from ..resources import require_memory
 from . import ort as ort_helpers
 from .onnx import load_onnx
@@ -131,10 +132,11 @@ def _session(path: PathLike, threads: Optional[int]) -> Tuple[Any, ImageInput]:
 def evaluate_onnx(path: PathLike, dataset: str, split: str = "test", data_root: Optional[str] = None,
                   batch_size: int = 256, val_fraction: float = 0.0, split_seed: int = 0,
                   limit: Optional[int] = None, reference: Optional[PathLike] = None,
-                  threads: Optional[int] = None) -> OnnxEvalResult:
+                  threads: Optional[int] = None, progress: bool = True) -> OnnxEvalResult:
     """Top-1/top-5 (percent) and mean loss of an ONNX model (FP32 or INT8) on onnxruntime (CPU), and with
     ``reference`` (another ONNX file, e.g. the FP32 model of an INT8 one) its scores and how many
-    predicted classes differ between the two on the same images."""
+    predicted classes differ between the two on the same images. ``progress``: a bar on stderr counting
+    the batches evaluated."""
     session, inp = _session(path, threads)
     ref = None
     if reference is not None:
@@ -160,16 +162,18 @@ def evaluate_onnx(path: PathLike, dataset: str, split: str = "test", data_root: 
     n, differ = 0, 0
     sums = [0, 0, 0.0]
     ref_sums = [0, 0, 0.0]
-    for x, y in batches(images, min(fixed) if fixed else batch_size):
-        logits = _checked(run_batch(session, inp, x, path), path, data.num_classes)
-        for i, v in enumerate(_hits(logits, y)):
-            sums[i] += v
-        if ref is not None:
-            other = _checked(run_batch(ref[0], ref[1], x, reference), reference, data.num_classes)  # type: ignore[arg-type]
-            for i, v in enumerate(_hits(other, y)):
-                ref_sums[i] += v
-            differ += int((other.argmax(1) != logits.argmax(1)).sum())
-        n += len(y)
+    with progress_bar(total=-(-len(images) // step), desc="eval", enabled=progress, unit="batch") as evaluated:
+        for x, y in batches(images, step):
+            logits = _checked(run_batch(session, inp, x, path), path, data.num_classes)
+            for i, v in enumerate(_hits(logits, y)):
+                sums[i] += v
+            if ref is not None:
+                other = _checked(run_batch(ref[0], ref[1], x, reference), reference, data.num_classes)  # type: ignore[arg-type]
+                for i, v in enumerate(_hits(other, y)):
+                    ref_sums[i] += v
+                differ += int((other.argmax(1) != logits.argmax(1)).sum())
+            n += len(y)
+            evaluated.update()
     if n == 0:
         raise IrepError("{}: the {} split of {} is empty".format(path, split, dataset))
     loss = sums[2] / n

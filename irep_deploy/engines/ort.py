@@ -6,7 +6,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._io import regular_input
-from ..errors import IrepError, UsageError, first_line
+from ..errors import IrepError, NotAvailableError, UsageError, first_line
 
 # Preferred order when "all installed" providers are asked for; unknown ones keep their own order.
 _PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -16,7 +16,7 @@ def require_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as exc:
-        raise IrepError("onnxruntime is not installed (pip install 'irep-deploy[onnx]')") from exc
+        raise NotAvailableError("onnxruntime is not installed (pip install 'irep-deploy[onnx]')") from exc
     return onnxruntime
 
 
@@ -40,8 +40,11 @@ def resolve_providers(providers: Optional[Sequence[str]] = None) -> List[str]:
             "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
             "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}.get(name.lower(), name)
         if full not in installed:
-            raise UsageError("onnxruntime provider {} is not available here (installed: {})".format(
-                name, ", ".join(installed)))
+            # a provider onnxruntime knows but this install lacks (onnxruntime-gpu, TensorRT): the machine's
+            # limit (4); a name onnxruntime does not know: a typo (2)
+            known = full in require_onnxruntime().get_all_providers()
+            raise (NotAvailableError if known else UsageError)("onnxruntime provider {} is {} (installed: {})".format(
+                name, "not available here" if known else "unknown", ", ".join(installed)))
         out.append(full)
     return out
 

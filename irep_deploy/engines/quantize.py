@@ -29,7 +29,8 @@ import numpy as np
 from .. import __version__
 from .._io import atomic_write, check_writable, quote
 from ..compare import INT8_CALIB, compare
-from ..errors import IrepError, VerificationError, first_line
+from ..errors import IrepError, NotAvailableError, VerificationError, first_line
+from ..progress import bar
 from . import ort as ort_helpers
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -96,14 +97,18 @@ def match_nodes(model: Any, patterns: Sequence[str], path: PathLike) -> List[str
 
 
 class CalibReader:
-    """An onnxruntime CalibrationDataReader (duck-typed: ``get_next``) over prepared batches."""
+    """An onnxruntime CalibrationDataReader (duck-typed: ``get_next``) over prepared batches;
+    ``progress_bar`` (optional) counts the batches onnxruntime has taken."""
 
-    def __init__(self, name: str, data: Sequence[np.ndarray]) -> None:
+    def __init__(self, name: str, data: Sequence[np.ndarray], progress_bar: Any = None) -> None:
         self.name = name
         self.data = list(data)
         self.index = 0
+        self.progress_bar = progress_bar
 
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        if self.progress_bar is not None and self.progress_bar.n < self.index:  # the batches handed out are run
+            self.progress_bar.update(self.index - self.progress_bar.n)
         if self.index >= len(self.data):
             return None
         self.index += 1
@@ -111,6 +116,8 @@ class CalibReader:
 
     def rewind(self) -> None:  # onnxruntime >= 1.16 may call it between passes
         self.index = 0
+        if self.progress_bar is not None:
+            self.progress_bar.reset()
 
 
 def _calibration_batches(inp: Any, calib: str, size: int, data_root: Optional[str], calib_size: int,
@@ -128,7 +135,7 @@ def _check_settings(path: PathLike, method: str, calib_size: int, batch: Optiona
     if method not in METHODS:
         raise IrepError("unknown calibration method {!r} (choose from {})".format(method, ", ".join(METHODS)))
     if method == "entropy" and importlib.util.find_spec("scipy") is None:
-        raise IrepError("--method entropy needs scipy (onnxruntime's entropy calibration imports it): pip install scipy")
+        raise NotAvailableError("--method entropy needs scipy (onnxruntime's entropy calibration imports it): pip install scipy")
     if calib_size < MIN_CALIB_IMAGES:
         raise IrepError("--calib-size {} is too small: calibrate on at least {} images".format(
             calib_size, MIN_CALIB_IMAGES))
@@ -286,10 +293,12 @@ def _quiet_ort_warnings() -> Iterator[None]:
 
 def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_root: Optional[str] = None,
              calib_size: int = 512, method: str = "minmax", per_channel: bool = True,
-             exclude: Sequence[str] = (), min_cosine: Optional[float] = DEFAULT_MIN_COSINE) -> QuantizeReport:
+             exclude: Sequence[str] = (), min_cosine: Optional[float] = DEFAULT_MIN_COSINE,
+             progress: bool = True) -> QuantizeReport:
     """Quantize an FP32 ONNX model to a QDQ INT8 one, calibrated on ``calib_size`` training images of
     the dataset ``calib``. Nothing is written unless the INT8 model loads in onnxruntime and its logits
-    on the first calibration batch have cosine similarity >= ``min_cosine`` with the FP32 model's."""
+    on the first calibration batch have cosine similarity >= ``min_cosine`` with the FP32 model's.
+    ``progress``: a bar on stderr counting the calibration batches onnxruntime has run."""
     from .onnx import _MAX_PROTO_BYTES, load_onnx, op_types, require_onnx
     from .onnx_eval import check_fits, image_input, run_batch
     from .tensorrt import sha256_file
@@ -316,7 +325,9 @@ def quantize(model: PathLike, calib: str, out: Optional[PathLike] = None, data_r
     with tempfile.TemporaryDirectory(prefix="irep-quantize.") as tmp:
         dst = Path(tmp) / "int8.onnx"
         try:
-            ort_quantize_qdq(Path(model), dst, CalibReader(inp.name, data), method, per_channel, excluded, Path(tmp))
+            with bar(total=len(data), desc="quantize: calibrating", enabled=progress, unit="batch") as calibrated:
+                ort_quantize_qdq(Path(model), dst, CalibReader(inp.name, data, calibrated), method, per_channel,
+                                 excluded, Path(tmp))
         except (ValueError, RuntimeError) + ort_helpers.run_errors() as exc:
             raise IrepError("{}: onnxruntime could not quantize it: {}".format(model, first_line(exc))) from exc
         qproto = onnx.load(str(dst))

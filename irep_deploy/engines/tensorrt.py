@@ -37,8 +37,9 @@ import torch
 from .. import __version__
 from .._io import atomic_write, check_writable, clip, quote, read_bounded, regular_input
 from ..compare import INT8_REAL, TRT_FP16, TRT_FP32, compare
-from ..errors import EngineMismatchError, IrepError, UsageError, VerificationError, first_line
+from ..errors import EngineMismatchError, IrepError, NotAvailableError, UsageError, VerificationError, first_line
 from ..precision import exact_fp32
+from ..progress import Stages, bar
 
 PathLike = Union[str, "os.PathLike[str]"]
 META_FORMAT = "irep-deploy-engine"
@@ -49,7 +50,7 @@ def require_tensorrt() -> Any:
     try:
         import tensorrt
     except ImportError as exc:
-        raise IrepError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
+        raise NotAvailableError("TensorRT is not installed here (pip install tensorrt on x86-64 with an NVIDIA GPU; "
                         "on Jetson use a JetPack image, see Dockerfile.jetson)") from exc
     return tensorrt
 
@@ -57,7 +58,7 @@ def require_tensorrt() -> Any:
 def require_cuda() -> Tuple[str, str]:
     """(GPU name, compute capability "major.minor") of the current CUDA device, or an IrepError."""
     if not torch.cuda.is_available():
-        raise IrepError("no CUDA GPU is visible to torch; TensorRT engines can only be built and run on a GPU")
+        raise NotAvailableError("no CUDA GPU is visible to torch; TensorRT engines can only be built and run on a GPU")
     index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     return torch.cuda.get_device_name(index), "{}.{}".format(major, minor)
@@ -260,12 +261,13 @@ def int8_plan(trt: Any, qdq: bool, fp16: bool) -> str:
 
 
 def entropy_calibrator(trt: Any, images: np.ndarray, batch: int, cache: bytes = b"",
-                       device: Union[str, torch.device, None] = None) -> Any:
+                       device: Union[str, torch.device, None] = None, progress: bool = False) -> Any:
     """An IInt8EntropyCalibrator2 that feeds ``images`` (N x C x H x W, already preprocessed) to
     TensorRT ``batch`` at a time from torch device buffers, then None; ``cache`` (a previous
     calibration table) is offered first, and the table TensorRT writes lands in ``cache_out``.
 
-    ``device`` defaults to the current CUDA device (TensorRT reads the pointers on the GPU)."""
+    ``device`` defaults to the current CUDA device (TensorRT reads the pointers on the GPU).
+    ``progress``: a bar on stderr counting the batches fed (closed after the last one)."""
     from .int8 import batches
 
     base = trt.IInt8EntropyCalibrator2
@@ -277,12 +279,16 @@ def entropy_calibrator(trt: Any, images: np.ndarray, batch: int, cache: bytes = 
             base.__init__(self)  # pybind11 bases must be initialised explicitly
             self.batch, self.fed, self.cache_in, self.cache_out = batch, 0, bytes(cache), None
             self.current: Optional[torch.Tensor] = None
+            self.progress_bar = bar(total=len(chunks), desc="build-trt: calibrating", enabled=progress,
+                                    unit="batch")
 
         def get_batch_size(self) -> int:
             return self.batch
 
         def get_batch(self, names: Sequence[str], *rest: Any) -> Optional[List[int]]:
+            self.progress_bar.update(self.fed - self.progress_bar.n)  # the batches fed so far are run
             if self.fed >= len(chunks):
+                self.progress_bar.close()
                 return None  # no more batches: calibration ends
             # kept on self: TensorRT reads the memory after get_batch returns
             self.current = torch.from_numpy(chunks[self.fed]).to(where).contiguous()
@@ -379,9 +385,9 @@ def build_serialized(trt: Any, onnx_bytes: bytes, input_name: str, options: Buil
 def _use_dla(trt: Any, builder: Any, config: Any, options: BuildOptions) -> None:
     cores = getattr(builder, "num_DLA_cores", 0)
     if not cores:
-        raise IrepError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
+        raise NotAvailableError("--dla-core {}: this GPU has no DLA (only Jetson Xavier/Orin do)".format(options.dla_core))
     if not 0 <= options.dla_core < cores:
-        raise IrepError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
+        raise NotAvailableError("--dla-core {}: this board has DLA cores 0-{}".format(options.dla_core, cores - 1))
     if not (options.fp16 or options.int8):
         raise UsageError("--dla-core needs --fp16 or --int8: DLA runs FP16 and INT8 only")
     config.default_device_type = trt.DeviceType.DLA
@@ -409,7 +415,8 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
                  verify: bool = False, tolerance: float = TRT_FP32.max_rel_error, min_cosine: Optional[float] = None,
                  seed: int = 0, int8: bool = False, calib: Optional[str] = None, data_root: Optional[str] = None,
                  calib_size: int = 512, calib_cache: Optional[PathLike] = None,
-                 min_agreement: float = INT8_REAL.min_agreement, verify_images: int = 256) -> BuildReport:
+                 min_agreement: float = INT8_REAL.min_agreement, verify_images: int = 256,
+                 progress: bool = True) -> BuildReport:
     """Build ``out`` (+ ``out.json`` metadata) from an ONNX file; see the module docstring.
 
     ``verify`` compares the engine with onnxruntime (CPU) before anything is written: FP32 by relative
@@ -420,7 +427,8 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
 
     ``int8``: a QDQ ONNX is built as it is quantized; a float ONNX is calibrated on ``calib_size``
     real training images of the dataset ``calib`` (TensorRT 8.5/10.x), with ``calib_cache`` read
-    when present and written after the build.
+    when present and written after the build. ``progress``: bars on stderr for the calibration batches
+    and for the stages (build, verify, write).
     """
     from . import onnx as onnx_engine
     from . import int8 as int8_tools
@@ -470,27 +478,27 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
     calibrator = None
     if int8 and not qdq and int8_plan(trt, qdq, fp16) == "calibrate":
         calibrator = entropy_calibrator(trt, images if images is not None else np.zeros((0,) + chw, np.float32),
-                                        calib_batch, Path(calib_cache).read_bytes() if cache_present else b"")
+                                        calib_batch, Path(calib_cache).read_bytes() if cache_present else b"",
+                                        progress=progress)
     options = BuildOptions(fp16, workspace_mb, (min_batch,) + chw, (opt_batch,) + chw, (max_batch,) + chw,
                            dla_core, cache_in, int8=int8, qdq=qdq, calibrator=calibrator)
-    result = build_serialized(trt, graph.SerializeToString(), input_name, options, source=str(onnx_path))
-    meta = EngineMeta(str(trt.__version__), gpu_name, capability, "int8" if int8 else "fp16" if fp16 else "fp32",
-                      input_name, output_name, list(options.min_shape), list(options.opt_shape),
-                      list(options.max_shape), sha256_file(onnx_path), str(onnx_path), result.strongly_typed,
-                      dla_core, workspace_mb,
-                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      calibration=calibration_facts(model, qdq, calibrator, calib, calib_cache) if int8 else None)
-    if calibrator is not None and calib_cache is not None and calibrator.cache_out is None:
-        raise IrepError("{}: TensorRT wrote no calibration table for --calib-cache {}".format(onnx_path, calib_cache))
-    stats = None
-    if verify:
-        runner = TrtRunner.from_bytes(result.plan, meta, str(out))
-        if int8:
-            real = int8_tools.calibration_images(calib, chw, verify_images, data_root, split="test",  # type: ignore[arg-type]
-                                                 source=str(onnx_path))
-            stats = verify_int8(runner, onnx_path, real, min_cosine, min_agreement)
-        else:
-            stats = verify_engine(runner, onnx_path, opt_batch, tolerance, min_cosine, seed)
+    with Stages("build-trt", ("build",) + (("verify",) if verify else ()), progress) as stage:
+        stage("build")
+        result = build_serialized(trt, graph.SerializeToString(), input_name, options, source=str(onnx_path))
+        if calibrator is not None:
+            calibrator.progress_bar.close()
+        meta = _engine_meta(trt, model, qdq, calibrator, calib, calib_cache, gpu_name, capability, int8, fp16,
+                            input_name, output_name, options, onnx_path, result, dla_core, workspace_mb)
+        stats = None
+        if verify:
+            stage("verify")
+            runner = TrtRunner.from_bytes(result.plan, meta, str(out))
+            if int8:
+                real = int8_tools.calibration_images(calib, chw, verify_images, data_root, split="test",  # type: ignore[arg-type]
+                                                     source=str(onnx_path))
+                stats = verify_int8(runner, onnx_path, real, min_cosine, min_agreement)
+            else:
+                stats = verify_engine(runner, onnx_path, opt_batch, tolerance, min_cosine, seed)
     with atomic_write(out, "wb") as handle:
         handle.write(result.plan)
     write_meta(out, meta)
@@ -502,6 +510,22 @@ def build_engine(onnx_path: PathLike, out: Optional[PathLike] = None, fp16: bool
             handle.write(calibrator.cache_out)
     return BuildReport(str(out), str(meta_path(out)), meta, str(timing_cache) if timing_cache else None,
                        result.calls, stats)
+
+
+def _engine_meta(trt: Any, model: Any, qdq: bool, calibrator: Any, calib: Optional[str],
+                 calib_cache: Optional[PathLike], gpu_name: str, capability: str, int8: bool, fp16: bool,
+                 input_name: str, output_name: str, options: BuildOptions, onnx_path: PathLike, result: BuildResult,
+                 dla_core: Optional[int], workspace_mb: int) -> EngineMeta:
+    """The sidecar of a built engine; refuses a build that wrote no asked-for calibration table."""
+    meta = EngineMeta(str(trt.__version__), gpu_name, capability, "int8" if int8 else "fp16" if fp16 else "fp32",
+                      input_name, output_name, list(options.min_shape), list(options.opt_shape),
+                      list(options.max_shape), sha256_file(onnx_path), str(onnx_path), result.strongly_typed,
+                      dla_core, workspace_mb,
+                      created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                      calibration=calibration_facts(model, qdq, calibrator, calib, calib_cache) if int8 else None)
+    if calibrator is not None and calib_cache is not None and calibrator.cache_out is None:
+        raise IrepError("{}: TensorRT wrote no calibration table for --calib-cache {}".format(onnx_path, calib_cache))
+    return meta
 
 
 def _check_int8_args(onnx_path: PathLike, int8: bool, qdq: bool, calib: Optional[str],

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .._io import quote, regular_input
-from ..errors import CheckpointError, IrepError, UsageError, first_line
+from ..errors import CheckpointError, IrepError, NotAvailableError, UsageError, first_line
 from ..tensorfile import load_tree
 
 
@@ -38,7 +38,7 @@ def _timm(spec: str) -> types.ModuleType:
     except ModuleNotFoundError as exc:
         if (exc.name or "").partition(".")[0] != "timm":
             raise
-        raise UsageError("model spec {} needs the timm extra: pip install irep-deploy[timm]".format(
+        raise NotAvailableError("model spec {} needs the timm extra: pip install irep-deploy[timm]".format(
             quote(spec))) from exc
     except Exception as exc:  # an installed timm that fails to import
         raise UsageError("model spec {}: cannot import timm ({}: {})".format(

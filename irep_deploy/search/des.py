@@ -37,6 +37,7 @@ from .. import options as opt
 from ..data import DATASETS
 from ..ops import REGISTRY
 from ..options import BACKBONE_HELP, model_setting, setting
+from ..progress import bar
 from ..runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
                     read_run_state, state_part, state_path, write_run_state)
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
@@ -401,13 +402,18 @@ class _Search:
         mine = range(self.dist.rank, len(self.population), self.dist.world_size)
         correct = torch.zeros(len(self.population), dtype=torch.int64, device=self.dev)
         seen = 0
-        for chunk in self._val_chunks():
-            seen += sum(int(y.numel()) for _, y in chunk)
-            for i in mine:
-                raise_if_interrupted()  # once per code scored: the split is cached after the first round
-                fused = self.fused(self.population[i])
-                for x, y in chunk:
-                    correct[i] += topk_hits(fused(x).float(), y)[0].sum()
+        with bar(total=len(mine), desc="search: scoring codes", enabled=self.progress and self.dist.main,
+                 unit="code") as scored:
+            for n, chunk in enumerate(self._val_chunks()):
+                seen += sum(int(y.numel()) for _, y in chunk)
+                if n:  # a split read in chunks scores every code again on each
+                    scored.total += len(mine)
+                for i in mine:
+                    raise_if_interrupted()  # once per code scored: the split is cached after the first round
+                    fused = self.fused(self.population[i])
+                    for x, y in chunk:
+                        correct[i] += topk_hits(fused(x).float(), y)[0].sum()
+                    scored.update()
         # The same arithmetic as evaluate_models' top-1, so fitness values do not depend on the path.
         fitness = torch.tensor([100.0 * float(c) / max(seen, 1) if i in mine else 0.0
                                 for i, c in enumerate(correct.tolist())], dtype=torch.float64)

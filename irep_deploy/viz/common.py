@@ -9,7 +9,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from .._io import atomic_write, check_not_input, check_output_kind, file_kind, read_json
 from ..arch import LayerSpec, backbone_info
-from ..errors import IrepError, PlotError
+from ..errors import IrepError, NotAvailableError, PlotError
 
 PathLike = Union[str, Path]
 Outputs = List[Tuple[str, bytes]]  # (file name, content), rendered but not yet written
@@ -25,7 +25,7 @@ def mpl():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise IrepError("figures need matplotlib: pip install 'irep-deploy[viz]' (or pip install matplotlib)") from exc
+        raise NotAvailableError("figures need matplotlib: pip install 'irep-deploy[viz]' (or pip install matplotlib)") from exc
     return Figure, FigureCanvasAgg
 
 

@@ -43,10 +43,11 @@ def chain(tmp_path_factory) -> Tuple[Path, Dict[str, Tuple[int, str, str]]]:
     steps: Dict[str, List[str]] = {
         "train": ["train", "-o", "run", "--arch", "arch.bin", "--dataset", "fashion-mnist", "--width", "0.125",
                   "--epochs", "1", "--limit", str(LIMIT), "--batch-size", "64", "--device", "cpu", "--no-progress"],
-        "fuse": ["fuse", "run/ckpt.pt", "arch.bin", "-o", "deploy.pt"],
-        "export": ["export", "deploy.pt", "-o", "model.onnx"],
-        "bench-onnx": ["bench", "model.onnx", "--json", "bench_onnx.json", *FAST_BENCH],
-        "bench-ckpt": ["bench", "run/ckpt.pt", "--compare", "--json", "bench_ckpt.json", *FAST_BENCH],
+        "fuse": ["fuse", "run/ckpt.pt", "arch.bin", "-o", "deploy.pt", "--quiet"],
+        "export": ["export", "deploy.pt", "-o", "model.onnx", "--quiet"],
+        "bench-onnx": ["bench", "model.onnx", "--json", "bench_onnx.json", *FAST_BENCH, "--quiet"],
+        "bench-ckpt": ["bench", "run/ckpt.pt", "--compare", "--json", "bench_ckpt.json", *FAST_BENCH,
+                       "--quiet"],
         "build-trt": ["build-trt", "model.onnx"],
     }
     results = {}
@@ -67,7 +68,7 @@ def test_each_command_succeeds_and_prints_only_its_own_output(chain, step):
 def test_build_trt_without_tensorrt_is_one_plain_line_and_writes_nothing(chain):
     d, results = chain
     rc, out, err = results["build-trt"]
-    assert rc == 1 and out == ""
+    assert rc == 4 and out == ""  # 4: not available on this machine
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("irep-deploy build-trt: error: TensorRT is not installed"), err
     assert not NOISE.search(err)

@@ -151,5 +151,5 @@ def test_onnxsim_asked_but_missing(ckpts, tmp_path, capsys):
     except ImportError:
         pass
     rc, _, err = cli(capsys, "export", ckpts["deploy"], "-o", tmp_path / "o.onnx", "--simplify", "onnxsim")
-    assert rc == 1 and "onnxsim is not installed" in one_line_error(err)
+    assert rc == 4 and "onnxsim is not installed" in one_line_error(err)
     assert leftovers(tmp_path, ["o.onnx"]) == []

@@ -61,7 +61,7 @@ def quantized(fp32: Path, capsys, name: str, *flags: str) -> Path:
     if name not in _MADE:
         out = fp32.parent / (name + ".onnx")
         rc, stdout, err = cli(capsys, "quantize", fp32, "--calib", "fashion-mnist", "--calib-size", CALIB, "-o", out,
-                              *flags)
+                              "--quiet", *flags)
         assert rc == 0, err
         assert err == "" and "wrote {}".format(out) in stdout  # onnxruntime's calibration chatter is held back
         _MADE[name] = out
@@ -299,5 +299,5 @@ def test_the_command_prints_only_its_own_lines_for_a_graph_with_shared_biases(tm
     rc, _, err = run_cli(tmp_path, "export", "deploy.pt", "-o", "plain.onnx", "--simplify", "none")
     assert rc == 0, err
     rc, out, err = run_cli(tmp_path, "quantize", "plain.onnx", "--calib", "fashion-mnist", "--calib-size", CALIB,
-                           "-o", "q.onnx", "--min-cosine", "0.5")
+                           "-o", "q.onnx", "--min-cosine", "0.5", "--quiet")
     assert rc == 0 and err == "" and "wrote q.onnx" in out, err

@@ -79,7 +79,7 @@ def _no_trt_or_gpu() -> bool:
 @pytest.mark.skipif(not _no_trt_or_gpu(), reason="TensorRT and a GPU are present: the refusal does not apply")
 def test_build_trt_without_tensorrt_or_gpu(fused_onnx, tmp_path, capsys):
     rc, out, err = cli(capsys, "build-trt", fused_onnx, "-o", tmp_path / "m.engine")
-    assert rc == 1
+    assert rc == 4
     line = one_line_error(err)
     assert "TensorRT is not installed" in line or "no CUDA GPU" in line
     assert leftovers(tmp_path, ["m.engine", "m.engine.json"]) == []

@@ -20,7 +20,7 @@ from irep_deploy import ArchCode, apply_arch, build_model, fuse_model, irepify, 
 from irep_deploy.block import IrepConv
 from irep_deploy.checkpoint import save_checkpoint
 from irep_deploy.data import FASHION_MNIST_ROOT
-from irep_deploy.errors import CheckpointError, UsageError
+from irep_deploy.errors import CheckpointError, NotAvailableError, UsageError
 from irep_deploy.ops import ConvBN
 from irep_deploy.precision import exact_fp32
 
@@ -43,7 +43,7 @@ def _counts(model: nn.Module) -> Tuple[int, int]:
 def test_a_timm_spec_without_timm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # what `import timm` meets where timm is not installed
     monkeypatch.delitem(sys.modules, "irep_deploy.integrations.timm", raising=False)
-    with pytest.raises(UsageError, match=r"^model spec 'timm:resnet18' needs the timm extra: pip install "
+    with pytest.raises(NotAvailableError, match=r"^model spec 'timm:resnet18' needs the timm extra: pip install "
                                          r"irep-deploy\[timm\]$"):
         build_model("timm:resnet18")
 
