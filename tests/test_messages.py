@@ -27,6 +27,7 @@ THIRD_PARTY = {
     "--nproc_per_node": "torchrun", "--standalone": "torchrun",
     "--rm": "docker run", "--runtime": "docker run", "--build-arg": "docker build",
     "--durations": "pytest",
+    "--no-deps": "pip install", "--index-url": "pip install", "--extra-index-url": "pip install",
 }
 # A line of the docs may name an old spelling when it says that it is one.
 OLD_SPELLING_LINE = re.compile(r"still work|instead of|the same as|older spelling")
@@ -116,9 +117,9 @@ def test_docs_give_each_command_only_its_own_flags():
 
 
 def _benchmark_flags() -> Set[str]:
-    """The flags of the scripts under benchmarks/, which the docs also name."""
+    """The flags of the scripts under benchmarks/ and tools/, which the docs also name."""
     flags: Set[str] = set()
-    for path in (ROOT / "benchmarks").glob("*.py"):
+    for path in [*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "tools").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
                 flags |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")}
