@@ -10,6 +10,10 @@ SIGKILL is removed by the next write of NAME once its PID is no longer a live pr
 (or, for a name without a PID, once it is more than a minute old). Readers are bounded in size, and
 outputs are refused when they are one of the command's inputs.
 
+Every output gets its missing parent directories here, the same way for every command: a file when it
+is written (:func:`make_parents`, removed again when the write fails), a run directory when it is
+made (:func:`run_directory`); :func:`check_writable` checks the nearest existing directory beforehand.
+
 Only regular files are read or written: an input that is a FIFO, a device, a socket or a directory
 is refused before it is opened (a FIFO would block, /dev/zero never ends), and so is an existing
 output of that kind (a rename would replace /dev/null or a FIFO with a regular file).

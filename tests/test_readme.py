@@ -56,12 +56,12 @@ MODES = {
 
 # Appended to a documented command line: smaller data, fewer epochs, rounds and shorter timing windows.
 SMOKE: Dict[str, List[str]] = {
-    "search": ["--limit", "256", "--population", "4", "--rounds", "1", "--subnets", "1", "--warmup-epochs", "1",
-               "--round-epochs", "1", "--eval-batch-size", "256"],
-    "train": ["--epochs", "1", "--limit", "256"],
+    "search": ["--limit", "128", "--batch-size", "32", "--population", "4", "--rounds", "1", "--subnets", "1",
+               "--warmup-epochs", "1", "--round-epochs", "1", "--eval-batch-size", "128"],
+    "train": ["--epochs", "1", "--limit", "64", "--batch-size", "32"],
     "quantize": ["--calib-size", "32"],
-    "bench": ["--duration", "0.05", "--rounds", "2", "--warmup", "5", "--iterations", "2", "--calib-size", "32"],
-    "eval": ["--limit", "256"],
+    "bench": ["--duration", "0.01", "--rounds", "1", "--warmup", "1", "--iterations", "1", "--calib-size", "32"],
+    "eval": ["--limit", "128"],
 }
 EXPECT = {"not-available": NOT_AVAILABLE}
 
