@@ -25,11 +25,18 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_progress.py tests/test_messages.py tests/test_exit_codes.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks benchmarks-gpu clean
+.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo demo-out-free benchmarks benchmarks-gpu clean
+
+# PyPI's torch wheels for x86-64 Linux are CUDA builds (torch plus nvidia-* packages, most of the
+# venv's size). PyTorch's own index has CPU-only builds: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# installs the pinned torch and torchvision from there first (their `+cpu` versions satisfy the pins), then
+# the rest from PyPI. Not tested on the project's machines, which cannot reach that index.
+TORCH_INDEX_URL ?=
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_INDEX_URL),$(BIN)/pip install -q --index-url $(TORCH_INDEX_URL) $$(grep -E '^torch(vision)?==' requirements-dev.txt))
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
@@ -49,6 +56,7 @@ $(STAMP38): requirements-py38.txt setup.cfg pyproject.toml
 	[ -n "$$py38" ] || { echo "test-py38: no Python 3.8 under $(PYENV_ROOT)/versions" >&2; exit 1; }; \
 	echo "creating $(VENV38) with $$py38"; \
 	rm -rf $(VENV38) && "$$py38" -m venv $(VENV38)
+	$(if $(TORCH_INDEX_URL),$(VENV38)/bin/pip install -q --index-url $(TORCH_INDEX_URL) $$(grep -E '^torch(vision)?==' requirements-py38.txt))
 	$(VENV38)/bin/pip install -q -r requirements-py38.txt
 	$(VENV38)/bin/pip install -q --no-deps -e .
 	touch $(STAMP38)
@@ -99,10 +107,15 @@ test-fast: venv data
 test-gpu: venv data
 	$(BIN)/python -m pytest -q -rs -m cuda
 
-# Removes an earlier report first (the demo refuses to overwrite a run).
-demo: venv data
-	rm -rf demo-out
-	$(BIN)/irep-deploy demo -o demo-out
+# An earlier report is never removed: an existing DEMO_OUT is refused in one line before anything is
+# installed or run. One OpenMP thread, as in the run whose time the README gives (DEMO_THREADS=N to change).
+DEMO_OUT ?= demo-out
+DEMO_THREADS ?= 1
+demo: demo-out-free venv data
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/irep-deploy demo -o $(DEMO_OUT)
+
+demo-out-free:
+	$(if $(wildcard $(DEMO_OUT)),$(error $(DEMO_OUT) exists (an earlier run): remove it (rm -rf $(DEMO_OUT)) or choose another directory (make demo DEMO_OUT=DIR)))
 
 # Regenerates every CPU file under benchmarks/results with the commands recorded in them (about five hours
 # on 2 cores; run it on an otherwise idle machine, the timings are compared within each script's run).

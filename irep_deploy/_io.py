@@ -10,6 +10,10 @@ SIGKILL is removed by the next write of NAME once its PID is no longer a live pr
 (or, for a name without a PID, once it is more than a minute old). Readers are bounded in size, and
 outputs are refused when they are one of the command's inputs.
 
+Every output gets its missing parent directories here, the same way for every command: a file when it
+is written (:func:`make_parents`, removed again when the write fails), a run directory when it is
+made (:func:`run_directory`); :func:`check_writable` checks the nearest existing directory beforehand.
+
 Only regular files are read or written: an input that is a FIFO, a device, a socket or a directory
 is refused before it is opened (a FIFO would block, /dev/zero never ends), and so is an existing
 output of that kind (a rename would replace /dev/null or a FIFO with a regular file).
@@ -332,15 +336,48 @@ def check_writable(path: PathLike, inputs: Iterable[Optional[PathLike]] = ()) ->
     """Fail early, before any expensive work, when ``path`` cannot be created or is an input."""
     check_not_input(path, inputs)
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
     check_output_kind(path)
-    if not directory.is_dir():
-        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
+    directory = _existing_ancestor(path)  # missing directories are created when the file is written
     if not os.access(str(directory), os.W_OK):
         raise IrepError("{}: cannot write: directory {} is not writable{}".format(path, directory,
                                                                               _read_only_fs(directory)))
     if path.exists() and not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: file is read-only{}".format(path, _read_only_fs(directory)))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest directory above ``path`` that exists; one IrepError when a file stands in the way."""
+    probe = path.parent if str(path.parent) else Path(".")
+    while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise IrepError("{}: cannot write: {} is {}, not a directory".format(
+            path, probe, file_kind(os.stat(str(probe)).st_mode) if probe.exists() else "a broken link"))
+    return probe
+
+
+def make_parents(path: PathLike) -> Optional[Path]:
+    """Create the missing directories above the output file ``path``, as ``mkdir -p`` of its directory:
+    every command's outputs get their parents here (through :func:`atomic_write`), as ``search`` always
+    created its run directory. The highest directory created (None: none), for :func:`remove_parents`."""
+    path = Path(path)
+    return _make_directories(path.parent, path, "cannot create its directory") if str(path.parent) else None
+
+
+def remove_parents(path: PathLike, top: Optional[Path]) -> None:
+    """Remove the directories :func:`make_parents` created for ``path`` up to ``top``, those left empty
+    (a failed write leaves no empty directories; one another writer filled meanwhile stays)."""
+    if top is None:
+        return
+    directory = Path(path).parent
+    while True:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        if directory == top:
+            return
+        directory = directory.parent
 
 
 def _read_only_fs(directory: Path) -> str:
@@ -412,15 +449,15 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
     """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise IrepError("{}: cannot write: directory {} does not exist".format(path, directory))
     check_output_kind(path)
+    top = make_parents(path)
     remove_stale_temps(path)
     with _sigterm_raises():
         try:
             fd, tmp = tempfile.mkstemp(prefix=".{}.{}.".format(path.name, os.getpid()), suffix=".tmp",
                                        dir=str(directory))
         except OSError as exc:
+            remove_parents(path, top)
             raise os_error(exc, path) from exc
         try:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -433,6 +470,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             fault = _write_fault(exc, tmp, directory)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            remove_parents(path, top)
             if fault is None:
                 raise
             raise IrepError("{}: cannot write: {}".format(path, fault)) from exc
@@ -469,7 +507,7 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool], command: Optiona
         return
     if path.exists() and not path.is_dir():
         raise IrepError("{}: is {}, not a run directory".format(path, file_kind(os.stat(str(path)).st_mode)))
-    top = _make_directories(path) if new else None
+    top = _make_directories(path, path, "cannot create the run directory") if new else None
     if not os.access(str(path), os.W_OK):
         raise IrepError("{}: cannot write: the run directory is not writable{}".format(path, _read_only_fs(path)))
     lock = run_lock(path, command) if command else contextlib.nullcontext()
@@ -484,9 +522,10 @@ def run_directory(path: PathLike, keep: Callable[[Path], bool], command: Optiona
             raise
 
 
-def _make_directories(path: Path) -> Optional[Path]:
+def _make_directories(path: Path, name: Path, action: str) -> Optional[Path]:
     """Create ``path`` and its missing parents; the highest one this call created (None: none), so
-    that a directory another process created meanwhile is never counted as ours."""
+    that a directory another process created meanwhile is never counted as ours. An error names
+    ``name`` (the run directory, or the file whose directory it is) and ``action``."""
     missing = []
     probe = path
     while not probe.exists() and not probe.is_symlink() and probe.parent != probe:
@@ -503,7 +542,7 @@ def _make_directories(path: Path) -> Optional[Path]:
         except OSError as exc:
             if top is not None:
                 shutil.rmtree(str(top), ignore_errors=True)
-            raise IrepError("{}: cannot create the run directory: {}".format(path, os_cause(exc))) from exc
+            raise IrepError("{}: {}: {}".format(name, action, os_cause(exc))) from exc
         if top is None:
             top = directory
     return top

@@ -642,7 +642,7 @@ COMMANDS: List[Any] = [
     ("demo", _cmd_demo, _args_demo, "the whole pipeline on Fashion-MNIST on CPU, with a report (make demo)",
      "search -> train -> fuse -> export -> quantize (INT8) -> eval and bench of the FP32 and INT8 ONNX -> "
      "build-trt (when TensorRT and a GPU are present) -> bench, then report.md, report.json and figures in "
-     "--output. About 15 minutes on 2 CPU cores."),
+     "--output. Its measured time on 2 CPU cores: README, \"Quick start\"."),
     ("fuse", _cmd_fuse, _args_fuse, "fuse a multi-branch checkpoint into a plain deploy checkpoint",
      "Load a multi-branch checkpoint, apply the architecture code, fuse every block into one 3x3 conv, check "
      "the fused output against the multi-branch output on a random batch, and write the deploy checkpoint."),

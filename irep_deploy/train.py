@@ -246,8 +246,6 @@ def _new_run_config(run: Path, config: Optional[TrainConfig]) -> TrainConfig:
                         "directory".format(run, run))
     if run.exists() and not run.is_dir():
         raise IrepError("{}: exists and is not a directory".format(run))
-    if not run.parent.is_dir():
-        raise IrepError("{}: cannot create: directory {} does not exist".format(run, run.parent))
     return config
 
 

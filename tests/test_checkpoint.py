@@ -184,8 +184,8 @@ def test_save_is_atomic(tmp_path, model):
     assert proc.stdout.startswith("failed"), (proc.stdout, proc.stderr)
     assert path.read_bytes() == before
     assert os.listdir(str(tmp_path)) == ["ckpt.pt"]  # the temporary file was removed
-    with pytest.raises(IrepError, match="does not exist"):
-        save_checkpoint(tmp_path / "no" / "dir" / "x.pt", build_model(NAME, width=0.125))
+    with pytest.raises(IrepError, match="not a directory"):
+        save_checkpoint(tmp_path / "ckpt.pt" / "x.pt", build_model(NAME, width=0.125))
 
 
 def test_written_files_get_the_usual_permissions(tmp_path, model):

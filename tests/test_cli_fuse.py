@@ -75,9 +75,9 @@ def test_fuse_error_paths_leave_no_output(trained, capsys):
         (("fuse", notckpt, tmp / "arch.bin"), ("notes.txt", "not a readable checkpoint")),
         (("fuse", tmp / "ckpt.pt", other), ("other.bin", "does not match the code", "ckpt.pt")),
         (("fuse", tmp / "ckpt.pt", malformed), ("bad.bin:2:", "unsupported version")),
-        (("fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", tmp / "nodir" / "x.pt"), ("x.pt", "does not exist")),
+        (("fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", notckpt / "x.pt"), ("x.pt", "not a directory")),
         (("fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", tmp), ("is a directory",)),
-        (("fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", out, "--torchvision", tmp / "nodir" / "tv.pt"), ("tv.pt",)),
+        (("fuse", tmp / "ckpt.pt", tmp / "arch.bin", "-o", out, "--torchvision", notckpt / "tv.pt"), ("tv.pt",)),
     ]
     for argv, words in cases:
         rc, _, err = run(capsys, *argv)

@@ -65,10 +65,6 @@ def write(outputs: Outputs, out_dir: PathLike, inputs: Sequence[Optional[PathLik
     for name, _ in outputs:
         check_not_input(out / name, inputs)
         check_output_kind(out / name)  # a FIFO among the figures: refused before the first is written
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PlotError("{}: cannot create the output directory: {}".format(out, exc.strerror or exc)) from exc
     written = []
     for name, data in outputs:
         with atomic_write(out / name, "wb") as handle:

@@ -140,8 +140,9 @@ def test_tolerance_failure_exits_3(ckpts, tmp_path, capsys):
 
 
 def test_unwritable_output_is_refused_before_work(ckpts, tmp_path, capsys):
-    rc, _, err = cli(capsys, "export", ckpts["deploy"], "-o", tmp_path / "nodir" / "o.onnx")
-    assert rc == 1 and "does not exist" in one_line_error(err)
+    (tmp_path / "afile").write_text("")
+    rc, _, err = cli(capsys, "export", ckpts["deploy"], "-o", tmp_path / "afile" / "o.onnx")
+    assert rc == 1 and "not a directory" in one_line_error(err)
 
 
 def test_onnxsim_asked_but_missing(ckpts, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_build_trt_without_tensorrt_or_gpu(fused_onnx, tmp_path, capsys):
     (["{junk}"], "not a readable ONNX model", 1),
     (["{onnx}", "--min-batch", "4", "--max-batch", "2"], "batch range", 2),  # usage: the flags contradict
     (["{fixed}", "--max-batch", "8"], "fixed batch of 2", 1),
-    (["{onnx}", "-o", "{dir}/nodir/m.engine"], "does not exist", 1),
+    (["{onnx}", "-o", "{junk}/m.engine"], "not a directory", 1),
 ])
 def test_build_trt_input_errors(ckpts, fused_onnx, tmp_path, capsys, argv, msg, code):
     fixed = tmp_path / "fixed.onnx"
