@@ -86,13 +86,15 @@ lint-docker: venv
 	$(BIN)/hadolint Dockerfile.jetson
 
 # Both lanes at once: the whole suite on the dev versions, and the deploy path on the JetPack 5 floor.
-# Each lane keeps about one core busy (user + system time ~ wall time), so on 2 cores they overlap
-# instead of adding up; the floor lane's output is printed after the main lane's, and either failing
-# fails the target.
+# Each pytest process keeps about one core busy (user + system time ~ wall time) and the main lane has
+# twice the floor lane's work, so it runs in two xdist workers (a test file stays in one worker, so
+# module fixtures are built once) beside the floor lane: three processes share the cores instead of
+# the main lane running alone after the floor lane ends; one torch thread each (three processes, two
+# cores). The floor lane's output is printed after the main lane's, and either failing fails the target.
 test: venv data check-py38 lint-docker $(STAMP38)
-	@floor_log="$$(mktemp)"; \
+	@export OMP_NUM_THREADS=1; floor_log="$$(mktemp)"; \
 	$(MAKE) --no-print-directory test-py38 > "$$floor_log" 2>&1 & floor=$$!; \
-	$(BIN)/python -m pytest -q; main=$$?; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile; main=$$?; \
 	wait $$floor; floor_rc=$$?; \
 	echo "== floor lane (make test-py38) =="; cat "$$floor_log"; rm -f "$$floor_log"; \
 	[ $$main -eq 0 ] && [ $$floor_rc -eq 0 ]
