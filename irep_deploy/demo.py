@@ -42,7 +42,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 class DemoSettings:
     """Sizes of the demo; ``quick`` is a smoke run.
 
-    The defaults aim at about 15 minutes on 2 idle CPU cores: the ``cpu`` search preset on at most
+    The defaults (their measured time is in README's quick start): the ``cpu`` search preset on at most
     4000 images per split (the full preset alone takes about 8 minutes), 3 epochs of retraining on
     8000 images (tested on 8000 of the 10 000 test images), the same for the plain backbone (about a
     minute more), and 2-second benchmarks.
