@@ -278,7 +278,7 @@ def _command_of(root: Path, name: str, data: Any, markdown: str) -> Tuple[str, s
     match = re.search(r"[Cc]ommand:? `([^`]+)`", markdown)
     if match:
         return match.group(1), "the file's markdown"
-    docs = (root / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    docs = re.sub(r"```.*?```", "", (root / "docs" / "benchmarks.md").read_text(encoding="utf-8"), flags=re.S)
     for span in re.findall(r"`([^`]+)`", docs):
         if "python benchmarks/" in span and "results/{}.".format(name) in span:
             return " ".join(span.split()), "docs/benchmarks.md"
