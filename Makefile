@@ -24,7 +24,7 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_norms.py tests/test_tracing.py tests/test_own_reparam.py tests/test_docs_claims.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo benchmarks benchmarks-gpu clean
+.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 check-results lint-docker demo benchmarks benchmarks-gpu clean
 
 $(STAMP): requirements-dev.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,13 @@ check-py38: venv $(STAMP38)
 test-py38: $(STAMP38) data
 	$(VENV38)/bin/python -m pytest -q $(DEPLOY_TESTS)
 
+# Results files against the code they depend on (stale ones listed; docs must call records of older versions
+# so) and every number the docs quote with a claim marker against its file (docs/benchmarks.md). Seconds;
+# needs no git history (dependency digests are stored in each results file).
+check-results: venv
+	$(BIN)/python benchmarks/check_results.py
+	$(BIN)/python benchmarks/check_claims.py
+
 # No Docker engine runs here: the Jetson image is linted, not built.
 lint-docker: venv
 	$(BIN)/hadolint Dockerfile.jetson
@@ -80,7 +87,7 @@ lint-docker: venv
 # Each lane keeps about one core busy (user + system time ~ wall time), so on 2 cores they overlap
 # instead of adding up; the floor lane's output is printed after the main lane's, and either failing
 # fails the target.
-test: venv data check-py38 lint-docker $(STAMP38)
+test: venv data check-py38 check-results lint-docker $(STAMP38)
 	@floor_log="$$(mktemp)"; \
 	$(MAKE) --no-print-directory test-py38 > "$$floor_log" 2>&1 & floor=$$!; \
 	$(BIN)/python -m pytest -q; main=$$?; \

@@ -8,7 +8,7 @@ FILE is relative to benchmarks/results/, KEY a dotted path (dict keys, list indi
 selectors picking the one list element whose fields equal those values as text), an optional ``*N``
 scales the value. The value is a number or a list of numbers; the text between the previous marker on
 the line (or the line start) and this one must end with as many numbers, each equal to the value
-rounded to the decimals printed (half-even or half-up). Prints ``DOC:LINE: FILE#KEY: problem`` per
+rounded to the decimals printed (half-even or half-up). Markers inside fenced code blocks are examples. Prints ``DOC:LINE: FILE#KEY: problem`` per
 mismatch, missing file or key; exits 1 on any, 0 otherwise.
 
     python benchmarks/check_claims.py [--root DIR] [DOC ...]
@@ -42,8 +42,14 @@ class Claim(NamedTuple):
 
 
 def markers(text: str, doc: str = "") -> Iterator[Claim]:
-    """Every claim marker of a markdown text, with the text it follows on its line."""
+    """Every claim marker of a markdown text, with the text it follows on its line (fenced code, where a
+    marker is shown rather than made, aside)."""
+    fenced = False
     for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
         start = 0
         for match in MARKER.finditer(line):
             key = match.group(2)

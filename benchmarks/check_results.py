@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check_claims  # noqa: E402
@@ -80,19 +80,29 @@ def write_record(record: Record, prov: Dict[str, Any]) -> None:
     os.replace(tmp, str(record.path))
 
 
-def changed(prov: Dict[str, Any], read: provenance.Reader) -> List[str]:
+def current_digests(read: provenance.Reader) -> Callable[[str], Optional[str]]:
+    """rel -> its digest now, each file read and hashed once (records share most dependencies)."""
+    memo: Dict[str, Optional[str]] = {}
+
+    def digest(rel: str) -> Optional[str]:
+        if rel not in memo:
+            memo[rel] = provenance.digest_text(rel, read(rel))
+        return memo[rel]
+    return digest
+
+
+def changed(prov: Dict[str, Any], digest: Callable[[str], Optional[str]]) -> List[str]:
     """The dependencies whose digest differs from the one recorded (absent files included)."""
-    return [rel for rel, digest in sorted(prov.get("depends", {}).items())
-            if provenance.digest_text(rel, read(rel)) != digest]
+    return [rel for rel, recorded in sorted(prov.get("depends", {}).items()) if digest(rel) != recorded]
 
 
-def state(record: Record, read: provenance.Reader) -> Tuple[str, List[str]]:
+def state(record: Record, digest: Callable[[str], Optional[str]]) -> Tuple[str, List[str]]:
     """("missing" | "older" | "stale" | "current", the changed dependencies)."""
     if record.prov is None:
         return "missing", []
     if record.prov.get("older_version"):
         return "older", []
-    moved = changed(record.prov, read)
+    moved = changed(record.prov, digest)
     return ("stale" if moved else "current"), moved
 
 
@@ -167,7 +177,7 @@ def doc_problems(root: Path, status: Dict[str, Tuple[str, List[str]]],
                                                                    "claim": "quotes"}[ref.kind], ref.name)
             if kind in ("older", "stale"):
                 why = ("a record of an older version ({})".format(_older_text(prov[ref.name])) if kind == "older"
-                       else "which is stale (run this script for its changed dependencies)")
+                       else "which is stale (its line above says what changed)")
                 if ref.kind == "claim" and OLDER not in ref.block:
                     problems.append("{}, {}: the paragraph must say '{}'".format(where, why, OLDER))
                 elif ref.kind != "claim" and not _says_older(ref.after):
@@ -185,7 +195,8 @@ def _older_text(prov: Optional[Dict[str, Any]]) -> str:
 def report(root: Path, verbose: bool = False) -> int:
     results = root / "benchmarks" / "results"
     found = records(results)
-    status = {r.name: state(r, provenance.checkout(root)) for r in found}
+    digest = current_digests(provenance.checkout(root))
+    status = {r.name: state(r, digest) for r in found}
     problems = []
     for record in found:
         kind, moved = status[record.name]
@@ -227,11 +238,11 @@ def acknowledge(root: Path, name: str, reason: str) -> None:
     """Record that the changed dependencies leave the numbers as they are (why, when, on which commit)."""
     record = _find(root, name)
     prov = dict(record.prov or {})
-    read = provenance.checkout(root)
-    moved = changed(prov, read)
+    digest = current_digests(provenance.checkout(root))
+    moved = changed(prov, digest)
     if not moved:
         raise SystemExit("results/{}: nothing to acknowledge (no dependency changed)".format(name))
-    files = {rel: {"was": prov["depends"][rel], "now": provenance.digest_text(rel, read(rel))} for rel in moved}
+    files = {rel: {"was": prov["depends"][rel], "now": digest(rel)} for rel in moved}
     prov["depends"] = dict(prov["depends"], **{rel: d["now"] for rel, d in files.items()})
     prov["acknowledged"] = prov.get("acknowledged", []) + [
         {"date": _now(), "commit": provenance.git_state()["commit"], "reason": reason, "files": files}]
@@ -244,7 +255,7 @@ def mark_older(root: Path, name: str, reason: str, commit: Optional[str]) -> Non
     record = _find(root, name)
     prov = dict(record.prov or {})
     prov["older_version"] = {"reason": reason, "commit": commit or prov.get("commit"), "marked": _now(),
-                             "changed": changed(prov, provenance.checkout(root))}
+                             "changed": changed(prov, current_digests(provenance.checkout(root)))}
     write_record(record, prov)
     print("results/{}: marked as a {} (commit {})".format(name, OLDER, prov["older_version"]["commit"]))
 

@@ -240,14 +240,27 @@ def record(machine: str, depends: Iterable[Any] = (), ignore: Sequence[str] = PL
     state = git_state()
     return {"commit": state["commit"], "dirty": state["dirty"], "command": command_line(argv), "argv": argv,
             "machine": machine, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "ignored": [p for p in ignore if p in files], "depends": dependencies(files, ignore)}
+            "load_avg": load_average(), "ignored": [p for p in ignore if p in files],
+            "depends": dependencies(files, ignore)}
+
+
+def load_average() -> Optional[List[float]]:
+    """The machine's 1, 5 and 15 minute load averages when the file was written (None where the OS
+    has none): a timing made beside other work says so."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def summary_line(prov: Dict[str, Any]) -> str:
     """One line for a results file's markdown."""
-    return "Provenance: commit {}{}, `{}`, {}, {}; digests of the {} files it depends on in the provenance record.".format(
-        prov.get("commit") or "unknown", " (tree dirty)" if prov.get("dirty") else "", prov.get("command"),
-        prov.get("date"), prov.get("machine"), len(prov.get("depends", {})))
+    load = prov.get("load_avg")
+    return ("Provenance: commit {}{}, `{}`, {}, {}{}; digests of the {} files it depends on in the provenance "
+            "record.".format(prov.get("commit") or "unknown", " (tree dirty)" if prov.get("dirty") else "",
+                             prov.get("command"), prov.get("date"), prov.get("machine"),
+                             ", load average {} / {} / {} (1 / 5 / 15 min)".format(*load) if load else "",
+                             len(prov.get("depends", {}))))
 
 
 MD_TAG = "<!-- provenance "
