@@ -234,8 +234,8 @@ def record(machine: str, depends: Iterable[Any] = (), ignore: Sequence[str] = PL
     argv, machine, date (UTC), and the digests of the script, of every repository module it imported
     or imports (statically), and of ``depends`` (input files such as another results file)."""
     argv = list(sys.argv if argv is None else argv)
-    main = getattr(sys.modules.get("__main__"), "__file__", None)
-    start = loaded_files() | ({relative(main)} if main else set())
+    main = relative(getattr(sys.modules.get("__main__"), "__file__", None) or "/")
+    start = loaded_files() | ({main} if main.startswith("benchmarks/") else set())
     files = closure(start) | {relative(p) for p in depends}
     state = git_state()
     return {"commit": state["commit"], "dirty": state["dirty"], "command": command_line(argv), "argv": argv,

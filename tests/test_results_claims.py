@@ -282,3 +282,21 @@ def test_a_cached_or_interrupted_run_of_other_code_is_refused_and_one_of_this_co
     (search / "report.json").write_text(json.dumps({"code": "x", "code_digest": code}))
     with pytest.raises(SystemExit, match="des-seed0: holds a run of other code"):
         runs.finished_search(search)
+
+
+def test_the_one_writer_records_provenance_in_json_and_in_a_markdown_only_file(tmp_path):
+    import _common
+    _common.write_results(tmp_path / "r", {"x": 1}, "# R\n", depends=[ROOT / "benchmarks" / "results" / "networks.json"])
+    prov = json.loads((tmp_path / "r.json").read_text())["provenance"]
+    assert prov["depends"]["benchmarks/results/networks.json"] == provenance.digest_text(
+        "benchmarks/results/networks.json", (ROOT / "benchmarks" / "results" / "networks.json").read_text())
+    assert "benchmarks/_common.py" in prov["depends"] and "irep_deploy/_io.py" in prov["ignored"]
+    assert all(not Path(p).is_absolute() for p in prov["depends"])  # pytest's own files are no dependency
+    assert set(prov) >= {"commit", "dirty", "command", "argv", "machine", "date", "load_avg"}
+    assert (tmp_path / "r.md").read_text().startswith("# R\n\nProvenance: commit ")
+    _common.write_results(tmp_path / "t", None, "# T\n", ignore=())
+    text = (tmp_path / "t.md").read_text()
+    markdown_only = provenance.embedded(text)
+    assert not (tmp_path / "t.json").exists() and markdown_only["ignored"] == []
+    assert set(markdown_only["depends"]) == (set(prov["depends"]) - {"benchmarks/results/networks.json"}
+                                             | set(prov["ignored"]))  # ignore=(): the plumbing counts too
