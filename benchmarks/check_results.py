@@ -111,7 +111,7 @@ class Reference(NamedTuple):
     line: int
     name: str
     kind: str  # "link", "name" or "claim"
-    after: str  # the text after the reference on its line (links and names)
+    after: str  # the rest of its paragraph after the reference (links and names)
     block: str  # its paragraph or table row (claims)
 
 
@@ -147,14 +147,14 @@ def references(text: str, doc: Path, results: Path, shown: str) -> Iterator[Refe
     """Every link to, name of and claim on a results file in a markdown text."""
     for first, lines in _blocks(text):
         block = "\n".join(lines)
-        for offset, line in enumerate(lines):
-            number = first + offset
-            for match in LINK.finditer(line):
-                target = (doc.parent / match.group(1).split("#")[0]).resolve()
-                if target.parent == results.resolve() and target.suffix in (".md", ".json"):
-                    yield Reference(shown, number, target.stem, "link", line[match.end():], block)
-            for match in NAMED.finditer(line):
-                yield Reference(shown, number, match.group(1), "name", line[match.end():], block)
+        for match in LINK.finditer(block):  # a link or its mark may wrap onto the next line
+            target = (doc.parent / match.group(1).split("#")[0]).resolve()
+            if target.parent == results.resolve() and target.suffix in (".md", ".json"):
+                yield Reference(shown, first + block.count("\n", 0, match.start()), target.stem, "link",
+                                block[match.end():], block)
+        for match in NAMED.finditer(block):
+            yield Reference(shown, first + block.count("\n", 0, match.start()), match.group(1), "name",
+                            block[match.end():], block)
         for claim in check_claims.markers(block):
             yield Reference(shown, first + claim.line - 1, Path(claim.file).stem, "claim", "", block)
 
@@ -179,7 +179,7 @@ def doc_problems(root: Path, status: Dict[str, Tuple[str, List[str]]],
                 why = ("a record of an older version ({})".format(_older_text(prov[ref.name])) if kind == "older"
                        else "which is stale (its line above says what changed)")
                 if ref.kind == "claim" and OLDER not in ref.block:
-                    problems.append("{}, {}: the paragraph must say '{}'".format(where, why, OLDER))
+                    problems.append("{}, {}: its paragraph or table row must say '{}'".format(where, why, OLDER))
                 elif ref.kind != "claim" and not _says_older(ref.after):
                     problems.append("{}, {}: follow it with '({})'".format(where, why, OLDER))
             elif ref.kind != "claim" and _says_older(ref.after):

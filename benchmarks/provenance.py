@@ -21,7 +21,7 @@ import sys
 import time
 import tokenize
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -236,12 +236,27 @@ def record(machine: str, depends: Iterable[Any] = (), ignore: Sequence[str] = PL
     argv = list(sys.argv if argv is None else argv)
     main = relative(getattr(sys.modules.get("__main__"), "__file__", None) or "/")
     start = loaded_files() | ({main} if main.startswith("benchmarks/") else set())
-    files = closure(start) | {relative(p) for p in depends}
+    read, package = _package_reader()
+    files = closure(start, read) | {relative(p) for p in depends}
     state = git_state()
-    return {"commit": state["commit"], "dirty": state["dirty"], "command": command_line(argv), "argv": argv,
+    prov = {"commit": state["commit"], "dirty": state["dirty"], "command": command_line(argv), "argv": argv,
             "machine": machine, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "load_avg": load_average(), "ignored": [p for p in ignore if p in files],
-            "depends": dependencies(files, ignore)}
+            "depends": dependencies(files, ignore, read)}
+    if package is not None:
+        prov["package_from"] = package
+    return prov
+
+
+def _package_reader() -> Tuple[Reader, Optional[str]]:
+    """A reader of the code that ran: the package from where it was imported (another tree, e.g. an old
+    release on PYTHONPATH, is hashed as it is, and named), everything else from the checkout."""
+    module = sys.modules.get(PACKAGE)
+    where = Path(module.__file__).resolve().parent.parent if module is not None and module.__file__ else ROOT
+    if where == ROOT:
+        return read_checkout, None
+    other = checkout(where)
+    return (lambda rel: other(rel) if rel.startswith(PACKAGE + "/") else read_checkout(rel)), str(where)
 
 
 def load_average() -> Optional[List[float]]:

@@ -191,8 +191,8 @@ def test_a_record_of_an_older_version_must_be_called_one_wherever_the_docs_cite_
     assert "docs/perf.md:1: links to results/r, a record of an older version (commit abc1234: made before calc " \
            "changed): follow it with '(record of an older version)'" in out
     assert "docs/perf.md:1: names results/r" in out
-    assert "docs/perf.md:3: quotes results/r" in out and "the paragraph must say" in out
-    doc.write_text("See [r](../benchmarks/results/r.md) (record of an older version) and `results/r.json` "
+    assert "docs/perf.md:3: quotes results/r" in out and "its paragraph or table row must say" in out
+    doc.write_text("See [r](../benchmarks/results/r.md)\n(record of an older version) and `results/r.json` "
                    "(record of an older version: calc changed).\n\n"
                    "| x | 0.5<!-- claim r.json#value --> (a record of an older version) |\n")
     assert results_check(root, capsys)[0] == 0
@@ -300,3 +300,16 @@ def test_the_one_writer_records_provenance_in_json_and_in_a_markdown_only_file(t
     assert not (tmp_path / "t.json").exists() and markdown_only["ignored"] == []
     assert set(markdown_only["depends"]) == (set(prov["depends"]) - {"benchmarks/results/networks.json"}
                                              | set(prov["ignored"]))  # ignore=(): the plumbing counts too
+
+
+def test_a_package_imported_from_another_tree_is_hashed_as_it_ran_and_named(tmp_path, monkeypatch):
+    import irep_deploy
+    other = tmp_path / "old" / "irep_deploy"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("OLD = True\n")
+    monkeypatch.setattr(irep_deploy, "__file__", str(other / "__init__.py"))
+    prov = provenance.record("m", argv=["benchmarks/x.py"])
+    assert prov["package_from"] == str(tmp_path / "old")
+    assert prov["depends"]["irep_deploy/__init__.py"] == provenance.digest_text("irep_deploy/__init__.py", "OLD = True\n")
+    # a module loaded from the checkout but missing from the tree that ran is recorded as absent (None)
+    assert all(d is None for rel, d in prov["depends"].items() if rel.startswith("irep_deploy/") and "__init__" not in rel)
