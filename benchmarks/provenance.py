@@ -34,6 +34,7 @@ PLUMBING = ("irep_deploy/errors.py", "irep_deploy/_io.py", "irep_deploy/cli.py",
 SELF = "benchmarks/provenance.py"  # records, never computes
 
 Reader = Callable[[str], Optional[str]]
+STARTED = time.time()  # scripts import this module (through _common) before they compute anything
 
 
 def checkout(root: Path = ROOT) -> Reader:
@@ -245,7 +246,20 @@ def record(machine: str, depends: Iterable[Any] = (), ignore: Sequence[str] = PL
             "depends": dependencies(files, ignore, read)}
     if package is not None:
         prov["package_from"] = package
+    # a file saved while the run went on may not be the code that ran: its digest is not known
+    edited = [rel for rel in prov["depends"] if _modified_since(rel, package, STARTED)]
+    if edited:
+        prov["edited_during_run"] = edited
+        prov["depends"].update({rel: None for rel in edited})
     return prov
+
+
+def _modified_since(rel: str, package: Optional[str], since: float) -> bool:
+    path = (Path(package) if package and rel.startswith(PACKAGE + "/") else ROOT) / rel
+    try:
+        return path.stat().st_mtime > since
+    except OSError:
+        return False
 
 
 def _package_reader() -> Tuple[Reader, Optional[str]]:

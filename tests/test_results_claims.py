@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -303,13 +304,22 @@ def test_the_one_writer_records_provenance_in_json_and_in_a_markdown_only_file(t
 
 
 def test_a_package_imported_from_another_tree_is_hashed_as_it_ran_and_named(tmp_path, monkeypatch):
+    import _common  # noqa: F401  (a benchmark module importing the package)
     import irep_deploy
     other = tmp_path / "old" / "irep_deploy"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("OLD = True\n")
+    monkeypatch.setattr(provenance, "STARTED", time.time() + 60)  # the old tree was not saved during the run
     monkeypatch.setattr(irep_deploy, "__file__", str(other / "__init__.py"))
     prov = provenance.record("m", argv=["benchmarks/x.py"])
     assert prov["package_from"] == str(tmp_path / "old")
     assert prov["depends"]["irep_deploy/__init__.py"] == provenance.digest_text("irep_deploy/__init__.py", "OLD = True\n")
     # a module loaded from the checkout but missing from the tree that ran is recorded as absent (None)
     assert all(d is None for rel, d in prov["depends"].items() if rel.startswith("irep_deploy/") and "__init__" not in rel)
+
+
+def test_a_dependency_saved_while_the_run_went_on_has_no_digest(monkeypatch):
+    import _common  # noqa: F401  (loads the package modules a results file depends on)
+    monkeypatch.setattr(provenance, "STARTED", (ROOT / "benchmarks" / "_common.py").stat().st_mtime - 1)
+    prov = provenance.record("m", argv=["benchmarks/x.py"])
+    assert "benchmarks/_common.py" in prov["edited_during_run"] and prov["depends"]["benchmarks/_common.py"] is None
