@@ -38,7 +38,8 @@ class Claim(NamedTuple):
     file: str
     key: str
     scale: Optional[Decimal]
-    text: str  # what precedes the marker, back to the previous marker or the line start
+    text: str  # the line up to the marker, earlier markers removed ("1.22<!-- -->-1.29" is a range)
+    start: int  # where the text after the previous marker begins in ``text``
 
 
 def markers(text: str, doc: str = "") -> Iterator[Claim]:
@@ -50,21 +51,25 @@ def markers(text: str, doc: str = "") -> Iterator[Claim]:
             fenced = not fenced
         if fenced:
             continue
-        start = 0
+        clean, end = "", 0
         for match in MARKER.finditer(line):
             key = match.group(2)
             scale = SCALE.search(key)
             if scale:
                 key = key[:scale.start()]
-            yield Claim(doc, number, match.group(1), key, Decimal(scale.group(1)) if scale else None,
-                        line[start:match.start()])
-            start = match.end()
+            start = len(clean)
+            clean += line[end:match.start()]
+            yield Claim(doc, number, match.group(1), key, Decimal(scale.group(1)) if scale else None, clean, start)
+            end = match.end()
 
 
-def numbers(text: str) -> List[str]:
-    """The numbers of ``text`` in order, as printed (sign normalised to ``-``, separators removed)."""
+def numbers(text: str, start: int = 0) -> List[str]:
+    """The numbers of ``text`` from ``start`` on, in order, as printed (sign normalised to ``-``,
+    separators removed); what precedes ``start`` still tells a sign from a range dash."""
     found = []
     for match in NUMBER.finditer(text):
+        if match.start() < start:
+            continue
         sign = "-" if match.group(1) in ("-", "\u2212") else ""
         found.append(sign + match.group(2).replace(",", ""))
     return found
@@ -174,7 +179,7 @@ def check(claim: Claim, results: Path, cache: Dict[str, Any]) -> Optional[str]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(_is_number(v) for v in values):
         return "file says {}, not a number or a list of numbers".format(json.dumps(value))
-    printed = numbers(claim.text)
+    printed = numbers(claim.text, claim.start)
     if len(printed) < len(values):
         return "text says {} (needs {} number{} before the marker), file says {}".format(
             ", ".join(printed) or "no number", len(values), "s" * (len(values) > 1), _show(values, claim.scale))

@@ -239,7 +239,7 @@ def record(machine: str, depends: Iterable[Any] = (), ignore: Sequence[str] = PL
     start = loaded_files() | ({main} if main.startswith("benchmarks/") else set())
     read, package = _package_reader()
     files = closure(start, read) | {relative(p) for p in depends}
-    state = git_state()
+    state = _START_STATE
     prov = {"commit": state["commit"], "dirty": state["dirty"], "command": command_line(argv), "argv": argv,
             "machine": machine, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "load_avg": load_average(), "ignored": [p for p in ignore if p in files],
@@ -260,6 +260,9 @@ def _modified_since(rel: str, package: Optional[str], since: float) -> bool:
         return path.stat().st_mtime > since
     except OSError:
         return False
+
+
+_START_STATE = git_state()  # the checkout as the run began: a commit made while it ran is not what ran
 
 
 def _package_reader() -> Tuple[Reader, Optional[str]]:

@@ -102,10 +102,13 @@ def test_rounding_either_way_at_half_scaled_values_and_signs(tmp_path):
 def test_the_numbers_are_the_last_ones_before_the_marker_back_to_the_previous_marker(tmp_path):
     problems = claims(tmp_path,
                       "resnet18 at B=5 on an H200: 0.19-1.04<!-- claim r.json#pairs[name=des-all].ci -->",
-                      "0.19 1.04<!-- claim r.json#pairs[name=des-all].ci --> then 1.04<!-- claim r.json#pairs[name=des-all].ci -->")
+                      "0.19 1.04<!-- claim r.json#pairs[name=des-all].ci --> then 1.04<!-- claim r.json#pairs[name=des-all].ci -->",
+                      "0.19<!-- claim r.json#pairs.0.ci.0 -->-1.04<!-- claim r.json#pairs.0.ci.1 --> and "
+                      "-0.82<!-- claim r.json#pairs.1.ci.0 -->")
     assert problems[0] is None  # a range dash is no sign; digits inside names are no numbers
     assert problems[1] is None
     assert problems[2] == "text says 1.04 (needs 2 numbers before the marker), file says 0.19, 1.04"
+    assert problems[3:] == [None, None, None]  # a range split by a marker is still a range
 
 
 def test_number_parsing():
