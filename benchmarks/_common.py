@@ -65,6 +65,10 @@ def write_results(stem: Union[str, Path], result: Optional[Dict[str, Any]], mark
     ``ignore``: files whose changes cannot move the numbers (default: the package's plumbing)."""
     stem_path = Path(stem)
     prov = provenance.record(describe_machine()["summary"], depends, ignore)
+    if "package_from" in prov:
+        print("note: irep_deploy was imported from {}, not this checkout (an install of another tree? run with "
+              "PYTHONPATH=.): the record says so, and check_results.py will list the file as stale".format(
+                  prov["package_from"]))
     text = markdown.rstrip("\n") + "\n\n" + provenance.summary_line(prov) + "\n"
     if result is None:
         write_text(stem_path.with_suffix(".md"), provenance.embed(text, prov))
