@@ -55,11 +55,14 @@ def records(results: Path) -> List[Record]:
 
 
 def read_record(path: Path) -> Optional[Dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-        return data.get("provenance") if isinstance(data, dict) else None
-    return provenance.embedded(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            data = json.loads(text)
+            return data.get("provenance") if isinstance(data, dict) else None
+        return provenance.embedded(text)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit("{}: unreadable results file ({})".format(path, str(exc).splitlines()[0]))
 
 
 def write_record(record: Record, prov: Dict[str, Any]) -> None:

@@ -233,6 +233,9 @@ def test_a_file_without_provenance_and_a_markdown_only_record(tmp_path, capsys):
     text = (results / "table.md").read_text()
     assert text.startswith("# A table\n\n| a |\n") and text.count(provenance.MD_TAG) == 1
     assert provenance.embedded(text)["older_version"]["reason"] == "kept"
+    (results / "bare.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="bare.json: unreadable results file"):
+        check_results.main(["--root", str(root)])
 
 
 def test_a_json_results_file_as_a_dependency_ignores_its_own_provenance():
