@@ -25,7 +25,7 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_progress.py tests/test_messages.py tests/test_exit_codes.py tests/test_output_parents.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 lint-docker demo demo-out-free benchmarks benchmarks-gpu clean
+.PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 check-results lint-docker demo demo-out-free benchmarks benchmarks-gpu clean
 
 # PyPI's torch wheels for x86-64 Linux are CUDA builds (torch plus nvidia-* packages, most of the
 # venv's size). PyTorch's own index has CPU-only builds: TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
@@ -81,6 +81,13 @@ check-py38: venv $(STAMP38)
 test-py38: $(STAMP38) data
 	$(VENV38)/bin/python -m pytest -q $(DEPLOY_TESTS)
 
+# Results files against the code they depend on (stale ones listed; docs must call records of older versions
+# so) and every number the docs quote with a claim marker against its file (docs/benchmarks.md). Seconds;
+# needs no git history (dependency digests are stored in each results file).
+check-results: venv
+	$(BIN)/python benchmarks/check_results.py
+	$(BIN)/python benchmarks/check_claims.py
+
 # No Docker engine runs here: the Jetson image is linted, not built.
 lint-docker: venv
 	$(BIN)/hadolint Dockerfile.jetson
@@ -91,7 +98,7 @@ lint-docker: venv
 # module fixtures are built once) beside the floor lane: three processes share the cores instead of
 # the main lane running alone after the floor lane ends; one torch thread each (three processes, two
 # cores). The floor lane's output is printed after the main lane's, and either failing fails the target.
-test: venv data check-py38 lint-docker $(STAMP38)
+test: venv data check-py38 check-results lint-docker $(STAMP38)
 	@export OMP_NUM_THREADS=1; floor_log="$$(mktemp)"; \
 	$(MAKE) --no-print-directory test-py38 > "$$floor_log" 2>&1 & floor=$$!; \
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile; main=$$?; \

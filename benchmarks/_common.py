@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: what machine a result came from, ratios of paired timings, and
-writing results files (atomically: an interrupted run leaves the previous results as they were).
+writing results files (atomically: an interrupted run leaves the previous results as they were), each
+with its provenance (``provenance.py``: commit, dirty tree, command, machine, date, dependency digests).
 
 The scripts run as ``python benchmarks/SCRIPT.py``, so this directory is on ``sys.path`` already.
 """
@@ -9,13 +10,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 from pathlib import Path
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 
 from irep_deploy._io import atomic_write
 from irep_deploy.bench.devices import cpu_model
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (bad_input.py): provenance beside it
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import provenance  # noqa: E402
 
 
 def describe_machine() -> Dict[str, Any]:
@@ -51,25 +57,29 @@ def write_json(path: Union[str, Path], data: Any) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def write_results(stem: Union[str, Path], result: Dict[str, Any], markdown: str) -> None:
-    """``STEM.json`` and ``STEM.md``."""
+def write_results(stem: Union[str, Path], result: Optional[Dict[str, Any]], markdown: str,
+                  depends: Iterable[Any] = (), ignore: Sequence[str] = provenance.PLUMBING) -> None:
+    """``STEM.json`` and ``STEM.md``, the one writer of results files: the JSON gets ``provenance``
+    (``provenance.record``; ``depends``: input files beyond the code, e.g. another results file) and the
+    markdown a line naming it. ``result`` None: a markdown-only file, its record in a last-line comment.
+    ``ignore``: files whose changes cannot move the numbers (default: the package's plumbing)."""
     stem_path = Path(stem)
+    prov = provenance.record(describe_machine()["summary"], depends, ignore)
+    if "package_from" in prov:
+        print("note: irep_deploy was imported from {}, not this checkout (an install of another tree? run with "
+              "PYTHONPATH=.): the record says so, and check_results.py will list the file as stale".format(
+                  prov["package_from"]))
+    text = markdown.rstrip("\n") + "\n\n" + provenance.summary_line(prov) + "\n"
+    if result is None:
+        write_text(stem_path.with_suffix(".md"), provenance.embed(text, prov))
+        print("wrote {}".format(stem_path.with_suffix(".md")))
+        return
+    result["provenance"] = prov
     write_json(stem_path.with_suffix(".json"), result)
-    write_text(stem_path.with_suffix(".md"), markdown)
+    write_text(stem_path.with_suffix(".md"), text)
     print("wrote {} and {}".format(stem_path.with_suffix(".json"), stem_path.with_suffix(".md")))
 
 
 def git_state() -> Dict[str, Any]:
-    """The checkout's commit and whether its tracked files differ from it (``dirty``): a results file
-    made from uncommitted code says so. ``commit`` is None outside a git checkout."""
-    import subprocess
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git"] + list(args), cwd=str(root), stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL, universal_newlines=True).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "--short", "HEAD") or None
-    return {"commit": commit, "dirty": bool(commit and git("status", "--porcelain", "--untracked-files=no"))}
+    """The checkout's commit and whether its tracked files differ from it (``provenance.git_state``)."""
+    return provenance.git_state()

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import write_json, write_text
+from _common import write_results
 
 from irep_deploy import ArchCode, build_model, save_checkpoint
 from irep_deploy.bench.latency import bench, format_table
@@ -46,8 +46,6 @@ def main() -> int:
     data["command"] = command
     data["model"] = "{} width {} (random weights; latency does not depend on them), all branches on".format(
         args.backbone, args.width)
-    out = Path(args.out)
-    write_json(out.with_suffix(".json"), data)
     env = report.environment
     lines = ["# Deploy latency on onnxruntime CPU", "", "Command: `{}`".format(command), "",
              "Machine: {} ({} logical CPUs, shared with other work), {}; Python {}, torch {}, onnxruntime {}, "
@@ -57,7 +55,7 @@ def main() -> int:
              "```", format_table(report), "```", ""]
     for w in report.warnings:
         lines.append("- warning: " + w)
-    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_results(args.out, data, "\n".join(lines) + "\n")
     print(format_table(report))
     return 0
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from _common import describe_machine, write_results
-from runs import fmt, interval, mean_std, rounds_text, run_search, run_training  # noqa: E402
+from runs import finished_search, fmt, interval, mean_std, rounds_text, run_search, run_training  # noqa: E402
 from sweeps import run_jobs  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
@@ -234,7 +234,7 @@ def main() -> None:
     rsearch: Dict[int, str] = {}
     if args.searches_in:
         for index, seed in enumerate(args.seeds):
-            found = {arm: json.loads((Path(args.searches_in) / "{}-seed{}".format(arm, seed) / "report.json").read_text())
+            found = {arm: finished_search(Path(args.searches_in) / "{}-seed{}".format(arm, seed))
                      for arm in ("des", "random")}
             result["searches"].append(dict(found["des"], index=index))
             rsearch[seed] = found["random"]["code"]

@@ -336,9 +336,9 @@ def write_results(outcomes: Sequence[Outcome], out: str, header: Sequence[str] =
         lines += ["## Cases without the promised outcome", ""]
         lines += ["- `{}`: {} (exit {}): {}".format(o.case.id, ", ".join(o.problems), o.rc,
                                                    (o.stderr.strip().splitlines() or [""])[-1][:160]) for o in bad]
-    from irep_deploy._io import atomic_write
-    with atomic_write(out, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    # the one writer (with the provenance record); every module counts: messages and exit codes are the result
+    _bad_input()._sibling("_common").write_results(Path(out).with_suffix(""), None, "\n".join(lines) + "\n",
+                                                   ignore=())
 
 
 def main(argv: Optional[List[str]] = None) -> int:

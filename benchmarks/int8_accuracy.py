@@ -294,7 +294,8 @@ def main() -> None:
     def flush(status: str) -> None:
         result["status"] = status
         result["wall_s"] = time.time() - t0
-        write_results(args.out, result, markdown(result))
+        write_results(args.out, result, markdown(result),  # the DES codes come from the evidence runs
+                      depends=[EVIDENCE[b] for b in args.backbones if b in EVIDENCE])
 
     total = len(args.backbones) * len(args.codes)
     for backbone in args.backbones:

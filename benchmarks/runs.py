@@ -3,6 +3,11 @@
 A finished run leaves a small JSON summary (``report.json`` for a search, ``result.json`` for a
 training) and is not redone; an interrupted one (``state.pt`` present) is resumed. So a long
 benchmark that is cut short picks up where it stopped when its command is run again.
+
+A run is reused only when both its settings and its code are the same: the summary records ``code_digest``,
+a digest of the package modules that compute it (``provenance.code_digest``: comments aside), and
+a started run writes the same digest to ``RUN.code`` beside it, so that a resume on other code is
+refused too. Runs of older code (or made before runs recorded it) are refused with their directory.
 """
 from __future__ import annotations
 
@@ -13,11 +18,46 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from _common import write_json
+import provenance
+from _common import write_json, write_text
 
 from irep_deploy import ArchCode, fuse_model, load_model
 from irep_deploy.search.des import make_config, search
 from irep_deploy.train import TrainConfig, train
+
+
+SEARCH_CODE = ("irep_deploy/search/des.py",)
+TRAIN_CODE = ("irep_deploy/train.py",)
+_DIGESTS: Dict[Sequence[str], str] = {}
+
+
+def code_of(start: Sequence[str]) -> str:
+    """The digest of the code a search (``SEARCH_CODE``) or a training (``TRAIN_CODE``) runs."""
+    if start not in _DIGESTS:
+        _DIGESTS[start] = provenance.code_digest(start)
+    return _DIGESTS[start]
+
+
+def _same_code(run: Path, stored: Optional[str], code: str) -> None:
+    if stored != code:
+        raise SystemExit("{}: holds a run of other code ({}, this code is {}); delete it or pick another "
+                         "--work-dir".format(run, "code " + stored if stored else "no code digest recorded", code))
+
+
+def _started(run: Path, code: str) -> None:
+    """Check a resumed run's code, or note a new one's before it starts."""
+    mark = run.parent / (run.name + ".code")
+    if (run / "state.pt").is_file():
+        _same_code(run, mark.read_text().strip() if mark.is_file() else None, code)
+    else:
+        write_text(mark, code + "\n")
+
+
+def finished_search(run: Path) -> Dict[str, Any]:
+    """The summary of a finished search in ``run``, refused if another version of the code made it."""
+    info = json.loads((run / "report.json").read_text())
+    _same_code(run, info.get("code_digest"), code_of(SEARCH_CODE))
+    return info
 
 
 def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = "cpu",
@@ -26,8 +66,9 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = 
     ``workers``: data-loading processes (0: in the main process; a GPU run wants a few)."""
     done = run / "report.json"
     config = make_config(preset, **overrides)
+    code = code_of(SEARCH_CODE)
     if done.is_file():
-        info = json.loads(done.read_text())
+        info = finished_search(run)
         # a setting added after the search ran was at its default then
         stored = dict({f.name: json.loads(json.dumps(f.default)) for f in dataclasses.fields(config)
                        if f.name not in info["config"]}, **info["config"])
@@ -36,6 +77,7 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = 
         return info
     start = time.time()
     resume = (run / "state.pt").is_file()
+    _started(run, code)
     print("search: {} ({})".format("resuming " + str(run) if resume else "starting in " + str(run),
                                    json.dumps(dataclasses.asdict(config))), flush=True)
     # a resume names the network again (the script's own setting): a run's saved settings never do
@@ -45,7 +87,8 @@ def run_search(run: Path, preset: str, overrides: Dict[str, Any], device: str = 
             "device": device,
             "resumed": resume, "wall_s": round(time.time() - start, 1), "best_fitness_val_top1": report.best_fitness,
             "best_branches": report.best.count(), "budget": report.best.budget(config.budget),
-            "capacity": report.best.capacity(), "rounds": report.rounds, "code": report.best.dumps()}
+            "capacity": report.best.capacity(), "rounds": report.rounds, "code": report.best.dumps(),
+            "code_digest": code}
     write_json(done, info)
     return info
 
@@ -55,13 +98,15 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
     """Retrain ``arch`` (None: the plain backbone) in ``run`` with ``recipe`` on ``device``; test accuracy
     and costs. ``workers`` as for :func:`run_search`."""
     done = run / "result.json"
+    code = code_of(TRAIN_CODE)
     if done.is_file():
         info = json.loads(done.read_text())
         if info.get("recipe", recipe) != recipe or info.get("arch", arch) != arch:
             raise SystemExit("{}: holds a training with other settings; pick another --work-dir or delete it".format(run))
+        _same_code(run, info.get("code_digest"), code)
         return info
-    run.parent.mkdir(parents=True, exist_ok=True)
     resume = (run / "state.pt").is_file()
+    _started(run, code)
     start = time.time()
     config = TrainConfig(arch=arch, seed=seed, **recipe)
     print("train {} seed {}: {}".format(variant, seed, "resuming" if resume else "starting"), flush=True)
@@ -73,7 +118,7 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
             "test_examples": report.multi_branch.examples, "fused_rel_error": report.fused_rel_error,
             "train_top1_last_epoch": report.history[-1]["train_top1"] if report.history else None,
             "wall_s": round(time.time() - start, 1), "resumed": resume, "recipe": recipe, "arch": arch,
-            "device": device}
+            "device": device, "code_digest": code}
     write_json(done, info)
     print("  -> test top-1 {:.2f}% (fused {:.2f}%), {} branches, {:.0f} s".format(
         info["test_top1"], info["fused_test_top1"], info["branches"], info["wall_s"]), flush=True)

@@ -245,7 +245,7 @@ def main() -> None:
         write_json(fig_dir / "points.json", pts)
         plot_points(pts, fig_dir)
         result["figure"] = "figures/{}/accuracy_latency.png".format(out.name)
-    write_results(str(out), result, markdown(result))
+    write_results(str(out), result, markdown(result), depends=files)  # the evidence runs' codes and accuracies
 
 
 if __name__ == "__main__":

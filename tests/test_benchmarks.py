@@ -97,6 +97,14 @@ def test_population_eval_benchmark_scores_both_paths_identically(tmp_path):
     assert all(len(v) == 1 and v[0] > 0 for v in result["seconds"].values())
     assert set(result["speedup_over_per_code"]) == {"decoded once, first round (new)", "decoded once, later rounds (new)"}
     assert "identical between the paths: True" in out.with_suffix(".md").read_text()
+    # the provenance every results file gets from _common.write_results, from this very run
+    prov = result["provenance"]
+    assert prov["command"].endswith("python benchmarks/bench_population_eval.py --quick --out " + str(out))
+    assert prov["argv"][1:] == ["--quick", "--out", str(out)] and prov["commit"] and prov["date"]
+    assert {"benchmarks/bench_population_eval.py", "benchmarks/_common.py", "irep_deploy/search/des.py",
+            "irep_deploy/data.py"} <= set(prov["depends"])
+    assert "irep_deploy/errors.py" in prov["ignored"] and "irep_deploy/errors.py" not in prov["depends"]
+    assert out.with_suffix(".md").read_text().splitlines()[-1].startswith("Provenance: commit " + prov["commit"])
 
 
 def test_step_sync_benchmark_alternates_both_variants_in_both_loops(tmp_path):
