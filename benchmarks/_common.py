@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: what machine a result came from, ratios of paired timings, and
-writing results files (atomically: an interrupted run leaves the previous results as they were).
+"""Shared by the benchmark scripts: what machine a result came from and writing results files
+(atomically: an interrupted run leaves the previous results as they were).
 
 The scripts run as ``python benchmarks/SCRIPT.py``, so this directory is on ``sys.path`` already.
 """
@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
-from typing import Any, Dict, Sequence, Union
+from typing import Any, Dict, Union
 
 import torch
 
@@ -32,12 +31,6 @@ def describe_machine() -> Dict[str, Any]:
         info["cpu"], info["cpu_count"], info["torch_threads"], info["python"], info["torch"],
         ", GPU " + info["cuda"] if info["cuda"] else "")
     return info
-
-
-def ratio_stats(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
-    """Median and range of per-round ratios: adjacent measurements share the machine's state."""
-    ratios = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
 def write_text(path: Union[str, Path], text: str) -> None:

@@ -78,7 +78,7 @@ def test_table_models_combines_params_latency_and_accuracy(evidence, tmp_path):
     assert set(rows) == {"plain", "full", "random", "des"}
     for variant, row in rows.items():
         assert row["top1_mean"] == ev["summary"]["variants"][variant]["mean"]
-        assert {k.split("|")[0] for k in row["latency"]["median_ms"]} == {"multi-branch", "fused", "plain"}
+        assert {k.split("|")[0] for k in row["latency"]["median_ms"]} == {"multi-branch", "fused", "plain", "plain-again"}
     assert len({r["params_deployed"] for r in rows.values()}) == 1
     assert rows["full"]["params_trained"] > rows["des"]["params_trained"] > rows["plain"]["params_trained"]
     assert rows["des"]["branches"] == ArchCode.loads(ev["search"]["code"]).count()
