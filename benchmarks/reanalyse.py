@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Tuple
 
-from _common import git_state, write_results
-
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,6 +62,7 @@ FILES: Dict[str, Callable[[Dict[str, Any], Path], Tuple[List[str], str]]] = {
 
 
 def reanalyse(path: Path, command: str) -> Dict[str, Any]:
+    from _common import git_state, write_results  # torch: not needed to refuse a bad argument
     result = json.loads(path.read_text())
     fields, markdown = FILES[path.name](result, path.parent)
     result["reanalysed"] = {"command": command, **git_state(),
