@@ -98,7 +98,8 @@ def ratio_cell(r: Dict[str, Any], fmt: str = "{:.3f}") -> str:
 
 # -- paired differences over seeds ------------------------------------------------------------------
 def paired_interval(diffs: Sequence[float], level: float = LEVEL) -> Dict[str, Any]:
-    """Mean of paired differences with its t interval and the two-sided one-sample t-test p against 0
+    """Mean of paired differences with its t interval (``lo``, ``hi``, and as ``ci95`` for claim markers
+    at the default level) and the two-sided one-sample t-test p against 0
     (None where n < 2; where every difference is equal, p is 1 if they are 0 and 0 otherwise)."""
     from scipy import stats
     n = len(diffs)
@@ -112,7 +113,7 @@ def paired_interval(diffs: Sequence[float], level: float = LEVEL) -> Dict[str, A
         p = 1.0 if mean == 0 else 0.0
     else:
         p = float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
-    out.update(std=sd, lo=mean - half, hi=mean + half, p=p)
+    out.update(std=sd, lo=mean - half, hi=mean + half, ci95=[mean - half, mean + half], p=p)
     return out
 
 

@@ -134,7 +134,7 @@ def analyse(searches: List[Dict[str, Any]], only_seeds: Optional[Sequence[int]] 
                 for a in (ref, other) for s in seeds}
         auc = {(a, s): statistics.mean(best_so_far(by[a, s]["best"])) for a in (ref, other) for s in seeds}
         final = {(a, s): best_so_far(by[a, s]["best"])[-1] for a in (ref, other) for s in seeds}
-        paired["{} vs {}".format(ref, other)] = {
+        paired["{}_vs_{}".format(ref, other)] = {  # no spaces: claim markers in the docs name these keys
             "levels": {str(s): levels[s] for s in seeds},
             "evaluations": {a: {str(s): cost[a, s] for s in seeds} for a in (ref, other)},
             "evaluations_to_level": paired_interval([cost[ref, s] - cost[other, s] for s in seeds]),
@@ -185,7 +185,7 @@ def markdown(result: Dict[str, Any]) -> str:
                   "compare differences, not levels.".format(b["command"]), ""] + paired_rows(b["paired"])
     for name, p in a["paired"].items():
         lines.append("- {}: levels {}; codes evaluated to reach them: {}".format(
-            name, ", ".join("{:.2f}%".format(v) for v in p["levels"].values()),
+            name.replace("_vs_", " vs "), ", ".join("{:.2f}%".format(v) for v in p["levels"].values()),
             "; ".join("{} {}".format(arm, "/".join(str(v) for v in per.values())) for arm, per in p["evaluations"].items())))
     lines += ["", "Compute: {:.0f} s of searches ({} searches, each search's own wall time); this invocation {:.0f} s "
               "wall with {} parallel jobs (finished searches are read back, not redone).".format(
@@ -203,7 +203,7 @@ def paired_rows(paired: Dict[str, Any]) -> List[str]:
                                     ("final_best", "final best-so-far fitness (points)", "{:+.2f}")):
             d = p[measure]
             lines.append("| {} | {} | {} | {} | {} | {} |".format(
-                name, label, _ci(d, fmt), ", ".join(fmt.format(v) for v in d["values"]),
+                name.replace("_vs_", " vs "), label, _ci(d, fmt), ", ".join(fmt.format(v) for v in d["values"]),
                 _num(d.get("p"), "{:.3f}"), d["verdict"]))
     return lines + [""]
 

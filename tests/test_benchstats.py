@@ -132,6 +132,33 @@ def test_stored_results_agree_with_their_analysis_functions():
     assert stored["ci"][0] < stored["kendall_tau"] < stored["ci"][1]
 
 
+def test_recorded_latency_verdicts_follow_the_rule_from_their_own_rounds():
+    """fusion_cpu, search_cpu and table_models: every judged target is what benchstats.judge says of the
+    stored ratio and A/A control, and (where the rounds are stored) those follow from the rounds."""
+    results = ROOT / "benchmarks" / "results"
+    fusion = json.loads((results / "fusion_cpu.json").read_text())
+    for r in fusion["latency"]:
+        assert r["target"] == benchstats.judge(r["fused_over_plain_folded"], r["aa_control_plain_over_plain"], 1.02)
+    search = json.loads((results / "search_cpu.json").read_text())
+    for r in search["step"]:
+        s = r["samples_s"]
+        assert r["step_over_fwd_bwd"] == benchstats.ratio_stats(s["supernet_step"], s["plain_fwd_bwd"])
+        assert r["target"] == benchstats.judge(r["step_over_fwd_bwd"], r["aa_control"], 1.15)
+    table = json.loads((results / "table_models.json").read_text())
+    judged = 0
+    for row in table["fmnist"] + table["imagenet"]:
+        rounds = row["latency"].get("round_medians_ms", {})
+        for q in row["latency"]["ratios"]:
+            if "target" not in q:
+                continue
+            key = "{}|{}|{}".format
+            assert q["fused_over_plain"] == benchstats.ratio_stats(rounds[key("fused", q["backend"], q["batch"])],
+                                                                   rounds[key("plain", q["backend"], q["batch"])])
+            assert q["target"] == benchstats.judge(q["fused_over_plain"], q["aa_plain_again_over_plain"], 1.02)
+            judged += 1
+    assert judged == 40
+
+
 def test_reanalyse_refuses_an_unknown_file_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reanalyse.py"), "--results", str(tmp_path),
                            "nope.json"], cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
