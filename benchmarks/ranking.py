@@ -38,6 +38,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from _common import describe_machine, write_results
@@ -142,6 +143,13 @@ def analyse(codes: List[Dict[str, Any]], runs: List[Dict[str, Any]], seeds: Sequ
     return out
 
 
+def _interval(ci: Any) -> str:
+    """``[lo, hi]``, or ``-`` where there is none (fewer codes than the interval needs, or an old file)."""
+    if not ci or ci[0] is None or not all(np.isfinite(ci)):
+        return "-"
+    return "[{:.3f}, {:.3f}]".format(*ci)
+
+
 def markdown(result: Dict[str, Any]) -> str:
     a, s = result["analysis"], result["search"]
     lines = ["# Ranking fidelity: SuperNet fused fitness vs stand-alone retrained accuracy", "",
@@ -163,13 +171,12 @@ def markdown(result: Dict[str, Any]) -> str:
                   "| top-{} overlap (chance {:.2f}) | {} | {} |".format(
                       a["top_k"], a["top_k_chance"], a["top_k_overlap"], r.get("top_k_overlap", "-")), "",
                   "Fisher-z interval of Kendall tau (a check of the bootstrap): {}.".format("; ".join(
-                      "{} [{:.3f}, {:.3f}]".format(name, *x["kendall_tau_ci_fisher_z"]) for name, x in
-                      (("SuperNet fitness", a), ("recalibrated", r)) if x.get("kendall_tau_ci_fisher_z"))), "",
+                      "{} {}".format(name, _interval(x.get("kendall_tau_ci_fisher_z")))
+                      for name, x in (("SuperNet fitness", a), ("recalibrated", r)))), "",
                   "Noise ceiling, Kendall tau of stand-alone accuracies between seeds [95% percentile bootstrap "
                   "interval over codes; Fisher-z]: " + ", ".join(
-                      "seeds {}/{}: {:.3f} [{:.3f}, {:.3f}; {:.3f}, {:.3f}]".format(
-                          p["seeds"][0], p["seeds"][1], p["kendall_tau"], *(p["ci"] + p["ci_fisher_z"]))
-                      if "ci" in p else "seeds {}/{}: {:.3f}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"])
+                      "seeds {}/{}: {:.3f} {}; {}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"],
+                                                         _interval(p.get("ci")), _interval(p.get("ci_fisher_z")))
                       for p in a["seed_tau"]) + ". A proxy's tau can be compared with this ceiling only "
                   "through both intervals.", ""]
     lines += ["| # | group | branches | SuperNet fitness % | recalibrated % | test top-1 % per seed | mean |",
