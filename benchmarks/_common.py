@@ -1,6 +1,7 @@
-"""Shared by the benchmark scripts: what machine a result came from, ratios of paired timings, and
-writing results files (atomically: an interrupted run leaves the previous results as they were), each
-with its provenance (``provenance.py``: commit, dirty tree, command, machine, date, dependency digests).
+"""Shared by the benchmark scripts: what machine a result came from and writing results files
+(atomically: an interrupted run leaves the previous results as they were), each with its provenance
+(``provenance.py``: commit, dirty tree, command, machine, date, dependency digests). Ratios of paired
+timings and their trust rule live in ``benchstats.py``.
 
 The scripts run as ``python benchmarks/SCRIPT.py``, so this directory is on ``sys.path`` already.
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Sequence, Union
@@ -38,12 +38,6 @@ def describe_machine() -> Dict[str, Any]:
         info["cpu"], info["cpu_count"], info["torch_threads"], info["python"], info["torch"],
         ", GPU " + info["cuda"] if info["cuda"] else "")
     return info
-
-
-def ratio_stats(num: Sequence[float], den: Sequence[float]) -> Dict[str, float]:
-    """Median and range of per-round ratios: adjacent measurements share the machine's state."""
-    ratios = [a / b for a, b in zip(num, den)]
-    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "n": len(ratios)}
 
 
 def write_text(path: Union[str, Path], text: str) -> None:

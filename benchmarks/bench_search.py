@@ -11,12 +11,18 @@ saves when a population is scored, and what the CPU preset needs in memory and t
    Target < 4 GB.
 
 Timings are interleaved (the compared measurements alternate, round by round) and reported as the
-median [min, max] of per-round ratios of adjacent measurements, with an A/A control (the same
-measurement taken twice) showing the noise floor. Writes ``results/search_cpu.{json,md}``.
+median of per-round ratios of adjacent measurements with an interval for it and its spread
+(UNTRUSTED above 10 %, the rule of ``irep-deploy bench``), next to an A/A control (the same
+measurement taken twice). A target is met only when the ratio's interval, widened by the A/A's
+deviation from 1, clears it and both spreads are trusted (``benchstats.judge``). The analysis is recomputed
+from the stored samples (``analyse_step``, ``analyse_population``; ``reanalyse.py`` does it for a
+stored file). Writes ``results/search_cpu.{json,md}``.
 
     python benchmarks/bench_search.py                      # the recorded run
     python benchmarks/bench_search.py --quick              # smoke run (seconds)
     python benchmarks/bench_search.py --skip-preset        # sections 1-2 only
+    python benchmarks/bench_search.py --skip-population --skip-preset --keep-skipped   # section 1 again,
+                                                           # sections 2-3 kept from the file (with their command)
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from _common import describe_machine, ratio_stats, write_results
+from _common import describe_machine, write_results
+from benchstats import judge, ratio_cell, ratio_stats, verdict_text  # noqa: E402
 
 from irep_deploy import ArchCode, build_model, fuse_model  # noqa: E402
 from irep_deploy.data import load_data  # noqa: E402
@@ -43,6 +50,8 @@ from irep_deploy.search.des import make_config  # noqa: E402
 from irep_deploy.search.supernet import SuperNet, averaged_loss  # noqa: E402
 
 NAME = "resnet18_cifar"
+STEP_TARGET = 1.15  # SuperNet step / sum of B plain forward/backward passes, at most
+POPULATION_TARGET = 3.0  # multi-branch / fused population evaluation, at least
 
 
 def clock(fn: Callable[[], object]) -> float:
@@ -94,12 +103,8 @@ def step_section(subnets: Sequence[int], width: float, batch: int, rounds: int, 
             order = list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))  # no fixed position
             for name, fn in order:
                 samples[name].append(clock(lambda: [fn() for _ in range(steps)]) / steps)
-        row = {"B": b, "branches_per_code": [c.count() for c in codes], "rounds": rounds, "steps_per_sample": steps,
-               "ms": {k: statistics.median(v) * 1e3 for k, v in samples.items()},
-               "step_over_fwd_bwd": ratio_stats(samples["supernet_step"], samples["plain_fwd_bwd"]),
-               "step_over_train_steps": ratio_stats(samples["supernet_step"], samples["plain_train_steps"]),
-               "aa_control": ratio_stats(samples["plain_fwd_bwd_again"], samples["plain_fwd_bwd"]),
-               "samples_s": samples}
+        row = analyse_step({"B": b, "branches_per_code": [c.count() for c in codes], "rounds": rounds,
+                            "steps_per_sample": steps, "samples_s": samples})
         rows.append(row)
         print("B={}: supernet step {:.1f} ms, sum of plain fwd/bwd {:.1f} ms, ratio {:.3f} [{:.3f}, {:.3f}]; "
               "A/A {:.3f} [{:.3f}, {:.3f}]".format(
@@ -107,6 +112,17 @@ def step_section(subnets: Sequence[int], width: float, batch: int, rounds: int, 
                   row["step_over_fwd_bwd"]["min"], row["step_over_fwd_bwd"]["max"], row["aa_control"]["median"],
                   row["aa_control"]["min"], row["aa_control"]["max"]), flush=True)
     return rows
+
+
+def analyse_step(row: Dict[str, Any]) -> Dict[str, Any]:
+    """Medians, ratios and the target's verdict of one B from its stored per-round samples."""
+    samples = row["samples_s"]
+    row["ms"] = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    row["step_over_fwd_bwd"] = ratio_stats(samples["supernet_step"], samples["plain_fwd_bwd"])
+    row["step_over_train_steps"] = ratio_stats(samples["supernet_step"], samples["plain_train_steps"])
+    row["aa_control"] = ratio_stats(samples["plain_fwd_bwd_again"], samples["plain_fwd_bwd"])
+    row["target"] = judge(row["step_over_fwd_bwd"], row["aa_control"], STEP_TARGET)
+    return row
 
 
 # -- 2. population evaluation -----------------------------------------------------------------------
@@ -153,29 +169,41 @@ def population_section(population: int, blocks: Sequence[int], width: float, ima
         fuse_only.append(f["fuse"])
         fused_again.append(f2["total"])
         multi.append(m)
-    rows = []
-    for p in blocks:  # Table-1 style: the time of a whole population of p codes
-        groups = [range(s, s + p) for s in range(0, population - p + 1, p)]
-        per_group_m = [sum(multi[i] for i in g) for g in groups]
-        per_group_f = [sum(fused[i] for i in g) for g in groups]
-        rows.append({"population": p, "groups": len(groups),
-                     "multi_branch_s": statistics.median(per_group_m), "fused_s": statistics.median(per_group_f),
-                     "speedup": ratio_stats(per_group_m, per_group_f)})
+    result = analyse_population({"model": NAME, "width": width, "images": len(data.val),  # type: ignore[arg-type]
+                                 "batch": batch, "codes": population, "branches_per_code": codes[0].count(),
+                                 "samples_s": {"fused": fused, "fused_again": fused_again, "multi": multi,
+                                               "fuse_only": fuse_only}}, blocks)
+    for r in result["populations"]:
         print("population {} ({} disjoint groups): multi-branch {:.2f} s, fused {:.2f} s, speedup {:.2f} [{:.2f}, {:.2f}]".format(
-            p, len(groups), rows[-1]["multi_branch_s"], rows[-1]["fused_s"], rows[-1]["speedup"]["median"],
-            rows[-1]["speedup"]["min"], rows[-1]["speedup"]["max"]), flush=True)
-    result = {"model": NAME, "width": width, "images": len(data.val), "batch": batch,  # type: ignore[arg-type]
-              "codes": population, "branches_per_code": codes[0].count(), "populations": rows,
-              "per_code_speedup": ratio_stats(multi, fused), "per_code_aa_control": ratio_stats(fused_again, fused),
-              "fuse_s_median": statistics.median(fuse_only), "fused_total_s_median": statistics.median(fused),
-              "multi_s_median": statistics.median(multi),
-              "fuse_share_of_fused": statistics.median([a / b for a, b in zip(fuse_only, fused)]),
-              "samples_s": {"fused": fused, "fused_again": fused_again, "multi": multi, "fuse_only": fuse_only}}
+            r["population"], r["groups"], r["multi_branch_s"], r["fused_s"], r["speedup"]["median"],
+            r["speedup"]["min"], r["speedup"]["max"]), flush=True)
     print("per code: speedup {:.2f} [{:.2f}, {:.2f}], A/A {:.3f} [{:.3f}, {:.3f}], fuse {:.1f} ms of {:.1f} ms".format(
         result["per_code_speedup"]["median"], result["per_code_speedup"]["min"], result["per_code_speedup"]["max"],
         result["per_code_aa_control"]["median"], result["per_code_aa_control"]["min"],
         result["per_code_aa_control"]["max"], result["fuse_s_median"] * 1e3, result["fused_total_s_median"] * 1e3),
         flush=True)
+    return result
+
+
+def analyse_population(result: Dict[str, Any], blocks: Sequence[int]) -> Dict[str, Any]:
+    """Per population size P (disjoint groups of P codes, Table-1 style: the time of a whole
+    population), the speedup and its A/A control (fused again / fused over the same groups), and the
+    per-code figures, from the stored per-code samples."""
+    s = result["samples_s"]
+    fused, fused_again, multi, fuse_only = s["fused"], s["fused_again"], s["multi"], s["fuse_only"]
+    rows = []
+    for p in blocks:
+        groups = [range(k, k + p) for k in range(0, len(fused) - p + 1, p)]
+        per_group = {name: [sum(v[i] for i in g) for g in groups] for name, v in s.items()}
+        speedup = ratio_stats(per_group["multi"], per_group["fused"])
+        aa = ratio_stats(per_group["fused_again"], per_group["fused"])
+        rows.append({"population": p, "groups": len(groups), "multi_branch_s": statistics.median(per_group["multi"]),
+                     "fused_s": statistics.median(per_group["fused"]), "speedup": speedup, "aa_control": aa,
+                     "target": judge(speedup, aa, POPULATION_TARGET, at_most=False)})
+    result.update(populations=rows, per_code_speedup=ratio_stats(multi, fused),
+                  per_code_aa_control=ratio_stats(fused_again, fused), fuse_s_median=statistics.median(fuse_only),
+                  fused_total_s_median=statistics.median(fused), multi_s_median=statistics.median(multi),
+                  fuse_share_of_fused=statistics.median([a / b for a, b in zip(fuse_only, fused)]))
     return result
 
 
@@ -227,10 +255,6 @@ def extrapolate(q: Dict[str, Any]) -> Optional[Dict[str, float]]:
     return {"warmup_s": warm_s, "round_s": round_s, "full_s": warm_s + q["preset_rounds"] * round_s}
 
 
-def cell(r: Dict[str, float], fmt: str = "{:.3f}") -> str:
-    return (fmt + " [" + fmt + ", " + fmt + "]").format(r["median"], r["min"], r["max"])
-
-
 def markdown(result: Dict[str, Any]) -> str:
     s = result["settings"]
     lines = ["# Search benchmark (CPU)", "", "Command: `{}`".format(result["command"]), "",
@@ -241,13 +265,14 @@ def markdown(result: Dict[str, Any]) -> str:
                   "the same codes on both sides); {} interleaved rounds of {} step(s) each.".format(
                       NAME, s["step_width"], s["step_batch"], s["step_rounds"], s["step_steps"]), "",
                   "| B | SuperNet step ms | sum of B fwd/bwd ms | sum of B train steps ms | step / fwd-bwd | "
-                  "step / train steps | A/A fwd-bwd / fwd-bwd | <= 1.15x |", "|---|---|---|---|---|---|---|---|"]
+                  "step / train steps | A/A fwd-bwd / fwd-bwd | <= {}x |".format(STEP_TARGET),
+                  "|---|---|---|---|---|---|---|---|"]
         for r in result["step"]:
             ms = r["ms"]
             lines.append("| {} | {:.1f} | {:.1f} | {:.1f} | {} | {} | {} | {} |".format(
                 r["B"], ms["supernet_step"], ms["plain_fwd_bwd"], ms["plain_train_steps"],
-                cell(r["step_over_fwd_bwd"]), cell(r["step_over_train_steps"]), cell(r["aa_control"]),
-                "yes" if r["step_over_fwd_bwd"]["median"] <= 1.15 else "no"))
+                ratio_cell(r["step_over_fwd_bwd"]), ratio_cell(r["step_over_train_steps"]), ratio_cell(r["aa_control"]),
+                verdict_text(r["target"])))
         lines += ["", "The SuperNet step includes the SGD step of the weights and the Adam step of alpha/beta; "
                   "\"fwd-bwd\" is the target's reference (B forward + backward passes, no optimizer), "
                   "\"train steps\" adds one SGD step per standalone network.", ""]
@@ -260,16 +285,16 @@ def markdown(result: Dict[str, Any]) -> str:
                   "population of P is a disjoint group of P of them, so P = {} is timed once and smaller P "
                   "give several groups.".format(NAME, p["width"], p["images"], p["batch"], p["branches_per_code"],
                                                p["codes"], p["codes"]), "",
-                  "| population | groups | multi-branch s | fused (incl. fusion) s | speedup | >= 3x |",
-                  "|---|---|---|---|---|---|"]
+                  "| population | groups | multi-branch s | fused (incl. fusion) s | speedup | A/A fused again / fused "
+                  "| >= {}x |".format(POPULATION_TARGET), "|---|---|---|---|---|---|---|"]
         for r in p["populations"]:
-            lines.append("| {} | {} | {:.2f} | {:.2f} | {} | {} |".format(
-                r["population"], r["groups"], r["multi_branch_s"], r["fused_s"], cell(r["speedup"], "{:.2f}"),
-                "yes" if r["speedup"]["median"] >= 3 else "no"))
+            lines.append("| {} | {} | {:.2f} | {:.2f} | {} | {} | {} |".format(
+                r["population"], r["groups"], r["multi_branch_s"], r["fused_s"], ratio_cell(r["speedup"], "{:.2f}"),
+                ratio_cell(r["aa_control"]), verdict_text(r["target"])))
         lines += ["", "Per code: speedup {}; A/A control (fused again / fused) {}; fusing one code takes "
                   "{:.1f} ms, {:.0%} of the fused side's {:.1f} ms (the search's `cpu` preset evaluates "
                   "6000 validation images per code, which makes the fusion share smaller still).".format(
-                      cell(p["per_code_speedup"], "{:.2f}"), cell(p["per_code_aa_control"]),
+                      ratio_cell(p["per_code_speedup"], "{:.2f}"), ratio_cell(p["per_code_aa_control"]),
                       p["fuse_s_median"] * 1e3, p["fuse_share_of_fused"], p["fused_total_s_median"] * 1e3), ""]
     if result.get("preset"):
         q = result["preset"]
@@ -293,9 +318,44 @@ def markdown(result: Dict[str, Any]) -> str:
                   "Per-epoch lines as they arrived:", ""]
         lines += ["    [{:7.1f} s] {}".format(m["t_s"], m["line"]) for m in q["marks"]]
         lines.append("")
-    lines += ["Ratios are the median [min, max] of per-round (per-code, per-group) ratios of adjacent "
-              "measurements; the A/A control times the same thing twice and shows this machine's noise floor."]
+    if result.get("kept"):
+        lines += ["Sections kept from an earlier run of this file (not rerun): " + "; ".join(
+            "{} (`{}`)".format(k, v) for k, v in result["kept"].items()) + ".", ""]
+    lines += ["Ratios are the median of per-round (per-code, per-group) ratios of adjacent measurements "
+              "[distribution-free interval for that median: order statistics, about 95 % where the rounds "
+              "allow, else min-max], then their spread, (max - min) / median, UNTRUSTED above 10 % (the rule "
+              "of `irep-deploy bench`). The A/A control times the same thing twice in the same run. A target "
+              "is met only when the ratio's interval, widened by the A/A's largest deviation from 1, clears it "
+              "and neither spread is UNTRUSTED (`benchstats.judge`); otherwise the verdict says why not."]
     return "\n".join(lines) + "\n"
+
+
+def keep_skipped(result: Dict[str, Any], path: Path) -> None:
+    """Sections this run skipped, copied from the results file at ``path`` with the command that made them."""
+    import json
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    kept = dict(old.get("kept", {}))
+    for section in ("step", "population", "preset"):
+        if section not in result and section in old:
+            result[section] = old[section]
+            kept[section] = kept.get(section, old["command"])
+        else:
+            kept.pop(section, None)
+    if kept:
+        result["kept"] = kept
+    reanalyse(result)
+
+
+def reanalyse(result: Dict[str, Any]) -> Dict[str, Any]:
+    """Recompute the ratios and verdicts of sections 1-2 from their stored samples (a file written
+    before the trust rule gets it without a rerun)."""
+    for row in result.get("step") or []:
+        analyse_step(row)
+    if result.get("population"):
+        analyse_population(result["population"], [r["population"] for r in result["population"]["populations"]])
+    return result
 
 
 def main() -> None:
@@ -317,6 +377,8 @@ def main() -> None:
     parser.add_argument("--preset-rounds", type=int, help="shorten the cpu preset (default: its own rounds)")
     parser.add_argument("--preset-limit", type=int, help="shorten the cpu preset's data (default: its own)")
     parser.add_argument("--preset-threads", type=int, help="OMP_NUM_THREADS of the preset subprocess")
+    parser.add_argument("--keep-skipped", action="store_true",
+                        help="take the skipped sections from the existing results file (each named with its command)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "search_cpu"))
     args = parser.parse_args()
     if args.quick:
@@ -336,6 +398,8 @@ def main() -> None:
     if not args.skip_preset:
         result["preset"] = preset_section(args.preset_rounds, args.preset_threads, args.preset_limit)
     result["load_avg"] = [load_start, os.getloadavg()[0]]
+    if args.keep_skipped:
+        keep_skipped(result, Path(args.out).with_suffix(".json"))
     write_results(args.out, result, markdown(result))
 
 

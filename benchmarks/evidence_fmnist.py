@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from _common import describe_machine, write_results
-from runs import finished_search, fmt, interval, mean_std, rounds_text, run_search, run_training  # noqa: E402
+from benchstats import holm_table, paired_interval  # noqa: E402
+from runs import finished_search, fmt, mean_std, rounds_text, run_search, run_training  # noqa: E402
 from sweeps import run_jobs  # noqa: E402
 
 from irep_deploy import ArchCode  # noqa: E402
@@ -62,7 +63,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
                     **mean_std(vals),
                     "branches": {str(r["seed"]): r["branches"] for r in runs if r["variant"] == v},
                     "train_wall_s": {str(r["seed"]): r["wall_s"] for r in runs if r["variant"] == v}}
-    # paired differences (same training seed): DES minus each other variant
+    # paired differences (same training seed): DES minus each other variant; one table, one Holm family
     paired: Dict[str, Any] = {}
     by = {(r["variant"], r["seed"]): r["test_top1"] for r in runs}
     seeds = sorted({r["seed"] for r in runs})
@@ -71,8 +72,10 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
         diffs = [by[(a, s)] - by[(b, s)] for s in seeds if (a, s) in by and (b, s) in by]
         if not any(v == b for v, _ in by):
             continue
-        ci = interval(diffs)
-        paired["{}_minus_{}".format(a, b)] = {"per_seed": diffs, **mean_std(diffs), "ci95": [ci["lo"], ci["hi"]]}
+        ci = paired_interval(diffs)
+        paired["{}_minus_{}".format(a, b)] = {"per_seed": diffs, **mean_std(diffs), "ci95": [ci["lo"], ci["hi"]],
+                                              "p": ci["p"]}
+    holm_table(list(paired.values()))
     return {"variants": table, "paired": paired}
 
 
@@ -94,15 +97,21 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append("| {} | {} | {} | {} |".format(
             LABELS[v], "/".join(map(str, branches)) or "-", fmt(t["mean"], t["std"]),
             " | ".join("{:.2f}".format(t["per_seed"][str(x)]) if str(x) in t["per_seed"] else "-" for x in seeds)))
-    lines += ["", "Paired differences (same training seed, percentage points): mean +- std, [95% t interval]", ""]
+    lines += ["", "Paired differences (same training seed, percentage points): mean +- std, [95% t interval], "
+              "reading after Holm's correction over the differences of this table", ""]
     for k, d in summary["paired"].items():
         ci = d.get("ci95", [None, None])
-        lines.append("- {}: {} [{}] (per seed: {})".format(
+        lines.append("- {}: {} [{}] (per seed: {}): {}".format(
             k.replace("_", " "), fmt(d["mean"], d["std"]),
             "-" if ci[0] is None else "{:+.2f}, {:+.2f}".format(*ci),
-            ", ".join("{:+.2f}".format(x) for x in d["per_seed"]) or "-"))
+            ", ".join("{:+.2f}".format(x) for x in d["per_seed"]) or "-", d.get("reading", "-")))
     lines += ["", "std is the sample standard deviation over seeds (n-1); the interval is mean +- t(0.975, n-1) "
-              "std / sqrt(n). An interval that contains 0 is no evidence of a difference.", "", "## Settings", ""]
+              "std / sqrt(n), unadjusted. The table holds several comparisons, so a difference is shown only "
+              "where Holm's step-down correction over all of them keeps p below 0.05; an interval that "
+              "contains 0 shows no difference.", ""]
+    if result.get("notes"):
+        lines += ["## Notes", ""] + ["- " + n for n in result["notes"]] + [""]
+    lines += ["## Settings", ""]
     searches = result.get("searches") or ([s] if s else [])
     if searches:
         lines += ["- Searches ({} independent DES searches; retraining seed number i uses search i mod {}): preset "
@@ -130,8 +139,8 @@ def markdown(result: Dict[str, Any]) -> str:
               "## Reading", "",
               "Seeds vary the retraining (initial weights, data order, augmentation) and the random code; with "
               "one search the DES code is the same for every seed, so its spread does not include search-to-search "
-              "variation (with several, it does). A difference is evidence only where its 95% interval "
-              "excludes 0."]
+              "variation (with several, it does). A difference is evidence only where it survives Holm's "
+              "correction over the table."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,9 +13,11 @@ population). Each code gets
               (the mean over seeds is ranked)
 
 and the agreement of each proxy is measured with Kendall's tau and Spearman's rho (scipy.stats) with a 95%
-percentile bootstrap interval over codes, and the top-k overlap (k = n / 4) against the k^2 / n
-expected by chance. The seed-to-seed Kendall tau of the stand-alone accuracies is the noise
-ceiling: no proxy can rank codes more consistently than retraining ranks them itself.
+percentile bootstrap interval over codes (2000 resamples; the Fisher-z approximation of Kendall's tau,
+var(atanh tau) ~ 0.437 / (n - 4), is recorded beside it as a check), and the top-k overlap (k = n / 4)
+against the k^2 / n expected by chance. The seed-to-seed Kendall tau of the stand-alone accuracies,
+with the same intervals, is the noise ceiling: no proxy can rank codes more consistently than
+retraining ranks them itself. ``analyse`` recomputes all of it from the stored runs (``reanalyse.py``).
 
 Resumable like the other accuracy benchmarks (``runs``: finished runs are not redone).
 
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 
 from _common import describe_machine, write_results
+from benchstats import bootstrap_interval, fisher_z_tau_interval  # noqa: E402
 from runs import run_search, run_training  # noqa: E402
 from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 
@@ -104,20 +107,14 @@ def _rho(x: Sequence[float], y: Sequence[float]) -> float:
     return float(stats.spearmanr(x, y)[0])
 
 
-def bootstrap(x: Sequence[float], y: Sequence[float], statistic: Any, seed: int = 0) -> Tuple[float, float]:
-    """95% percentile interval of ``statistic`` over codes resampled with replacement (undefined
-    resamples, all of one value, are dropped)."""
-    rng = np.random.default_rng(seed)
-    xs, ys = np.asarray(x), np.asarray(y)
-    values = []
-    for _ in range(BOOTSTRAP):
-        i = rng.integers(0, len(xs), len(xs))
-        v = statistic(xs[i], ys[i])
-        if np.isfinite(v):
-            values.append(v)
-    if not values:
-        return float("nan"), float("nan")
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+def bootstrap(x: Sequence[float], y: Sequence[float], statistic: Any) -> Tuple[float, float]:
+    """95% percentile interval of ``statistic`` over codes resampled with replacement."""
+    return bootstrap_interval(x, y, statistic, resamples=BOOTSTRAP)
+
+
+def tau_with_intervals(x: Sequence[float], y: Sequence[float]) -> Dict[str, Any]:
+    tau = _tau(x, y)
+    return {"kendall_tau": tau, "ci": list(bootstrap(x, y, _tau)), "ci_fisher_z": list(fisher_z_tau_interval(tau, len(x)))}
 
 
 def top_k_overlap(x: Sequence[float], y: Sequence[float], k: int) -> int:
@@ -137,12 +134,20 @@ def analyse(codes: List[Dict[str, Any]], runs: List[Dict[str, Any]], seeds: Sequ
     if len(done) < 3:
         return out
     k = max(1, len(done) // 4)
-    out.update(kendall_tau=_tau(fitness, accuracy), kendall_tau_ci=bootstrap(fitness, accuracy, _tau),
+    tau = tau_with_intervals(fitness, accuracy)
+    out.update(kendall_tau=tau["kendall_tau"], kendall_tau_ci=tau["ci"], kendall_tau_ci_fisher_z=tau["ci_fisher_z"],
                spearman_rho=_rho(fitness, accuracy), spearman_rho_ci=bootstrap(fitness, accuracy, _rho),
                top_k=k, top_k_overlap=top_k_overlap(fitness, accuracy, k), top_k_chance=k * k / len(done),
-               seed_tau=[{"seeds": [a, b], "kendall_tau": _tau([acc[i, a] for i in done], [acc[i, b] for i in done])}
+               seed_tau=[dict(tau_with_intervals([acc[i, a] for i in done], [acc[i, b] for i in done]), seeds=[a, b])
                          for a, b in combinations(seeds, 2)])
     return out
+
+
+def _interval(ci: Any) -> str:
+    """``[lo, hi]``, or ``-`` where there is none (fewer codes than the interval needs, or an old file)."""
+    if not ci or ci[0] is None or not all(np.isfinite(ci)):
+        return "-"
+    return "[{:.3f}, {:.3f}]".format(*ci)
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -161,13 +166,19 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += ["Proxies: the SuperNet's fused fitness as the search scores it (its running BatchNorm "
                   "statistics), and the same with each code's BatchNorm statistics recalibrated on {} training "
                   "batches (`--recalibrate`).".format(result.get("recalibrate", "-")), "",
-                  "| measure, value [95% bootstrap interval over codes] | SuperNet fitness | recalibrated |",
+                  "| measure, value [95% percentile bootstrap interval over codes] | SuperNet fitness | recalibrated |",
                   "|---|---|---|", row("Kendall tau", "kendall_tau"), row("Spearman rho", "spearman_rho"),
                   "| top-{} overlap (chance {:.2f}) | {} | {} |".format(
                       a["top_k"], a["top_k_chance"], a["top_k_overlap"], r.get("top_k_overlap", "-")), "",
-                  "Noise ceiling, Kendall tau of stand-alone accuracies between seeds: " + ", ".join(
-                      "seeds {}/{}: {:.3f}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"])
-                      for p in a["seed_tau"]) + ".", ""]
+                  "Fisher-z interval of Kendall tau (a check of the bootstrap): {}.".format("; ".join(
+                      "{} {}".format(name, _interval(x.get("kendall_tau_ci_fisher_z")))
+                      for name, x in (("SuperNet fitness", a), ("recalibrated", r)))), "",
+                  "Noise ceiling, Kendall tau of stand-alone accuracies between seeds [95% percentile bootstrap "
+                  "interval over codes; Fisher-z]: " + ", ".join(
+                      "seeds {}/{}: {:.3f} {}; {}".format(p["seeds"][0], p["seeds"][1], p["kendall_tau"],
+                                                         _interval(p.get("ci")), _interval(p.get("ci_fisher_z")))
+                      for p in a["seed_tau"]) + ". A proxy's tau can be compared with this ceiling only "
+                  "through both intervals.", ""]
     lines += ["| # | group | branches | SuperNet fitness % | recalibrated % | test top-1 % per seed | mean |",
               "|---|---|---|---|---|---|---|"]
     by = {(r["index"], r["seed"]): r["test_top1"] for r in result["runs"]}

@@ -19,13 +19,18 @@ reach by their last round (the lower of their final best-so-far values); each ar
 of codes it evaluated before its best so far first reached that level. The reference (DES) minus the
 other arm, paired by seed, with a 95% t interval (n - 1 degrees of freedom); negative means DES got
 there with fewer evaluations. The area under the best-so-far curve (its mean over rounds) is the
-second measure and the final best so far the third, higher is better for both.
+second measure and the final best so far the third, higher is better for both. The table holds
+several comparisons (pairs x measures): a verdict other than "no difference shown" needs Holm's
+correction over all of them to keep p below 0.05. ``--baseline FILE`` adds the same comparisons of
+another results file's arms restricted to this run's seeds (like-for-like: the same seeds, though a
+recalibrated arm's fitness is on another scale than an unrecalibrated one's).
 
 Resumable like the other accuracy benchmarks (``runs.run_search``: a finished search is not redone).
 
     OMP_NUM_THREADS=1 python benchmarks/search_phase.py --jobs 2 --rounds 6       # the recorded protocol
     OMP_NUM_THREADS=1 python benchmarks/search_phase.py --arms des-recal random-recal --seeds 0 1 2 --rounds 6 \
-        --jobs 2 --out benchmarks/results/search_phase_recal                       # the recalibrated pair
+        --jobs 2 --baseline benchmarks/results/search_phase.json \
+        --out benchmarks/results/search_phase_recal                                # the recalibrated pair
     python benchmarks/search_phase.py --quick --work-dir /tmp/sp --out /tmp/sp/res/search_phase  # smoke run
 
 Writes ``results/search_phase.{json,md}`` and ``results/figures/search_phase.png``.
@@ -33,6 +38,7 @@ Writes ``results/search_phase.{json,md}`` and ``results/figures/search_phase.png
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -42,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from _common import describe_machine, write_results
+from benchstats import holm_table, paired_interval  # noqa: E402
 from runs import interval, run_search  # noqa: E402
 from sweeps import common_flags, pyplot, run_jobs, save_figure  # noqa: E402
 
@@ -88,22 +95,29 @@ def evaluations_to_reach(curve: Sequence[float], level: float, population: int) 
 
 
 def verdict(diff: Dict[str, Any], fewer_is_faster: bool, words: Tuple[str, str] = ("faster", "slower")) -> str:
-    """What a paired difference (DES minus other) says: DES ``words[0]`` or ``words[1]`` where the
-    interval excludes 0."""
+    """What a paired difference (DES minus other) says once ``diff`` has its Holm-adjusted p
+    (:func:`benchstats.holm_table`): DES ``words[0]`` or ``words[1]`` where that p is below 0.05."""
     if diff["lo"] is None:
         return "not tested (fewer than 2 seeds)"
-    better = diff["hi"] < 0 if fewer_is_faster else diff["lo"] > 0
-    worse = diff["lo"] > 0 if fewer_is_faster else diff["hi"] < 0
-    return ("DES {} (interval excludes 0)".format(words[0]) if better else
-            "DES {} (interval excludes 0)".format(words[1]) if worse else "no difference shown (interval contains 0)")
+    if not diff["reading"].startswith("difference shown"):
+        return "no difference shown ({}{})".format(
+            "interval contains 0" if diff["lo"] <= 0 <= diff["hi"] else "interval excludes 0 unadjusted",
+            ", Holm p = {:.2f} over {}".format(diff["p_holm"], diff["family"]))
+    better = diff["mean"] < 0 if fewer_is_faster else diff["mean"] > 0
+    return "DES {} (Holm p = {:.3f} over {})".format(words[0] if better else words[1], diff["p_holm"], diff["family"])
 
 
-def analyse(searches: List[Dict[str, Any]]) -> Dict[str, Any]:
+MEASURES = (("evaluations_to_level", True, ("faster", "slower")), ("area_best_so_far", False, ("faster", "slower")),
+            ("final_best", False, ("higher", "lower")))
+
+
+def analyse(searches: List[Dict[str, Any]], only_seeds: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Curves per arm (mean and 95% band over seeds) and, per pair of arms scored alike, the paired
-    convergence comparison."""
+    convergence comparison (over ``only_seeds`` where given), Holm-corrected over the whole table."""
     by = {(s["arm"], s["seed"]): s for s in searches}
     arms = [a for a in ARMS if any(s["arm"] == a for s in searches)]
-    seeds = sorted({s["seed"] for s in searches if all((a, s["seed"]) in by for a in arms)})
+    seeds = sorted({s["seed"] for s in searches if all((a, s["seed"]) in by for a in arms)
+                    and (only_seeds is None or s["seed"] in only_seeds)})
     curves: Dict[str, Any] = {}
     for arm in arms:
         runs = [by[arm, s] for s in seeds]
@@ -120,15 +134,16 @@ def analyse(searches: List[Dict[str, Any]]) -> Dict[str, Any]:
                 for a in (ref, other) for s in seeds}
         auc = {(a, s): statistics.mean(best_so_far(by[a, s]["best"])) for a in (ref, other) for s in seeds}
         final = {(a, s): best_so_far(by[a, s]["best"])[-1] for a in (ref, other) for s in seeds}
-        evals = interval([cost[ref, s] - cost[other, s] for s in seeds])
-        area = interval([auc[ref, s] - auc[other, s] for s in seeds])
-        best = interval([final[ref, s] - final[other, s] for s in seeds])
-        paired["{} vs {}".format(ref, other)] = {
+        paired["{}_vs_{}".format(ref, other)] = {  # no spaces: claim markers in the docs name these keys
             "levels": {str(s): levels[s] for s in seeds},
             "evaluations": {a: {str(s): cost[a, s] for s in seeds} for a in (ref, other)},
-            "evaluations_to_level": dict(evals, verdict=verdict(evals, fewer_is_faster=True)),
-            "area_best_so_far": dict(area, verdict=verdict(area, fewer_is_faster=False)),
-            "final_best": dict(best, verdict=verdict(best, fewer_is_faster=False, words=("higher", "lower")))}
+            "evaluations_to_level": paired_interval([cost[ref, s] - cost[other, s] for s in seeds]),
+            "area_best_so_far": paired_interval([auc[ref, s] - auc[other, s] for s in seeds]),
+            "final_best": paired_interval([final[ref, s] - final[other, s] for s in seeds])}
+    holm_table([p[m] for p in paired.values() for m, _, _ in MEASURES])
+    for p in paired.values():
+        for m, fewer, words in MEASURES:
+            p[m]["verdict"] = verdict(p[m], fewer, words)
     return {"seeds": seeds, "curves": curves, "paired": paired}
 
 
@@ -158,26 +173,45 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append("")
     lines += ["## Does DES converge faster?", "",
               "Per pair of arms scored alike and per seed, the level is the best-so-far fitness both reach by "
-              "their last round; cost is the codes evaluated until the best so far first reaches it.", "",
-              "| comparison | measure | reference minus other, mean [95% t interval] | per seed | verdict |",
-              "|---|---|---|---|---|"]
-    for name, p in a["paired"].items():
-        for measure, label, fmt in (("evaluations_to_level", "codes evaluated to the level", "{:+.1f}"),
-                                    ("area_best_so_far", "mean best-so-far fitness (points)", "{:+.2f}"),
-                                    ("final_best", "final best-so-far fitness (points)", "{:+.2f}")):
-            d = p[measure]
-            lines.append("| {} | {} | {} | {} | {} |".format(
-                name, label, _ci(d, fmt), ", ".join(fmt.format(v) for v in d["values"]), d["verdict"]))
-    lines.append("")
+              "their last round; cost is the codes evaluated until the best so far first reaches it. The "
+              "intervals are unadjusted 95% t intervals; verdicts apply Holm's correction over every row of "
+              "the table.", ""] + paired_rows(a["paired"])
+    b = result.get("baseline")
+    if b:
+        lines += ["## Like for like: `{}` on this run's seeds {}".format(b["source"], b["seeds"]), "",
+                  "The same comparisons of that file's searches (`{}`) restricted to the seeds of this run, so "
+                  "that both tables rest on the same seeds (Holm over this table). Fitness of recalibrated "
+                  "arms is on another scale (each code's BatchNorm re-estimated) than that of the others: "
+                  "compare differences, not levels.".format(b["command"]), ""] + paired_rows(b["paired"])
     for name, p in a["paired"].items():
         lines.append("- {}: levels {}; codes evaluated to reach them: {}".format(
-            name, ", ".join("{:.2f}%".format(v) for v in p["levels"].values()),
+            name.replace("_vs_", " vs "), ", ".join("{:.2f}%".format(v) for v in p["levels"].values()),
             "; ".join("{} {}".format(arm, "/".join(str(v) for v in per.values())) for arm, per in p["evaluations"].items())))
     lines += ["", "Compute: {:.0f} s of searches ({} searches, each search's own wall time); this invocation {:.0f} s "
               "wall with {} parallel jobs (finished searches are read back, not redone).".format(
                   result["compute_s"], len(result["searches"]), result["wall_s"], result["jobs"]), "",
               "![fitness per codes evaluated]({})".format(result["figure"]), ""]
     return "\n".join(lines)
+
+
+def paired_rows(paired: Dict[str, Any]) -> List[str]:
+    lines = ["| comparison | measure | reference minus other, mean [95% t interval] | per seed | p | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, p in paired.items():
+        for measure, label, fmt in (("evaluations_to_level", "codes evaluated to the level", "{:+.1f}"),
+                                    ("area_best_so_far", "mean best-so-far fitness (points)", "{:+.2f}"),
+                                    ("final_best", "final best-so-far fitness (points)", "{:+.2f}")):
+            d = p[measure]
+            lines.append("| {} | {} | {} | {} | {} | {} |".format(
+                name.replace("_vs_", " vs "), label, _ci(d, fmt), ", ".join(fmt.format(v) for v in d["values"]),
+                _num(d.get("p"), "{:.3f}"), d["verdict"]))
+    return lines + [""]
+
+
+def baseline_comparison(baseline: Dict[str, Any], seeds: Sequence[int], source: str) -> Dict[str, Any]:
+    """The comparisons of another results file's searches over ``seeds`` only (like-for-like seeds)."""
+    a = analyse(baseline["searches"], only_seeds=seeds)
+    return {"source": source, "command": baseline["command"], "seeds": a["seeds"], "paired": a["paired"]}
 
 
 def figure(result: Dict[str, Any], path: Path) -> None:
@@ -201,8 +235,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="search seeds (>= 5)")
     parser.add_argument("--rounds", type=int, default=8, help="search rounds (default 8)")
     parser.add_argument("--limit", type=int, default=3000, help="examples per split (default 3000)")
+    parser.add_argument("--baseline", metavar="FILE",
+                        help="a search_phase results file: its comparisons on this run's seeds are added (like for like)")
     common_flags(parser, "search_phase", "searches run in parallel (processes)")
     args = parser.parse_args()
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
     overrides: Dict[str, Any] = {"rounds": args.rounds, "limit": args.limit}
     if args.quick:
         overrides.update(rounds=2, warmup_epochs=0, limit=256, population=4)
@@ -228,6 +265,8 @@ def main() -> None:
         result["wall_s"] = time.time() - t0
         result["compute_s"] = sum(s["wall_s"] for s in result["searches"])
         result["analysis"] = analyse(result["searches"])
+        if baseline is not None:
+            result["baseline"] = baseline_comparison(baseline, result["analysis"]["seeds"], Path(args.baseline).name)
         figure(result, fig_path)
         write_results(str(out), result, markdown(result))
 

@@ -78,7 +78,7 @@ def test_table_models_combines_params_latency_and_accuracy(evidence, tmp_path):
     assert set(rows) == {"plain", "full", "random", "des"}
     for variant, row in rows.items():
         assert row["top1_mean"] == ev["summary"]["variants"][variant]["mean"]
-        assert {k.split("|")[0] for k in row["latency"]["median_ms"]} == {"multi-branch", "fused", "plain"}
+        assert {k.split("|")[0] for k in row["latency"]["median_ms"]} == {"multi-branch", "fused", "plain", "plain-again"}
     assert len({r["params_deployed"] for r in rows.values()}) == 1
     assert rows["full"]["params_trained"] > rows["des"]["params_trained"] > rows["plain"]["params_trained"]
     assert rows["des"]["branches"] == ArchCode.loads(ev["search"]["code"]).count()
@@ -247,9 +247,9 @@ def test_search_phase_compares_the_three_searches_as_their_runs_recorded(tmp_pat
         for i in range(2):
             assert curve["best_so_far"][i]["mean"] == pytest.approx(
                 sum(max(by[arm, seed]["best"][:i + 1]) for seed in a["seeds"]) / len(a["seeds"]))
-    assert list(a["paired"]) == ["des vs undirected", "des vs random"]
+    assert list(a["paired"]) == ["des_vs_undirected", "des_vs_random"]
     for other in ("undirected", "random"):
-        pair = a["paired"]["des vs " + other]
+        pair = a["paired"]["des_vs_" + other]
         cost = pair["evaluations"]
         assert pair["evaluations_to_level"]["values"] == [cost["des"][str(s)] - cost[other][str(s)] for s in a["seeds"]]
         for seed in a["seeds"]:  # the level is the lower final best so far of the two; each reaches it there
