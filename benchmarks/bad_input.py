@@ -190,7 +190,7 @@ CASES: List[Case] = [
     C("quantize", "quantize {onnx28} --calib fashion-mnist --data-root {missing} --calib-size 32 -o {out_onnx}", 1,
       "{missing}"),
     C("eval onnx", "eval {onnx} --dataset fashion-mnist --data-root {tiny_fmnist}", 1, "{onnx}"),
-    C("eval onnx", "eval {onnx28} --data-root {tiny_fmnist}", 1, "--dataset"),
+    C("eval onnx", "eval {onnx28} --data-root {tiny_fmnist}", 2, "--dataset"),
     C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --reference {int64_onnx}", 1,
       "{int64_onnx}"),
     C("eval onnx", "eval {onnx28} --dataset fashion-mnist --data-root {tiny_fmnist} --reference {onnx}", 1, "{onnx}"),

@@ -213,10 +213,11 @@ def _run_inprocess(argv: List[str], f: Fixtures) -> Tuple[Optional[int], str, bo
 
 
 def process_env(f: Fixtures) -> Dict[str, str]:
-    """A CLI process's environment: one thread, this checkout and evilmod importable."""
+    """A CLI process's environment: one thread, no progress bars (errors are judged line by line),
+    this checkout and evilmod importable."""
     root = HERE.parent
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+    env.update(OMP_NUM_THREADS="1", IREP_DEPLOY_QUIET="1", PYTHONPATH=os.pathsep.join(
         p for p in (str(root), str(f["evil"]), env.get("PYTHONPATH")) if p))
     return env
 

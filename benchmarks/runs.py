@@ -98,15 +98,15 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
     """Retrain ``arch`` (None: the plain backbone) in ``run`` with ``recipe`` on ``device``; test accuracy
     and costs. ``workers`` as for :func:`run_search`."""
     done = run / "result.json"
-    code = code_of(TRAIN_CODE)
+    digest = code_of(TRAIN_CODE)
     if done.is_file():
         info = json.loads(done.read_text())
         if info.get("recipe", recipe) != recipe or info.get("arch", arch) != arch:
             raise SystemExit("{}: holds a training with other settings; pick another --work-dir or delete it".format(run))
-        _same_code(run, info.get("code_digest"), code)
+        _same_code(run, info.get("code_digest"), digest)
         return info
     resume = (run / "state.pt").is_file()
-    _started(run, code)
+    _started(run, digest)
     start = time.time()
     config = TrainConfig(arch=arch, seed=seed, **recipe)
     print("train {} seed {}: {}".format(variant, seed, "resuming" if resume else "starting"), flush=True)
@@ -118,7 +118,7 @@ def run_training(run: Path, variant: str, seed: int, arch: Optional[str], recipe
             "test_examples": report.multi_branch.examples, "fused_rel_error": report.fused_rel_error,
             "train_top1_last_epoch": report.history[-1]["train_top1"] if report.history else None,
             "wall_s": round(time.time() - start, 1), "resumed": resume, "recipe": recipe, "arch": arch,
-            "device": device, "code_digest": code}
+            "device": device, "code_digest": digest}
     write_json(done, info)
     print("  -> test top-1 {:.2f}% (fused {:.2f}%), {} branches, {:.0f} s".format(
         info["test_top1"], info["fused_test_top1"], info["branches"], info["wall_s"]), flush=True)

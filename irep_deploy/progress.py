@@ -10,6 +10,7 @@ stream of carriage returns that is then erased. docs/progress.md lists the steps
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Iterable, Optional, Sequence
 
@@ -19,6 +20,13 @@ from typing import Any, Iterable, Optional, Sequence
 DELAY_S = 10.0
 # Redraw interval where stderr is not a terminal: a log gets a few lines per minute, not hundreds.
 LOG_INTERVAL_S = 10.0
+# Set to anything but "" or "0": every command as with --quiet (a script or a CI job that wants its
+# stderr to hold errors only, whatever the machine's load does to the steps' durations).
+QUIET_ENV = "IREP_DEPLOY_QUIET"
+
+
+def quiet_by_env() -> bool:
+    return os.environ.get(QUIET_ENV, "") not in ("", "0")
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -36,7 +44,7 @@ def bar(iterable: Optional[Iterable[Any]] = None, total: Optional[int] = None, d
     from tqdm import tqdm
 
     terminal = _is_terminal(sys.stderr)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled,
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled or quiet_by_env(),
                 leave=not terminal, dynamic_ncols=terminal, ascii=None if terminal else True,
                 delay=0 if terminal else DELAY_S,
                 mininterval=0.1 if terminal else LOG_INTERVAL_S)

@@ -55,10 +55,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli_env() -> Dict[str, str]:
-    """The environment of a CLI run in its own process: one OpenMP thread (2 shared cores), the
-    repository root importable (``tests.byon_nets``) and Python's default warning filters."""
+    """The environment of a CLI run in its own process: one OpenMP thread (2 shared cores), no progress
+    bars (a loaded machine stretches a step past their 10 s delay at random, and these tests read
+    stderr line by line; tests/test_progress.py checks the bars), the repository root importable
+    (``tests.byon_nets``) and Python's default warning filters."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
+    env.update(OMP_NUM_THREADS="1", IREP_DEPLOY_QUIET="1", PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p))
     return env
 
 

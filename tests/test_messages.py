@@ -26,7 +26,7 @@ THIRD_PARTY = {
     "--field-name": "not a flag: how options.setting's docstring writes a settings field's derived flag",
     "--nproc_per_node": "torchrun", "--standalone": "torchrun",
     "--rm": "docker run", "--runtime": "docker run", "--build-arg": "docker build",
-    "--durations": "pytest",
+    "--durations": "pytest", "--dist": "pytest-xdist",
     "--no-deps": "pip install", "--index-url": "pip install", "--extra-index-url": "pip install",
 }
 # A line of the docs may name an old spelling when it says that it is one.

@@ -132,3 +132,11 @@ def test_the_docs_list_every_step():
     rows = [line.split("|")[1].strip() for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| step") and not set(line) <= set("|- ")]
     assert rows == list(STEPS), rows
+
+
+@pytest.mark.parametrize("value, off", [("1", True), ("yes", True), ("0", False), ("", False)])
+def test_the_environment_variable_turns_every_bar_off(value, off, no_delay, monkeypatch, capsys):
+    monkeypatch.setenv(progress.QUIET_ENV, value)
+    with progress.bar(range(3), desc="step", enabled=True) as shown:
+        list(shown)
+    assert (capsys.readouterr().err == "") is off

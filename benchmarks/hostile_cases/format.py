@@ -293,6 +293,6 @@ def cases(H) -> list:
           setup=_stage("old", _old(lambda f: [1, 2, 3]))),
         C("convert", "convert {old} -o {case}/new.pt --trust-pickle", 1, "nested deeper",
           setup=_stage("old", _old(_cyclic)), label="convert a cyclic old run state --trust-pickle"),
-        C("convert", "convert {old} -o {missing}/sub/new.pt --trust-pickle", 1, "does not exist", setup=old_multi),
+        C("convert", "convert {old} -o {old}/sub/new.pt --trust-pickle", 1, "not a directory", setup=old_multi),
         C("convert", "convert {old}", 2, "-o", setup=old_multi),
     ]

@@ -255,7 +255,7 @@ def cases(H):
         HC(AREA, odd, ("fuse", "{case}/x\ny.pt", "{arch}"), 1, "x\\ny.pt", setup=_odd_files("x\ny.pt"),
            label="fuse a junk checkpoint named x<LF>y.pt"),
         HC(AREA, odd, ("fuse", "{multi}", "{arch}", "-o", "{case}/no\ndir/o.pt"), 1, "no\\ndir",
-           label="fuse -o into a missing dir with a newline"),
+           setup=_odd_files("no\ndir"), label="fuse -o under a file named with a newline"),
         HC(AREA, odd, ("eval", "{case}/\x1b]0;owned\x07.pt", "--dataset", "digits"), 1, "\\x1b]0;owned\\x07",
            label="eval a missing OSC title-setting name"),
         HC(AREA, odd, ("export", "{case}/tab\there\u202e.pt"), 1, "tab\\there\\u202e.pt",
