@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import pytest
