@@ -471,7 +471,12 @@ class _Parser:
             self.version = int(value)
         elif key == "backbone":
             if self.version == FORMAT_VERSION and value not in known_backbones():
-                raise self.fail(lineno, "unknown backbone {} (known: {})".format(quote(value), ", ".join(sorted(BACKBONES))))
+                # the built-in names only: networks registered from model specs in this process are
+                # not names a file can rely on, and listing them all made the line unbounded
+                builtin = sorted(name for name, info in BACKBONES.items() if info.builtin)
+                raise self.fail(lineno, "unknown backbone {} (built in: {}; a code for any other network is a "
+                                "version {} file, with its layers' geometry)".format(
+                                    quote(value), ", ".join(builtin), FORMAT_VERSION_ANY))
             if not value or len(value.split()) != 1:
                 raise self.fail(lineno, "backbone {} is not one word".format(quote(value)))
         elif key == "fingerprint":

@@ -108,3 +108,17 @@ def test_format_table_marks_unavailable_slots():
     first = table.splitlines()[1]
     assert first.startswith("features.0") and first.split()[-2] == "-"  # identity unavailable at the stem
     assert "budget C at 2/3 = 75" in table  # floor(113 * 2 / 3)
+
+
+def test_an_unknown_backbone_lists_the_built_in_names_only(monkeypatch):
+    """Networks registered from model specs in this process are not listed: the line stays bounded."""
+    from irep_deploy import arch
+
+    known = arch.known_backbones()
+    monkeypatch.setattr(arch, "BACKBONES", dict(known))
+    arch.register_backbone("spec:registered-here", known["resnet18_cifar"].layers, "resnet_cifar", builtin=False)
+    with pytest.raises(ArchFormatError) as err:
+        ArchCode.loads("version: 1\nbackbone: resnet19\n")
+    message = str(err.value)
+    assert "unknown backbone 'resnet19' (built in: " in message and "resnet18_cifar" in message
+    assert "spec:registered-here" not in message
