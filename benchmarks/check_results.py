@@ -115,40 +115,47 @@ class Reference(NamedTuple):
     name: str
     kind: str  # "link", "name" or "claim"
     after: str  # the rest of its paragraph after the reference (links and names)
-    block: str  # its paragraph or table row (claims)
+    block: str  # its paragraph, or its table row with the table's caption (claims)
 
 
-def _blocks(text: str) -> Iterator[Tuple[int, List[str]]]:
-    """(first line number, lines) of each paragraph; a table row is a block of its own; fenced code skipped."""
+def _blocks(text: str) -> Iterator[Tuple[int, List[str], str]]:
+    """(first line number, lines, caption) of each paragraph; a table row is a block of its own, read
+    with its table's caption (the paragraph just above the table), which may say "record of an older
+    version" once for all its rows; fenced code skipped."""
     block: List[str] = []
     start = 0
     fenced = False
+    previous = ""  # the paragraph yielded last: a table that follows it has it as its caption
+    caption: Optional[str] = None  # the caption of the table being read, None outside a table
     for number, line in enumerate(text.splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
             if block:
-                yield start, block
-            block = []
+                yield start, block, ""
+            block, previous, caption = [], "", None
             continue
         if fenced:
             continue
         if not line.strip() or line.lstrip().startswith("|"):
             if block:
-                yield start, block
+                yield start, block, ""
+                previous = "\n".join(block)
             block = []
             if line.strip():
-                yield number, [line]
+                if caption is None:
+                    caption = previous
+                yield number, [line], caption
             continue
         if not block:
-            start = number
+            start, caption = number, None
         block.append(line)
     if block:
-        yield start, block
+        yield start, block, ""
 
 
 def references(text: str, doc: Path, results: Path, shown: str) -> Iterator[Reference]:
     """Every link to, name of and claim on a results file in a markdown text."""
-    for first, lines in _blocks(text):
+    for first, lines, caption in _blocks(text):
         block = "\n".join(lines)
         for match in LINK.finditer(block):  # a link or its mark may wrap onto the next line
             target = (doc.parent / match.group(1).split("#")[0]).resolve()
@@ -159,7 +166,8 @@ def references(text: str, doc: Path, results: Path, shown: str) -> Iterator[Refe
             yield Reference(shown, first + block.count("\n", 0, match.start()), match.group(1), "name",
                             block[match.end():], block)
         for claim in check_claims.markers(block):
-            yield Reference(shown, first + claim.line - 1, Path(claim.file).stem, "claim", "", block)
+            yield Reference(shown, first + claim.line - 1, Path(claim.file).stem, "claim", "",
+                            block + "\n" + caption)
 
 
 def _says_older(after: str) -> bool:

@@ -202,6 +202,20 @@ def test_a_record_of_an_older_version_must_be_called_one_wherever_the_docs_cite_
     assert results_check(root, capsys)[0] == 0
 
 
+def test_a_table_whose_caption_calls_its_file_a_record_needs_no_mark_on_each_row(tmp_path, capsys):
+    root = small_repo(tmp_path)
+    doc = root / "docs" / "perf.md"
+    (root / "irep_deploy" / "calc.py").write_text("def value():\n    return 0.25\n")
+    assert results_check(root, capsys, "--mark-older", "r", "--reason", "made before calc changed")[0] == 0
+    rows = "| x | 0.5<!-- claim r.json#value --> |\n| y | 0.5<!-- claim r.json#value --> |\n"
+    doc.write_text("From [r](../benchmarks/results/r.md) (record of an older version):\n\n" + rows)
+    assert results_check(root, capsys)[0] == 0
+    doc.write_text("From [r](../benchmarks/results/r.md) (record of an older version).\n\nAnother paragraph.\n\n"
+                   + rows)
+    rc, out = results_check(root, capsys)
+    assert rc == 1 and "docs/perf.md:5: quotes results/r" in out and "docs/perf.md:6: quotes results/r" in out
+
+
 def test_a_stale_file_cited_needs_the_same_words_and_a_current_one_must_not_have_them(tmp_path, capsys):
     root = small_repo(tmp_path)
     doc = root / "docs" / "perf.md"
