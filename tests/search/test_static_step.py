@@ -1,0 +1,220 @@
+"""The static search step computes what today's eager step computes (issue 23, item 2).
+
+Two copies of the same search (same seed, so the same SuperNet, optimizers and schedule) take the
+same batches of real data (sklearn digits, Fashion-MNIST) and the same codes: one by the eager step
+the search has always used (SuperNet.forward + averaged_loss + steps.optimizer_step), one by
+StaticSearchStep, sequential and batched. After every step the losses, every parameter, every
+BatchNorm statistic and the optimizers' state agree to float rounding; a branch no code of a step
+holds is left bit for bit (no weight decay, momentum or moment decay).
+"""
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from irep_deploy import ArchCode
+from irep_deploy.block import set_drop_path
+from irep_deploy.runtime import Dist
+from irep_deploy.search.des import _Search, make_config
+from irep_deploy.search.population import initial_population
+from irep_deploy.search.static_step import StaticSearchStep, ensure_optimizer_state, static_step_refusal
+from irep_deploy.search.supernet import averaged_loss
+from irep_deploy.steps import optimizer_step
+
+STEPS = 12
+
+
+def _job(tmp_path, name, **overrides):
+    settings = dict(backbone="resnet18_cifar", dataset="digits", width=0.125, population=8, subnets=3,
+                    warmup_epochs=1, rounds=1, round_epochs=1, batch_size=32, limit=600, seed=5)
+    settings.update(overrides)
+    return _Search(tmp_path / name, make_config(None, **settings), torch.device("cpu"), Dist(), None, progress=False)
+
+
+def _eager_step(job, x, y, codes):
+    outputs = job.supernet(x, codes)
+    loss = averaged_loss([o.float() for o in outputs], y, job.criterion)
+    for opt in (job.w_opt, job.a_opt):
+        opt.zero_grad(set_to_none=True)
+    optimizer_step(loss, [job.w_opt, job.a_opt], job.sched)
+    return loss, outputs[-1]
+
+
+def _code_sets(job, rng):
+    """Codes of every kind a step meets: the population's at 2/3, sparse ones that leave whole blocks
+    (alpha/beta included) untrained, the empty code and the full one."""
+    template = job.template
+    sparse = initial_population(template, 6, max(1, template.budget(0.1)), rng)
+    pools = [job.population, sparse, [ArchCode.empty(template.backbone, template.ops)],
+             [template]]
+    while True:
+        pool = pools[rng.randrange(len(pools))]
+        yield [pool[rng.randrange(len(pool))] for _ in range(job.config.subnets)]
+
+
+def _state_tensors(job):
+    out = {}
+    for name, t in job.supernet.model.state_dict().items():
+        out["model." + name] = t
+    for tag, opt in (("w", job.w_opt), ("a", job.a_opt)):
+        names = {id(p): n for n, p in job.supernet.model.named_parameters()}
+        for p, state in opt.state.items():
+            for key, value in state.items():
+                out["{}.{}.{}".format(tag, names[id(p)], key)] = value
+    return out
+
+
+def _close(a, b, what, rtol=2e-4, atol=2e-5):
+    for key in sorted(set(a) | set(b)):
+        if key not in a or key not in b:
+            other = a.get(key, b.get(key))
+            # a lazily created state the eager step never made is a zero the static step made up front
+            assert key.startswith(("w.", "a.")) and not torch.any(other != 0), "{}: {} only on one side".format(what, key)
+            continue
+        x, y = a[key].double(), b[key].double()
+        assert torch.allclose(x, y, rtol=rtol, atol=atol), "{}: {} differs by {:.3g}".format(
+            what, key, float((x - y).abs().max()))
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["sequential", "batched"])
+def test_static_step_equals_the_eager_step_over_many_steps(tmp_path, batched):
+    """In float64, so that what differs is the algorithm, not the order of float32 sums (a batched
+    convolution sums in another order than B small ones)."""
+    torch.set_num_threads(1)
+    eager, static = _job(tmp_path, "eager"), _job(tmp_path, "static")
+    for job in (eager, static):
+        job.supernet.model.double()
+    stepper = StaticSearchStep(static.supernet, [static.w_opt, static.a_opt], static.sched, static.criterion,
+                               batched=batched)
+    torch.manual_seed(0)
+    batches = itertools.islice(iter(eager.loader), STEPS)
+    codes = _code_sets(eager, random.Random(1))
+    units = stepper.units
+    for step, ((x, y), chosen) in enumerate(zip(batches, codes)):
+        before = {k: v.clone() for k, v in _state_tensors(static).items()}
+        x = x.double()
+        loss_e, logits_e = _eager_step(eager, x, y, chosen)
+        loss_s, logits_s = stepper.step(x, y, stepper.gates(chosen))
+        assert torch.allclose(loss_e, loss_s, rtol=1e-10, atol=1e-12), (step, float(loss_e), float(loss_s))
+        assert torch.allclose(logits_e, logits_s, rtol=1e-9, atol=1e-10)
+        after = _state_tensors(static)
+        _close(_state_tensors(eager), after, "step {}".format(step + 1), rtol=1e-8, atol=1e-10)
+        held = {(id(block), op) for code in chosen for block, ops in zip(static.supernet.blocks, _plan(static, code))
+                for op in ops}
+        for block, op in units:
+            if (id(block), op) in held:
+                continue
+            prefix = _prefix(static, block, op)
+            for key, value in after.items():
+                if key.split(".", 1)[1].startswith(prefix):
+                    assert torch.equal(value, before[key]), "step {}: {} moved although no code held it".format(
+                        step + 1, key)
+    assert static.sched.last_epoch == eager.sched.last_epoch == STEPS
+
+
+def _plan(job, code):
+    from irep_deploy.binding import plan_arch
+    return [ops for _, ops in plan_arch(job.supernet.model, code)]
+
+
+def _prefix(job, block, op):
+    name = next(n for n, m in job.supernet.model.named_modules() if m is block)
+    return "{}.branches.{}.".format(name, op)
+
+
+def test_batched_step_on_fashion_mnist_at_28_px(tmp_path):
+    """The full-size input of the paper's search on Fashion-MNIST, channels_last, B = 5, float32.
+
+    Float32 rounding grows fast here (lr 0.1, batches of 16), so the yardstick is the eager step's
+    own: the static step may differ from the eager step no more than the eager step in channels_last
+    differs from itself in the contiguous layout (float64 above holds the algorithm to 1e-8)."""
+    torch.set_num_threads(1)
+    settings = dict(dataset="fashion-mnist", subnets=5, limit=200, batch_size=16)
+    eager = _job(tmp_path, "eager", channels_last=True, **settings)
+    layout = _job(tmp_path, "layout", channels_last=False, **settings)
+    static = _job(tmp_path, "static", channels_last=True, **settings)
+    stepper = StaticSearchStep(static.supernet, [static.w_opt, static.a_opt], static.sched, static.criterion)
+    torch.manual_seed(0)
+    rng = random.Random(2)
+    for x, y in itertools.islice(iter(eager.loader), 2):
+        chosen = [eager.population[rng.randrange(len(eager.population))] for _ in range(5)]
+        nhwc = x.contiguous(memory_format=torch.channels_last)
+        loss_e, _ = _eager_step(eager, nhwc, y, chosen)
+        loss_l, _ = _eager_step(layout, x, y, chosen)
+        loss_s, _ = stepper.step(nhwc, y, stepper.gates(chosen))
+        assert abs(float(loss_s.detach() - loss_e.detach())) <= max(abs(float(loss_l.detach() - loss_e.detach())), 1e-6)
+
+    def model(job):
+        return {k: v.double() for k, v in _state_tensors(job).items() if k.startswith("model.") and v.is_floating_point()}
+
+    def gap(a, b):
+        return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+    ours, yardstick = gap(model(static), model(eager)), gap(model(layout), model(eager))
+    assert 0 < yardstick and ours <= yardstick, (ours, yardstick)
+
+
+def test_gates_follow_the_codes(tmp_path):
+    job = _job(tmp_path, "gates")
+    stepper = StaticSearchStep(job.supernet, [job.w_opt, job.a_opt], job.sched, job.criterion)
+    codes = [job.template, ArchCode.empty(job.template.backbone, job.template.ops), job.population[0]]
+    gates = stepper.gates(codes)
+    assert gates.shape == (3, len(stepper.units)) and gates.dtype == torch.float32
+    assert gates[0].eq(1).all() and gates[1].eq(0).all()
+    assert int(gates[2].sum()) == job.population[0].count()
+    plan = _plan(job, job.population[0])
+    index = {id(b): i for i, b in enumerate(job.supernet.blocks)}
+    for column, (block, op) in enumerate(stepper.units):
+        assert bool(gates[2, column]) == (op in plan[index[id(block)]])
+
+
+def test_up_front_state_is_what_a_first_step_creates():
+    """A zero momentum buffer and zero Adam moments give the first step the lazily created state gives."""
+    torch.manual_seed(0)
+    w = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(2)]
+    grads = [torch.randn(5, 3) for _ in range(2)]
+    for make in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=True),
+                 lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3)):
+        lazy_params = [torch.nn.Parameter(p.detach().clone()) for p in w]
+        eager_params = [torch.nn.Parameter(p.detach().clone()) for p in w]
+        lazy, ready = make(lazy_params), make(eager_params)
+        ensure_optimizer_state([ready])
+        for _ in range(3):
+            for ps in (lazy_params, eager_params):
+                for p, g in zip(ps, grads):
+                    p.grad = g.clone()
+            lazy.step()
+            ready.step()
+        for a, b in zip(lazy_params, eager_params):
+            assert torch.equal(a, b)
+
+
+def test_refusals(tmp_path):
+    job = _job(tmp_path, "refuse")
+    assert static_step_refusal(job.supernet) is None
+    set_drop_path(job.supernet.model, 0.1)
+    assert "drop-path" in static_step_refusal(job.supernet)
+    with pytest.raises(ValueError, match="drop-path"):
+        StaticSearchStep(job.supernet, [job.w_opt, job.a_opt], job.sched, job.criterion)
+    set_drop_path(job.supernet.model, 0.0)
+    bn = next(m for m in job.supernet.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.momentum = None
+    assert "momentum=None" in static_step_refusal(job.supernet)
+
+
+def test_the_modules_are_as_before_after_a_step(tmp_path):
+    """The gated forwards live only inside the step: afterwards the SuperNet runs (and fuses) as ever."""
+    job = _job(tmp_path, "after")
+    stepper = StaticSearchStep(job.supernet, [job.w_opt, job.a_opt], job.sched, job.criterion)
+    x, y = next(iter(job.loader))
+    stepper.step(x, y, stepper.gates(job.population[:3]))
+    assert all("forward" not in vars(m) for m in job.supernet.model.modules())
+    job.supernet.model.eval()
+    code = job.population[0]
+    with torch.no_grad():
+        out = job.supernet(x, [code])[0]
+        fused = job.fused(code)(x)
+    assert torch.allclose(out, fused, rtol=1e-4, atol=1e-4)
