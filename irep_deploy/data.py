@@ -524,8 +524,14 @@ def train_loader(dataset: Dataset, batch_size: int, seed: int, workers: int = 0,
                       persistent_workers=False)
 
 
-def set_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Make the shuffle order and worker seeds of ``epoch`` a function of (seed, epoch) alone."""
+def set_epoch(loader: Any, seed: int, epoch: int) -> None:
+    """Make the shuffle order and worker seeds of ``epoch`` a function of (seed, epoch) alone.
+
+    ``loader``: a :func:`train_loader`, or a loader with its own ``set_epoch(seed, epoch)``
+    (devicedata.DeviceTrainData)."""
+    if not isinstance(loader, DataLoader):
+        loader.set_epoch(seed, epoch)
+        return
     if isinstance(loader.sampler, DistributedSampler):
         loader.sampler.set_epoch(epoch)
     if loader.generator is not None:

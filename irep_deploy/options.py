@@ -158,6 +158,11 @@ _MODEL_SETTINGS: Dict[str, Dict[str, Any]] = {
 }
 
 
+DEVICE_DATA_HELP = ("decode the training split once onto the training device and augment it there, no DataLoader "
+                    "(fashion-mnist, digits, cifar10): auto turns it on on CUDA where the split takes at most 1/4 of "
+                    "the GPU's free memory; its random augmentations differ from the DataLoader's for the same seed")
+
+
 def model_setting(field_name: str) -> Any:
     """One of the fields a model spec adds to a run's settings (TrainConfig and SearchConfig share them)."""
     return setting(None, **_MODEL_SETTINGS[field_name])

@@ -99,6 +99,9 @@ def config_from_dict(cls: Type[Config], data: Any, source: str) -> Config:
             raise CheckpointError("{}: saved setting {} is {}: {}".format(source, key, quote(value), problem))
     values = {k: tuple(v) if isinstance(v, list) and isinstance(fields[k].default, tuple) else v
               for k, v in data.items()}
+    # a setting added since the run was saved: what that run did, where the default would do otherwise
+    for key, value in getattr(cls, "SETTINGS_BEFORE", {}).items():
+        values.setdefault(key, value)
     return cls(**values)  # type: ignore[call-arg]
 
 

@@ -25,7 +25,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,8 @@ import torch.nn as nn
 from ._io import append_jsonl, run_directory, trim_jsonl, write_json
 from .arch import ArchCode
 from .checkpoint import save_checkpoint
-from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch, train_loader
+from .data import DataSplits, dataset_spec, epoch_seed, eval_loader, load_data, set_epoch
+from .devicedata import MODES as DEVICE_DATA_MODES, training_batches
 from .errors import ArchMismatchError, CheckpointError, IrepError, TrainingDiverged, UsageError, VerificationError, first_line
 from . import options as opt
 from .compare import FUSE_EVAL
@@ -44,7 +45,7 @@ from .binding import searchable_layers
 from .block import set_drop_path
 from .models import is_spec
 from .models.external import named_spec
-from .options import BACKBONE_HELP, model_setting, setting
+from .options import BACKBONE_HELP, DEVICE_DATA_HELP, model_setting, setting
 from .precision import exact_fp32
 from .reparam import fuse_model, init_from_torchvision
 from .runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
@@ -109,6 +110,9 @@ class TrainConfig:
     weights: Optional[str] = model_setting("weights")
     include: Optional[List[str]] = model_setting("include")
     exclude: Optional[List[str]] = model_setting("exclude")
+    device_data: str = setting("auto", DEVICE_DATA_HELP, choices=DEVICE_DATA_MODES)
+    #: Runs saved before ``device_data`` existed read their training split with a DataLoader (runs.config_from_dict).
+    SETTINGS_BEFORE: ClassVar[Dict[str, Any]] = {"device_data": "off"}
 
     def code(self) -> Optional[ArchCode]:
         if self.arch is None:
@@ -141,6 +145,9 @@ class TrainConfig:
                 raise IrepError("invalid {}: {}".format(name, value))
         if self.amp not in AMP_MODES:
             raise IrepError("invalid --amp {!r} (choose from {})".format(self.amp, ", ".join(AMP_MODES)))
+        if self.device_data not in DEVICE_DATA_MODES:
+            raise IrepError("invalid --device-data {!r} (choose from {})".format(
+                self.device_data, ", ".join(DEVICE_DATA_MODES)))
 
 
 #: The paper's retraining recipes (docs/training.md, "Presets"). CIFAR-10 (section 4.1): DARTS's
@@ -274,7 +281,8 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     data = data.with_channels(model.irep_config["in_channels"])
     per_rank = config.batch_size // dist.world_size
     pin = dev.type == "cuda"
-    loader = train_loader(data.train, per_rank, config.seed, workers, dist.enabled, pin)
+    loader = training_batches(config.device_data, config.dataset, data.train, per_rank, config.seed, dev, dist.rank,
+                              dist.world_size, workers, pin)
     val_loader = eval_loader(data.val, per_rank, workers, dist.rank, dist.world_size, pin) if data.val else None
     test_loader = eval_loader(data.test, per_rank, workers, dist.rank, dist.world_size, pin)
     if config.init_from and state is None:

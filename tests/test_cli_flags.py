@@ -12,6 +12,7 @@ from irep_deploy.bench.devices import PROFILES
 from irep_deploy.baseline import train_with_baseline
 from irep_deploy.bench.latency import bench
 from irep_deploy.data import DATASETS, SPLITS
+from irep_deploy.devicedata import MODES as DEVICE_DATA_MODES
 from irep_deploy.demo import run_demo
 from irep_deploy.engines.onnx import SIMPLIFIERS, export
 from irep_deploy.engines.onnx_eval import evaluate_onnx
@@ -40,7 +41,8 @@ CHOICES = {("search", "preset"): tuple(PRESETS), ("search", "amp"): AMP_MODES, (
            ("search", "ops"): tuple(REGISTRY), ("bench", "device"): PROFILES, ("eval", "split"): SPLITS,
            ("quantize", "method"): METHODS, ("export", "simplify"): SIMPLIFIERS, ("quantize", "calib"): DATASETS,
            ("build-trt", "calib"): DATASETS, ("bench", "calib"): DATASETS, ("search", "sampler"): SAMPLERS,
-           ("search", "strategy"): STRATEGIES}
+           ("search", "strategy"): STRATEGIES, ("search", "device_data"): DEVICE_DATA_MODES,
+           ("train", "device_data"): DEVICE_DATA_MODES}
 
 
 def actions(command):
@@ -119,13 +121,14 @@ def test_every_search_setting_reaches_the_config():
     argv = ["search", "--preset", "cpu", "--ops", "conv1x3", "conv3x1", "conv1x1", "--momentum", "0.8",
             "--weight-decay", "1e-4", "--arch-lr", "3e-4", "--arch-betas", "0.6,0.99", "--p-cross", "0.3",
             "--p-mut", "0.7", "--keep", "0.5", "--sampled", "0.125", "--val-fraction", "0.2", "--split-seed", "4",
-            "--eval-batch-size", "64", "--channels-last"]
+            "--eval-batch-size", "64", "--channels-last", "--device-data", "off"]
     args = PARSER.parse_args(argv)
     config = make_config(args.preset, **cli._given(args, SearchConfig))
     assert (config.ops, config.momentum, config.weight_decay, config.arch_lr, config.arch_betas) == (
         ["conv1x3", "conv3x1", "conv1x1"], 0.8, 1e-4, 3e-4, (0.6, 0.99))
     assert (config.p_cross, config.p_mut, config.keep, config.sampled, config.val_fraction, config.split_seed,
-            config.eval_batch_size, config.channels_last) == (0.3, 0.7, 0.5, 0.125, 0.2, 4, 64, True)
+            config.eval_batch_size, config.channels_last, config.device_data) == (0.3, 0.7, 0.5, 0.125, 0.2, 4, 64, True,
+                                                                          "off")
     assert config.population == PRESETS["cpu"]["population"]  # the preset still fills what was not given
 
 

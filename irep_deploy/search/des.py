@@ -19,7 +19,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,7 @@ from .._io import atomic_write, run_directory, trim_jsonl, write_json, writing
 from ..arch import ArchCode
 from ..checkpoint import save_checkpoint
 from ..data import eval_loader, epoch_seed, load_data, set_epoch, train_loader
+from ..devicedata import MODES as DEVICE_DATA_MODES, training_batches
 from ..errors import CheckpointError, IrepError, UsageError, TrainingDiverged, first_line, raise_if_interrupted
 from ..evaluation import topk_hits
 from ..models import MODELS, is_spec
@@ -36,7 +37,7 @@ from ..ops import SPACES
 from .. import options as opt
 from ..data import DATASETS
 from ..ops import REGISTRY
-from ..options import BACKBONE_HELP, model_setting, setting
+from ..options import BACKBONE_HELP, DEVICE_DATA_HELP, model_setting, setting
 from ..progress import bar
 from ..runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
                     read_run_state, state_part, state_path, write_run_state)
@@ -118,6 +119,9 @@ class SearchConfig:
     weights: Optional[str] = model_setting("weights")
     include: Optional[List[str]] = model_setting("include")
     exclude: Optional[List[str]] = model_setting("exclude")
+    device_data: str = setting("auto", DEVICE_DATA_HELP, choices=DEVICE_DATA_MODES)
+    #: Searches saved before ``device_data`` existed read their training split with a DataLoader.
+    SETTINGS_BEFORE: ClassVar[Dict[str, Any]] = {"device_data": "off"}
 
     def check(self) -> None:
         check_model_settings(self.backbone, self.width, self.model_kwargs, self.weights, self.include, self.exclude)
@@ -134,6 +138,7 @@ class SearchConfig:
                 ("width", self.width, self.width > 0),
                 ("validation fraction", self.val_fraction, 0.0 < self.val_fraction < 1.0),
                 ("amp", self.amp, self.amp in AMP_MODES),
+                ("device data", self.device_data, self.device_data in DEVICE_DATA_MODES),
                 ("sampler", self.sampler, self.sampler in SAMPLERS),
                 ("strategy", self.strategy, self.strategy in STRATEGIES)):
             if not ok:
@@ -256,7 +261,8 @@ class _Search:
             raise UsageError("batch size {} over {} processes leaves fewer than the 2 examples per batch BatchNorm "
                              "needs".format(config.batch_size, dist.world_size))
         pin = dev.type == "cuda"
-        self.loader = train_loader(self.data.train, per_rank, config.seed, workers, dist.enabled, pin)
+        self.loader = training_batches(config.device_data, config.dataset, self.data.train, per_rank, config.seed, dev,
+                                       dist.rank, dist.world_size, workers, pin)
         self.val_loader = eval_loader(self.data.val, config.eval_batch_size, workers, pin_memory=pin)
         self._val_cache: Optional[Batches] = None  # the decoded validation split, when it fits
         self._recal: Optional[List[torch.Tensor]] = None  # the batches that recalibrate BatchNorm
