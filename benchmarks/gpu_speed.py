@@ -280,22 +280,25 @@ def search_steps(device: torch.device, size: Dict[str, Any]) -> Dict[str, Any]:
     except ImportError as exc:
         notes.append("captured static search step: not built (irep_deploy.graphs: {})".format(exc))
         StepGraph = None
-    if StaticSearchStep is not None:
-        for batched in (False, True):
-            for captured in ([False, True] if StepGraph is not None and device.type == "cuda" else [False]):
-                net, w, a = _supernet(size, device)
-                static, to_masks = _static_step(StaticSearchStep, net, w, a, criterion, batched)
-                run = StepGraph(static.step, enabled=True) if captured else static.step
-                codes = picker()
+    captures = [False, True] if StepGraph is not None and device.type == "cuda" else [False]
+    for batched, captured in [(b, c) for b in (False, True) for c in captures] if StaticSearchStep is not None else []:
+        name = "search static batched={}{}".format(batched, " captured" if captured else "")
+        try:  # a static step that refuses or breaks is a note; today's step is still timed
+            net, w, a = _supernet(size, device)
+            static, to_masks = _static_step(StaticSearchStep, net, w, a, criterion, batched)
+            run = StepGraph(static.step, enabled=True) if captured else static.step
+            codes = picker()
 
-                def step(run: Callable[..., Any] = run, to_masks: Callable[..., Any] = to_masks,
-                         codes: Callable[[], Any] = codes) -> None:
-                    run(x, y, to_masks(codes()))
-                for _ in range(size["warmup"]):
-                    step()
-                fns["search static batched={}{}".format(batched, " captured" if captured else "")] = step
-        if StepGraph is not None and device.type != "cuda":
-            notes.append("captured static search step: skipped (CUDA graphs need CUDA)")
+            def step(run: Callable[..., Any] = run, to_masks: Callable[..., Any] = to_masks,
+                     codes: Callable[[], Any] = codes) -> None:
+                run(x, y, to_masks(codes()))
+            for _ in range(size["warmup"]):
+                step()
+            fns[name] = step
+        except Exception as exc:
+            notes.append("{}: failed ({}: {})".format(name, type(exc).__name__, str(exc).split("\n")[0][:200]))
+    if StaticSearchStep is not None and StepGraph is not None and device.type != "cuda":
+        notes.append("captured static search step: skipped (CUDA graphs need CUDA)")
     for _ in range(size["warmup"]):
         eager_search()
     times = interleaved(fns, size["rounds"], size["iters"], device)
@@ -338,29 +341,33 @@ def epochs(device: torch.device, size: Dict[str, Any], dataset: str, data_root: 
     out: Dict[str, Any] = {"dataset": dataset, "batch": batch, "width": size["epoch_width"],
                            "workers": size["workers"], "rows": []}
 
-    def limit_for(name: str, train_examples: int, share: float) -> Tuple[Optional[int], float]:
+    def limit_for(name: str, train_examples: int, share: float) -> Optional[int]:
+        """None (the whole epoch) when its projected time fits ``share`` of the time left, else a
+        limit of examples that does (the search carves its validation split out of those)."""
         left = (seconds_left - (time.perf_counter() - started)) * share
         ms = step_ms.get(name)
         if ms is None or size["epoch_limit"] is not None:
-            return size["epoch_limit"], 1.0
+            return size["epoch_limit"]
         steps_fit = int(left * 1000.0 / ms)
-        full_steps = train_examples // batch
-        if steps_fit >= full_steps:
-            return None, 1.0
-        kept = max(steps_fit, 2) * batch
-        return kept, full_steps / max(steps_fit, 2)
+        if steps_fit >= train_examples // batch:
+            return None
+        return max(steps_fit, 2) * batch
 
-    def train_epoch(name: str, code: Optional[ArchCode], limit: Optional[int], scale: float) -> None:
+    def row(name: str, seconds: float, measured: int, whole: int, limited: bool) -> None:
+        scale = whole / measured if limited and size["epoch_limit"] is None else 1.0  # a smoke run is not scaled
+        out["rows"].append({"run": name, "seconds_measured": seconds, "examples": measured, "seconds": seconds * scale,
+                            "extrapolated": scale != 1.0})
+
+    def train_epoch(name: str, code: Optional[ArchCode], limit: Optional[int]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             config = make_train_config(backbone=CIFAR, arch=code.dumps() if code else None, dataset=dataset,
                                        width=size["epoch_width"], epochs=1, batch_size=batch, limit=limit)
             report = train(Path(tmp) / "run", config, data_root=data_root, device=device.type,
                            workers=size["workers"], progress=False)
         record = report.history[0]
-        out["rows"].append({"run": name, "seconds_measured": record["seconds"], "examples": record["examples"],
-                            "seconds": record["seconds"] * scale, "extrapolated": scale != 1.0})
+        row(name, record["seconds"], record["examples"], examples, limit is not None)
 
-    def search_epoch(limit: Optional[int], scale: float) -> None:
+    def search_epoch(limit: Optional[int]) -> None:
         config = make_config("paper-cifar", dataset=dataset, width=size["epoch_width"], batch_size=batch,
                              limit=limit)
         with tempfile.TemporaryDirectory() as tmp:
@@ -376,14 +383,13 @@ def epochs(device: torch.device, size: Dict[str, Any], dataset: str, data_root: 
             finally:
                 if search.writer is not None:
                     search.writer.close()
-        out["rows"].append({"run": "search (paper-cifar, B={}, 2/3)".format(config.subnets),
-                            "seconds_measured": seconds, "examples": len(search.data.train), "seconds": seconds * scale,
-                            "extrapolated": scale != 1.0})
+        row("search (paper-cifar, B={}, 2/3)".format(config.subnets), seconds, len(search.data.train),
+            search_examples, limit is not None)
 
-    train_epoch("plain", None, size["epoch_limit"], 1.0)
+    train_epoch("plain", None, size["epoch_limit"])
     search_examples = int(examples * (1 - 0.1))  # the search holds out its 10 % validation split
-    search_epoch(*limit_for("search", search_examples, 0.6))
-    train_epoch("every branch", ArchCode.full(CIFAR), *limit_for("every branch", examples, 0.9))
+    search_epoch(limit_for("search", search_examples, 0.6))
+    train_epoch("every branch", ArchCode.full(CIFAR), limit_for("every branch", examples, 0.9))
     plain = out["rows"][0]["seconds"]
     for row in out["rows"]:
         row["vs_plain"] = row["seconds"] / plain
