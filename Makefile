@@ -164,6 +164,7 @@ benchmarks: venv data
 benchmarks-gpu: venv data
 	$(BIN)/python benchmarks/bench_gpu.py
 	$(BIN)/python benchmarks/gpu_train_probe.py
+	$(BIN)/python benchmarks/gpu_speed.py
 
 clean:
 	rm -rf $(VENV) $(VENV38) .pytest_cache .hypothesis

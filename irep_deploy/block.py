@@ -126,6 +126,10 @@ class IrepConv(nn.Module):
         out = self.conv(x)
         if not self._active:
             return out
+        # Per branch the forward is its own ops plus one fused addcmul (one pass over out and y); the
+        # scales are two sigmoids of L + 1 numbers per block. Nothing here is cut: folding drop-path's
+        # mask into the scale (addcmul(out, scale * mask, y)) would save a pass over y, but it rounds
+        # scale * mask * y in another order, so it is not exactly today's result (issue 23).
         scales = self.branch_scales().to(out.dtype)
         drop = self.drop_path if self.training else 0.0
         for i, name in self._active:

@@ -106,6 +106,12 @@ class OneByOneThen(nn.Module):
 
     Padding with ``BN(0)`` instead of 0 is what makes the branch exactly one 3x3 conv after fusion
     (Diverse Branch Block's BNAndPad); the pad value uses running statistics, as there.
+
+    The pad is not materialised: the conv (pool) is linear, so on the image padded with ``fill`` it
+    equals the conv with its own zero padding plus the conv of a ``fill``-on-the-ring, zero-inside
+    image (:meth:`border`). That term depends only on ``fill``, the kernel, H, W and the stride, so
+    it is computed at batch size 1 and broadcast-added: one pass over the output instead of the
+    three full passes (subtract, pad, add) that padding the activation costs.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
@@ -116,17 +122,25 @@ class OneByOneThen(nn.Module):
         mid = out_channels if pool else in_channels
         self.conv1 = nn.Conv2d(in_channels, mid, 1, 1, 0, groups=groups, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
-        if pool:
-            self.second = nn.AvgPool2d(3, stride, 0)
+        if pool:  # counting the padding: the zero pad is what border() completes to the fill pad
+            self.second = nn.AvgPool2d(3, stride, 1, count_include_pad=True)
         else:
-            self.second = nn.Conv2d(mid, out_channels, 3, stride, 0, groups=groups, bias=False)
+            self.second = nn.Conv2d(mid, out_channels, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def border(self, y: torch.Tensor) -> torch.Tensor:
+        """``second`` (unpadded) of a 1 x C x (H+2) x (W+2) image holding ``BN1(0)`` on its 1-pixel
+        ring and 0 inside: what padding ``y`` with ``BN1(0)`` adds to ``second`` with zero padding."""
+        height, width = y.shape[-2], y.shape[-1]
+        fill = bn_zero_output(self.bn1).to(y.dtype).reshape(1, -1, 1, 1)
+        ring = F.pad(y.new_zeros(1, 1, height, width), (1, 1, 1, 1), value=1.0) * fill
+        if self.pool:
+            return F.avg_pool2d(ring, 3, self.second.stride, 0)
+        return F.conv2d(ring, self.second.weight, None, self.second.stride, 0, 1, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.bn1(self.conv1(x))
-        fill = bn_zero_output(self.bn1).to(y.dtype).reshape(1, -1, 1, 1)
-        y = F.pad(y - fill, (1, 1, 1, 1)) + fill
-        return self.bn2(self.second(y))
+        return self.bn2(self.second(y) + self.border(y))
 
     def fused_3x3(self, dtype: torch.dtype) -> KernelBias:
         first = fold_module_bn(self.conv1.weight, self.bn1, dtype)
