@@ -290,10 +290,13 @@ def make_train_step(loss_of: LossFn, optimizers: Sequence[torch.optim.Optimizer]
 
 def run_graph_epoch(graph: StepGraph, loader: Iterable, schedule: DeviceSchedule, dev: torch.device, dist: Dist,
                     net: Optional[nn.Module] = None, layout: torch.memory_format = torch.contiguous_format,
-                    desc: str = "", progress: bool = False) -> EpochTotals:
-    """``steps.run_epoch`` with each batch's step through ``graph`` (a step of :func:`make_train_step`);
-    ends with :meth:`DeviceSchedule.sync_to_scheduler`. A weight update beyond float32 shows as a
-    non-finite loss at the next step (the fused kernels raise no overflow error)."""
+                    desc: str = "", progress: bool = False,
+                    extra: Optional[Callable[[int], Sequence[torch.Tensor]]] = None) -> EpochTotals:
+    """``steps.run_epoch`` with each batch's step through ``graph``: ``graph(x, y, *extra(step))``
+    returns ``(loss, correct)`` (a step of :func:`make_train_step`, or the search's, whose
+    ``extra(step)`` gives that step's further inputs, such as its branch masks). Ends with
+    :meth:`DeviceSchedule.sync_to_scheduler`. A weight update beyond float32 shows as a non-finite
+    loss at the next step (the fused kernels raise no overflow error)."""
     if net is not None:
         net.train()
     t0, cpu0 = time.time(), cpu_time()
@@ -306,7 +309,7 @@ def run_graph_epoch(graph: StepGraph, loader: Iterable, schedule: DeviceSchedule
             raise_if_interrupted()
             x = x.to(dev, non_blocking=True).contiguous(memory_format=layout)
             y = y.to(dev, non_blocking=True)
-            loss, correct = graph(x, y)
+            loss, correct = graph(x, y, *(extra(step) if extra is not None else ()))
             bad = monitor.add(step, loss, correct, y.numel())  # device ops on the static outputs, no host read
             if bad is not None:
                 break

@@ -424,6 +424,8 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
               "examples": totals.examples}
     if config.drop_path:
         record["drop_path"] = drop_path_at(config, epoch)
+    if graph is not None:
+        record["cuda_graph"] = True  # the steps were captured (how, not what: absent when eager)
     return record
 
 

@@ -170,6 +170,7 @@ def test_train_captures_by_default_and_resumes(tmp_path, capsys):
                          grad_clip=5.0, label_smoothing=0.1)
     full = train(tmp_path / "full", config, progress=False, device="cuda")  # auto: captured
     assert all(math.isfinite(r["train_loss"]) for r in full.history)
+    assert all(r.get("cuda_graph") is True for r in full.history)
     assert full.fused_rel_error < 1e-4 and full.disagreements == 0  # the fused check stays true FP32
 
     class Stop(Exception):
@@ -184,6 +185,7 @@ def test_train_captures_by_default_and_resumes(tmp_path, capsys):
     group = state["optimizer"]["param_groups"][0]
     assert isinstance(group["lr"], float) and not group.get("fused")  # saved as the eager loop saves
     resumed = train(tmp_path / "resumed", resume=True, progress=False, device="cuda", cuda_graph="off")
+    assert "cuda_graph" not in resumed.history[-1] and resumed.history[0].get("cuda_graph") is True
     assert resumed.resumed_from_epoch == 1 and resumed.fused_rel_error < 1e-4
     a = read_run_state(tmp_path / "full", "train", TrainConfig)[0]["scheduler"]
     b = read_run_state(tmp_path / "resumed", "train", TrainConfig)[0]["scheduler"]

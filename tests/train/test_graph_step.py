@@ -242,6 +242,10 @@ def test_cuda_graph_on_is_a_one_line_usage_error_on_cpu(tmp_path, capsys):
         train(tmp_path / "lib", TrainConfig(backbone=BACKBONE, dataset="digits", width=0.125, epochs=1),
               device="cpu", progress=False, cuda_graph="on")
     assert not (tmp_path / "lib").exists()
+    report = train(tmp_path / "auto", TrainConfig(backbone=BACKBONE, dataset="digits", width=0.125, epochs=1,
+                                                  limit=256, batch_size=64), device="cpu", progress=True)
+    assert "cuda_graph" not in report.history[0]  # auto on CPU: eager, and no word about it
+    assert "CUDA graph" not in capsys.readouterr().err
 
 
 def test_the_capturable_schedule_starts_where_a_loaded_scheduler_stands():
