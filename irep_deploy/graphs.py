@@ -102,6 +102,7 @@ class StepGraph:
         self.signature: Optional[List[Tuple[torch.Size, torch.dtype]]] = None
         self.calls = 0  # eager calls since the last reset
         self.graph: Any = None
+        self.side: Any = None  # the warm-up stream, made once (each stream keeps its own cached blocks)
         self.static_inputs: List[torch.Tensor] = []
         self.static_outputs: Tuple[torch.Tensor, ...] = ()
 
@@ -139,7 +140,9 @@ class StepGraph:
     def _side_stream(self, inputs: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         # torch.cuda.graph's rule: warm-up work runs on a side stream, so that no lazily created state
         # (cuBLAS workspaces, autograd streams) belongs to the stream the capture uses.
-        side = torch.cuda.Stream(self.dev)
+        if self.side is None:
+            self.side = torch.cuda.Stream(self.dev)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(self.dev))
         with torch.cuda.stream(side):
             outputs = self.step(*inputs)
@@ -151,7 +154,9 @@ class StepGraph:
         for buffer, x in zip(self.static_inputs, inputs):
             buffer.copy_(x)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory (cudaHostAlloc)
+        # while this thread captures; the default "global" mode would fail that call in the other thread.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = self.step(*self.static_inputs)
         self.graph, self.static_outputs = graph, tuple(outputs)
         graph.replay()  # the capture recorded the step without running it: this batch's step

@@ -72,7 +72,7 @@ def _close(a, b, rel=2e-5):
             assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
 
 
-@pytest.mark.parametrize("branches", ["plain", "every-branch"])
+@pytest.mark.parametrize("branches", ["plain", pytest.param("every-branch", marks=pytest.mark.slow)])
 def test_the_graph_step_run_eagerly_computes_what_run_epoch_computes(digits, branches):
     arch = ArchCode.full(BACKBONE) if branches == "every-branch" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
