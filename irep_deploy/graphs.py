@@ -44,7 +44,10 @@ make ``steps.optimizer_step`` such a step:
     ``capturable`` flags, Adam's step counts on the host as non-capturable Adam keeps them), so a
     checkpoint is the one an eager run writes and resumes with or without capture.
 
-  Only ``CosineAnnealingLR`` (the schedule of ``train`` and of the search) is supported.
+  Only ``CosineAnnealingLR`` (the schedule of ``train`` and of the search) is supported. SGD
+  momentum buffers are created as zeros where missing (see :func:`_zero_momentum`: fused SGD's
+  first step skipped by the fp16 scaler would leave them uninitialised); :meth:`DeviceSchedule.state_dict`
+  leaves out those still zero (no gradient reached them), as the eager optimizer has none there.
 
 * Mixed precision: bf16 autocast runs inside the captured step (``cache_enabled=False``: autocast's
   weight-cast cache must not outlive a capture). fp16 is captured too: with fused optimizers
@@ -178,10 +181,11 @@ def fused_sgd_available() -> bool:
 class DeviceSchedule:
     """CosineAnnealingLR's per-step learning rate kept on the device (see the module docstring)."""
 
-    def __init__(self, scheduler: Any, dev: torch.device, flags: Dict[int, List[Dict[str, Any]]]) -> None:
+    def __init__(self, scheduler: Any, dev: torch.device, flags: Dict[int, List[Dict[str, Any]]],
+                 zeroed: Optional[Dict[int, List[torch.Tensor]]] = None) -> None:
         if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
             raise TypeError("a device schedule follows CosineAnnealingLR, not {}".format(type(scheduler).__name__))
-        self.scheduler, self.dev, self.flags = scheduler, dev, flags
+        self.scheduler, self.dev, self.flags, self.zeroed = scheduler, dev, flags, zeroed or {}
         self.t_max, self.eta_min = scheduler.T_max, scheduler.eta_min
         self.base = torch.tensor(scheduler.base_lrs, dtype=torch.float64, device=dev)
         self.count = torch.tensor(float(scheduler.last_epoch), dtype=torch.float64, device=dev)
@@ -220,6 +224,18 @@ class DeviceSchedule:
                 group["lr"] = float(group["lr"])
             if flags is not None:
                 group.update(flags[i])
+        made = self.zeroed.get(id(optimizer))
+        if made:  # a zero buffer make_capturable made is no buffer (the same next step): saved as eager saves
+            index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+            still = torch.stack([optimizer.state[p]["momentum_buffer"].count_nonzero() for p in made]).eq(0).tolist()
+            for p, zero in zip(made, still):
+                entry = state["state"].get(index[id(p)])
+                if zero and entry is not None:
+                    rest = {k: v for k, v in entry.items() if k != "momentum_buffer"}
+                    if rest:
+                        state["state"][index[id(p)]] = rest
+                    else:
+                        del state["state"][index[id(p)]]
         if flags is not None and isinstance(optimizer, torch.optim.Adam):
             host = {i for i, f in enumerate(flags) if not (f.get("fused") or f.get("capturable"))}
             ids = {p: i for i, g in enumerate(state["param_groups"]) for p in g["params"]}
@@ -235,12 +251,15 @@ def make_capturable(optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
     host, and the learning rate of ``scheduler`` (CosineAnnealingLR) to a device tensor stepped by
     the returned :class:`DeviceSchedule` (contract in the module docstring)."""
     flags: Dict[int, List[Dict[str, Any]]] = {}
+    zeroed: Dict[int, List[torch.Tensor]] = {}
     for opt in optimizers:
         if type(opt) not in (torch.optim.SGD, torch.optim.Adam):
             raise TypeError("make_capturable switches SGD and Adam, not {}".format(type(opt).__name__))
         flags[id(opt)] = [{k: g.get(k) for k in _FLAGS if k in g} for g in opt.param_groups]
         for group in opt.param_groups:
             group["fused"], group["foreach"] = True, None
+            if isinstance(opt, torch.optim.SGD) and group["momentum"] and not group["dampening"]:
+                zeroed.setdefault(id(opt), []).extend(_zero_momentum(opt, group))
             if isinstance(opt, torch.optim.Adam):
                 group["capturable"] = dev.type == "cuda"  # Adam's capturable exists on accelerators only
                 for p in group["params"]:  # fused/capturable Adam keeps the step count on the device, float32
@@ -248,7 +267,22 @@ def make_capturable(optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
                     if state and isinstance(state.get("step"), torch.Tensor):
                         state["step"] = state["step"].to(p.device, torch.float32)
         opt._step_supports_amp_scaling = True  # type: ignore[attr-defined]  # GradScaler: found_inf on the device
-    return DeviceSchedule(scheduler, dev, flags)
+    return DeviceSchedule(scheduler, dev, flags, zeroed)
+
+
+def _zero_momentum(opt: torch.optim.SGD, group: Dict[str, Any]) -> List[torch.Tensor]:
+    """Zero momentum buffers where there are none yet. Fused SGD's first step allocates them with
+    ``empty_like`` and lets its kernel fill them; a first step the fp16 scaler skips (inf gradients)
+    leaves them uninitialised and the next step would read that memory. From zero, the first step
+    gives what the unfused first step gives (the buffer = the gradient, without dampening). Returns
+    the parameters given one."""
+    made = []
+    for p in group["params"]:
+        state = opt.state[p]
+        if state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            made.append(p)
+    return made
 
 
 # -- when the step is captured ----------------------------------------------------------------------

@@ -258,3 +258,27 @@ def test_the_capturable_schedule_starts_where_a_loaded_scheduler_stands():
     assert isinstance(schedule, DeviceSchedule) and schedule.count.item() == 7
     assert sched.optimizer.param_groups[0]["lr"].item() == pytest.approx(0.1 * (1 + math.cos(math.pi * 7 / 30)),
                                                                           rel=1e-6)
+
+
+def test_a_first_step_the_scaler_skips_leaves_zero_momentum_not_uninitialised_memory():
+    """Fused SGD makes its momentum buffers with empty_like at its first step; a skipped first step
+    (found_inf: the fp16 scaler's inf gradients) must not leave that memory to the next step."""
+    torch.manual_seed(0)
+    p, q = nn.Parameter(torch.randn(1000)), nn.Parameter(torch.randn(1000))
+    q.data.copy_(p.data)
+    grad = torch.randn(1000)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    eager = torch.optim.SGD([q], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    schedule = make_capturable([opt], torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10), CPU)
+    before = p.detach().clone()
+    p.grad = grad.clone()
+    opt.found_inf = torch.ones(())  # what GradScaler.step hands a fused optimizer
+    opt.step()
+    del opt.found_inf
+    assert torch.equal(p.detach(), before) and torch.equal(opt.state[p]["momentum_buffer"], torch.zeros(1000))
+    p.grad, q.grad = grad.clone(), grad.clone()
+    opt.step()
+    eager.step()  # the unfused first step: the buffer is the gradient
+    assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(opt.state[p]["momentum_buffer"], eager.state[q]["momentum_buffer"], rtol=1e-6)
+    assert isinstance(schedule, DeviceSchedule)
