@@ -46,7 +46,8 @@ def train_epoch_runner(limit: int, batch: int, work: Path) -> Callable[[], int]:
 
     def run() -> int:
         set_epoch(loader, 0, 0)
-        train_mod._train_epoch(model, loader, opt, sched, nn.CrossEntropyLoss(), torch.device("cpu"),
+        train_mod._train_epoch(model, loader, opt, sched, train_mod._loss_fn(model, nn.CrossEntropyLoss()),
+                               torch.device("cpu"),
                                Dist(), 0, config, False, work)
         return len(loader)
     return run

@@ -116,7 +116,7 @@ def compare(searched: TrainReport, baseline: TrainReport, latency: Optional[Dict
 
 def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[str] = None, device: str = "auto",
                    workers: int = 0, progress: bool = True, channels_last: bool = False,
-                   trust_pickle: bool = False) -> TrainReport:
+                   trust_pickle: bool = False, cuda_graph: str = "auto") -> TrainReport:
     """Train (or resume) the baseline of ``config`` in ``run_dir/baseline``. ``config`` is the searched
     run's (checked, or named by the caller): its network names the baseline's on resume too."""
     where = Path(run_dir) / BASELINE_DIR
@@ -124,12 +124,12 @@ def train_baseline(run_dir: PathLike, config: TrainConfig, data_root: Optional[s
     resume = state_path(where).exists()
     return train(where, None if resume else base, resume=resume, data_root=data_root, device=device,
                  workers=workers, progress=progress, channels_last=channels_last,
-                 model=base.backbone if resume else None, trust_pickle=trust_pickle)
+                 model=base.backbone if resume else None, trust_pickle=trust_pickle, cuda_graph=cuda_graph)
 
 
 def train_with_baseline(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
                         data_root: Optional[str] = None, device: str = "auto", workers: int = 0,
-                        progress: bool = True, channels_last: bool = False,
+                        progress: bool = True, channels_last: bool = False, cuda_graph: str = "auto",
                         bench_duration_s: float = 0.5, bench_rounds: int = 3,
                         model: Optional[str] = None, trust_pickle: bool = False) -> BaselineComparison:
     """``train`` the code, then the plain backbone with the same settings, bench both (torch, batch 1),
@@ -139,10 +139,12 @@ def train_with_baseline(run_dir: PathLike, config: Optional[TrainConfig] = None,
     if settings is None or settings.arch is None:  # checked before any training starts
         raise IrepError("--baseline compares an architecture code with the plain backbone; give --arch")
     searched = train(run_dir, config, resume=resume, data_root=data_root, device=device, workers=workers,
-                     progress=progress, channels_last=channels_last, model=model, trust_pickle=trust_pickle)
+                     progress=progress, channels_last=channels_last, model=model, trust_pickle=trust_pickle,
+                     cuda_graph=cuda_graph)
     if not searched.main_process:
         raise IrepError("train --baseline runs in one process (not under torchrun)")
-    base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last, trust_pickle)
+    base = train_baseline(run_dir, settings, data_root, device, workers, progress, channels_last, trust_pickle,
+                          cuda_graph)  # the same step either way: the times compare
     report = bench(searched.ckpt, device=bench_profile(device), backends=["torch"], batches=[1],
                    duration_s=bench_duration_s, rounds=bench_rounds, compare=True, progress=progress)
     result = compare(searched, base, latencies(report), settings.seed)

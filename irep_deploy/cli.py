@@ -141,6 +141,10 @@ _RUNTIME: Dict[str, Any] = {
     "workers": (("--workers",), dict(type=opt.int_in(0, 256), metavar="N", help="data loader processes")),
     "progress": (("--quiet",), dict(action="store_false", help="no progress bars or per-epoch lines")),
     "channels_last": (("--channels-last",), dict(action="store_true", help="NHWC memory format (GPU speed)")),
+    "cuda_graph": (("--cuda-graph",), dict(choices=opt.CUDA_GRAPH_MODES, help=(
+        "capture each training step (forward, backward, optimizer, LR schedule) as one CUDA graph and replay "
+        "it per batch: auto where nothing refuses it (CPU, torchrun with several processes, --deterministic "
+        "train eagerly), on (a refusal is an error), off (docs/training.md, 'CUDA graphs')"))),
 }
 
 
@@ -333,7 +337,7 @@ def _args_train(p: argparse.ArgumentParser) -> None:
                    help="also train the plain backbone (no branches) with the same settings into RUN_DIR/baseline "
                         "and report test top-1, training time and torch latency side by side (RUN_DIR/baseline.json)")
     _settings(p, TrainConfig, "settings of the run (saved in it; a resume uses them as saved)")
-    _runtime(p, train, "data_root", "device", "workers", "progress", "channels_last")
+    _runtime(p, train, "data_root", "device", "workers", "progress", "channels_last", "cuda_graph")
     _trust_pickle(p, train)
 
 

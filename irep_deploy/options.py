@@ -123,6 +123,9 @@ def csv(text: str) -> List[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+#: ``train --cuda-graph``: capture the training step where it applies (auto), always (on), never (off).
+CUDA_GRAPH_MODES = ("auto", "on", "off")
+
 MAX_BATCH = 4096
 MAX_SIZE = 4096
 SEED = int_in(0, 2 ** 63 - 1)

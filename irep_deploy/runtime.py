@@ -168,12 +168,13 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
 
 
 # -- mixed precision --------------------------------------------------------------------------------
-def autocast(amp: str, device: torch.device) -> Any:
-    """The autocast context of an ``amp`` mode (a no-op for ``none``)."""
+def autocast(amp: str, device: torch.device, cache: bool = True) -> Any:
+    """The autocast context of an ``amp`` mode (a no-op for ``none``). ``cache=False``: no cache of
+    weights cast to the low precision (inside a CUDA-graph capture, none may outlive it)."""
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def make_scaler(amp: str, device: torch.device) -> Any:

@@ -94,13 +94,19 @@ class StepMonitor:
 
     def update(self, step: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> Optional[Tuple[int, float]]:
         """Add one step; at the end of an interval, return (step, loss) of the first non-finite loss if any."""
+        return self.add(step, loss, (logits.detach().argmax(1) == target).sum(), target.numel())
+
+    def add(self, step: int, loss: torch.Tensor, correct: torch.Tensor, examples: int) -> Optional[Tuple[int, float]]:
+        """:meth:`update` of a step whose right predictions are counted already (``correct``, a device
+        scalar: a captured step's output); device arithmetic only, ``loss`` and ``correct`` are read
+        before this returns (a CUDA graph's outputs may then be overwritten by its next replay)."""
         loss = loss.detach().double()
         first = torch.isinf(self.first_bad) & ~torch.isfinite(loss)
         self.first_bad = torch.where(first, torch.full_like(self.first_bad, step), self.first_bad)
         self.bad_value = torch.where(first, loss, self.bad_value)
-        self.loss_sum += loss * target.numel()
-        self.correct += (logits.detach().argmax(1) == target).sum()
-        self.seen += target.numel()
+        self.loss_sum += loss * examples
+        self.correct += correct
+        self.seen += examples
         return self.check() if (step + 1) % self.every == 0 else None
 
     def check(self) -> Optional[Tuple[int, float]]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Union
@@ -40,6 +41,7 @@ from . import options as opt
 from .compare import FUSE_EVAL
 from .data import DATASETS
 from .evaluation import EvalResult, evaluate, evaluate_models  # evaluate: documented as irep_deploy.train.evaluate
+from .graphs import DeviceSchedule, StepGraph, capture_refusal, make_capturable, make_train_step, resolve_cuda_graph, run_graph_epoch
 from .progress import bar as progress_bar
 from .binding import searchable_layers
 from .block import set_drop_path
@@ -205,7 +207,8 @@ class TrainReport:
 def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool = False,
           data_root: Optional[str] = None, device: str = "auto", workers: int = 0, progress: bool = True,
           on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]] = None,
-          channels_last: bool = False, model: Optional[str] = None, trust_pickle: bool = False) -> TrainReport:
+          channels_last: bool = False, model: Optional[str] = None, trust_pickle: bool = False,
+          cuda_graph: str = "auto") -> TrainReport:
     """Train a multi-branch network (the pipeline's data + arch.bin -> ckpt.pt step).
 
     New run: ``config`` says what to train; ``run_dir`` must not hold a run yet. ``resume=True``:
@@ -219,6 +222,10 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
     Under torchrun (WORLD_SIZE > 1) every process calls this; only rank 0 writes files.
     ``trust_pickle``: read old pickle-format files (a state of an earlier version, ``--weights``,
     ``--init-from``) on torch < 2.10 too, whose unpickler can run code even with ``weights_only``.
+    ``cuda_graph``: ``auto`` (default) captures each training step as one CUDA graph where
+    :func:`~irep_deploy.graphs.capture_refusal` finds no reason against it (else trains eagerly and,
+    with ``progress`` on a GPU, says why on stderr), ``on`` requires it (a reason against is a usage
+    error), ``off`` never captures. Like ``channels_last`` it is how, not what: it may change on resume.
     """
     run = Path(run_dir)
     if not resume:
@@ -236,10 +243,22 @@ def train(run_dir: PathLike, config: Optional[TrainConfig] = None, resume: bool 
             dev = resolve_device(device)
             dist = init_distributed(dev)
             try:
+                assert settings is not None
+                capture = _capture(cuda_graph, dev, dist, settings, progress)
                 return _train(run, config, state, saved, data_root, dev, dist, workers, progress, on_epoch_end,
-                              channels_last, trust_pickle)
+                              channels_last, trust_pickle, capture)
             finally:
                 close_distributed(dist)
+
+
+def _capture(mode: str, dev: torch.device, dist: Dist, config: TrainConfig, progress: bool) -> bool:
+    """Whether the run's steps are captured as CUDA graphs (``train``'s ``cuda_graph``), decided
+    before anything is written; ``auto`` refused on a GPU says why (a CPU run needs no word)."""
+    refusal = capture_refusal(dev, dist, config.deterministic)
+    capture = resolve_cuda_graph(mode, refusal)
+    if mode == "auto" and refusal is not None and progress and dist.main and dev.type == "cuda":
+        print("training without CUDA graphs: " + refusal, file=sys.stderr, flush=True)
+    return capture
 
 
 def _new_run_config(run: Path, config: Optional[TrainConfig]) -> TrainConfig:
@@ -259,7 +278,7 @@ def _new_run_config(run: Path, config: Optional[TrainConfig]) -> TrainConfig:
 def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, Any]], saved: Optional[TrainConfig],
            data_root: Optional[str], dev: torch.device, dist: Dist, workers: int, progress: bool,
            on_epoch_end: Optional[Callable[[int, Dict[str, Any]], None]], channels_last: bool,
-           trust_pickle: bool = False) -> TrainReport:
+           trust_pickle: bool = False, capture: bool = False) -> TrainReport:
     if saved is not None:  # read_run_state refused a config that differs from it
         config = saved
     assert config is not None
@@ -318,20 +337,27 @@ def _train(run: Path, config: Optional[TrainConfig], state: Optional[Dict[str, A
     # A block with no active branch never uses its alpha/beta: DDP must be told to expect that.
     net = wrap_ddp(model, dev, dist, find_unused=any(not block.active for _, block in searchable_layers(model)))
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    loss_of = _loss_fn(net, criterion)
+    # Captured steps (graphs.py): switched after the states are loaded, since a load puts float lrs back.
+    schedule = make_capturable([optimizer], scheduler, dev) if capture else None
+    graph = StepGraph(make_train_step(loss_of, [optimizer], schedule, dev, scaler, config.amp, config.grad_clip),
+                      dev) if schedule is not None else None
 
     for epoch in range(start, config.epochs):
         set_epoch(loader, config.seed, epoch)
         torch.manual_seed(epoch_seed(config.seed, epoch, dist.rank))  # augmentation, dropout, drop-path
         set_drop_path(model, drop_path_at(config, epoch))
-        record = _train_epoch(net, loader, optimizer, scheduler, criterion, dev, dist, epoch, config, progress, run,
-                              scaler, layout)
+        if graph is not None and config.drop_path:
+            graph.reset()  # the probability is a Python float the captured step holds: capture this epoch's
+        record = _train_epoch(net, loader, optimizer, scheduler, loss_of, dev, dist, epoch, config, progress, run,
+                              scaler, layout, graph, schedule)
         if val_loader is not None:
             broadcast_buffers(model, dist)
             (val,), _, _ = evaluate_models([model], val_loader, dev, dist)
             record.update(val_top1=val.top1, val_top5=val.top5, val_loss=val.loss)
         history.append(record)
         if dist.main:
-            _save_state(run, config, epoch + 1, model, optimizer, scheduler, history, scaler)
+            _save_state(run, config, epoch + 1, model, optimizer, scheduler, history, scaler, schedule)
             append_jsonl(run / "log.jsonl", record)
             if progress:
                 print(_epoch_line(record, config.epochs), flush=True)
@@ -371,22 +397,34 @@ def validate_train_state(state: Dict[str, Any], config: TrainConfig, path: Path)
 
 
 def _save_state(run: Path, config: TrainConfig, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, history: List[Dict[str, Any]], scaler: Any = None) -> None:
+                scheduler: Any, history: List[Dict[str, Any]], scaler: Any = None,
+                schedule: Optional[DeviceSchedule] = None) -> None:
+    # a captured run saves the optimizer as the eager run would (float lr, unfused): either resumes it
+    opt_state = schedule.state_dict(optimizer) if schedule is not None else optimizer.state_dict()
     write_run_state(run, "train", config, epoch=epoch, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                    optimizer=opt_state, scheduler=scheduler.state_dict(), rng=rng_state(),
                     history=history, scaler=scaler.state_dict() if scaler is not None else None)
 
 
-def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                 criterion: nn.Module, dev: torch.device, dist: Dist, epoch: int, config: TrainConfig,
-                 progress: bool, run: Path, scaler: Any = None,
-                 layout: torch.memory_format = torch.contiguous_format) -> Dict[str, Any]:
-    def loss_of(x: torch.Tensor, y: torch.Tensor):
+def _loss_fn(net: nn.Module, criterion: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    def loss_of(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         out = net(x)
         return criterion(out.float(), y), out
+    return loss_of
 
-    totals = run_epoch(net, loader, loss_of, [optimizer], scheduler, dev, dist, scaler, config.amp, layout,
-                       "epoch {}/{}".format(epoch + 1, config.epochs), progress, config.grad_clip)
+
+def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 loss_of: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+                 dev: torch.device, dist: Dist, epoch: int, config: TrainConfig,
+                 progress: bool, run: Path, scaler: Any = None,
+                 layout: torch.memory_format = torch.contiguous_format, graph: Optional[StepGraph] = None,
+                 schedule: Optional[DeviceSchedule] = None) -> Dict[str, Any]:
+    desc = "epoch {}/{}".format(epoch + 1, config.epochs)
+    if graph is not None and schedule is not None:
+        totals = run_graph_epoch(graph, loader, schedule, dev, dist, net, layout, desc, progress)
+    else:
+        totals = run_epoch(net, loader, loss_of, [optimizer], scheduler, dev, dist, scaler, config.amp, layout,
+                           desc, progress, config.grad_clip)
     if totals.diverged is not None:
         raise TrainingDiverged(totals.divergence(epoch, state_path(run)))
     record = {"event": "epoch", "epoch": epoch + 1, "train_loss": totals.loss, "train_top1": totals.top1,
@@ -394,6 +432,8 @@ def _train_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, 
               "examples": totals.examples}
     if config.drop_path:
         record["drop_path"] = drop_path_at(config, epoch)
+    if graph is not None:
+        record["cuda_graph"] = True  # the steps were captured (how, not what: absent when eager)
     return record
 
 
