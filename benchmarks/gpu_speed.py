@@ -7,16 +7,17 @@
     setting (benchstats: median of per-round ratios, interval, verdict widened by an A/A control: the
     plain network timed twice). Target: every branch at its fastest <= 5x plain at its fastest.
 (b) Search step, B = 5 codes at 2/3 (SuperNet.forward + averaged_loss + backward + SGD/Adam steps) as the
-    search runs it today, and the static search step (irep_deploy.search.static_step, eager and in
-    irep_deploy.graphs.StepGraph) where those modules exist. Target: <= 4x five plain steps.
+    eager search step runs it, and the static search step (irep_deploy.search.static_step), sequential and
+    batched, eager and captured, fp32 and bf16 + channels_last. Target: <= 4x five plain steps (the plain
+    network at its fastest setting).
 (c) One training epoch of the ``paper-cifar`` search on Fashion-MNIST and one epoch of ``train`` with every
     branch, each as a ratio to one epoch of the plain network in the same run. Target: search epoch <= 40 s.
     An epoch that would not fit the time left runs on fewer examples and is extrapolated (said so).
 (d) torchvision-layout resnet18 at 224 px, batch 64: plain vs every branch, eager vs captured.
 (e) torch.profiler table of 3 every-branch steps (captured where CUDA graphs run), top kernels.
 
-Whole-step capture here is a small local helper (``CapturedStep``, torch.cuda.graph) standing in for
-irep_deploy.graphs.StepGraph in sections (a), (d), (e). Without CUDA it exits with status 2 and one line;
+Captured steps are the project's (irep_deploy.graphs.StepGraph, make_capturable, make_train_step; the
+search's static step as des.py builds it). Without CUDA it exits with status 2 and one line;
 ``--device cpu --smoke`` runs every section at tiny size on the CPU (captured settings are skipped there:
 CUDA graphs need CUDA). Writes ``results/gpu_speed_<gpu>.{json,md}`` (``--out DIR``: into DIR).
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import random
 import re
@@ -51,7 +51,11 @@ from irep_deploy import ArchCode, build_model  # noqa: E402
 from irep_deploy.bench.latency import spread  # noqa: E402
 from irep_deploy.data import FASHION_MNIST_ROOT  # noqa: E402
 from irep_deploy.search.population import initial_population  # noqa: E402
+from irep_deploy.graphs import WARMUP as StepGraph_WARMUP, StepGraph, make_capturable, make_train_step  # noqa: E402
+from irep_deploy.runtime import autocast  # noqa: E402
+from irep_deploy.search.static_step import StaticSearchStep  # noqa: E402
 from irep_deploy.search.supernet import SuperNet, averaged_loss  # noqa: E402
+from irep_deploy.steps import optimizer_step  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CIFAR = "resnet18_cifar"
@@ -74,57 +78,39 @@ def sync(device: torch.device) -> None:
 
 
 # -- steps ------------------------------------------------------------------------------------------
-class CapturedStep:
-    """One whole training step in a CUDA graph (torch.cuda.graph's whole-network recipe: static input
-    buffers, warm-up on a side stream, grads set to None before capture so backward allocates them in
-    the graph's pool, optimizer step inside). A local stand-in for irep_deploy.graphs.StepGraph."""
-
-    def __init__(self, body: Callable[[torch.Tensor, torch.Tensor], Any], zero: Fn, x: torch.Tensor,
-                 y: torch.Tensor, warmup: int) -> None:
-        self.x, self.y = x.clone(), y.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                zero()
-                body(self.x, self.y)
-        torch.cuda.current_stream().wait_stream(side)
-        zero()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = body(self.x, self.y)
-
-    def __call__(self) -> Any:
-        self.graph.replay()
-        return self.out
+def _cosine(opt: torch.optim.Optimizer) -> Any:
+    """The per-batch cosine schedule train and the search step every iteration."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10 ** 6)
 
 
 def classifier_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, captured: bool,
                     warmup: int) -> Fn:
-    """A step of ``model`` (SGD momentum 0.9) on the fixed batch (x, y), eager or captured."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    kind = x.device.type
+    """A training step of ``model`` (SGD momentum 0.9, weight decay, cosine per batch) on the fixed
+    batch (x, y) as ``train`` takes it: eager (steps.optimizer_step, the unfused optimizer) or captured
+    (graphs.make_capturable + make_train_step in a StepGraph, what ``train --cuda-graph`` runs)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = _cosine(opt)
+    amp = "bf16" if bf16 else "none"
+    criterion = nn.CrossEntropyLoss()
 
-    def body(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
-            out = model(xb)
-        loss = F.cross_entropy(out.float(), yb)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    def zero() -> None:
-        opt.zero_grad(set_to_none=True)
+    def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = model(xb)
+        return criterion(out.float(), yb), out
 
     if captured:
-        return CapturedStep(body, zero, x, y, warmup)
-
-    def eager() -> torch.Tensor:
-        zero()
-        return body(x, y)
-    for _ in range(warmup):
-        eager()
-    return eager
+        schedule = make_capturable([opt], sched, x.device)
+        graph = StepGraph(make_train_step(loss_of, [opt], schedule, x.device, amp=amp), x.device)
+        step: Fn = lambda: graph(x, y)  # noqa: E731
+    else:
+        def step() -> Any:
+            opt.zero_grad(set_to_none=True)
+            with autocast(amp, x.device):
+                loss, _ = loss_of(x, y)
+            optimizer_step(loss, [opt], sched)
+            return loss
+    for _ in range(warmup + (StepGraph_WARMUP if captured else 0)):  # a StepGraph captures after its warm-up
+        step()
+    return step
 
 
 SETTINGS = (("eager fp32", False, False), ("eager bf16+cl", False, True),
@@ -220,22 +206,22 @@ def _supernet(size: Dict[str, Any], device: torch.device) -> Tuple[SuperNet, Any
     return supernet, w_opt, a_opt
 
 
-def _schedule(w_opt: torch.optim.Optimizer) -> Any:
-    """The search's per-batch cosine schedule (its host-side step is part of every search step)."""
-    return torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=10 ** 6)
+def static_search_step(supernet: SuperNet, w_opt: Any, a_opt: Any, criterion: nn.Module, batched: bool,
+                       captured: bool, bf16: bool, device: torch.device) -> Tuple[StaticSearchStep, Callable[..., Any]]:
+    """The static search step as ``search --search-step`` runs it (des._Search._static_step): fused
+    optimizers with the device schedule, in a StepGraph that captures it where ``captured``."""
+    schedule = make_capturable([w_opt, a_opt], _cosine(w_opt), device)
+    static = StaticSearchStep(supernet, [w_opt, a_opt], schedule.scheduler, criterion, batched=batched,
+                              schedule_step=schedule.step, amp="bf16" if bf16 else "none")
+
+    def step(x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = static.step(x, y, gates)
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+    return static, StepGraph(step, device, enabled=captured)
 
 
-def _static_step(cls: Any, supernet: SuperNet, w_opt: Any, a_opt: Any, criterion: nn.Module,
-                 batched: bool) -> Tuple[Any, Callable[[Sequence[ArchCode]], torch.Tensor]]:
-    """A static search step and its codes -> device tensor function. Two signatures are met: the one
-    this script was written against, ``StaticSearchStep(supernet, w_opt, a_opt, criterion, batched)``
-    with ``masks(codes)``, and the one in progress beside it, ``StaticSearchStep(supernet, optimizers,
-    scheduler, criterion, batched=...)`` with ``gates(codes)``; the maintainer keeps the one merged."""
-    if "optimizers" in inspect.signature(cls).parameters:
-        static = cls(supernet, [w_opt, a_opt], _schedule(w_opt), criterion, batched=batched)
-    else:
-        static = cls(supernet, w_opt, a_opt, criterion, batched)
-    return static, getattr(static, "masks", None) or static.gates
+SEARCH_VARIANTS = [(layout, captured, bf16) for captured in (False, True) for bf16 in (False, True)
+                   for layout in ("sequential", "batched")]
 
 
 def search_steps(device: torch.device, size: Dict[str, Any]) -> Dict[str, Any]:
@@ -251,54 +237,43 @@ def search_steps(device: torch.device, size: Dict[str, Any]) -> Dict[str, Any]:
         return lambda: [population[rng.randrange(len(population))] for _ in range(size["subnets"])]
 
     supernet, w_opt, a_opt = _supernet(size, device)
-    sched = _schedule(w_opt)
+    sched = _cosine(w_opt)
     pick = picker()
 
-    def eager_search() -> None:  # des.py's loss_of + steps.optimizer_step, without a scaler
+    def eager_search() -> None:  # des.py's eager step: loss_of + steps.optimizer_step, no scaler
         outputs = supernet(x, pick())
         loss = averaged_loss([o.float() for o in outputs], y, criterion)
-        w_opt.zero_grad()
-        a_opt.zero_grad()
-        loss.backward()
-        w_opt.step()
-        a_opt.step()
-        sched.step()
+        w_opt.zero_grad(set_to_none=True)
+        a_opt.zero_grad(set_to_none=True)
+        optimizer_step(loss, [w_opt, a_opt], sched)
     fns: Dict[str, Fn] = {"search eager (today)": eager_search}
     notes: List[str] = []
-    plain = [s for s in settings_for(device) if s[0] in ("eager fp32", "captured fp32")]
+    plain = settings_for(device)
     for s in plain:
         fns["plain @ " + s[0]] = net_step(CIFAR, None, size["width"], 1, 10, size["batch"], 28, s, size["warmup"], device)
     fns["plain A/A @ eager fp32"] = net_step(CIFAR, None, size["width"], 1, 10, size["batch"], 28, SETTINGS[0],
                                              size["warmup"], device)
-    try:
-        from irep_deploy.search.static_step import StaticSearchStep  # type: ignore[import-not-found]
-    except ImportError as exc:
-        notes.append("static search step: not built (irep_deploy.search.static_step: {})".format(exc))
-        StaticSearchStep = None
-    try:
-        from irep_deploy.graphs import StepGraph  # type: ignore[import-not-found]
-    except ImportError as exc:
-        notes.append("captured static search step: not built (irep_deploy.graphs: {})".format(exc))
-        StepGraph = None
-    captures = [False, True] if StepGraph is not None and device.type == "cuda" else [False]
-    for batched, captured in [(b, c) for b in (False, True) for c in captures] if StaticSearchStep is not None else []:
-        name = "search static batched={}{}".format(batched, " captured" if captured else "")
+    for layout, captured, bf16 in SEARCH_VARIANTS:
+        name = "search static {}{}{}".format(layout, " captured" if captured else " eager", " bf16+cl" if bf16 else " fp32")
+        if captured and device.type != "cuda":
+            notes.append("{}: skipped (CUDA graphs need CUDA)".format(name))
+            continue
         try:  # a static step that refuses or breaks is a note; today's step is still timed
             net, w, a = _supernet(size, device)
-            static, to_masks = _static_step(StaticSearchStep, net, w, a, criterion, batched)
-            run = StepGraph(static.step, enabled=True) if captured else static.step
+            nhwc = torch.channels_last if bf16 else torch.contiguous_format
+            net = net.to(memory_format=nhwc)
+            xs = x.contiguous(memory_format=nhwc)
+            static, graph = static_search_step(net, w, a, criterion, layout == "batched", captured, bf16, device)
             codes = picker()
 
-            def step(run: Callable[..., Any] = run, to_masks: Callable[..., Any] = to_masks,
-                     codes: Callable[[], Any] = codes) -> None:
-                run(x, y, to_masks(codes()))
-            for _ in range(size["warmup"]):
+            def step(graph: Callable[..., Any] = graph, static: StaticSearchStep = static,
+                     codes: Callable[[], Any] = codes, xs: torch.Tensor = xs) -> None:
+                graph(xs, y, static.gates(codes()))
+            for _ in range(size["warmup"] + (StepGraph_WARMUP if captured else 0)):
                 step()
             fns[name] = step
         except Exception as exc:
             notes.append("{}: failed ({}: {})".format(name, type(exc).__name__, str(exc).split("\n")[0][:200]))
-    if StaticSearchStep is not None and StepGraph is not None and device.type != "cuda":
-        notes.append("captured static search step: skipped (CUDA graphs need CUDA)")
     for _ in range(size["warmup"]):
         eager_search()
     times = interleaved(fns, size["rounds"], size["iters"], device)
@@ -311,6 +286,7 @@ def search_steps(device: torch.device, size: Dict[str, Any]) -> Dict[str, Any]:
         row = dict(step=key, **summary(times[key]))
         if key.startswith("search"):
             row["vs_five_plain"] = ratio_stats(times[key], five)
+            row["vs_today"] = ratio_stats(times[key], times["search eager (today)"])
             row["judged"] = judge(row["vs_five_plain"], aa, 4.0)
         rows.append(row)
     return {"model": CIFAR, "width": size["width"], "batch": size["batch"], "subnets": size["subnets"],
@@ -367,13 +343,14 @@ def epochs(device: torch.device, size: Dict[str, Any], dataset: str, data_root: 
         record = report.history[0]
         row(name, record["seconds"], record["examples"], examples, limit is not None)
 
-    def search_epoch(limit: Optional[int]) -> None:
+    def search_epoch(limit: Optional[int], today: bool) -> None:
         config = make_config("paper-cifar", dataset=dataset, width=size["epoch_width"], batch_size=batch,
-                             limit=limit)
+                             limit=limit, device_data="off" if today else "auto")
         with tempfile.TemporaryDirectory() as tmp:
             run = Path(tmp) / "run"
             run.mkdir()
-            search = _Search(run, config, device, Dist(), data_root, progress=False, workers=size["workers"])
+            how = dict(search_step="eager", cuda_graph="off") if today else dict(search_step="auto", cuda_graph="auto")
+            search = _Search(run, config, device, Dist(), data_root, progress=False, workers=size["workers"], **how)
             try:  # the search's training epoch (B codes per batch); the population scoring is not in it
                 sync(device)
                 t0 = time.perf_counter()
@@ -383,12 +360,15 @@ def epochs(device: torch.device, size: Dict[str, Any], dataset: str, data_root: 
             finally:
                 if search.writer is not None:
                     search.writer.close()
-        row("search (paper-cifar, B={}, 2/3)".format(config.subnets), seconds, len(search.data.train),
+        what = "eager step, DataLoader" if today else "step {}{}, --device-data auto".format(
+            search.static or "eager", " captured" if search.capture else "")
+        row("search (paper-cifar, B={}, 2/3; {})".format(config.subnets, what), seconds, len(search.data.train),
             search_examples, limit is not None)
 
     train_epoch("plain", None, size["epoch_limit"])
     search_examples = int(examples * (1 - 0.1))  # the search holds out its 10 % validation split
-    search_epoch(limit_for("search", search_examples, 0.6))
+    search_epoch(limit_for("search", search_examples, 0.4), today=False)
+    search_epoch(limit_for("search today", search_examples, 0.5), today=True)
     train_epoch("every branch", ArchCode.full(CIFAR), limit_for("every branch", examples, 0.9))
     plain = out["rows"][0]["seconds"]
     for row in out["rows"]:
@@ -452,8 +432,9 @@ def markdown(result: Dict[str, Any]) -> str:
     lines = ["# GPU speed of training and search steps", "", "Command: `{}`".format(result["command"]), "",
              "Machine: " + result["machine"]["summary"], "", "## Sections", "", "| section | status |", "|---|---|"]
     lines += ["| {} | {} |".format(k, v) for k, v in result["status"].items()]
-    lines += ["", "Whole-step capture in (a), (d), (e) is this script's own torch.cuda.graph helper (CapturedStep), "
-              "not irep_deploy.graphs.StepGraph.", ""]
+    lines += ["", "Captured steps are the project's own (graphs.StepGraph with make_capturable: fused optimizers, "
+              "cosine schedule on the device); eager steps are steps.optimizer_step with the unfused optimizers, "
+              "as train and the search take them without --cuda-graph.", ""]
     a = result.get("step_table")
     if a:
         lines += ["## (a) Step table: {} width {}, {}, batch {} (ms per step)".format(a["model"], a["width"],
@@ -474,11 +455,12 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += ["## (b) Search step: B={} codes at {} ({} branches each), batch {} (ms per step)".format(
             b["subnets"], b["budget"], b["branches_per_code"], b["batch"]), "",
             "Five plain steps: the plain network's fastest setting here ({}).".format(b["plain_fastest"]), "",
-            "| step | ms (spread) | / five plain steps | target <= 4x |", "|---|---|---|---|"]
+            "| step | ms (spread) | / today's eager step | / five plain steps | target <= 4x |", "|---|---|---|---|---|"]
         for r in b["rows"]:
             judged = r.get("judged")
-            lines.append("| {} | {} | {} | {} |".format(r["step"], _ms_cell(r), ratio_cell(r["vs_five_plain"])
-                                                        if judged else "-", verdict_text(judged) if judged else "-"))
+            lines.append("| {} | {} | {} | {} | {} |".format(
+                r["step"], _ms_cell(r), ratio_cell(r["vs_today"]) if judged else "-",
+                ratio_cell(r["vs_five_plain"]) if judged else "-", verdict_text(judged) if judged else "-"))
         lines += ["", "A/A (plain eager fp32 timed twice): " + ratio_cell(b["aa"]), ""]
         lines += ["- " + n for n in b["notes"]] + [""]
     c = result.get("epochs")
@@ -565,11 +547,16 @@ def main(argv: Sequence[str] = ()) -> int:
             else:
                 step_ms: Dict[str, Optional[float]] = {}
                 a, b = result.get("step_table"), result.get("search_step")
+                # the epochs take the paths train and search take by default here: captured on CUDA
+                setting = "captured fp32" if device.type == "cuda" else "eager fp32"
                 for row in (a or {}).get("rows", []):
-                    if row["setting"] == "eager fp32":
+                    if row["setting"] == setting:
                         step_ms[row["network"]] = row["median_ms"]
+                new = "search static batched {} fp32".format("captured" if device.type == "cuda" else "eager")
                 for row in (b or {}).get("rows", []):
                     if row["step"] == "search eager (today)":
+                        step_ms["search today"] = row["median_ms"]
+                    elif row["step"] == new:
                         step_ms["search"] = row["median_ms"]
                 left = size["budget_s"] - (time.perf_counter() - started)
                 result[key] = epochs(device, size, args.epoch_dataset, args.data_root, left, step_ms)

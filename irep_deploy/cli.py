@@ -145,6 +145,11 @@ _RUNTIME: Dict[str, Any] = {
         "capture each training step (forward, backward, optimizer, LR schedule) as one CUDA graph and replay "
         "it per batch: auto where nothing refuses it (CPU, torchrun with several processes, --deterministic "
         "train eagerly), on (a refusal is an error), off (docs/training.md, 'CUDA graphs')"))),
+    "search_step": (("--search-step",), dict(choices=opt.SEARCH_STEPS, help=(
+        "how a search step trains its B subnets: eager (the active branches only, switched in Python), "
+        "sequential or batched (every branch gated on the device: one fixed step that can be captured; batched "
+        "runs the B subnets as one batch of B x N), auto (batched where the step is captured, else eager; "
+        "docs/search.md, 'The training step on a GPU')"))),
 }
 
 
@@ -285,7 +290,7 @@ def _args_search(p: argparse.ArgumentParser) -> None:
                         "settings flags override it".format(*(make_config(name).total_epochs
                                                               for name in ("paper-cifar", "paper-imagenet"))))
     _settings(p, SearchConfig, "settings of the search (saved in the run; defaults without --preset)")
-    _runtime(p, search, "data_root", "device", "workers", "progress")
+    _runtime(p, search, "data_root", "device", "workers", "progress", "cuda_graph", "search_step")
     _trust_pickle(p, search)
 
 

@@ -125,6 +125,10 @@ def csv(text: str) -> List[str]:
 
 #: ``train --cuda-graph``: capture the training step where it applies (auto), always (on), never (off).
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+#: ``search --search-step``: eager (SuperNet.forward, the active branches only), sequential or
+#: batched (search/static_step.py: every branch gated on the device, capturable), auto (batched
+#: where the step is captured, else eager).
+SEARCH_STEPS = ("auto", "eager", "sequential", "batched")
 
 MAX_BATCH = 4096
 MAX_SIZE = 4096

@@ -70,13 +70,19 @@ def test_cpu_smoke_runs_every_section(tmp_path):
     five = [5 * t for t in next(r for r in b["rows"] if r["step"] == "plain @ " + b["plain_fastest"])["rounds_ms"]]
     assert b["rows"][0]["vs_five_plain"]["median"] == pytest.approx(statistics.median(
         [x / y for x, y in zip(b["rows"][0]["rounds_ms"], five)]))
-    if not (ROOT / "irep_deploy" / "search" / "static_step.py").exists():  # not built: the record says so
-        assert any("not built" in n for n in b["notes"]) and "not built" in text
-    else:  # built: both layouts run eagerly on the CPU and are judged like today's step
-        assert {"search static batched=False", "search static batched=True"} <= set(steps)
+    # the static step, both layouts, fp32 and bf16, runs eagerly on the CPU and is judged like today's step;
+    # its captured variants are skipped, saying why
+    static = {"search static {} eager {}".format(layout, kind) for layout in ("sequential", "batched")
+              for kind in ("fp32", "bf16+cl")}
+    assert static <= set(steps)
+    for r in b["rows"]:
+        if r["step"] in static:
+            assert r["judged"]["target"] == "<= 4.0" and r["vs_today"]["median"] > 0
+    assert sum("captured" in n and "CUDA graphs need CUDA" in n for n in b["notes"]) == 4
 
     c = result["epochs"]
-    assert [r["run"] for r in c["rows"]][0] == "plain" and len(c["rows"]) == 3
+    assert [r["run"] for r in c["rows"]][0] == "plain" and len(c["rows"]) == 4
+    assert "eager step, DataLoader" in c["rows"][2]["run"] and "--device-data auto" in c["rows"][1]["run"]
     assert c["rows"][1]["vs_plain"] == pytest.approx(c["rows"][1]["seconds"] / c["rows"][0]["seconds"])
     assert c["target"]["verdict"].startswith("not judged")
 

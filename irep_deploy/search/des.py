@@ -37,18 +37,20 @@ from ..ops import SPACES
 from .. import options as opt
 from ..data import DATASETS
 from ..ops import REGISTRY
-from ..options import BACKBONE_HELP, DEVICE_DATA_HELP, model_setting, setting
+from ..options import BACKBONE_HELP, DEVICE_DATA_HELP, SEARCH_STEPS, model_setting, setting
 from ..progress import bar
 from ..runs import (build_run_model, check_epoch, check_model_settings, check_settings, check_tensors, load_part,
                     read_run_state, state_part, state_path, write_run_state)
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, launched_main, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
+from ..graphs import DeviceSchedule, StepGraph, capture_refusal, make_capturable, resolve_cuda_graph, run_graph_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .answer import explain
 from .records import (ALPHA_BETA_FILE, ANSWER_FILE, BEST_SEEN_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord,
                       BestSeen, EpochRecord, LogRecord, Population, PopulationCode, RoundRecord, append_record,
                       write_population)
+from .static_step import StaticSearchStep, static_step_refusal
 from .supernet import SuperNet, averaged_loss, fuse_code
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -215,6 +217,32 @@ def _codes_from_data(template: ArchCode, data: Sequence[Sequence[str]]) -> List[
     return [template.with_bits([[int(ch) for ch in row] for row in rows]) for rows in data]
 
 
+# -- the step ---------------------------------------------------------------------------------------
+def plan_step(search_step: str, cuda_graph: str, supernet: SuperNet, dev: torch.device, dist: Dist,
+              config: SearchConfig) -> Tuple[Optional[str], bool]:
+    """(static layout or None for the eager step, capture) of a search's training steps.
+
+    The eager step switches branches in Python between the B subnets, so only the static step can
+    be captured; capture needs what ``train``'s does (graphs.capture_refusal). A mode given
+    explicitly that cannot apply is a one-line usage error; ``auto`` falls back to the eager step."""
+    if search_step not in SEARCH_STEPS:
+        raise UsageError("--search-step {!r}: choose from {}".format(search_step, ", ".join(SEARCH_STEPS)))
+    refusal = static_step_refusal(supernet)
+    if refusal is None and dist.enabled:
+        refusal = "it trains the SuperNet without DDP's gradient all-reduce ({} processes)".format(dist.world_size)
+    if search_step in ("sequential", "batched") and refusal is not None:
+        raise UsageError("--search-step {}: the static step does not apply here: {}".format(search_step, refusal))
+    capture_no = capture_refusal(dev, dist, config.deterministic)
+    if capture_no is None and refusal is not None:
+        capture_no = "the static search step does not apply: " + refusal
+    if capture_no is None and search_step == "eager":
+        capture_no = "--search-step eager switches branches in Python between subnets (only the static step is captured)"
+    capture = resolve_cuda_graph(cuda_graph, capture_no)
+    if search_step == "auto":
+        return ("batched" if capture else None), capture
+    return (None if search_step == "eager" else search_step), capture
+
+
 # -- the driver -------------------------------------------------------------------------------------
 #: Host memory the decoded validation split may take when it stays in memory for the whole search (CPU).
 VAL_CACHE_HOST_BYTES = 2 << 30
@@ -237,7 +265,8 @@ def recalibration_batches(dataset: Any, batch_size: int, count: int, seed: int, 
 
 class _Search:
     def __init__(self, run: Path, config: SearchConfig, dev: torch.device, dist: Dist, data_root: Optional[str],
-                 progress: bool, workers: int = 0, resuming: bool = False, trust_pickle: bool = False) -> None:
+                 progress: bool, workers: int = 0, resuming: bool = False, trust_pickle: bool = False,
+                 search_step: str = "eager", cuda_graph: str = "off") -> None:
         self.run, self.config, self.dev, self.dist, self.progress = run, config, dev, dist, progress
         data = load_data(config.dataset, data_root, val_fraction=config.val_fraction,
                          split_seed=config.split_seed, limit=config.limit, parts=("train", "val"))
@@ -281,6 +310,10 @@ class _Search:
         self.history: Dict[str, List[List[float]]] = {}  # code key -> [[round, fitness], ...]
         self.best_seen: Optional[Dict[str, Any]] = None  # {"round", "fitness", "bits"}: highest fitness of any round
         self.writer = self._tensorboard() if dist.main else None
+        self.static, self.capture = plan_step(search_step, cuda_graph, self.supernet, dev, dist, config)
+        self._stepper: Optional[StaticSearchStep] = None  # built at the first epoch, after a resume's loads
+        self._graph: Optional[StepGraph] = None
+        self._schedule: Optional[DeviceSchedule] = None
 
     def _tensorboard(self):
         try:
@@ -294,12 +327,16 @@ class _Search:
     def state(self) -> Dict[str, Any]:
         """What state.pt holds besides the format header and the settings (runs.write_run_state)."""
         return {
-            "epoch": self.epoch, "model": self.supernet.model.state_dict(), "w_opt": self.w_opt.state_dict(),
-            "a_opt": self.a_opt.state_dict(), "sched": self.sched.state_dict(),
+            "epoch": self.epoch, "model": self.supernet.model.state_dict(), "w_opt": self._opt_state(self.w_opt),
+            "a_opt": self._opt_state(self.a_opt), "sched": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "population": _codes_to_data(self.population), "fitness": self.fitness, "rounds": self.rounds,
             "history": self.history, "best_seen": self.best_seen,
         }
+
+    def _opt_state(self, opt: torch.optim.Optimizer) -> Dict[str, Any]:
+        # a static or captured step saves its optimizers as the eager step would (float lr, unfused)
+        return self._schedule.state_dict(opt) if self._schedule is not None else opt.state_dict()
 
     def restore(self, state: Dict[str, Any]) -> None:
         """Continue from ``state`` (checked by :func:`validate_search_state`); a part that does not fit
@@ -348,18 +385,42 @@ class _Search:
         picker = random.Random(epoch_seed(config.seed, epoch))  # same codes on every rank
         phase = "warmup" if epoch < config.warmup_epochs else "round {}".format(self._round_of(epoch))
 
-        def loss_of(x: torch.Tensor, y: torch.Tensor):
-            codes = [self.population[picker.randrange(len(self.population))] for _ in range(config.subnets)]
-            outputs = self.net(x, codes)
-            return averaged_loss([o.float() for o in outputs], y, self.criterion), outputs[-1]
+        def draw() -> List[ArchCode]:
+            return [self.population[picker.randrange(len(self.population))] for _ in range(config.subnets)]
 
-        totals = run_epoch(self.net, self.loader, loss_of, [self.w_opt, self.a_opt], self.sched, self.dev, self.dist,
-                           self.scaler, config.amp, self.layout,
-                           "epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase), self.progress)
+        desc = "epoch {}/{} ({})".format(epoch + 1, config.total_epochs, phase)
+        if self.static:
+            graph, schedule, stepper = self._static_step()
+            totals = run_graph_epoch(graph, self.loader, schedule, self.dev, self.dist, self.supernet, self.layout,
+                                     desc, self.progress, extra=lambda step: (stepper.gates(draw()),))
+        else:
+            def loss_of(x: torch.Tensor, y: torch.Tensor):
+                outputs = self.net(x, draw())
+                return averaged_loss([o.float() for o in outputs], y, self.criterion), outputs[-1]
+
+            totals = run_epoch(self.net, self.loader, loss_of, [self.w_opt, self.a_opt], self.sched, self.dev,
+                               self.dist, self.scaler, config.amp, self.layout, desc, self.progress)
         if totals.diverged is not None:
             raise TrainingDiverged("search " + totals.divergence(epoch, state_path(self.run)))
         return EpochRecord(epoch=epoch + 1, phase=phase, train_loss=totals.loss, train_acc=totals.top1,
                            lr=self.sched.get_last_lr()[0])
+
+    def _static_step(self) -> Tuple[StepGraph, DeviceSchedule, StaticSearchStep]:
+        """The static step (static_step.py) with the device schedule, in a StepGraph that captures it
+        where ``capture``; built once, after a resume has loaded the optimizers (graphs.make_capturable)."""
+        if self._stepper is None:
+            self._schedule = make_capturable([self.w_opt, self.a_opt], self.sched, self.dev)
+            self._stepper = stepper = StaticSearchStep(
+                self.supernet, [self.w_opt, self.a_opt], self.sched, self.criterion, batched=self.static == "batched",
+                scaler=self.scaler, schedule_step=self._schedule.step, amp=self.config.amp)
+
+            def step(x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+                loss, logits = stepper.step(x, y, gates)
+                return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+            self._graph = StepGraph(step, self.dev, enabled=self.capture)
+        assert self._graph is not None and self._schedule is not None
+        return self._graph, self._schedule, self._stepper
 
     def _round_of(self, epoch: int) -> int:
         return (epoch - self.config.warmup_epochs) // self.config.round_epochs + 1
@@ -576,9 +637,11 @@ def validate_search_state(state: Dict[str, Any], config: SearchConfig, path: Pat
 
 def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: bool = False,
            data_root: Optional[str] = None, device: str = "auto", progress: bool = True,
-           workers: int = 0, model: Optional[str] = None, trust_pickle: bool = False) -> SearchReport:
+           workers: int = 0, model: Optional[str] = None, trust_pickle: bool = False,
+           search_step: str = "auto", cuda_graph: str = "auto") -> SearchReport:
     """Run (or resume) a DES search in ``run_dir``; returns the best code of the last round.
-    ``workers`` loader processes (where/how, not what: it may change on resume). ``model``: on
+    ``workers`` loader processes, ``search_step`` (:data:`SEARCH_STEPS`, :func:`plan_step`) and
+    ``cuda_graph`` (as train's) are where/how, not what: they may change on resume. ``model``: on
     resume, the network the user names; required (and the same) when the run's settings name a
     model spec, since a file never decides what is imported. ``trust_pickle``: read old
     pickle-format files (a state of an earlier version, ``--weights``) on torch < 2.10 too."""
@@ -595,17 +658,19 @@ def search(run_dir: PathLike, config: Optional[SearchConfig] = None, resume: boo
             state, config = read_run_state(run, "search", SearchConfig, config, model, trust_pickle)
             validate_search_state(state, config, state_path(run))
         assert config is not None
-        return _search(run, config, state, data_root, device, progress, workers, trust_pickle)
+        return _search(run, config, state, data_root, device, progress, workers, trust_pickle, search_step,
+                       cuda_graph)
 
 
 def _search(run: Path, config: SearchConfig, state: Optional[Dict[str, Any]], data_root: Optional[str],
-            device: str, progress: bool, workers: int, trust_pickle: bool) -> SearchReport:
+            device: str, progress: bool, workers: int, trust_pickle: bool, search_step: str = "auto",
+            cuda_graph: str = "auto") -> SearchReport:
     with deterministic_mode(config.deterministic):  # before the device is touched
         dev = resolve_device(device)
         dist = init_distributed(dev)
         try:
             job = _Search(run, config, dev, dist, data_root, progress, workers, resuming=state is not None,
-                          trust_pickle=trust_pickle)
+                          trust_pickle=trust_pickle, search_step=search_step, cuda_graph=cuda_graph)
             if state is not None:
                 job.restore(state)
             elif dist.main:

@@ -44,6 +44,7 @@ from ..arch import ArchCode
 from ..binding import plan_arch
 from ..block import IrepConv
 from ..ops import OneByOneThen
+from ..runtime import autocast
 from ..steps import optimizer_step
 from .supernet import SuperNet, averaged_loss
 
@@ -165,18 +166,19 @@ class StaticSearchStep:
     SGD and alpha/beta's Adam, as :func:`steps.optimizer_step` does them, gradient scaler and
     clipping included) and the ``scheduler``, then restores what no code of the step held. It
     returns (loss, logits of the last subnet), as the eager step's ``loss_of`` does. The forward runs
-    under whatever autocast the caller has entered.
+    under ``amp``'s autocast (without its weight-cast cache, which must not outlive a CUDA graph's
+    capture); ``schedule_step`` replaces ``scheduler.step()`` (a device-side schedule, graphs.py).
     """
 
     def __init__(self, supernet: SuperNet, optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
                  criterion: nn.Module, batched: bool = True, scaler: Any = None, grad_clip: float = 0.0,
-                 schedule_step: Optional[Callable[[], None]] = None) -> None:
+                 schedule_step: Optional[Callable[[], None]] = None, amp: str = "none") -> None:
         reason = static_step_refusal(supernet)
         if reason is not None:
             raise ValueError("the static search step does not apply: " + reason)
         self.supernet, self.optimizers, self.scheduler = supernet, list(optimizers), scheduler
         self.criterion, self.batched, self.scaler, self.grad_clip = criterion, batched, scaler, grad_clip
-        self.schedule_step = schedule_step
+        self.schedule_step, self.amp = schedule_step, amp
         self._gates = _Gates()
         self._units: List[Tuple[IrepConv, str]] = []
         self._block_units: List[List[Tuple[int, str, int]]] = []
@@ -235,8 +237,9 @@ class StaticSearchStep:
             return outs
 
     def step(self, x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        outputs = self.forward(x, gates)
-        loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
+        with autocast(self.amp, x.device, cache=False):
+            outputs = self.forward(x, gates)
+            loss = averaged_loss([o.float() for o in outputs], y, self.criterion)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         held = gates.amax(0) > 0

@@ -218,3 +218,79 @@ def test_the_modules_are_as_before_after_a_step(tmp_path):
         out = job.supernet(x, [code])[0]
         fused = job.fused(code)(x)
     assert torch.allclose(out, fused, rtol=1e-4, atol=1e-4)
+
+
+# -- the search driving it ------------------------------------------------------------------------------
+def _model_state(job):
+    return {k: v.double() for k, v in job.supernet.model.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("layout", ["sequential", "batched"])
+def test_a_search_epoch_with_the_static_step_trains_as_the_eager_epoch(tmp_path, layout):
+    """The search's own epoch (codes drawn per batch, device schedule, fused optimizers) on real
+    digits: three steps, equal to the eager epoch to float32 rounding; its saved optimizer state is
+    the eager step's format (float lr, unfused), so either step resumes it."""
+    torch.set_num_threads(1)
+    settings = dict(limit=120, batch_size=32)  # 108 training examples: 3 steps
+    eager = _job(tmp_path, "eager", **settings)
+    static = _Search(tmp_path / "static", make_config(None, **dict(_SETTINGS, **settings)), torch.device("cpu"),
+                     Dist(), None, progress=False, search_step=layout, cuda_graph="auto")
+    assert static.static == layout and not static.capture  # auto on the CPU: no capture
+    for job in (eager, static):  # float64, so that what differs is the algorithm, not float32 rounding
+        job.supernet.model.double()
+        split = job.loader.dataset
+        split.transform = _Double(split.transform)
+    a, b = eager.train_epoch(), static.train_epoch()
+    assert a.train_loss == pytest.approx(b.train_loss, rel=1e-10)
+    assert a.lr == pytest.approx(b.lr, rel=1e-9) and static.sched.last_epoch == eager.sched.last_epoch == 3
+    ours, theirs = _model_state(static), _model_state(eager)
+    for key in theirs:  # the device schedule's lr is a float32 tensor: a relative 1e-8 per step
+        assert torch.allclose(ours[key], theirs[key], rtol=1e-6, atol=1e-7), (key, float((ours[key] - theirs[key]).abs().max()))
+    saved = static.state()
+    for part in ("w_opt", "a_opt"):
+        group = saved[part]["param_groups"][0]
+        assert isinstance(group["lr"], float) and not group.get("fused")
+    resumed = _job(tmp_path, "resumed", **settings)
+    resumed.restore(saved)  # the eager step continues a static run
+    resumed.train_epoch()
+
+
+class _Double:
+    """A split's transform, then float64."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, x):
+        return self.transform(x).double()
+
+
+_SETTINGS = dict(backbone="resnet18_cifar", dataset="digits", width=0.125, population=8, subnets=3,
+                 warmup_epochs=1, rounds=1, round_epochs=1, batch_size=32, limit=600, seed=5)
+
+
+def test_step_plans_and_refusals(tmp_path):
+    from irep_deploy.errors import UsageError
+    from irep_deploy.search.des import plan_step
+    job = _job(tmp_path, "plan")
+    cpu = torch.device("cpu")
+    plan = lambda step, graph, dist=Dist(): plan_step(step, graph, job.supernet, cpu, dist, job.config)  # noqa: E731
+    assert plan("auto", "auto") == (None, False)  # the CPU default is today's eager step
+    assert plan("batched", "off") == ("batched", False)
+    assert plan("sequential", "auto") == ("sequential", False)
+    with pytest.raises(UsageError, match="CUDA graphs need a CUDA device"):
+        plan("batched", "on")
+    with pytest.raises(UsageError, match="DDP"):
+        plan("batched", "off", Dist(rank=0, world_size=2))
+    assert plan("auto", "off", Dist(rank=0, world_size=2)) == (None, False)
+    set_drop_path(job.supernet.model, 0.2)
+    with pytest.raises(UsageError, match="drop-path"):
+        plan("sequential", "off")
+
+
+def test_cli_refuses_a_capture_it_cannot_make(tmp_path):
+    from tests.conftest import run_cli
+    code, out, err = run_cli(tmp_path, "search", "--preset", "cpu", "--dataset", "digits", "--search-step", "batched",
+                             "--cuda-graph", "on", "--device", "cpu", "-o", tmp_path / "run")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "CUDA graphs need a CUDA device" in err, err
+    assert not (tmp_path / "run").exists()
