@@ -256,9 +256,12 @@ class StaticSearchStep:
 
     # -- helpers --------------------------------------------------------------------------------
     def _held_of(self, held: torch.Tensor, unit: Any) -> torch.Tensor:
+        """Whether a step's codes held ``unit``: a gate column, or (alpha/beta) any of a block's,
+        whose indices live on the device (a list index would be copied from the host: no such copy
+        may happen inside a CUDA graph's capture)."""
         if isinstance(unit, int):
             return held[unit]
-        return held[list(unit)].any() if unit else torch.zeros((), dtype=torch.bool, device=held.device)
+        return held.index_select(0, unit).any()
 
     def _guarded_tensors(self) -> List[List[torch.Tensor]]:
         """Per branch (and per block's alpha/beta): the tensors a step must leave alone when no code
@@ -279,7 +282,8 @@ class StaticSearchStep:
             for p in (block.alpha, block.beta):
                 tensors.append(p.data)
                 tensors.extend(state.get(id(p), []))
-            self._guard_units.append((tuple(u for u, _, _ in units), tensors))
+            columns = torch.tensor([u for u, _, _ in units], dtype=torch.long, device=block.alpha.device)
+            self._guard_units.append((columns, tensors))
         return [tensors for _, tensors in self._guard_units]
 
     @contextlib.contextmanager
