@@ -128,11 +128,13 @@ class OneByOneThen(nn.Module):
             self.second = nn.Conv2d(mid, out_channels, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
 
-    def border(self, y: torch.Tensor) -> torch.Tensor:
+    def border(self, y: torch.Tensor, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``second`` (unpadded) of a 1 x C x (H+2) x (W+2) image holding ``BN1(0)`` on its 1-pixel
-        ring and 0 inside: what padding ``y`` with ``BN1(0)`` adds to ``second`` with zero padding."""
+        ring and 0 inside: what padding ``y`` with ``BN1(0)`` adds to ``second`` with zero padding.
+        ``fill`` (G x C) gives G pad values instead (the static search step's subnets), G images."""
         height, width = y.shape[-2], y.shape[-1]
-        fill = bn_zero_output(self.bn1).to(y.dtype).reshape(1, -1, 1, 1)
+        fill = bn_zero_output(self.bn1) if fill is None else fill
+        fill = fill.to(y.dtype).reshape(-1, y.shape[1], 1, 1)
         ring = F.pad(y.new_zeros(1, 1, height, width), (1, 1, 1, 1), value=1.0) * fill
         if self.pool:
             return F.avg_pool2d(ring, 3, self.second.stride, 0)

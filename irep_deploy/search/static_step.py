@@ -123,22 +123,16 @@ def _zero_output(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> t
 
 def _one_by_one_then(branch: OneByOneThen, gates: _Gates, x: torch.Tensor) -> torch.Tensor:
     """OneByOneThen's training forward, each subnet padded with BN(0) of the statistics its own
-    forward would have left in ``bn1`` (Diverse Branch Block's BNAndPad, per subnet)."""
+    forward would have left in ``bn1`` (Diverse Branch Block's BNAndPad, per subnet; the pad is
+    OneByOneThen's border term, one per subnet)."""
     y = branch.bn1(branch.conv1(x))
     groups = gates.groups
     stats = getattr(branch.bn1, "_irep_group_stats", None)
     if stats is None:  # bn1 without running statistics: it pads with BN(0) of nothing tracked
-        fill = torch.stack([_zero_output(branch.bn1, branch.bn1.running_mean, branch.bn1.running_var)] * groups)
-    else:
-        fill = torch.stack([_zero_output(branch.bn1, mean, var) for mean, var in stats])
-    fill = fill.to(y.dtype).reshape(groups, 1, -1, 1, 1)
-    padded = F.pad(_grouped(y, groups) - fill, (1, 1, 1, 1)) + fill
-    padded = padded.reshape((y.shape[0], y.shape[1]) + tuple(padded.shape[-2:]))
-    stride = branch.second.stride
-    if branch.pool:
-        z = F.avg_pool2d(padded, 3, stride, 0)
-    else:
-        z = F.conv2d(padded, branch.second.weight, None, stride, 0, 1, branch.second.groups)
+        stats = [(branch.bn1.running_mean, branch.bn1.running_var)] * groups
+    fill = torch.stack([_zero_output(branch.bn1, mean, var) for mean, var in stats])
+    z = branch.second(y)
+    z = (_grouped(z, groups) + branch.border(y, fill).unsqueeze(1)).reshape(z.shape)
     return branch.bn2(z)
 
 
