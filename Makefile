@@ -22,7 +22,8 @@ DEPLOY_TESTS := tests/test_fusion.py tests/test_models.py tests/test_arch.py tes
 	tests/test_fuzz_readers.py tests/test_irepify.py tests/test_detection.py tests/test_io.py \
 	tests/test_interrupts.py tests/test_hostile.py tests/test_spec_rules.py tests/test_tensorfile.py \
 	tests/test_norms.py tests/test_tracing.py tests/test_own_reparam.py tests/test_docs_claims.py \
-	tests/test_progress.py tests/test_messages.py tests/test_exit_codes.py tests/test_output_parents.py
+	tests/test_progress.py tests/test_messages.py tests/test_exit_codes.py tests/test_output_parents.py \
+	tests/test_onebyone_border.py
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: venv venv38 data test test-fast test-py38 test-gpu check-py38 check-results lint-docker demo demo-out-free benchmarks benchmarks-gpu clean
