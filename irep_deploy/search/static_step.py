@@ -201,8 +201,11 @@ class StaticSearchStep:
 
     def gates(self, codes: Sequence[ArchCode]) -> torch.Tensor:
         rows = [self._row(code) for code in codes]
-        ref = next(self.supernet.model.parameters())
-        return torch.tensor(rows, dtype=torch.float32).reshape(len(codes), len(self._units)).to(ref.device)
+        dev = next(self.supernet.model.parameters()).device
+        table = torch.tensor(rows, dtype=torch.float32).reshape(len(codes), len(self._units))
+        if dev.type == "cuda":  # from pinned memory the copy need not wait for the GPU's queued steps
+            return table.pin_memory().to(dev, non_blocking=True)
+        return table.to(dev)
 
     def _row(self, code: ArchCode) -> List[float]:
         row = self._rows.get(code)
