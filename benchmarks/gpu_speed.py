@@ -430,7 +430,12 @@ def _ms_cell(row: Dict[str, Any]) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     lines = ["# GPU speed of training and search steps", "", "Command: `{}`".format(result["command"]), "",
-             "Machine: " + result["machine"]["summary"], "", "## Sections", "", "| section | status |", "|---|---|"]
+             "Machine: " + result["machine"]["summary"], ""]
+    if result.get("smoke"):
+        lines += ["**A smoke run**: tiny sizes on the {}, to show the script and the steps run; its times say "
+                  "nothing about a GPU, and nothing here was captured (CUDA graphs need CUDA).".format(
+                      result["machine"]["summary"].split(" (")[0]), ""]
+    lines += ["## Sections", "", "| section | status |", "|---|---|"]
     lines += ["| {} | {} |".format(k, v) for k, v in result["status"].items()]
     lines += ["", "Captured steps are the project's own (graphs.StepGraph with make_capturable: fused optimizers, "
               "cosine schedule on the device); eager steps are steps.optimizer_step with the unfused optimizers, "
