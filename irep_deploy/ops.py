@@ -107,11 +107,13 @@ class OneByOneThen(nn.Module):
     Padding with ``BN(0)`` instead of 0 is what makes the branch exactly one 3x3 conv after fusion
     (Diverse Branch Block's BNAndPad); the pad value uses running statistics, as there.
 
-    The pad is not materialised: the conv (pool) is linear, so on the image padded with ``fill`` it
-    equals the conv with its own zero padding plus the conv of a ``fill``-on-the-ring, zero-inside
-    image (:meth:`border`). That term depends only on ``fill``, the kernel, H, W and the stride, so
-    it is computed at batch size 1 and broadcast-added: one pass over the output instead of the
-    three full passes (subtract, pad, add) that padding the activation costs.
+    :meth:`through_border` computes the same without materialising the pad: the conv (pool) is
+    linear, so on the image padded with ``fill`` it equals the conv with zero padding plus the conv
+    of a ``fill``-on-the-ring, zero-inside image (:meth:`border`), computed at batch size 1 and
+    broadcast-added: one pass over the output instead of three over the activation (subtract, pad,
+    add). The static search step uses it; ``forward`` keeps the padded form, because the two round
+    differently and a network trained either way is another network (it moved the INT8 tests'
+    one-epoch model across their thresholds), and no GPU measurement says the border form wins.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1,
@@ -122,11 +124,17 @@ class OneByOneThen(nn.Module):
         mid = out_channels if pool else in_channels
         self.conv1 = nn.Conv2d(in_channels, mid, 1, 1, 0, groups=groups, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
-        if pool:  # counting the padding: the zero pad is what border() completes to the fill pad
-            self.second = nn.AvgPool2d(3, stride, 1, count_include_pad=True)
+        if pool:
+            self.second = nn.AvgPool2d(3, stride, 0)
         else:
-            self.second = nn.Conv2d(mid, out_channels, 3, stride, 1, groups=groups, bias=False)
+            self.second = nn.Conv2d(mid, out_channels, 3, stride, 0, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn1(self.conv1(x))
+        fill = bn_zero_output(self.bn1).to(y.dtype).reshape(1, -1, 1, 1)
+        y = F.pad(y - fill, (1, 1, 1, 1)) + fill
+        return self.bn2(self.second(y))
 
     def border(self, y: torch.Tensor, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``second`` (unpadded) of a 1 x C x (H+2) x (W+2) image holding ``BN1(0)`` on its 1-pixel
@@ -140,9 +148,15 @@ class OneByOneThen(nn.Module):
             return F.avg_pool2d(ring, 3, self.second.stride, 0)
         return F.conv2d(ring, self.second.weight, None, self.second.stride, 0, 1, self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn1(self.conv1(x))
-        return self.bn2(self.second(y) + self.border(y))
+    def zero_padded(self, y: torch.Tensor) -> torch.Tensor:
+        """``second`` with its own zero padding of 1 (counted by the pool): the part :meth:`border` completes."""
+        if self.pool:
+            return F.avg_pool2d(y, 3, self.second.stride, 1, count_include_pad=True)
+        return F.conv2d(y, self.second.weight, None, self.second.stride, 1, 1, self.groups)
+
+    def through_border(self, y: torch.Tensor) -> torch.Tensor:
+        """What ``forward`` computes between ``bn1`` and ``bn2``, the pad as a border term."""
+        return self.zero_padded(y) + self.border(y)
 
     def fused_3x3(self, dtype: torch.dtype) -> KernelBias:
         first = fold_module_bn(self.conv1.weight, self.bn1, dtype)

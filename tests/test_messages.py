@@ -28,6 +28,7 @@ THIRD_PARTY = {
     "--rm": "docker run", "--runtime": "docker run", "--build-arg": "docker build",
     "--durations": "pytest", "--dist": "pytest-xdist",
     "--no-deps": "pip install", "--index-url": "pip install", "--extra-index-url": "pip install",
+    "--no-index": "pip install", "--no-build-isolation": "pip install",
 }
 # A line of the docs may name an old spelling when it says that it is one.
 OLD_SPELLING_LINE = re.compile(r"still work|instead of|the same as|older spelling")

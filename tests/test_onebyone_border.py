@@ -1,7 +1,8 @@
-"""OneByOneThen (the conv1x1_3x3 / conv1x1_avg branches) computes its ``BN1(0)`` padding as a batch-1
-border term added after a zero-padded conv/pool instead of padding the activation; it must equal the
-old formulation (pad ``y - fill`` with zeros, add ``fill`` back, unpadded conv/pool), kept here as the
-reference, in output and in every gradient."""
+"""OneByOneThen (the conv1x1_3x3 / conv1x1_avg branches) can compute its ``BN1(0)`` padding as a
+batch-1 border term added after a zero-padded conv/pool (``through_border``, what the static search
+step runs) instead of padding the activation (``forward``); the two must agree in output and in every
+gradient. The padded formulation is written out here as well, so that a change of ``forward``
+cannot make both sides wrong together."""
 from __future__ import annotations
 
 import copy
@@ -28,6 +29,11 @@ def padded_reference(branch: OneByOneThen, x: torch.Tensor) -> torch.Tensor:
     else:
         z = F.conv2d(y, second.weight, None, second.stride, 0, 1, branch.groups)
     return branch.bn2(z)
+
+
+def border_form(branch: OneByOneThen, x: torch.Tensor) -> torch.Tensor:
+    """The branch with its pad as the border term (``through_border``)."""
+    return branch.bn2(branch.through_border(branch.bn1(branch.conv1(x))))
 
 
 def make(pool: bool, cin: int, cout: int, stride: int, groups: int, seed: int) -> OneByOneThen:
@@ -62,15 +68,17 @@ CASES = [  # pool, cin, cout, stride, groups, height, width
 def test_border_term_equals_padding_with_bn_zero(pool, cin, cout, stride, groups, height, width, channels_last,
                                                  train):
     branch = make(pool, cin, cout, stride, groups, seed=height * 10 + width)
-    reference = copy.deepcopy(branch)
-    branch.train(train), reference.train(train)
+    reference, plain = copy.deepcopy(branch), copy.deepcopy(branch)
+    branch.train(train), reference.train(train), plain.train(train)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     branch, reference = branch.to(memory_format=layout), reference.to(memory_format=layout)
+    plain = plain.to(memory_format=layout)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, cin, height, width, generator=gen, dtype=torch.float64).contiguous(memory_format=layout)
     x.requires_grad_(True)
-    out, want = branch(x), padded_reference(reference, x)
+    out, want = border_form(branch, x), padded_reference(reference, x)
     assert out.shape == want.shape
+    assert torch.allclose(plain(x), want, rtol=1e-12, atol=1e-12)  # forward is the padded form
     assert torch.allclose(out, want, rtol=1e-10, atol=1e-10), (out - want).abs().max()
     weight = torch.randn(want.shape, generator=gen, dtype=torch.float64)  # a loss that weighs the border
     got, ref = grads(branch, x, out, weight), grads(reference, x, want, weight)
@@ -89,7 +97,7 @@ def test_float32_matches_to_float_rounding():
     branch = randomize_bn(OneByOneThen(8, 8, 2, 2, pool=False), 3).train()
     reference = copy.deepcopy(branch)
     x = torch.randn(4, 8, 9, 10, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(branch(x), padded_reference(reference, x), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(border_form(branch, x), padded_reference(reference, x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_border_term_is_what_the_zero_padding_misses():

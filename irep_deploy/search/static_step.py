@@ -131,7 +131,7 @@ def _one_by_one_then(branch: OneByOneThen, gates: _Gates, x: torch.Tensor) -> to
     if stats is None:  # bn1 without running statistics: it pads with BN(0) of nothing tracked
         stats = [(branch.bn1.running_mean, branch.bn1.running_var)] * groups
     fill = torch.stack([_zero_output(branch.bn1, mean, var) for mean, var in stats])
-    z = branch.second(y)
+    z = branch.zero_padded(y)
     z = (_grouped(z, groups) + branch.border(y, fill).unsqueeze(1)).reshape(z.shape)
     return branch.bn2(z)
 

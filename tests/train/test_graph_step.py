@@ -77,8 +77,12 @@ def test_the_graph_step_run_eagerly_computes_what_run_epoch_computes(digits, bra
     arch = ArchCode.full(BACKBONE) if branches == "every-branch" else None
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
     batches = _batches(digits, 0)
-    eager_model, eager_opt, eager_sched = _setup(arch)
-    graph_model, graph_opt, graph_sched = _setup(arch)
+    # A learning rate float32 holds exactly, kept constant (eta_min = lr): the device schedule's lr is a
+    # float32 tensor, and a cosine value rounded to float32 (1e-8 relative) grew to a 4 % loss difference
+    # within 12 steps in one CI run, while the float64 rounding of fused vs unfused SGD stays far below
+    # the tolerance. The cosine itself is tested on its own below.
+    eager_model, eager_opt, eager_sched = _setup(arch, lr=0.0625, eta_min=0.0625)
+    graph_model, graph_opt, graph_sched = _setup(arch, lr=0.0625, eta_min=0.0625)
     drop = 0.2 if arch is not None else 0.0  # drop-path draws the same masks in the same order both ways
     set_drop_path(eager_model, drop)
     set_drop_path(graph_model, drop)
