@@ -40,6 +40,18 @@ def describe_machine() -> Dict[str, Any]:
     return info
 
 
+def gpu_device_refusal(script: str, device: str, smoke: bool) -> Optional[str]:
+    """The one line a GPU benchmark ``script`` exits 2 with for its ``--device``/``--smoke``, or None:
+    the record needs a CUDA GPU; ``--device cpu`` runs its sections at tiny size (``--smoke``) only."""
+    if device not in ("cuda", "cpu"):
+        return "{}: --device must be cuda or cpu, got {!r}".format(script, device)
+    if device == "cpu" and not smoke:
+        return "{}: --device cpu is for --smoke runs only; the record needs a CUDA GPU".format(script)
+    if device == "cuda" and not torch.cuda.is_available():
+        return "{}: no CUDA GPU visible to torch (torch.cuda.is_available() is False); nothing measured".format(script)
+    return None
+
+
 def write_text(path: Union[str, Path], text: str) -> None:
     """Write ``text`` to ``path`` (creating its directory) atomically."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

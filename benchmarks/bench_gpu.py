@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Sequence
 
 import torch
 
-from _common import describe_machine, write_results
+from _common import describe_machine, gpu_device_refusal, write_results
 
 from irep_deploy import ArchCode, build_model, fuse_model, save_checkpoint  # noqa: E402
 from irep_deploy.bench.latency import bench, format_table  # noqa: E402
@@ -167,15 +167,9 @@ def main(argv: Sequence[str] = ()) -> int:
     p.add_argument("--skip-suite", action="store_true", help="do not run the CUDA suite first")
     p.add_argument("--out", help="results stem (default benchmarks/results/gpu_<gpu name>)")
     args = p.parse_args(list(argv) or None)
-    if args.device not in ("cuda", "cpu"):
-        print("bench_gpu: --device must be cuda or cpu, got {!r}".format(args.device), file=sys.stderr)
-        return 2
-    if args.device == "cpu" and not args.smoke:
-        print("bench_gpu: --device cpu is for --smoke runs only; the record needs a CUDA GPU", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA GPU visible to torch (torch.cuda.is_available() is False); nothing measured",
-              file=sys.stderr)
+    refusal = gpu_device_refusal("bench_gpu", args.device, args.smoke)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     device = torch.device(args.device)
     size = sizes(args.smoke)

@@ -42,9 +42,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from _common import describe_machine, write_results
+from _common import describe_machine, gpu_device_refusal, write_results
 from benchstats import judge, ratio_cell, ratio_stats, verdict_text
 
 from irep_deploy import ArchCode, build_model  # noqa: E402
@@ -53,7 +52,7 @@ from irep_deploy.data import FASHION_MNIST_ROOT  # noqa: E402
 from irep_deploy.search.population import initial_population  # noqa: E402
 from irep_deploy.graphs import WARMUP as StepGraph_WARMUP, StepGraph, make_capturable, make_train_step  # noqa: E402
 from irep_deploy.runtime import autocast  # noqa: E402
-from irep_deploy.search.static_step import StaticSearchStep  # noqa: E402
+from irep_deploy.search.static_step import StaticSearchStep, graphed_step  # noqa: E402
 from irep_deploy.search.supernet import SuperNet, averaged_loss  # noqa: E402
 from irep_deploy.steps import optimizer_step  # noqa: E402
 
@@ -206,20 +205,6 @@ def _supernet(size: Dict[str, Any], device: torch.device) -> Tuple[SuperNet, Any
     return supernet, w_opt, a_opt
 
 
-def static_search_step(supernet: SuperNet, w_opt: Any, a_opt: Any, criterion: nn.Module, batched: bool,
-                       captured: bool, bf16: bool, device: torch.device) -> Tuple[StaticSearchStep, Callable[..., Any]]:
-    """The static search step as ``search --search-step`` runs it (des._Search._static_step): fused
-    optimizers with the device schedule, in a StepGraph that captures it where ``captured``."""
-    schedule = make_capturable([w_opt, a_opt], _cosine(w_opt), device)
-    static = StaticSearchStep(supernet, [w_opt, a_opt], schedule.scheduler, criterion, batched=batched,
-                              schedule_step=schedule.step, amp="bf16" if bf16 else "none")
-
-    def step(x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        loss, logits = static.step(x, y, gates)
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
-    return static, StepGraph(step, device, enabled=captured)
-
-
 SEARCH_VARIANTS = [(layout, captured, bf16) for captured in (False, True) for bf16 in (False, True)
                    for layout in ("sequential", "batched")]
 
@@ -263,7 +248,9 @@ def search_steps(device: torch.device, size: Dict[str, Any]) -> Dict[str, Any]:
             nhwc = torch.channels_last if bf16 else torch.contiguous_format
             net = net.to(memory_format=nhwc)
             xs = x.contiguous(memory_format=nhwc)
-            static, graph = static_search_step(net, w, a, criterion, layout == "batched", captured, bf16, device)
+            # the search's own construction of the step (des._Search._static_step)
+            graph, _, static = graphed_step(net, w, a, _cosine(w), criterion, device, batched=layout == "batched",
+                                            capture=captured, amp="bf16" if bf16 else "none")
             codes = picker()
 
             def step(graph: Callable[..., Any] = graph, static: StaticSearchStep = static,
@@ -371,8 +358,8 @@ def epochs(device: torch.device, size: Dict[str, Any], dataset: str, data_root: 
     search_epoch(limit_for("search today", search_examples, 0.5), today=True)
     train_epoch("every branch", ArchCode.full(CIFAR), limit_for("every branch", examples, 0.9))
     plain = out["rows"][0]["seconds"]
-    for row in out["rows"]:
-        row["vs_plain"] = row["seconds"] / plain
+    for record in out["rows"]:
+        record["vs_plain"] = record["seconds"] / plain
     search = out["rows"][1]["seconds"]
     verdict = "met" if search <= 40.0 else "missed"
     if size["epoch_limit"] is not None:  # a smoke run's few examples say nothing about a whole epoch
@@ -512,19 +499,11 @@ def main(argv: Sequence[str] = ()) -> int:
                    help="data of section (c) (digits: sklearn's 8x8 digits, for a smoke run without Fashion-MNIST)")
     p.add_argument("--data-root", help="directory of the Fashion-MNIST files (default {})".format(FASHION_MNIST_ROOT))
     args = p.parse_args(list(argv) or None)
-    if args.device not in ("cuda", "cpu"):
-        print("gpu_speed: --device must be cuda or cpu, got {!r}".format(args.device), file=sys.stderr)
-        return 2
-    if args.budget_s is not None and not args.budget_s > 0:
-        print("gpu_speed: --budget-s must be a positive number of seconds, got {}".format(args.budget_s),
-              file=sys.stderr)
-        return 2
-    if args.device == "cpu" and not args.smoke:
-        print("gpu_speed: --device cpu is for --smoke runs only; the record needs a CUDA GPU", file=sys.stderr)
-        return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("gpu_speed: no CUDA GPU visible to torch (torch.cuda.is_available() is False); nothing measured",
-              file=sys.stderr)
+    refusal = gpu_device_refusal("gpu_speed", args.device, args.smoke)
+    if refusal is None and args.budget_s is not None and not args.budget_s > 0:
+        refusal = "gpu_speed: --budget-s must be a positive number of seconds, got {}".format(args.budget_s)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
         return 2
     started = time.perf_counter()
     device = torch.device(args.device)

@@ -239,6 +239,13 @@ def device_data_refusal(data_name: str, train_dataset: Dataset, dev: torch.devic
 
     ``memory_limit``: the bytes the decoded split may take (default: on CUDA a quarter of the GPU's
     free memory, elsewhere no limit: the split is in host memory already)."""
+    plan = _plan(data_name, train_dataset, dev, batch_size, world_size, memory_limit)
+    return plan if isinstance(plan, str) else None
+
+
+def _plan(data_name: str, train_dataset: Dataset, dev: torch.device, batch_size: int, world_size: int,
+          memory_limit: Optional[int]) -> Union[Tuple[_RawSplit, Augmentation], str]:
+    """The raw split and its augmentation (device_data_refusal's checks passed), or why not."""
     if canonical(data_name) == "imagefolder":
         return "imagefolder images are decoded per batch from files"
     raw = _raw_split(train_dataset)
@@ -257,7 +264,7 @@ def device_data_refusal(data_name: str, train_dataset: Dataset, dev: torch.devic
         what = "1/4 of the GPU's free memory ({} MiB)".format(_mib(memory_limit))
     if memory_limit is not None and need > memory_limit:
         return "the decoded split needs {} MiB, more than {}".format(_mib(need), what)
-    return None
+    return raw, aug
 
 
 def _mib(n: int) -> str:
@@ -276,14 +283,11 @@ class DeviceTrainData:
     def __init__(self, data_name: str, train_dataset: Dataset, dev: torch.device, batch_size: int, seed: int,
                  rank: int = 0, world_size: int = 1, memory_limit: Optional[int] = None) -> None:
         dev = torch.device(dev)
-        reason = device_data_refusal(data_name, train_dataset, dev, batch_size, world_size, memory_limit)
-        if reason is not None:
-            raise UsageError("--device-data on: {}".format(reason))
-        raw = _raw_split(train_dataset)
-        assert not isinstance(raw, str)
+        plan = _plan(data_name, train_dataset, dev, batch_size, world_size, memory_limit)
+        if isinstance(plan, str):
+            raise UsageError("--device-data on: {}".format(plan))
+        raw, aug = plan
         images, labels = raw.take()
-        aug = augmentation_of(raw.transform, tuple(images.shape[-2:]), images.dtype)  # type: ignore[arg-type]
-        assert not isinstance(aug, str)
         self.dev = dev
         self.images = images.to(dev)
         self.labels = labels.to(dev)

@@ -45,7 +45,7 @@ make ``steps.optimizer_step`` such a step:
     checkpoint is the one an eager run writes and resumes with or without capture.
 
   Only ``CosineAnnealingLR`` (the schedule of ``train`` and of the search) is supported. SGD
-  momentum buffers are created as zeros where missing (see :func:`_zero_momentum`: fused SGD's
+  momentum buffers are created as zeros where missing (see :func:`zero_momentum`: fused SGD's
   first step skipped by the fp16 scaler would leave them uninitialised); :meth:`DeviceSchedule.state_dict`
   leaves out those still zero (no gradient reached them), as the eager optimizer has none there.
 
@@ -86,7 +86,7 @@ from .errors import UsageError, raise_if_interrupted
 from .options import CUDA_GRAPH_MODES
 from .progress import bar as progress_bar
 from .runtime import Dist, autocast
-from .steps import LossFn, EpochTotals, StepMonitor, cpu_time, optimizer_step
+from .steps import LossFn, EpochTotals, StepMonitor, correct_count, cpu_time, optimizer_step
 
 #: ``step(*inputs) -> outputs``: one training step on static-shape tensors.
 Step = Callable[..., Tuple[torch.Tensor, ...]]
@@ -259,7 +259,7 @@ def make_capturable(optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
         for group in opt.param_groups:
             group["fused"], group["foreach"] = True, None
             if isinstance(opt, torch.optim.SGD) and group["momentum"] and not group["dampening"]:
-                zeroed.setdefault(id(opt), []).extend(_zero_momentum(opt, group))
+                zeroed.setdefault(id(opt), []).extend(zero_momentum(opt, group))
             if isinstance(opt, torch.optim.Adam):
                 group["capturable"] = dev.type == "cuda"  # Adam's capturable exists on accelerators only
                 for p in group["params"]:  # fused/capturable Adam keeps the step count on the device, float32
@@ -270,7 +270,7 @@ def make_capturable(optimizers: Sequence[torch.optim.Optimizer], scheduler: Any,
     return DeviceSchedule(scheduler, dev, flags, zeroed)
 
 
-def _zero_momentum(opt: torch.optim.SGD, group: Dict[str, Any]) -> List[torch.Tensor]:
+def zero_momentum(opt: torch.optim.SGD, group: Dict[str, Any]) -> List[torch.Tensor]:
     """Zero momentum buffers where there are none yet. Fused SGD's first step allocates them with
     ``empty_like`` and lets its kernel fill them; a first step the fp16 scaler skips (inf gradients)
     leaves them uninitialised and the next step would read that memory. From zero, the first step
@@ -323,7 +323,7 @@ def make_train_step(loss_of: LossFn, optimizers: Sequence[torch.optim.Optimizer]
         with autocast(amp, dev, cache=False):
             loss, logits = loss_of(x, y)
         optimizer_step(loss, optimizers, schedule, scaler, grad_clip)
-        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+        return loss.detach(), correct_count(logits, y)
     return step
 
 

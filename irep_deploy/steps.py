@@ -74,6 +74,11 @@ def optimizer_step(loss: torch.Tensor, optimizers: Sequence[torch.optim.Optimize
         scheduler.step()
 
 
+def correct_count(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Right top-1 predictions of a batch, a device scalar (nothing read on the host)."""
+    return (logits.detach().argmax(1) == target).sum()
+
+
 class StepMonitor:
     """The running loss sum, correct count and first non-finite loss of an epoch, kept on the device.
 
@@ -94,7 +99,7 @@ class StepMonitor:
 
     def update(self, step: int, loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor) -> Optional[Tuple[int, float]]:
         """Add one step; at the end of an interval, return (step, loss) of the first non-finite loss if any."""
-        return self.add(step, loss, (logits.detach().argmax(1) == target).sum(), target.numel())
+        return self.add(step, loss, correct_count(logits, target), target.numel())
 
     def add(self, step: int, loss: torch.Tensor, correct: torch.Tensor, examples: int) -> Optional[Tuple[int, float]]:
         """:meth:`update` of a step whose right predictions are counted already (``correct``, a device

@@ -44,13 +44,13 @@ from ..runs import (build_run_model, check_epoch, check_model_settings, check_se
 from ..runtime import (AMP_MODES, Dist, all_reduce, broadcast_buffers, close_distributed, deterministic_mode,
                        init_distributed, launched_main, make_scaler, resolve_device, wrap_ddp)
 from ..steps import run_epoch
-from ..graphs import DeviceSchedule, StepGraph, capture_refusal, make_capturable, resolve_cuda_graph, run_graph_epoch
+from ..graphs import DeviceSchedule, StepGraph, capture_refusal, resolve_cuda_graph, run_graph_epoch
 from .population import SAMPLERS, STRATEGIES, EvolutionConfig, initial_population, next_population
 from .answer import explain
 from .records import (ALPHA_BETA_FILE, ANSWER_FILE, BEST_SEEN_FILE, LOG_FILE, POPULATION_FILE, AlphaBetaRecord,
                       BestSeen, EpochRecord, LogRecord, Population, PopulationCode, RoundRecord, append_record,
                       write_population)
-from .static_step import StaticSearchStep, static_step_refusal
+from .static_step import StaticSearchStep, graphed_step, static_step_refusal
 from .supernet import SuperNet, averaged_loss, fuse_code
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -409,16 +409,9 @@ class _Search:
         """The static step (static_step.py) with the device schedule, in a StepGraph that captures it
         where ``capture``; built once, after a resume has loaded the optimizers (graphs.make_capturable)."""
         if self._stepper is None:
-            self._schedule = make_capturable([self.w_opt, self.a_opt], self.sched, self.dev)
-            self._stepper = stepper = StaticSearchStep(
-                self.supernet, [self.w_opt, self.a_opt], self.sched, self.criterion, batched=self.static == "batched",
-                scaler=self.scaler, schedule_step=self._schedule.step, amp=self.config.amp)
-
-            def step(x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-                loss, logits = stepper.step(x, y, gates)
-                return loss.detach(), (logits.detach().argmax(1) == y).sum()
-
-            self._graph = StepGraph(step, self.dev, enabled=self.capture)
+            self._graph, self._schedule, self._stepper = graphed_step(
+                self.supernet, self.w_opt, self.a_opt, self.sched, self.criterion, self.dev,
+                batched=self.static == "batched", capture=self.capture, scaler=self.scaler, amp=self.config.amp)
         assert self._graph is not None and self._schedule is not None
         return self._graph, self._schedule, self._stepper
 

@@ -44,8 +44,9 @@ from ..arch import ArchCode
 from ..binding import plan_arch
 from ..block import IrepConv
 from ..ops import OneByOneThen
+from ..graphs import DeviceSchedule, StepGraph, make_capturable, zero_momentum
 from ..runtime import autocast
-from ..steps import optimizer_step
+from ..steps import correct_count, optimizer_step
 from .supernet import SuperNet, averaged_loss
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -183,8 +184,6 @@ class StaticSearchStep:
                 mine.append((len(self._units), name, index[name]))
                 self._units.append((block, name))
             self._block_units.append(mine)
-        position = {id(b): i for i, b in enumerate(supernet.blocks)}
-        self._unit_blocks = [(position[id(block)], name) for block, name in self._units]
         self._rows: Dict[ArchCode, List[float]] = {}
         self._unit_of_bn: Dict[int, int] = {}
         for unit, (block, name) in enumerate(self._units):
@@ -192,7 +191,7 @@ class StaticSearchStep:
                 if isinstance(m, _BatchNorm):
                     self._unit_of_bn[id(m)] = unit
         ensure_optimizer_state(self.optimizers)
-        self._guarded = self._guarded_tensors()
+        self._guard_units = self._guarded_tensors()
 
     @property
     def units(self) -> List[Tuple[IrepConv, str]]:
@@ -211,7 +210,8 @@ class StaticSearchStep:
         row = self._rows.get(code)
         if row is None:
             plan = [set(ops) for _, ops in plan_arch(self.supernet.model, code)]
-            row = [1.0 if name in plan[block] else 0.0 for block, name in self._unit_blocks]
+            row = [1.0 if name in plan[block] else 0.0
+                   for block, units in enumerate(self._block_units) for _, name, _ in units]
             self._rows[code] = row
             if len(self._rows) > ROW_CACHE:
                 self._rows.pop(next(iter(self._rows)))
@@ -240,7 +240,7 @@ class StaticSearchStep:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         held = gates.amax(0) > 0
-        saved = [[t.clone() for t in tensors] for tensors in self._guarded]
+        saved = [[t.clone() for t in tensors] for _, tensors in self._guard_units]
         optimizer_step(loss, self.optimizers, _Schedule(self.scheduler, self.schedule_step), self.scaler,
                        self.grad_clip)
         with torch.no_grad():
@@ -260,28 +260,22 @@ class StaticSearchStep:
             return held[unit]
         return held.index_select(0, unit).any()
 
-    def _guarded_tensors(self) -> List[List[torch.Tensor]]:
-        """Per branch (and per block's alpha/beta): the tensors a step must leave alone when no code
-        of the step holds it."""
+    def _guarded_tensors(self) -> List[Tuple[Any, List[torch.Tensor]]]:
+        """(gate column, or a block's columns on the device; tensors) per branch and per block's
+        alpha/beta: what a step must leave alone when no code of the step holds it."""
         state = {}
         for opt in self.optimizers:
             for p, s in opt.state.items():
                 state[id(p)] = [v for v in s.values() if isinstance(v, torch.Tensor)]
-        self._guard_units: List[Tuple[Any, List[torch.Tensor]]] = []
-        for unit, (block, name) in enumerate(self._units):
-            tensors = []
-            for p in block.branches[name].parameters():
-                tensors.append(p.data)
-                tensors.extend(state.get(id(p), []))
-            self._guard_units.append((unit, tensors))
+        def with_state(params: Any) -> List[torch.Tensor]:
+            return [t for p in params for t in [p.data] + state.get(id(p), [])]
+
+        guarded: List[Tuple[Any, List[torch.Tensor]]] = [
+            (unit, with_state(block.branches[name].parameters())) for unit, (block, name) in enumerate(self._units)]
         for block, units in zip(self.supernet.blocks, self._block_units):
-            tensors = []
-            for p in (block.alpha, block.beta):
-                tensors.append(p.data)
-                tensors.extend(state.get(id(p), []))
             columns = torch.tensor([u for u, _, _ in units], dtype=torch.long, device=block.alpha.device)
-            self._guard_units.append((columns, tensors))
-        return [tensors for _, tensors in self._guard_units]
+            guarded.append((columns, with_state((block.alpha, block.beta))))
+        return guarded
 
     @contextlib.contextmanager
     def _patched(self) -> Iterator[None]:
@@ -335,24 +329,42 @@ def ensure_optimizer_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
     entries, which a captured step cannot do."""
     for opt in optimizers:
         for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state[p]
-                if state:
-                    continue
-                if isinstance(opt, torch.optim.SGD):
-                    if group["momentum"] and group["dampening"]:
-                        raise ValueError("SGD with dampening: a zero momentum buffer is not its first step")
-                    if group["momentum"]:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                elif isinstance(opt, torch.optim.Adam):
-                    on_device = group.get("capturable") or group.get("fused")
-                    # the dtype and place torch's own first step gives the count
-                    dtype = torch.float32 if group.get("fused") or torch.get_default_dtype() != torch.float64 \
-                        else torch.float64
+            if isinstance(opt, torch.optim.SGD):
+                if group["momentum"] and group["dampening"]:
+                    raise ValueError("SGD with dampening: a zero momentum buffer is not its first step")
+                if group["momentum"]:
+                    zero_momentum(opt, group)
+            elif isinstance(opt, torch.optim.Adam):
+                on_device = group.get("capturable") or group.get("fused")
+                # the dtype and place torch's own first step gives the count
+                dtype = torch.float32 if group.get("fused") or torch.get_default_dtype() != torch.float64 \
+                    else torch.float64
+                for p in group["params"]:
+                    state = opt.state[p]
+                    if state:
+                        continue
                     state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     if group.get("amsgrad"):
                         state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                else:
-                    raise ValueError("no up-front state for {}".format(type(opt).__name__))
+            else:
+                raise ValueError("no up-front state for {}".format(type(opt).__name__))
+
+
+def graphed_step(supernet: SuperNet, w_opt: torch.optim.Optimizer, a_opt: torch.optim.Optimizer, scheduler: Any,
+                 criterion: nn.Module, dev: torch.device, batched: bool, capture: bool, scaler: Any = None,
+                 amp: str = "none") -> Tuple[StepGraph, DeviceSchedule, StaticSearchStep]:
+    """The static step as the search runs it: the optimizers switched to fused kernels with the
+    cosine schedule on the device (graphs.make_capturable, so after any load of their state), in a
+    StepGraph that captures it where ``capture``. The graph is called with (x, y, gates) and returns
+    (loss, right predictions of the last subnet), as run_graph_epoch reads them."""
+    schedule = make_capturable([w_opt, a_opt], scheduler, dev)
+    stepper = StaticSearchStep(supernet, [w_opt, a_opt], scheduler, criterion, batched=batched, scaler=scaler,
+                               schedule_step=schedule.step, amp=amp)
+
+    def step(x: torch.Tensor, y: torch.Tensor, gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        loss, logits = stepper.step(x, y, gates)
+        return loss.detach(), correct_count(logits, y)
+
+    return StepGraph(step, dev, enabled=capture), schedule, stepper
